@@ -1,0 +1,104 @@
+package orchestrator
+
+import (
+	"context"
+	"io"
+	"time"
+)
+
+// Labels put on every backend object the orchestrator creates, so that
+// reconcile can find its own and leave everything else alone.
+const (
+	LabelManaged   = "orchestrator.managed"    // "true"
+	LabelEngineID  = "orchestrator.engine_id"  // engine uuid
+	LabelProductID = "orchestrator.product_id" // product uuid
+	LabelNode      = "orchestrator.node"       // node name
+)
+
+// EngineSpec is everything a backend needs to run one engine (SPEC §8).
+type EngineSpec struct {
+	EngineID  string
+	ProductID string
+	Node      string
+	Image     string            // docker image or path/version of the engine binary
+	HostPort  int               // published on 127.0.0.1:HostPort
+	Env       map[string]string // ENGINE_KEY_HASH, SQLITE_DB_PATH, CATALOG_DIR, passthrough, overlap vars
+}
+
+// RuntimeState is what the backend reports of an engine's container/process.
+type RuntimeState string
+
+// Runtime states reported by backends.
+const (
+	RuntimeMissing RuntimeState = "missing" // no container / process record
+	RuntimeCreated RuntimeState = "created" // exists, never started
+	RuntimeRunning RuntimeState = "running"
+	RuntimePaused  RuntimeState = "paused"
+	RuntimeExited  RuntimeState = "exited" // stopped, crashed or killed
+)
+
+// RuntimeInfo describes one managed engine runtime.
+type RuntimeInfo struct {
+	EngineID  string
+	ProductID string
+	Name      string
+	State     RuntimeState
+	Image     string
+	HostPort  int
+	ExitCode  int
+	OOMKilled bool
+	CreatedAt time.Time
+}
+
+// VolumeInfo describes one managed brain volume (or data directory).
+type VolumeInfo struct {
+	EngineID  string
+	Name      string
+	CreatedAt time.Time
+}
+
+// RuntimeEvent is a runtime change observed by the backend (crash, OOM).
+type RuntimeEvent struct {
+	EngineID string
+	Kind     string // "die", "oom", "start", "stop"
+	ExitCode int
+	Time     time.Time
+}
+
+// Backend runs engines. Every method is idempotent and keyed by the engine
+// id, so a retried job never creates a second container or loses a volume.
+// Implementations: backend/docker (production) and backend/subprocess.
+type Backend interface {
+	// Name is "docker" or "subprocess".
+	Name() string
+	// Ensure creates the volume (if missing) and the container for spec,
+	// adopting an existing container whose configuration matches and
+	// replacing one that does not (different image, env or port). It does
+	// not start it. The volume is never removed by Ensure.
+	Ensure(ctx context.Context, spec EngineSpec) error
+	// Start starts the engine's container; starting a running one is a no-op.
+	Start(ctx context.Context, engineID string) error
+	// Stop sends SIGTERM and waits up to grace, then SIGKILL. Stopping a
+	// stopped or missing one is a no-op.
+	Stop(ctx context.Context, engineID string, grace time.Duration) error
+	// RemoveContainer removes the container (not the volume); missing is a no-op.
+	RemoveContainer(ctx context.Context, engineID string) error
+	// RemoveVolume removes the brain volume; missing is a no-op.
+	RemoveVolume(ctx context.Context, engineID string) error
+	// Inspect reports the engine's runtime; RuntimeMissing when there is none.
+	Inspect(ctx context.Context, engineID string) (RuntimeInfo, error)
+	// List returns every managed runtime and volume on this node.
+	List(ctx context.Context) ([]RuntimeInfo, []VolumeInfo, error)
+	// Pause and Unpause freeze the engine's processes (consistent backups).
+	Pause(ctx context.Context, engineID string) error
+	Unpause(ctx context.Context, engineID string) error
+	// CopyDataOut writes a tar stream of the volume's contents (paths
+	// relative to the volume root) to w.
+	CopyDataOut(ctx context.Context, engineID string, w io.Writer) error
+	// CopyDataIn replaces the volume's contents with the tar stream r. The
+	// engine must be stopped.
+	CopyDataIn(ctx context.Context, engineID string, r io.Reader) error
+	// Events streams runtime events until ctx ends; the channel closes when
+	// the stream breaks (callers re-subscribe and reconcile).
+	Events(ctx context.Context) (<-chan RuntimeEvent, error)
+}

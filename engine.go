@@ -1,0 +1,81 @@
+package orchestrator
+
+import "time"
+
+// Engine is one user's engine as the orchestrator records it.
+type Engine struct {
+	ID               string
+	ProductID        string
+	UserID           string
+	Status           State
+	Node             string
+	Port             int
+	EngineVersion    string // the image (docker) or binary version (subprocess)
+	KeyHash          string // hex SHA-256 of the engine key
+	KeyEnc           string // Fernet token of the engine key under the master key
+	PrevKeyHash      string // previous key's hash during a rotation overlap
+	PrevKeyExpiresAt *time.Time
+	BootDurationMS   *int64
+	HealthFailures   int
+	RestartAttempts  int
+	LastHealthAt     *time.Time
+	LastActiveAt     *time.Time
+	SleepReason      string
+	SleptAt          *time.Time
+	StateDeadline    *time.Time
+	OperationID      string // the operation in flight, if any
+	LastError        string
+	CreatedAt        time.Time
+	UpdatedAt        time.Time
+}
+
+// ContainerName is the deterministic backend name of an engine.
+func ContainerName(engineID string) string { return "engine-" + engineID }
+
+// VolumeName is the deterministic name of an engine's brain volume.
+func VolumeName(engineID string) string { return "engine-data-" + engineID }
+
+// Operation kinds: one per lifecycle job.
+type OpKind string
+
+// Operation kinds, permanent names.
+const (
+	OpProvision OpKind = "provision"
+	OpStart     OpKind = "start"
+	OpStop      OpKind = "stop"
+	OpRestart   OpKind = "restart"
+	OpRotateKey OpKind = "rotate_key"
+	OpUpgrade   OpKind = "upgrade"
+	OpDestroy   OpKind = "destroy"
+	OpWake      OpKind = "wake"
+	OpBackup    OpKind = "backup"
+	OpRestore   OpKind = "restore"
+)
+
+// OpStatus is where an asynchronous operation stands.
+type OpStatus string
+
+// Operation statuses.
+const (
+	OpPending   OpStatus = "pending"
+	OpRunning   OpStatus = "running"
+	OpSucceeded OpStatus = "succeeded"
+	OpFailed    OpStatus = "failed"
+)
+
+// Done reports whether the operation has finished.
+func (s OpStatus) Done() bool { return s == OpSucceeded || s == OpFailed }
+
+// Operation is a lifecycle request in flight or finished.
+type Operation struct {
+	ID           string
+	ProductID    string
+	EngineID     string
+	UserID       string
+	Kind         OpKind
+	Status       OpStatus
+	ErrorCode    Code
+	ErrorMessage string
+	CreatedAt    time.Time
+	UpdatedAt    time.Time
+}
