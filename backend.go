@@ -93,11 +93,14 @@ type Backend interface {
 	Pause(ctx context.Context, engineID string) error
 	Unpause(ctx context.Context, engineID string) error
 	// CopyDataOut writes a tar stream of the volume's contents (paths
-	// relative to the volume root) to w.
+	// relative to the volume root, no leading directory) to w. It works
+	// whether the engine is running, paused, stopped or has no container.
 	CopyDataOut(ctx context.Context, engineID string, w io.Writer) error
-	// CopyDataIn replaces the volume's contents with the tar stream r. The
-	// engine must be stopped.
-	CopyDataIn(ctx context.Context, engineID string, r io.Reader) error
+	// CopyDataIn makes the volume's contents exactly the tar stream r (same
+	// layout as CopyDataOut): files not in r are gone afterwards. It removes
+	// the engine's container first if there is one (the caller Ensures and
+	// Starts it again). image is an image (or binary) usable for a helper.
+	CopyDataIn(ctx context.Context, engineID, image string, r io.Reader) error
 	// Events streams runtime events until ctx ends; the channel closes when
 	// the stream breaks (callers re-subscribe and reconcile).
 	Events(ctx context.Context) (<-chan RuntimeEvent, error)
