@@ -73,6 +73,7 @@ type Operation struct {
 	EngineID     string
 	UserID       string
 	Kind         OpKind
+	Actor        string // "system", "admin" or the product slug
 	Status       OpStatus
 	ErrorCode    Code
 	ErrorMessage string

@@ -35,6 +35,8 @@ CREATE TABLE engines (
     slept_at             timestamptz,
     state_deadline       timestamptz,
     operation_id         uuid,
+    lease_job_id         bigint,      -- the River job currently working on this engine
+    lease_until          timestamptz, -- lease expiry, so a dead worker's lease lapses
     last_error           text,
     created_at           timestamptz NOT NULL DEFAULT now(),
     updated_at           timestamptz NOT NULL DEFAULT now(),
@@ -57,6 +59,8 @@ CREATE TABLE operations (
     actor         text NOT NULL,
     error_code    text,
     error_message text,
+    payload       jsonb NOT NULL DEFAULT '{}', -- per-kind inputs: new key (encrypted), image
+    result        jsonb NOT NULL DEFAULT '{}', -- per-kind outputs shown to GET /operations
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now()
 );

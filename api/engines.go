@@ -1,0 +1,568 @@
+package api
+
+import (
+	"context"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/danielgtaylor/huma/v2"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/schema"
+)
+
+// EngineDetail is an engine as GET /engines/{user_id} and admit show it,
+// key included.
+type EngineDetail struct {
+	EngineID      string     `json:"engine_id" format:"uuid"`
+	UserID        string     `json:"user_id"`
+	Status        string     `json:"status" enum:"provisioning,running,sleeping,stopped,failed,destroying"`
+	URL           string     `json:"url" doc:"Where the product reaches the engine directly"`
+	APIKey        string     `json:"api_key" doc:"The engine key: send it as X-Engine-Key"`
+	EngineVersion string     `json:"engine_version"`
+	CreatedAt     time.Time  `json:"created_at"`
+	LastHealthAt  *time.Time `json:"last_health_at"`
+}
+
+// EngineSummary is an engine in a list: no key.
+type EngineSummary struct {
+	EngineID      string     `json:"engine_id" format:"uuid"`
+	UserID        string     `json:"user_id"`
+	Status        string     `json:"status" enum:"provisioning,running,sleeping,stopped,failed,destroying"`
+	URL           string     `json:"url"`
+	EngineVersion string     `json:"engine_version"`
+	CreatedAt     time.Time  `json:"created_at"`
+	LastHealthAt  *time.Time `json:"last_health_at"`
+}
+
+func (s *Server) toDetail(e orch.Engine, key string) (EngineDetail, error) {
+	if key == "" {
+		var err error
+		if key, err = s.engineKey(e); err != nil {
+			return EngineDetail{}, err
+		}
+	}
+	return EngineDetail{EngineID: e.ID, UserID: e.UserID, Status: string(e.Status), URL: s.engineURL(e), APIKey: key,
+		EngineVersion: e.EngineVersion, CreatedAt: e.CreatedAt, LastHealthAt: e.LastHealthAt}, nil
+}
+
+func (s *Server) toSummary(e orch.Engine) EngineSummary {
+	return EngineSummary{EngineID: e.ID, UserID: e.UserID, Status: string(e.Status), URL: s.engineURL(e),
+		EngineVersion: e.EngineVersion, CreatedAt: e.CreatedAt, LastHealthAt: e.LastHealthAt}
+}
+
+// userPath is the {user_id} path parameter, validated by hand so a bad id
+// is INVALID_REQUEST with our message.
+type userPath struct {
+	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
+}
+
+type asyncHeader struct {
+	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
+}
+
+func (a asyncHeader) async() bool {
+	for _, p := range strings.Split(a.Prefer, ",") {
+		if strings.EqualFold(strings.TrimSpace(p), "respond-async") {
+			return true
+		}
+	}
+	return false
+}
+
+// errs lists the documented error statuses of an operation, for the spec.
+func errs(codes ...int) []int { return codes }
+
+func (s *Server) op(o huma.Operation) huma.Operation {
+	o.Security = platformSecurity
+	o.Tags = []string{"engines"}
+	return o
+}
+
+// ---- provision ----
+
+type provisionInput struct {
+	asyncHeader
+	Body struct {
+		UserID        string `json:"user_id" doc:"The product's own user id" example:"user-42"`
+		EngineVersion string `json:"engine_version,omitempty" doc:"Engine image; default ORCH_ENGINE_IMAGE" example:"enginefleet/engine:1.0.0"`
+	}
+}
+
+// ProvisionBody is provision's answer.
+type ProvisionBody struct {
+	EngineID    string `json:"engine_id" format:"uuid"`
+	UserID      string `json:"user_id"`
+	Status      string `json:"status"`
+	URL         string `json:"url"`
+	APIKey      string `json:"api_key"`
+	OperationID string `json:"operation_id,omitempty" doc:"Set with Prefer: respond-async"`
+}
+
+type provisionOutput struct {
+	Status int
+	Body   ProvisionBody
+}
+
+// ---- admit ----
+
+type admitInput struct {
+	userPath
+	asyncHeader
+	Body *struct {
+		AutoProvision bool `json:"auto_provision,omitempty" doc:"Provision an engine when the user has none"`
+		AutoWake      bool `json:"auto_wake,omitempty" doc:"Start a sleeping or stopped engine"`
+	} `required:"false"`
+}
+
+// AdmitBody is admit's answer.
+type AdmitBody struct {
+	Admitted    bool          `json:"admitted"`
+	Engine      *EngineDetail `json:"engine"`
+	Reason      string        `json:"reason,omitempty" enum:"engine_not_found,engine_sleeping,engine_unhealthy"`
+	OperationID string        `json:"operation_id,omitempty" doc:"Set with Prefer: respond-async when work was started"`
+}
+
+type admitOutput struct {
+	Status             int
+	RateLimitLimit     string `header:"X-RateLimit-Limit"`
+	RateLimitRemaining string `header:"X-RateLimit-Remaining"`
+	Body               AdmitBody
+}
+
+// ---- simple operations ----
+
+type getEngineOutput struct{ Body EngineDetail }
+
+type listInput struct {
+	Status string `query:"status" enum:"provisioning,running,sleeping,stopped,failed,destroying," doc:"Only engines in this state"`
+	Limit  int    `query:"limit" default:"100" minimum:"1" maximum:"1000"`
+	Offset int    `query:"offset" default:"0" minimum:"0"`
+}
+
+type listOutput struct {
+	Body struct {
+		Engines []EngineSummary `json:"engines"`
+		Total   int             `json:"total"`
+	}
+}
+
+// OpBody is the answer of start/stop/restart/destroy/upgrade.
+type OpBody struct {
+	EngineID    string `json:"engine_id" format:"uuid"`
+	Status      string `json:"status"`
+	URL         string `json:"url,omitempty"`
+	OperationID string `json:"operation_id,omitempty" doc:"Set with Prefer: respond-async"`
+}
+
+type opOutput struct {
+	Status int
+	Body   OpBody
+}
+
+type rotateOutput struct {
+	Status int
+	Body   struct {
+		EngineID    string `json:"engine_id" format:"uuid"`
+		APIKey      string `json:"api_key" doc:"The new engine key; the previous one works until the overlap ends"`
+		OperationID string `json:"operation_id,omitempty"`
+	}
+}
+
+type upgradeInput struct {
+	userPath
+	asyncHeader
+	Body struct {
+		EngineVersion string `json:"engine_version" minLength:"1" doc:"The image to recreate the engine on"`
+	}
+}
+
+type userOpInput struct {
+	userPath
+	asyncHeader
+}
+
+// OperationBody is GET /operations/{id}.
+type OperationBody struct {
+	OperationID  string    `json:"operation_id" format:"uuid"`
+	Kind         string    `json:"kind"`
+	Status       string    `json:"status" enum:"pending,running,succeeded,failed"`
+	EngineID     string    `json:"engine_id" format:"uuid"`
+	UserID       string    `json:"user_id"`
+	ErrorCode    string    `json:"error_code,omitempty"`
+	ErrorMessage string    `json:"error_message,omitempty"`
+	CreatedAt    time.Time `json:"created_at"`
+	UpdatedAt    time.Time `json:"updated_at"`
+}
+
+func (s *Server) registerEngines() {
+	huma.Register(s.api, s.op(huma.Operation{
+		OperationID: "provision-engine", Method: http.MethodPost, Path: "/engines/provision",
+		Summary:     "Provision a user's engine",
+		Description: "Creates the user's engine and returns once it is healthy (or 202 with Prefer: respond-async).",
+		Errors:      errs(400, 401, 409, 429, 502, 503, 504),
+	}), func(ctx context.Context, in *provisionInput) (*provisionOutput, error) {
+		p := productFrom(ctx)
+		if err := orch.ValidateUserID(in.Body.UserID); err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		res, err := s.provision(ctx, p, in.Body.UserID, in.Body.EngineVersion, false)
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		out := &provisionOutput{Status: http.StatusOK}
+		if in.async() {
+			out.Status = http.StatusAccepted
+			out.Body = ProvisionBody{EngineID: res.engine.ID, UserID: res.engine.UserID, Status: string(res.engine.Status),
+				URL: s.engineURL(res.engine), APIKey: res.key, OperationID: res.opID}
+			return out, nil
+		}
+		e, err := s.awaitEngine(ctx, p, res.engine, res.opID, orch.OpProvision)
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		out.Body = ProvisionBody{EngineID: e.ID, UserID: e.UserID, Status: string(e.Status), URL: s.engineURL(e), APIKey: res.key}
+		return out, nil
+	})
+
+	huma.Register(s.api, s.op(huma.Operation{
+		OperationID: "admit-engine", Method: http.MethodPost, Path: "/engines/{user_id}/admit",
+		Summary:     "Admit a user: the one call a product makes per user request",
+		Description: "Idempotent. Answers a running engine from one indexed read; provisions (auto_provision) or wakes (auto_wake) when asked.",
+		Errors:      errs(400, 401, 409, 429, 502, 503, 504),
+	}), s.admit)
+
+	huma.Register(s.api, s.op(huma.Operation{
+		OperationID: "get-engine", Method: http.MethodGet, Path: "/engines/{user_id}",
+		Summary: "Get a user's engine (read-only, never provisions)", Errors: errs(400, 401, 404),
+	}), func(ctx context.Context, in *userPath) (*getEngineOutput, error) {
+		if err := orch.ValidateUserID(in.UserID); err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		e, err := schema.New(s.pool).EngineByUser(ctx, productFrom(ctx).ID, in.UserID)
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		d, err := s.toDetail(e, "")
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		return &getEngineOutput{Body: d}, nil
+	})
+
+	huma.Register(s.api, s.op(huma.Operation{
+		OperationID: "list-engines", Method: http.MethodGet, Path: "/engines",
+		Summary: "List the product's engines (no keys)", Errors: errs(400, 401),
+	}), func(ctx context.Context, in *listInput) (*listOutput, error) {
+		es, total, err := schema.New(s.pool).ListEngines(ctx, productFrom(ctx).ID, orch.State(in.Status), in.Limit, in.Offset)
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		out := &listOutput{}
+		out.Body.Engines = make([]EngineSummary, 0, len(es))
+		for _, e := range es {
+			out.Body.Engines = append(out.Body.Engines, s.toSummary(e))
+		}
+		out.Body.Total = total
+		return out, nil
+	})
+
+	s.registerOp("start-engine", http.MethodPost, "/engines/{user_id}/start", "Start a stopped or sleeping engine",
+		opRequest{kind: orch.OpStart, check: func(e orch.Engine) error {
+			if e.Status == orch.StateRunning {
+				return orch.Errorf(orch.CodeEngineAlreadyRunning, "engine is already running")
+			}
+			return notTransitional(e)
+		}}, errs(400, 401, 404, 409, 502, 504))
+	s.registerOp("stop-engine", http.MethodPost, "/engines/{user_id}/stop", "Stop an engine (SIGTERM, 30 s grace, SIGKILL); the volume is kept",
+		opRequest{kind: orch.OpStop, check: func(e orch.Engine) error {
+			if e.Status == orch.StateStopped {
+				return orch.Errorf(orch.CodeEngineNotRunning, "engine is not running")
+			}
+			return notTransitional(e)
+		}}, errs(400, 401, 404, 409, 502, 504))
+	s.registerOp("restart-engine", http.MethodPost, "/engines/{user_id}/restart", "Restart an engine",
+		opRequest{kind: orch.OpRestart, check: notTransitional}, errs(400, 401, 404, 409, 502, 504))
+	s.registerOp("destroy-engine", http.MethodDelete, "/engines/{user_id}", "Destroy an engine: container, brain volume, port and row (irreversible)",
+		opRequest{kind: orch.OpDestroy, state: orch.StateDestroying}, errs(400, 401, 404, 502, 504))
+
+	huma.Register(s.api, s.op(huma.Operation{
+		OperationID: "rotate-engine-key", Method: http.MethodPost, Path: "/engines/{user_id}/rotate-key",
+		Summary:     "Rotate an engine's key",
+		Description: "Puts a new key in force on the engine; the previous key keeps working for the overlap window.",
+		Errors:      errs(400, 401, 404, 409, 502, 504),
+	}), func(ctx context.Context, in *userOpInput) (*rotateOutput, error) {
+		if err := orch.ValidateUserID(in.UserID); err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		key := keys.Generate()
+		enc, err := s.keyring.Encrypt(key)
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		e, opID, err := s.operate(ctx, productFrom(ctx), in.UserID, opRequest{kind: orch.OpRotateKey, check: mustRun,
+			payload: schema.OpPayload{KeyHash: keys.Hash(key), KeyEnc: enc}})
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		out := &rotateOutput{Status: http.StatusOK}
+		out.Body.EngineID = e.ID
+		if in.async() {
+			out.Status = http.StatusAccepted
+			out.Body.OperationID = opID
+			out.Body.APIKey = key
+			return out, nil
+		}
+		e, err = s.awaitEngine(ctx, productFrom(ctx), e, opID, orch.OpRotateKey)
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		if e.KeyHash != keys.Hash(key) {
+			// Joined a rotation another request started: answer its key.
+			if key, err = s.engineKey(e); err != nil {
+				return nil, toHTTP(ctx, err)
+			}
+		}
+		out.Body.APIKey = key
+		return out, nil
+	})
+
+	huma.Register(s.api, s.op(huma.Operation{
+		OperationID: "upgrade-engine", Method: http.MethodPost, Path: "/engines/{user_id}/upgrade",
+		Summary:     "Recreate an engine on a new image, same brain volume",
+		Description: "Per-user canaries. If the new version does not become healthy the engine is rolled back to the old image.",
+		Errors:      errs(400, 401, 404, 409, 502, 504),
+	}), func(ctx context.Context, in *upgradeInput) (*opOutput, error) {
+		if err := orch.ValidateUserID(in.UserID); err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		return s.runOp(ctx, in.UserID, in.asyncHeader, opRequest{kind: orch.OpUpgrade, check: mustRun,
+			payload: schema.OpPayload{Image: in.Body.EngineVersion}})
+	})
+
+	huma.Register(s.api, huma.Operation{
+		OperationID: "get-operation", Method: http.MethodGet, Path: "/operations/{operation_id}",
+		Summary: "Follow an asynchronous operation", Security: platformSecurity, Tags: []string{"engines"},
+		Errors: errs(401, 404),
+	}, func(ctx context.Context, in *struct {
+		ID string `path:"operation_id"`
+	}) (*struct{ Body OperationBody }, error) {
+		op, err := schema.New(s.pool).GetOperation(ctx, productFrom(ctx).ID, in.ID)
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		return &struct{ Body OperationBody }{Body: OperationBody{OperationID: op.ID, Kind: string(op.Kind), Status: string(op.Status),
+			EngineID: op.EngineID, UserID: op.UserID, ErrorCode: string(op.ErrorCode), ErrorMessage: op.ErrorMessage,
+			CreatedAt: op.CreatedAt, UpdatedAt: op.UpdatedAt}}, nil
+	})
+}
+
+func notTransitional(e orch.Engine) error {
+	if e.Status.Transitional() {
+		return orch.Errorf(orch.CodeOperationInProgress, "engine is %s", e.Status)
+	}
+	return nil
+}
+
+func mustRun(e orch.Engine) error {
+	if e.Status != orch.StateRunning {
+		return orch.Errorf(orch.CodeEngineNotRunning, "engine is %s, not running", e.Status)
+	}
+	return nil
+}
+
+// registerOp registers one of the simple engine operations.
+func (s *Server) registerOp(id, method, path, summary string, r opRequest, codes []int) {
+	huma.Register(s.api, s.op(huma.Operation{OperationID: id, Method: method, Path: path, Summary: summary, Errors: codes}),
+		func(ctx context.Context, in *userOpInput) (*opOutput, error) {
+			if err := orch.ValidateUserID(in.UserID); err != nil {
+				return nil, toHTTP(ctx, err)
+			}
+			return s.runOp(ctx, in.UserID, in.asyncHeader, r)
+		})
+}
+
+func (s *Server) runOp(ctx context.Context, userID string, h asyncHeader, r opRequest) (*opOutput, error) {
+	p := productFrom(ctx)
+	e, opID, err := s.operate(ctx, p, userID, r)
+	if err != nil {
+		return nil, toHTTP(ctx, err)
+	}
+	if h.async() {
+		return &opOutput{Status: http.StatusAccepted, Body: OpBody{EngineID: e.ID, Status: string(e.Status), URL: s.engineURL(e), OperationID: opID}}, nil
+	}
+	e, err = s.awaitEngine(ctx, p, e, opID, r.kind)
+	if err != nil {
+		return nil, toHTTP(ctx, err)
+	}
+	out := &opOutput{Status: http.StatusOK, Body: OpBody{EngineID: e.ID, Status: string(e.Status)}}
+	switch r.kind {
+	case orch.OpDestroy:
+		out.Body.Status = "destroyed"
+	case orch.OpStop:
+	default:
+		out.Body.URL = s.engineURL(e)
+	}
+	return out, nil
+}
+
+// awaitEngine waits for an operation and returns the engine as it ends.
+// A destroyed engine is returned as it was before (its row is gone).
+func (s *Server) awaitEngine(ctx context.Context, p orch.Product, e orch.Engine, opID string, kind orch.OpKind) (orch.Engine, error) {
+	if opID == "" {
+		return e, nil
+	}
+	op, err := s.wait(ctx, p.ID, opID, s.waitTimeout(kind))
+	if err != nil {
+		return e, err
+	}
+	if err := opError(op); err != nil {
+		return e, err
+	}
+	if kind == orch.OpDestroy {
+		return e, nil
+	}
+	return schema.New(s.pool).EngineByID(ctx, e.ID)
+}
+
+// admit is the hot path (SPEC §3): a running engine costs the cached
+// product, the rate limit and one indexed read.
+func (s *Server) admit(ctx context.Context, in *admitInput) (*admitOutput, error) {
+	p := productFrom(ctx)
+	if err := orch.ValidateUserID(in.UserID); err != nil {
+		return nil, toHTTP(ctx, err)
+	}
+	var autoProvision, autoWake bool
+	if in.Body != nil {
+		autoProvision, autoWake = in.Body.AutoProvision, in.Body.AutoWake
+	}
+	out := &admitOutput{Status: http.StatusOK}
+	limit, remaining, err := s.rateLimit(ctx, p)
+	if limit > 0 {
+		out.RateLimitLimit = strconv.Itoa(limit)
+		out.RateLimitRemaining = strconv.Itoa(remaining)
+	}
+	if err != nil {
+		s.auditDenied(p, in.UserID, orch.ErrorCode(err))
+		return nil, toHTTP(ctx, err)
+	}
+	e, err := schema.New(s.pool).EngineByUser(ctx, p.ID, in.UserID)
+	notFound := orch.IsCode(err, orch.CodeEngineNotFound)
+	if err != nil && !notFound {
+		return nil, toHTTP(ctx, err)
+	}
+	deny := func(reason string) (*admitOutput, error) {
+		s.auditDenied(p, in.UserID, orch.Code(reason))
+		out.Body = AdmitBody{Admitted: false, Reason: reason}
+		return out, nil
+	}
+	var opID, key string
+	var kind orch.OpKind
+	switch {
+	case notFound:
+		if !autoProvision {
+			return deny("engine_not_found")
+		}
+		res, err := s.provision(ctx, p, in.UserID, "", true)
+		if err != nil {
+			if orch.IsCode(err, orch.CodeQuotaExceeded) {
+				s.auditDenied(p, in.UserID, orch.CodeQuotaExceeded)
+			}
+			return nil, toHTTP(ctx, err)
+		}
+		e, opID, key, kind = res.engine, res.opID, res.key, orch.OpProvision
+		if opID == "" && e.Status != orch.StateRunning {
+			// Joined an engine that another admit created and that is no
+			// longer provisioning: answer it as it stands now.
+			return s.admitExisting(ctx, out, p, e, autoWake, in.asyncHeader, deny)
+		}
+	default:
+		return s.admitExisting(ctx, out, p, e, autoWake, in.asyncHeader, deny)
+	}
+	return s.admitAfter(ctx, out, p, e, opID, key, kind, in.asyncHeader)
+}
+
+func (s *Server) admitExisting(ctx context.Context, out *admitOutput, p orch.Product, e orch.Engine, autoWake bool, h asyncHeader,
+	deny func(string) (*admitOutput, error)) (*admitOutput, error) {
+	switch e.Status {
+	case orch.StateRunning:
+		s.touch(e)
+		d, err := s.toDetail(e, "")
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		out.Body = AdmitBody{Admitted: true, Engine: &d}
+		return out, nil
+	case orch.StateProvisioning:
+		return s.admitAfter(ctx, out, p, e, e.OperationID, "", orch.OpProvision, h)
+	case orch.StateSleeping, orch.StateStopped:
+		if !autoWake {
+			return deny("engine_sleeping")
+		}
+		e2, opID, err := s.operate(ctx, p, e.UserID, opRequest{kind: orch.OpWake})
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		return s.admitAfter(ctx, out, p, e2, opID, "", orch.OpWake, h)
+	case orch.StateFailed:
+		// Being restarted (auto-restart or a manual start): wait for it.
+		if e.OperationID != "" {
+			op, _, err := schema.New(s.pool).OperationByID(ctx, e.OperationID)
+			if err == nil && !op.Status.Done() {
+				return s.admitAfter(ctx, out, p, e, op.ID, "", op.Kind, h)
+			}
+		}
+		return deny("engine_unhealthy")
+	default: // destroying
+		return nil, toHTTP(ctx, orch.Errorf(orch.CodeOperationInProgress, "engine is being destroyed"))
+	}
+}
+
+// admitAfter waits for the provision or wake an admit started or joined.
+func (s *Server) admitAfter(ctx context.Context, out *admitOutput, p orch.Product, e orch.Engine, opID, key string, kind orch.OpKind, h asyncHeader) (*admitOutput, error) {
+	if h.async() && opID != "" {
+		d, err := s.toDetail(e, key)
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		out.Status = http.StatusAccepted
+		out.Body = AdmitBody{Admitted: false, Engine: &d, OperationID: opID}
+		return out, nil
+	}
+	e, err := s.awaitEngine(ctx, p, e, opID, kind)
+	if err != nil {
+		return nil, toHTTP(ctx, err)
+	}
+	if e.Status != orch.StateRunning {
+		out.Body = AdmitBody{Admitted: false, Reason: "engine_unhealthy"}
+		return out, nil
+	}
+	d, err := s.toDetail(e, key)
+	if err != nil {
+		return nil, toHTTP(ctx, err)
+	}
+	out.Body = AdmitBody{Admitted: true, Engine: &d}
+	return out, nil
+}
+
+// auditDenied records admit_denied, at most once a minute per product,
+// user and reason, so a product polling a missing engine does not write a
+// row per request.
+func (s *Server) auditDenied(p orch.Product, userID string, reason orch.Code) {
+	if !s.activity.due("denied:"+p.ID+":"+userID+":"+string(reason), time.Now()) {
+		return
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		err := schema.New(s.pool).InsertAudit(ctx, orch.AuditEntry{ProductID: p.ID, UserID: userID, Action: orch.ActionAdmitDenied,
+			Actor: p.Slug, Metadata: map[string]any{"reason": strings.ToLower(string(reason))}})
+		if err != nil {
+			s.log.Warn("audit admit_denied", "error", err)
+		}
+	}()
+}
+

@@ -1,0 +1,161 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strconv"
+
+	"github.com/danielgtaylor/huma/v2"
+
+	orch "github.com/enginefleet/orchestrator"
+)
+
+// statusOf is the one place where a stable code becomes an HTTP status
+// (SPEC §3 status taxonomy).
+func statusOf(c orch.Code) int {
+	switch c {
+	case orch.CodeInvalidRequest:
+		return http.StatusBadRequest
+	case orch.CodeInvalidAdminKey, orch.CodeInvalidPlatformKey:
+		return http.StatusUnauthorized
+	case orch.CodePolicyDenied:
+		return http.StatusForbidden
+	case orch.CodeProductNotFound, orch.CodeEngineNotFound, orch.CodeOperationNotFound,
+		orch.CodeBackupNotFound, orch.CodeExportNotFound, orch.CodeNotFound:
+		return http.StatusNotFound
+	case orch.CodeProductSlugExists, orch.CodeEngineAlreadyExists, orch.CodeEngineAlreadyRunning,
+		orch.CodeEngineNotRunning, orch.CodeOperationInProgress, orch.CodeInvalidState:
+		return http.StatusConflict
+	case orch.CodeQuotaExceeded, orch.CodeRateLimited:
+		return http.StatusTooManyRequests
+	case orch.CodeBackendFailed, orch.CodeBackupCorrupt:
+		return http.StatusBadGateway
+	case orch.CodePortExhaustion, orch.CodeUnavailable:
+		return http.StatusServiceUnavailable
+	case orch.CodeBootTimeout, orch.CodeBackendTimeout:
+		return http.StatusGatewayTimeout
+	default:
+		return http.StatusInternalServerError
+	}
+}
+
+// ErrorBody is the contract's error envelope:
+// {"error": {"code": "...", "message": "...", "request_id": "..."}}.
+type ErrorBody struct {
+	Error ErrorDetail `json:"error"`
+}
+
+// ErrorDetail is the inside of the envelope.
+type ErrorDetail struct {
+	Code      string `json:"code" doc:"Stable error code" example:"ENGINE_NOT_FOUND"`
+	Message   string `json:"message" doc:"Human-readable explanation"`
+	RequestID string `json:"request_id,omitempty" doc:"Request id, also in the X-Request-ID header"`
+}
+
+// apiError is what handlers return; it renders as the envelope.
+type apiError struct {
+	status     int
+	retryAfter int // seconds; 0 = no header
+	ErrorBody
+}
+
+func (e *apiError) Error() string                { return e.ErrorBody.Error.Code + ": " + e.ErrorBody.Error.Message }
+func (e *apiError) GetStatus() int               { return e.status }
+func (e *apiError) ContentType(ct string) string { return "application/json" }
+func (e *apiError) GetHeaders() http.Header {
+	h := http.Header{}
+	if e.retryAfter > 0 {
+		h.Set("Retry-After", strconv.Itoa(e.retryAfter))
+	}
+	return h
+}
+
+type ctxKey int
+
+const (
+	ctxRequestID ctxKey = iota
+	ctxProduct
+	ctxLogAttrs
+)
+
+func requestID(ctx context.Context) string {
+	s, _ := ctx.Value(ctxRequestID).(string)
+	return s
+}
+
+// RetryAfter attaches a Retry-After hint (seconds) to a domain error.
+type retryAfterError struct {
+	error
+	seconds int
+}
+
+func (e retryAfterError) Unwrap() error { return e.error }
+
+func withRetryAfter(err error, seconds int) error { return retryAfterError{err, seconds} }
+
+// toHTTP converts any error a handler returns into the envelope. Internal
+// causes are logged once by the access log, never sent.
+func toHTTP(ctx context.Context, err error) error {
+	var ae *apiError
+	if errors.As(err, &ae) {
+		return ae
+	}
+	var de *orch.Error
+	out := &apiError{}
+	if errors.As(err, &de) {
+		out.status = statusOf(de.Code)
+		out.ErrorBody.Error = ErrorDetail{Code: string(de.Code), Message: de.Message}
+	} else if errors.Is(err, context.DeadlineExceeded) {
+		out.status = http.StatusGatewayTimeout
+		out.ErrorBody.Error = ErrorDetail{Code: string(orch.CodeBackendTimeout), Message: "the operation timed out"}
+	} else {
+		out.status = http.StatusInternalServerError
+		out.ErrorBody.Error = ErrorDetail{Code: string(orch.CodeInternal), Message: "internal error"}
+	}
+	var ra retryAfterError
+	if errors.As(err, &ra) {
+		out.retryAfter = ra.seconds
+	} else if out.status == http.StatusTooManyRequests {
+		out.retryAfter = 60
+	}
+	out.ErrorBody.Error.RequestID = requestID(ctx)
+	if la, ok := ctx.Value(ctxLogAttrs).(*logAttrs); ok && out.status >= 500 {
+		la.err = err
+	}
+	return out
+}
+
+func init() {
+	// huma's own errors (validation, bad JSON, unknown routes' 404s, 415…)
+	// use the contract envelope; validation is 400 INVALID_REQUEST, not 422.
+	huma.NewErrorWithContext = func(hctx huma.Context, status int, msg string, errs ...error) huma.StatusError {
+		code := orch.CodeInternal
+		switch {
+		case status == http.StatusUnprocessableEntity || status == http.StatusBadRequest ||
+			status == http.StatusRequestEntityTooLarge || status == http.StatusUnsupportedMediaType:
+			code, status = orch.CodeInvalidRequest, http.StatusBadRequest
+		case status == http.StatusNotFound:
+			code = orch.CodeNotFound
+		case status == http.StatusNotAcceptable:
+			code, status = orch.CodeInvalidRequest, http.StatusBadRequest
+		}
+		for _, e := range errs {
+			if e == nil {
+				continue
+			}
+			if status < 500 {
+				msg += ": " + e.Error()
+			}
+			break
+		}
+		rid := ""
+		if hctx != nil {
+			rid = requestID(hctx.Context())
+		}
+		return &apiError{status: status, ErrorBody: ErrorBody{Error: ErrorDetail{Code: string(code), Message: msg, RequestID: rid}}}
+	}
+	huma.NewError = func(status int, msg string, errs ...error) huma.StatusError {
+		return huma.NewErrorWithContext(nil, status, msg, errs...)
+	}
+}

@@ -1,0 +1,44 @@
+package api_test
+
+import (
+	"net/http"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/enginefleet/orchestrator/internal/testenv"
+)
+
+func TestHealthOK(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, "", testConfig())
+	status, body, _ := h.do("GET", "/health", nil, nil)
+	require.Equal(t, http.StatusOK, status)
+	require.Equal(t, map[string]any{"status": "ok"}, body)
+}
+
+func TestHealthMigrationsMissing(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, testenv.EmptyDB(t), testConfig())
+	status, body, _ := h.do("GET", "/health", nil, nil)
+	require.Equal(t, http.StatusServiceUnavailable, status)
+	require.Equal(t, "unavailable", body["status"])
+	require.Equal(t, "migrations not applied", body["reason"])
+}
+
+func TestHealthPostgresUnreachable(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, "", testConfig())
+	h.Pool.Close() // the database is gone for this replica
+	status, body, _ := h.do("GET", "/health", nil, nil)
+	require.Equal(t, http.StatusServiceUnavailable, status)
+	require.Equal(t, "postgres unreachable", body["reason"])
+}
+
+func TestUnknownRouteEnvelope(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, "", testConfig())
+	status, body, _ := h.do("GET", "/nope", nil, nil)
+	require.Equal(t, http.StatusNotFound, status)
+	require.Equal(t, "NOT_FOUND", errCode(body))
+}

@@ -1,0 +1,124 @@
+package api
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// listener holds one connection per API process LISTENing on the
+// orchestrator's channels and dispatches payloads. After any reconnect it
+// calls onReconnect, because notifications sent while it was away are lost.
+type listener struct {
+	pool        *pgxpool.Pool
+	log         *slog.Logger
+	handlers    map[string]func(payload string)
+	onReconnect func()
+	ready       chan struct{} // closed once listening the first time (tests)
+}
+
+func (l *listener) run(ctx context.Context) {
+	backoff := 100 * time.Millisecond
+	first := true
+	for ctx.Err() == nil {
+		err := l.listenOnce(ctx, first)
+		if ctx.Err() != nil {
+			return
+		}
+		first = false
+		l.log.Warn("notify listener lost its connection; reconnecting", "error", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+func (l *listener) listenOnce(ctx context.Context, first bool) error {
+	conn, err := l.pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	// The connection carries LISTEN state: never hand it back to the pool.
+	defer func() {
+		c := conn.Hijack()
+		c.Close(context.Background()) //nolint:errcheck
+	}()
+	for ch := range l.handlers {
+		if _, err := conn.Exec(ctx, `LISTEN "`+ch+`"`); err != nil {
+			return err
+		}
+	}
+	if !first && l.onReconnect != nil {
+		l.onReconnect()
+	}
+	if first && l.ready != nil {
+		close(l.ready)
+	}
+	for {
+		n, err := conn.Conn().WaitForNotification(ctx)
+		if err != nil {
+			return err
+		}
+		if h := l.handlers[n.Channel]; h != nil {
+			h(n.Payload)
+		}
+	}
+}
+
+// waiters lets requests sleep until an operation changes, woken by NOTIFY.
+type waiters struct {
+	mu sync.Mutex
+	m  map[string]map[chan struct{}]struct{}
+}
+
+func newWaiters() *waiters { return &waiters{m: map[string]map[chan struct{}]struct{}{}} }
+
+// subscribe returns a channel signalled on every change of key, and a cancel.
+func (w *waiters) subscribe(key string) (<-chan struct{}, func()) {
+	ch := make(chan struct{}, 1)
+	w.mu.Lock()
+	if w.m[key] == nil {
+		w.m[key] = map[chan struct{}]struct{}{}
+	}
+	w.m[key][ch] = struct{}{}
+	w.mu.Unlock()
+	return ch, func() {
+		w.mu.Lock()
+		delete(w.m[key], ch)
+		if len(w.m[key]) == 0 {
+			delete(w.m, key)
+		}
+		w.mu.Unlock()
+	}
+}
+
+func signal(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+func (w *waiters) wake(key string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for ch := range w.m[key] {
+		signal(ch)
+	}
+}
+
+func (w *waiters) wakeAll() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, set := range w.m {
+		for ch := range set {
+			signal(ch)
+		}
+	}
+}

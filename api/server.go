@@ -1,0 +1,199 @@
+// Package api is the orchestrator's HTTP API: huma operations, key
+// authentication, the contract's error envelope and request logging.
+// Handlers are thin: parse, call one thing, convert, return. It never
+// touches a backend: lifecycle work is enqueued as River jobs.
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"sync/atomic"
+	"time"
+
+	"github.com/danielgtaylor/huma/v2"
+	"github.com/danielgtaylor/huma/v2/adapters/humago"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/riverqueue/river"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/schema"
+)
+
+// Config is what the API needs; cmd/orchestrator fills it from the environment.
+type Config struct {
+	AdminKey      string
+	DefaultImage  string        // ORCH_ENGINE_IMAGE
+	PortMin       int           // ORCH_PORT_MIN
+	PortMax       int           // ORCH_PORT_MAX
+	Node          string        // engine host this replica provisions on ("local")
+	BootTimeout   time.Duration // ORCH_BOOT_TIMEOUT_S: how long a synchronous call waits
+	URLTemplate   string        // ORCH_ENGINE_URL_TEMPLATE, e.g. http://127.0.0.1:{port}
+	KeyOverlap    time.Duration // engine key rotation overlap
+	Version       string
+	ProductsCache time.Duration // negative-cache lifetime for unknown platform keys
+}
+
+// Server is one API replica.
+type Server struct {
+	cfg      Config
+	pool     *pgxpool.Pool
+	river    *river.Client[pgx.Tx]
+	keyring  *keys.Keyring
+	log      *slog.Logger
+	api      huma.API
+	mux      *http.ServeMux
+	products *productCache
+	waiters  *waiters
+	activity activity
+	migrated atomic.Bool
+}
+
+// New builds the API. river may be an insert-only client (no workers).
+func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyring, log *slog.Logger) *Server {
+	if cfg.Node == "" {
+		cfg.Node = "local"
+	}
+	if cfg.Version == "" {
+		cfg.Version = "dev"
+	}
+	s := &Server{cfg: cfg, pool: pool, river: rc, keyring: kr, log: log, mux: http.NewServeMux()}
+	s.products = newProductCache(pool)
+	s.waiters = newWaiters()
+	s.api = humago.New(s.mux, humaConfig(cfg.Version))
+	s.api.UseMiddleware(s.authMiddleware)
+	s.register()
+	// Anything huma does not route gets the envelope too.
+	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeEnvelope(w, r, http.StatusNotFound, orch.CodeNotFound, "no such route: "+r.Method+" "+r.URL.Path)
+	})
+	return s
+}
+
+// humaConfig is the huma configuration shared by the server and `orchestrator openapi`.
+func humaConfig(version string) huma.Config {
+	c := huma.DefaultConfig("Engine fleet orchestrator", version)
+	c.CreateHooks = nil // no $schema links in bodies or the spec
+	c.DocsPath = ""
+	c.SchemasPath = ""
+	c.OpenAPIPath = "/openapi"
+	c.Info.Description = "Gives every end user of a product their own long-lived engine, keeps the fleet healthy, and tells products where each engine is and which key opens it."
+	c.Components.SecuritySchemes = map[string]*huma.SecurityScheme{
+		securityAdmin:    {Type: "apiKey", In: "header", Name: "X-Admin-Key", Description: "The orchestrator's admin key (ORCH_ADMIN_KEY)."},
+		securityPlatform: {Type: "apiKey", In: "header", Name: "X-Platform-Key", Description: "A product's platform key, returned once at registration."},
+	}
+	return c
+}
+
+// API exposes the huma API (for the OpenAPI document).
+func (s *Server) API() huma.API { return s.api }
+
+// register adds every operation. Each group lives in its own file.
+func (s *Server) register() {
+	s.registerHealth()
+	s.registerProducts()
+	s.registerEngines()
+	s.registerFleet()
+}
+
+// Handler is the root HTTP handler: request ids, recovery, access log.
+func (s *Server) Handler() http.Handler {
+	return s.withRequestLog(s.mux)
+}
+
+// Run starts the server's background work (the NOTIFY listener) until ctx ends.
+func (s *Server) Run(ctx context.Context) {
+	l := &listener{pool: s.pool, log: s.log, handlers: map[string]func(string){
+		schema.ChannelProducts: s.products.invalidate,
+		schema.ChannelOps:      s.waiters.wake,
+	}, onReconnect: func() {
+		s.products.flush()
+		s.waiters.wakeAll()
+	}}
+	l.run(ctx)
+}
+
+var requestIDRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
+
+type logAttrs struct {
+	product string
+	err     error
+}
+
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (r *statusRecorder) WriteHeader(code int) {
+	if r.status == 0 {
+		r.status = code
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *statusRecorder) Write(b []byte) (int, error) {
+	if r.status == 0 {
+		r.status = http.StatusOK
+	}
+	return r.ResponseWriter.Write(b)
+}
+
+func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+func (s *Server) withRequestLog(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rid := r.Header.Get("X-Request-ID")
+		if !requestIDRE.MatchString(rid) {
+			b := make([]byte, 8)
+			rand.Read(b) //nolint:errcheck
+			rid = hex.EncodeToString(b)
+		}
+		w.Header().Set("X-Request-ID", rid)
+		la := &logAttrs{}
+		ctx := context.WithValue(r.Context(), ctxRequestID, rid)
+		ctx = context.WithValue(ctx, ctxLogAttrs, la)
+		rec := &statusRecorder{ResponseWriter: w}
+		defer func() {
+			if p := recover(); p != nil {
+				s.log.Error("panic in handler", "request_id", rid, "panic", fmt.Sprint(p))
+				if rec.status == 0 {
+					writeEnvelope(rec, r.WithContext(ctx), http.StatusInternalServerError, orch.CodeInternal, "internal error")
+				}
+			}
+			attrs := []any{"method", r.Method, "path", r.URL.Path, "status", rec.status,
+				"duration_ms", float64(time.Since(start).Microseconds()) / 1000, "request_id", rid}
+			if la.product != "" {
+				attrs = append(attrs, "product", la.product)
+			}
+			if la.err != nil {
+				attrs = append(attrs, "error", la.err.Error())
+			}
+			level := slog.LevelInfo
+			if rec.status >= 500 {
+				level = slog.LevelError
+			}
+			s.log.Log(ctx, level, "request", attrs...)
+		}()
+		next.ServeHTTP(rec, r.WithContext(ctx))
+	})
+}
+
+func writeEnvelope(w http.ResponseWriter, r *http.Request, status int, code orch.Code, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	fmt.Fprintf(w, `{"error":{"code":%q,"message":%q,"request_id":%q}}`, code, msg, requestID(r.Context()))
+}
+
+// OpenAPIYAML renders the OpenAPI document of the API (no database needed).
+func OpenAPIYAML(version string) ([]byte, error) {
+	s := New(Config{Version: version}, nil, nil, nil, slog.New(slog.DiscardHandler))
+	return s.api.OpenAPI().YAML()
+}

@@ -1,0 +1,302 @@
+package main
+
+import (
+	"fmt"
+	"net/url"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/go-co-op/gocron/v2"
+
+	"github.com/enginefleet/orchestrator/keys"
+)
+
+// Config is every setting of the orchestrator, read from the environment
+// (SPEC §12, §6, §7, §9, §11). Only this package reads the environment.
+type Config struct {
+	DatabaseURL      string
+	MasterKey        string
+	MasterKeyPrev    []string
+	AdminKey         string
+	ListenAddr       string
+	MetricsAddr      string
+	LogLevel         string
+	LogFormat        string
+	Node             string
+	EngineImage      string
+	Backend          string
+	EngineBinary     string
+	EnvPassthrough   []string
+	Network          string
+	PortMin, PortMax int
+	CatalogMountPath string
+	DataRootPath     string
+	URLTemplate      string
+	MemoryMB         int64
+	CPUs             float64
+	Pids             int64
+	DockerHost       string
+
+	HealthInterval     time.Duration
+	HealthTimeout      time.Duration
+	HealthMaxFailures  int
+	RestartBackoffBase time.Duration
+	RestartBackoffMax  time.Duration
+	RestartMaxAttempts int
+	BootTimeout        time.Duration
+	IdleAfter          time.Duration
+	SleepMode          string
+	KeyOverlap         time.Duration
+
+	BackupDir           string
+	BackupCron          string
+	BackupRetentionDays int
+	AuditExportDir      string
+	AuditExportCron     string
+	AuditRetentionDays  int
+
+	WorkerConcurrency int
+	ShutdownTimeout   time.Duration
+}
+
+// envVar documents one variable; .env.example and the README are written from this list.
+type envVar struct {
+	name, def, help string
+}
+
+var envVars = []envVar{
+	{"ORCH_DATABASE_URL", "", "required: postgresql://user:pass@host:port/db"},
+	{"ORCH_MASTER_KEY", "", "required: Fernet key (URL-safe base64 of 32 bytes) encrypting engine keys at rest; `orchestrator keys generate` prints one"},
+	{"ORCH_MASTER_KEY_PREVIOUS", "", "comma-separated previous master keys, decrypt-only, during a rotation"},
+	{"ORCH_ADMIN_KEY", "", "required: the admin key checked against X-Admin-Key"},
+	{"ORCH_LISTEN_ADDR", ":8000", "API listen address"},
+	{"ORCH_METRICS_ADDR", "127.0.0.1:9464", "Prometheus listener (never public by default); empty disables"},
+	{"ORCH_LOG_LEVEL", "info", "debug, info, warn or error"},
+	{"ORCH_LOG_FORMAT", "json", "json (production) or text (a terminal)"},
+	{"ORCH_NODE", "local", "name of the engine host this process provisions on / works for"},
+	{"ORCH_ENGINE_IMAGE", "enginefleet/engine:dev", "default engine image (pin a version, not latest)"},
+	{"ORCH_ENGINE_BACKEND", "docker", "docker (production) or subprocess (development, no Docker)"},
+	{"ORCH_ENGINE_BINARY", "", "subprocess backend: path of the engine binary"},
+	{"ORCH_ENGINE_ENV_PASSTHROUGH", "", "comma-separated variable names copied from this process's environment into every engine"},
+	{"ORCH_ENGINE_NETWORK", "engine_net", "Docker network engines join (created if missing)"},
+	{"ORCH_PORT_MIN", "9001", "first host port for engines"},
+	{"ORCH_PORT_MAX", "9999", "last host port for engines"},
+	{"ORCH_CATALOG_MOUNT_PATH", "", "host directory mounted read-only at /catalog in every engine"},
+	{"ORCH_DATA_ROOT_PATH", ".data/engines", "subprocess backend: where engine data lives"},
+	{"ORCH_ENGINE_URL_TEMPLATE", "http://127.0.0.1:{port}", "URL handed to products; {port}, {container}, {engine_id}, {node} are replaced"},
+	{"ORCH_ENGINE_MEMORY_MB", "0", "per-engine memory limit (0 = none)"},
+	{"ORCH_ENGINE_CPUS", "0", "per-engine CPU limit (0 = none)"},
+	{"ORCH_ENGINE_PIDS", "0", "per-engine process limit (0 = none)"},
+	{"DOCKER_HOST", "", "Docker daemon address (default: the local socket)"},
+	{"ORCH_HEALTH_CHECK_INTERVAL_S", "30", "health sweep period"},
+	{"ORCH_HEALTH_CHECK_TIMEOUT_S", "10", "per-probe timeout"},
+	{"ORCH_HEALTH_MAX_FAILURES", "3", "consecutive failures before failed"},
+	{"ORCH_RESTART_BACKOFF_BASE_S", "5", "first auto-restart delay; doubles per attempt"},
+	{"ORCH_RESTART_BACKOFF_MAX_S", "300", "auto-restart backoff cap"},
+	{"ORCH_RESTART_MAX_ATTEMPTS", "8", "auto-restart attempts before giving up"},
+	{"ORCH_BOOT_TIMEOUT_S", "60", "boot deadline for provision, start, restart"},
+	{"ORCH_IDLE_AFTER_S", "1800", "idle time before an engine sleeps (0 = never)"},
+	{"ORCH_SLEEP_MODE", "mark", "mark (container keeps running) or stop (scale to zero)"},
+	{"ORCH_ENGINE_KEY_OVERLAP_S", "300", "after rotate-key, how long the previous engine key keeps working"},
+	{"ORCH_BACKUP_DIR", ".data/backups", "where brain backups are written"},
+	{"ORCH_BACKUP_CRON", "0 3 * * *", "nightly backup schedule (cron)"},
+	{"ORCH_BACKUP_RETENTION_DAYS", "7", "backups older than this are pruned"},
+	{"ORCH_AUDIT_EXPORT_DIR", ".data/audit-exports", "where audit exports are written"},
+	{"ORCH_AUDIT_EXPORT_CRON", "30 0 * * *", "daily audit export schedule (cron)"},
+	{"ORCH_AUDIT_RETENTION_DAYS", "0", "purge audit rows older than this once exported (0 = keep forever)"},
+	{"ORCH_WORKER_CONCURRENCY", "50", "lifecycle jobs one worker process runs at once"},
+	{"ORCH_SHUTDOWN_TIMEOUT_S", "55", "graceful drain budget on SIGTERM (fits docker stop --time 60)"},
+}
+
+// loadConfig reads and validates the environment, reporting every problem
+// at once. getenv is os.Getenv in production.
+func loadConfig(getenv func(string) string) (Config, error) {
+	defaults := map[string]string{}
+	for _, v := range envVars {
+		defaults[v.name] = v.def
+	}
+	var problems []string
+	get := func(name string) string {
+		if v, ok := lookup(getenv, name); ok {
+			return v
+		}
+		return defaults[name]
+	}
+	bad := func(name, format string, args ...any) {
+		problems = append(problems, name+": "+fmt.Sprintf(format, args...))
+	}
+	required := func(name string) string {
+		v := get(name)
+		if v == "" {
+			bad(name, "is required")
+		}
+		return v
+	}
+	intv := func(name string, min, max int) int {
+		s := get(name)
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil {
+			bad(name, "must be an integer, got %q", s)
+			return 0
+		}
+		if n < min || n > max {
+			bad(name, "must be between %d and %d, got %d", min, max, n)
+		}
+		return n
+	}
+	secs := func(name string, min int) time.Duration {
+		return time.Duration(intv(name, min, 1<<30)) * time.Second
+	}
+	var c Config
+	c.DatabaseURL = required("ORCH_DATABASE_URL")
+	if c.DatabaseURL != "" {
+		if u, err := url.Parse(c.DatabaseURL); err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") || u.Host == "" {
+			bad("ORCH_DATABASE_URL", "must look like postgresql://user:pass@host:port/db")
+		}
+	}
+	c.MasterKey = required("ORCH_MASTER_KEY")
+	c.MasterKeyPrev = splitList(get("ORCH_MASTER_KEY_PREVIOUS"))
+	if c.MasterKey != "" {
+		if _, err := keys.NewKeyring(c.MasterKey, c.MasterKeyPrev); err != nil {
+			problems = append(problems, err.Error())
+		}
+	}
+	c.AdminKey = required("ORCH_ADMIN_KEY")
+	if c.AdminKey != "" && len(c.AdminKey) < 16 {
+		bad("ORCH_ADMIN_KEY", "must be at least 16 characters")
+	}
+	c.ListenAddr = get("ORCH_LISTEN_ADDR")
+	c.MetricsAddr = get("ORCH_METRICS_ADDR")
+	c.LogLevel = strings.ToLower(get("ORCH_LOG_LEVEL"))
+	if !oneOf(c.LogLevel, "debug", "info", "warn", "error") {
+		bad("ORCH_LOG_LEVEL", "must be debug, info, warn or error")
+	}
+	c.LogFormat = strings.ToLower(get("ORCH_LOG_FORMAT"))
+	if !oneOf(c.LogFormat, "json", "text") {
+		bad("ORCH_LOG_FORMAT", "must be json or text")
+	}
+	c.Node = get("ORCH_NODE")
+	if c.Node == "" {
+		bad("ORCH_NODE", "must not be empty")
+	}
+	c.EngineImage = get("ORCH_ENGINE_IMAGE")
+	if c.EngineImage == "" {
+		bad("ORCH_ENGINE_IMAGE", "must not be empty")
+	}
+	c.Backend = get("ORCH_ENGINE_BACKEND")
+	if !oneOf(c.Backend, "docker", "subprocess") {
+		bad("ORCH_ENGINE_BACKEND", "must be docker or subprocess, got %q", c.Backend)
+	}
+	c.EngineBinary = get("ORCH_ENGINE_BINARY")
+	if c.Backend == "subprocess" && c.EngineBinary == "" {
+		bad("ORCH_ENGINE_BINARY", "is required with the subprocess backend")
+	}
+	c.EnvPassthrough = splitList(get("ORCH_ENGINE_ENV_PASSTHROUGH"))
+	c.Network = get("ORCH_ENGINE_NETWORK")
+	c.PortMin = intv("ORCH_PORT_MIN", 1024, 65535)
+	c.PortMax = intv("ORCH_PORT_MAX", 1024, 65535)
+	if c.PortMin > c.PortMax {
+		bad("ORCH_PORT_MIN", "(%d) must not exceed ORCH_PORT_MAX (%d)", c.PortMin, c.PortMax)
+	}
+	c.CatalogMountPath = get("ORCH_CATALOG_MOUNT_PATH")
+	c.DataRootPath = get("ORCH_DATA_ROOT_PATH")
+	c.URLTemplate = get("ORCH_ENGINE_URL_TEMPLATE")
+	if !strings.Contains(c.URLTemplate, "{") {
+		bad("ORCH_ENGINE_URL_TEMPLATE", "must contain {port} or {container}")
+	}
+	c.MemoryMB = int64(intv("ORCH_ENGINE_MEMORY_MB", 0, 1<<20))
+	if s := get("ORCH_ENGINE_CPUS"); s != "" {
+		f, err := strconv.ParseFloat(s, 64)
+		if err != nil || f < 0 {
+			bad("ORCH_ENGINE_CPUS", "must be a non-negative number, got %q", s)
+		}
+		c.CPUs = f
+	}
+	c.Pids = int64(intv("ORCH_ENGINE_PIDS", 0, 1<<22))
+	c.DockerHost = get("DOCKER_HOST")
+
+	c.HealthInterval = secs("ORCH_HEALTH_CHECK_INTERVAL_S", 1)
+	c.HealthTimeout = secs("ORCH_HEALTH_CHECK_TIMEOUT_S", 1)
+	c.HealthMaxFailures = intv("ORCH_HEALTH_MAX_FAILURES", 1, 1000)
+	c.RestartBackoffBase = secs("ORCH_RESTART_BACKOFF_BASE_S", 0)
+	c.RestartBackoffMax = secs("ORCH_RESTART_BACKOFF_MAX_S", 0)
+	c.RestartMaxAttempts = intv("ORCH_RESTART_MAX_ATTEMPTS", 0, 1000)
+	c.BootTimeout = secs("ORCH_BOOT_TIMEOUT_S", 1)
+	c.IdleAfter = secs("ORCH_IDLE_AFTER_S", 0)
+	c.SleepMode = get("ORCH_SLEEP_MODE")
+	if !oneOf(c.SleepMode, "mark", "stop") {
+		bad("ORCH_SLEEP_MODE", "must be mark or stop, got %q", c.SleepMode)
+	}
+	c.KeyOverlap = secs("ORCH_ENGINE_KEY_OVERLAP_S", 0)
+
+	c.BackupDir = get("ORCH_BACKUP_DIR")
+	c.BackupCron = get("ORCH_BACKUP_CRON")
+	c.BackupRetentionDays = intv("ORCH_BACKUP_RETENTION_DAYS", 1, 36500)
+	c.AuditExportDir = get("ORCH_AUDIT_EXPORT_DIR")
+	c.AuditExportCron = get("ORCH_AUDIT_EXPORT_CRON")
+	c.AuditRetentionDays = intv("ORCH_AUDIT_RETENTION_DAYS", 0, 36500)
+	for _, name := range []string{"ORCH_BACKUP_CRON", "ORCH_AUDIT_EXPORT_CRON"} {
+		if err := validCron(get(name)); err != nil {
+			bad(name, "invalid cron expression %q: %v", get(name), err)
+		}
+	}
+	c.WorkerConcurrency = intv("ORCH_WORKER_CONCURRENCY", 1, 10000)
+	c.ShutdownTimeout = secs("ORCH_SHUTDOWN_TIMEOUT_S", 1)
+
+	if len(problems) > 0 {
+		sort.Strings(problems)
+		return c, fmt.Errorf("invalid configuration (%d problems):\n  - %s", len(problems), strings.Join(problems, "\n  - "))
+	}
+	return c, nil
+}
+
+func lookup(getenv func(string) string, name string) (string, bool) {
+	v := getenv(name)
+	if v == "" {
+		return "", false
+	}
+	return v, true
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func oneOf(s string, options ...string) bool {
+	for _, o := range options {
+		if s == o {
+			return true
+		}
+	}
+	return false
+}
+
+func validCron(expr string) error {
+	s, err := gocron.NewScheduler()
+	if err != nil {
+		return err
+	}
+	defer s.Shutdown() //nolint:errcheck
+	_, err = s.NewJob(gocron.CronJob(expr, false), gocron.NewTask(func() {}))
+	return err
+}
+
+// passthroughEnv copies the named variables from the process environment.
+func passthroughEnv(names []string) map[string]string {
+	out := map[string]string{}
+	for _, n := range names {
+		if v, ok := os.LookupEnv(n); ok {
+			out[n] = v
+		}
+	}
+	return out
+}

@@ -1,0 +1,79 @@
+package schema
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	orch "github.com/enginefleet/orchestrator"
+)
+
+// NOTIFY channels. Payloads are ids.
+const (
+	ChannelProducts = "orch_products" // payload: product id; a product or its keys changed
+	ChannelOps      = "orch_ops"      // payload: operation id; an operation changed state
+)
+
+// DBTX is a pool, a connection or a transaction.
+type DBTX interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// Queries runs the orchestrator's SQL on a DBTX.
+type Queries struct{ db DBTX }
+
+// New binds the queries to a pool or transaction.
+func New(db DBTX) *Queries { return &Queries{db: db} }
+
+// InTx runs fn in a transaction, committing when it returns nil.
+func InTx(ctx context.Context, pool *pgxpool.Pool, fn func(tx pgx.Tx) error) error {
+	return pgx.BeginFunc(ctx, pool, fn)
+}
+
+func isUniqueViolation(err error, constraint string) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && pe.Code == "23505" && (constraint == "" || pe.ConstraintName == constraint)
+}
+
+// Notify sends a NOTIFY within the caller's transaction (delivered at commit).
+func (q *Queries) Notify(ctx context.Context, channel, payload string) error {
+	if _, err := q.db.Exec(ctx, "SELECT pg_notify($1, $2)", channel, payload); err != nil {
+		return fmt.Errorf("notify %s: %w", channel, err)
+	}
+	return nil
+}
+
+// InsertAudit appends one audit row.
+func (q *Queries) InsertAudit(ctx context.Context, e orch.AuditEntry) error {
+	md := e.Metadata
+	if md == nil {
+		md = map[string]any{}
+	}
+	b, err := json.Marshal(md)
+	if err != nil {
+		return fmt.Errorf("encode audit metadata: %w", err)
+	}
+	_, err = q.db.Exec(ctx, `INSERT INTO audit_log (product_id, user_id, engine_id, action, actor, metadata, duration_ms)
+		VALUES ($1, $2, $3, $4, $5, $6, $7)`,
+		nullUUID(e.ProductID), nullText(e.UserID), nullUUID(e.EngineID), string(e.Action), e.Actor, b, e.DurationMS)
+	if err != nil {
+		return fmt.Errorf("insert audit %s: %w", e.Action, err)
+	}
+	return nil
+}
+
+func nullText(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
+}
+
+func nullUUID(s string) *string { return nullText(s) }

@@ -1,0 +1,199 @@
+// Package workers holds the River workers: the only code that drives a
+// backend. Each lifecycle job takes a lease on its engine row (so jobs of
+// different kinds never work one engine at once, on any replica), does its
+// idempotent backend work, then commits the state change, the audit row
+// and the operation's outcome in one transaction, which also notifies the
+// API requests waiting on it.
+package workers
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/riverqueue/river"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/keys"
+)
+
+// Config is what the workers need; cmd/orchestrator fills it.
+type Config struct {
+	Node             string
+	DefaultImage     string
+	BootTimeout      time.Duration
+	ProbeTimeout     time.Duration
+	ProbeURLTemplate string            // how a worker reaches an engine, e.g. http://127.0.0.1:{port}
+	EnvPassthrough   map[string]string // copied into every engine
+	KeyOverlap       time.Duration
+	StopGrace        time.Duration // SIGTERM → SIGKILL (30 s)
+	Concurrency      int
+}
+
+// Workers runs engine jobs against one backend.
+type Workers struct {
+	cfg     Config
+	pool    *pgxpool.Pool
+	backend orch.Backend
+	keyring *keys.Keyring
+	log     *slog.Logger
+	http    *http.Client
+}
+
+// New builds the workers.
+func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, kr *keys.Keyring, log *slog.Logger) *Workers {
+	if cfg.Node == "" {
+		cfg.Node = "local"
+	}
+	if cfg.StopGrace == 0 {
+		cfg.StopGrace = 30 * time.Second
+	}
+	if cfg.ProbeTimeout == 0 {
+		cfg.ProbeTimeout = 10 * time.Second
+	}
+	if cfg.ProbeURLTemplate == "" {
+		cfg.ProbeURLTemplate = "http://127.0.0.1:{port}"
+	}
+	if cfg.Concurrency == 0 {
+		cfg.Concurrency = 50
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.MaxIdleConnsPerHost = 2
+	tr.IdleConnTimeout = 30 * time.Second
+	return &Workers{cfg: cfg, pool: pool, backend: backend, keyring: kr, log: log, http: &http.Client{Transport: tr}}
+}
+
+// jobTimeout bounds one lifecycle job: stop grace plus boot plus slack.
+// It is above the boot timeout, as River's default 1 minute is not.
+func (w *Workers) jobTimeout() time.Duration {
+	return w.cfg.StopGrace + 2*w.cfg.BootTimeout + time.Minute
+}
+
+// Register adds every worker to ws.
+func (w *Workers) Register(ws *river.Workers) {
+	river.AddWorker(ws, &provisionWorker{w: w})
+	river.AddWorker(ws, &startWorker{w: w})
+	river.AddWorker(ws, &stopWorker{w: w})
+	river.AddWorker(ws, &restartWorker{w: w})
+	river.AddWorker(ws, &rotateKeyWorker{w: w})
+	river.AddWorker(ws, &upgradeWorker{w: w})
+	river.AddWorker(ws, &destroyWorker{w: w})
+}
+
+// RiverConfig is the River client configuration of a worker process: its
+// node's queue and the fleet queue, tuned for low pickup latency.
+func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
+	ws := river.NewWorkers()
+	w.Register(ws)
+	return &river.Config{
+		Logger: log,
+		Queues: map[string]river.QueueConfig{
+			jobs.NodeQueue(w.cfg.Node): {MaxWorkers: w.cfg.Concurrency},
+			jobs.QueueFleet:            {MaxWorkers: 10},
+			river.QueueDefault:         {MaxWorkers: 10},
+		},
+		Workers:              ws,
+		FetchCooldown:        2 * time.Millisecond,
+		FetchPollInterval:    200 * time.Millisecond,
+		JobTimeout:           w.jobTimeout(),
+		RescueStuckJobsAfter: max(time.Hour, 2*w.jobTimeout()),
+	}
+}
+
+// spec is the backend spec of an engine at image (SPEC §8 environment).
+func (w *Workers) spec(e orch.Engine, image, keyHash, prevHash string, prevExpires *time.Time) orch.EngineSpec {
+	env := map[string]string{}
+	for k, v := range w.cfg.EnvPassthrough {
+		env[k] = v
+	}
+	env["ENGINE_KEY_HASH"] = keyHash
+	env["SQLITE_DB_PATH"] = "/data/brain.sqlite"
+	env["CATALOG_DIR"] = "/catalog"
+	if prevHash != "" && prevExpires != nil && time.Now().Before(*prevExpires) {
+		env["ENGINE_KEY_HASH_PREVIOUS"] = prevHash
+		env["ENGINE_KEY_PREVIOUS_EXPIRES_AT"] = prevExpires.UTC().Format(time.RFC3339)
+	}
+	return orch.EngineSpec{EngineID: e.ID, ProductID: e.ProductID, Node: e.Node, Image: image, HostPort: e.Port, Env: env}
+}
+
+// currentSpec is the spec of an engine as its row stands.
+func (w *Workers) currentSpec(e orch.Engine) orch.EngineSpec {
+	return w.spec(e, e.EngineVersion, e.KeyHash, e.PrevKeyHash, e.PrevKeyExpiresAt)
+}
+
+func (w *Workers) probeURL(e orch.Engine) string {
+	r := strings.NewReplacer("{port}", strconv.Itoa(e.Port), "{container}", orch.ContainerName(e.ID),
+		"{engine_id}", e.ID, "{node}", e.Node)
+	return strings.TrimRight(r.Replace(w.cfg.ProbeURLTemplate), "/") + "/health"
+}
+
+// errBootTimeout is returned by bootAndWait when the engine never became healthy.
+var errBootTimeout = orch.Errorf(orch.CodeBootTimeout, "engine did not become healthy in time")
+
+// bootAndWait ensures the container for spec, starts it and waits until its
+// /health is ok or the boot timeout passes. Returns the boot duration.
+func (w *Workers) bootAndWait(ctx context.Context, e orch.Engine, spec orch.EngineSpec) (time.Duration, error) {
+	start := time.Now()
+	if err := w.backend.Ensure(ctx, spec); err != nil {
+		return 0, backendErr("create engine", err)
+	}
+	if err := w.backend.Start(ctx, e.ID); err != nil {
+		return 0, backendErr("start engine", err)
+	}
+	if err := w.waitHealthy(ctx, e, start.Add(w.cfg.BootTimeout)); err != nil {
+		return time.Since(start), err
+	}
+	return time.Since(start), nil
+}
+
+// waitHealthy polls the engine's /health until it is ok or deadline.
+func (w *Workers) waitHealthy(ctx context.Context, e orch.Engine, deadline time.Time) error {
+	url := w.probeURL(e)
+	delay := 10 * time.Millisecond
+	for {
+		pctx, cancel := context.WithTimeout(ctx, min(w.cfg.ProbeTimeout, time.Until(deadline)+time.Millisecond))
+		err := Probe(pctx, w.http, url)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if time.Now().Add(delay).After(deadline) {
+			return errBootTimeout
+		}
+		time.Sleep(delay)
+		delay = min(delay*2, 250*time.Millisecond)
+	}
+}
+
+func backendErr(what string, err error) error {
+	return &orch.Error{Code: orch.CodeBackendFailed, Message: what + " failed", Err: err}
+}
+
+// logJob writes the one log line per job.
+func (w *Workers) logJob(kind string, engineID string, attempt int, start time.Time, outcome string, err error) {
+	attrs := []any{"job_kind", kind, "engine_id", engineID, "attempt", attempt,
+		"duration_ms", time.Since(start).Milliseconds(), "outcome", outcome}
+	if err != nil {
+		attrs = append(attrs, "error", err.Error())
+		w.log.Warn("job", attrs...)
+		return
+	}
+	w.log.Info("job", attrs...)
+}
+
+func inTx(ctx context.Context, pool *pgxpool.Pool, fn func(tx pgx.Tx) error) error {
+	if err := pgx.BeginFunc(ctx, pool, fn); err != nil {
+		return fmt.Errorf("transaction: %w", err)
+	}
+	return nil
+}
