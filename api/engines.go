@@ -565,4 +565,3 @@ func (s *Server) auditDenied(p orch.Product, userID string, reason orch.Code) {
 		}
 	}()
 }
-
