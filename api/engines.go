@@ -60,12 +60,9 @@ type userPath struct {
 	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
 }
 
-type asyncHeader struct {
-	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
-}
-
-func (a asyncHeader) async() bool {
-	for _, p := range strings.Split(a.Prefer, ",") {
+// wantsAsync reports whether a Prefer header asks for respond-async.
+func wantsAsync(prefer string) bool {
+	for _, p := range strings.Split(prefer, ",") {
 		if strings.EqualFold(strings.TrimSpace(p), "respond-async") {
 			return true
 		}
@@ -85,7 +82,7 @@ func (s *Server) op(o huma.Operation) huma.Operation {
 // ---- provision ----
 
 type provisionInput struct {
-	asyncHeader
+	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
 	Body struct {
 		UserID        string `json:"user_id" doc:"The product's own user id" example:"user-42"`
 		EngineVersion string `json:"engine_version,omitempty" doc:"Engine image; default ORCH_ENGINE_IMAGE" example:"enginefleet/engine:1.0.0"`
@@ -110,8 +107,8 @@ type provisionOutput struct {
 // ---- admit ----
 
 type admitInput struct {
-	userPath
-	asyncHeader
+	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
+	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
 	Body *struct {
 		AutoProvision bool `json:"auto_provision,omitempty" doc:"Provision an engine when the user has none"`
 		AutoWake      bool `json:"auto_wake,omitempty" doc:"Start a sleeping or stopped engine"`
@@ -173,16 +170,16 @@ type rotateOutput struct {
 }
 
 type upgradeInput struct {
-	userPath
-	asyncHeader
+	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
+	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
 	Body struct {
 		EngineVersion string `json:"engine_version" minLength:"1" doc:"The image to recreate the engine on"`
 	}
 }
 
 type userOpInput struct {
-	userPath
-	asyncHeader
+	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
+	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
 }
 
 // OperationBody is GET /operations/{id}.
@@ -214,7 +211,7 @@ func (s *Server) registerEngines() {
 			return nil, toHTTP(ctx, err)
 		}
 		out := &provisionOutput{Status: http.StatusOK}
-		if in.async() {
+		if wantsAsync(in.Prefer) {
 			out.Status = http.StatusAccepted
 			out.Body = ProvisionBody{EngineID: res.engine.ID, UserID: res.engine.UserID, Status: string(res.engine.Status),
 				URL: s.engineURL(res.engine), APIKey: res.key, OperationID: res.opID}
@@ -310,7 +307,7 @@ func (s *Server) registerEngines() {
 		}
 		out := &rotateOutput{Status: http.StatusOK}
 		out.Body.EngineID = e.ID
-		if in.async() {
+		if wantsAsync(in.Prefer) {
 			out.Status = http.StatusAccepted
 			out.Body.OperationID = opID
 			out.Body.APIKey = key
@@ -339,7 +336,7 @@ func (s *Server) registerEngines() {
 		if err := orch.ValidateUserID(in.UserID); err != nil {
 			return nil, toHTTP(ctx, err)
 		}
-		return s.runOp(ctx, in.UserID, in.asyncHeader, opRequest{kind: orch.OpUpgrade, check: mustRun,
+		return s.runOp(ctx, in.UserID, in.Prefer, opRequest{kind: orch.OpUpgrade, check: mustRun,
 			payload: schema.OpPayload{Image: in.Body.EngineVersion}})
 	})
 
@@ -381,17 +378,17 @@ func (s *Server) registerOp(id, method, path, summary string, r opRequest, codes
 			if err := orch.ValidateUserID(in.UserID); err != nil {
 				return nil, toHTTP(ctx, err)
 			}
-			return s.runOp(ctx, in.UserID, in.asyncHeader, r)
+			return s.runOp(ctx, in.UserID, in.Prefer, r)
 		})
 }
 
-func (s *Server) runOp(ctx context.Context, userID string, h asyncHeader, r opRequest) (*opOutput, error) {
+func (s *Server) runOp(ctx context.Context, userID string, prefer string, r opRequest) (*opOutput, error) {
 	p := productFrom(ctx)
 	e, opID, err := s.operate(ctx, p, userID, r)
 	if err != nil {
 		return nil, toHTTP(ctx, err)
 	}
-	if h.async() {
+	if wantsAsync(prefer) {
 		return &opOutput{Status: http.StatusAccepted, Body: OpBody{EngineID: e.ID, Status: string(e.Status), URL: s.engineURL(e), OperationID: opID}}, nil
 	}
 	e, err = s.awaitEngine(ctx, p, e, opID, r.kind)
@@ -477,15 +474,15 @@ func (s *Server) admit(ctx context.Context, in *admitInput) (*admitOutput, error
 		if opID == "" && e.Status != orch.StateRunning {
 			// Joined an engine that another admit created and that is no
 			// longer provisioning: answer it as it stands now.
-			return s.admitExisting(ctx, out, p, e, autoWake, in.asyncHeader, deny)
+			return s.admitExisting(ctx, out, p, e, autoWake, in.Prefer, deny)
 		}
 	default:
-		return s.admitExisting(ctx, out, p, e, autoWake, in.asyncHeader, deny)
+		return s.admitExisting(ctx, out, p, e, autoWake, in.Prefer, deny)
 	}
-	return s.admitAfter(ctx, out, p, e, opID, key, kind, in.asyncHeader)
+	return s.admitAfter(ctx, out, p, e, opID, key, kind, in.Prefer)
 }
 
-func (s *Server) admitExisting(ctx context.Context, out *admitOutput, p orch.Product, e orch.Engine, autoWake bool, h asyncHeader,
+func (s *Server) admitExisting(ctx context.Context, out *admitOutput, p orch.Product, e orch.Engine, autoWake bool, h string,
 	deny func(string) (*admitOutput, error)) (*admitOutput, error) {
 	switch e.Status {
 	case orch.StateRunning:
@@ -522,8 +519,8 @@ func (s *Server) admitExisting(ctx context.Context, out *admitOutput, p orch.Pro
 }
 
 // admitAfter waits for the provision or wake an admit started or joined.
-func (s *Server) admitAfter(ctx context.Context, out *admitOutput, p orch.Product, e orch.Engine, opID, key string, kind orch.OpKind, h asyncHeader) (*admitOutput, error) {
-	if h.async() && opID != "" {
+func (s *Server) admitAfter(ctx context.Context, out *admitOutput, p orch.Product, e orch.Engine, opID, key string, kind orch.OpKind, h string) (*admitOutput, error) {
+	if wantsAsync(h) && opID != "" {
 		d, err := s.toDetail(e, key)
 		if err != nil {
 			return nil, toHTTP(ctx, err)

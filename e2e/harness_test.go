@@ -1,0 +1,272 @@
+package e2e_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/riverdriver/riverpgxv5"
+	"github.com/stretchr/testify/require"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/api"
+	"github.com/enginefleet/orchestrator/backend/docker"
+	"github.com/enginefleet/orchestrator/backend/subprocess"
+	"github.com/enginefleet/orchestrator/internal/testenv"
+	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/schema"
+	"github.com/enginefleet/orchestrator/workers"
+)
+
+const adminKey = "e2e-admin-key-0123456789"
+
+// fleetOpts tunes one test fleet.
+type fleetOpts struct {
+	backend     string // "subprocess" (default) or "docker"
+	ports       int    // size of the port range (default 40)
+	bootTimeout time.Duration
+	engineEnv   map[string]string // passed through to every engine
+	keyOverlap  time.Duration
+	image       string // default image (docker: built for the test)
+}
+
+// fleet is a whole orchestrator on a fresh database.
+type fleet struct {
+	t       *testing.T
+	URL     string
+	DBURL   string
+	Pool    *pgxpool.Pool
+	Keyring *keys.Keyring
+	Backend orch.Backend
+	River   *river.Client[pgx.Tx]
+	Node    string
+	PortMin int
+	PortMax int
+	Image   string
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b) //nolint:errcheck
+	return hex.EncodeToString(b)
+}
+
+// freeRange finds n consecutive ports that nothing listens on, in a random
+// place so parallel tests (and packages) rarely pick the same one.
+func freeRange(t *testing.T, n int) int {
+	t.Helper()
+	for try := 0; try < 50; try++ {
+		b, _ := rand.Int(rand.Reader, big.NewInt(int64(50000-n)))
+		base := 15000 + int(b.Int64())
+		ok := true
+		for p := base; p < base+n && ok; p++ {
+			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+			if err != nil {
+				ok = false
+				continue
+			}
+			l.Close()
+		}
+		if ok {
+			return base
+		}
+	}
+	t.Fatal("no free port range")
+	return 0
+}
+
+func newFleet(t *testing.T, o fleetOpts) *fleet {
+	t.Helper()
+	if o.backend == "" {
+		o.backend = "subprocess"
+	}
+	if o.ports == 0 {
+		o.ports = 40
+	}
+	if o.bootTimeout == 0 {
+		o.bootTimeout = 30 * time.Second
+	}
+	if o.keyOverlap == 0 {
+		o.keyOverlap = time.Minute
+	}
+	f := &fleet{t: t, Node: "e2e-" + randHex(4)}
+	f.DBURL = testenv.DB(t)
+	f.Pool = testenv.Pool(t, f.DBURL)
+	f.PortMin = freeRange(t, o.ports)
+	f.PortMax = f.PortMin + o.ports - 1
+	var err error
+	f.Keyring, err = keys.NewKeyring(keys.GenerateMasterKey(), nil)
+	require.NoError(t, err)
+	log := testenv.Quiet()
+
+	switch o.backend {
+	case "docker":
+		testenv.RequireDocker(t)
+		f.Image = o.image
+		if f.Image == "" {
+			f.Image = testenv.EngineImage(t, "e2e-1")
+		}
+		b, err := docker.New(docker.Config{Network: "enginefleet_e2e_net", Node: f.Node}, log)
+		require.NoError(t, err)
+		f.Backend = b
+	default:
+		f.Image = "enginefleet/engine:e2e-1"
+		b, err := subprocess.New(subprocess.Config{DataRoot: t.TempDir(), EngineBinary: testenv.EngineBinary(t), Node: f.Node}, log)
+		require.NoError(t, err)
+		f.Backend = b
+	}
+	t.Cleanup(f.removeEngines)
+
+	w := workers.New(workers.Config{Node: f.Node, DefaultImage: f.Image, BootTimeout: o.bootTimeout, ProbeTimeout: 2 * time.Second,
+		EnvPassthrough: o.engineEnv, KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second}, f.Pool, f.Backend, f.Keyring, log)
+	f.River, err = river.NewClient(riverpgxv5.New(f.Pool), w.RiverConfig(log))
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	require.NoError(t, f.River.Start(ctx))
+	t.Cleanup(func() {
+		sctx, c := context.WithTimeout(context.Background(), 20*time.Second)
+		defer c()
+		f.River.StopAndCancel(sctx) //nolint:errcheck
+		cancel()
+	})
+
+	srv := api.New(api.Config{AdminKey: adminKey, DefaultImage: f.Image, PortMin: f.PortMin, PortMax: f.PortMax, Node: f.Node,
+		BootTimeout: o.bootTimeout, URLTemplate: "http://127.0.0.1:{port}", KeyOverlap: o.keyOverlap}, f.Pool, f.River, f.Keyring, log)
+	go srv.Run(ctx)
+	ts := httptest.NewServer(srv.Handler())
+	t.Cleanup(ts.Close)
+	f.URL = ts.URL
+	return f
+}
+
+// removeEngines removes every container/process and volume of this fleet's node.
+func (f *fleet) removeEngines() {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	rts, vols, err := f.Backend.List(ctx)
+	if err != nil {
+		return
+	}
+	for _, r := range rts {
+		f.Backend.RemoveContainer(ctx, r.EngineID) //nolint:errcheck
+	}
+	for _, v := range vols {
+		f.Backend.RemoveVolume(ctx, v.EngineID) //nolint:errcheck
+	}
+}
+
+// product registers a product directly in the database; returns id and key.
+func (f *fleet) product(slug string, policy orch.Policy) (string, string) {
+	f.t.Helper()
+	key := keys.Generate()
+	p, err := schema.New(f.Pool).InsertProduct(context.Background(), slug, slug, policy, keys.Hash(key))
+	require.NoError(f.t, err)
+	return p.ID, key
+}
+
+type resp struct {
+	Status int
+	Body   map[string]any
+	Header http.Header
+}
+
+func (r resp) code() string {
+	e, _ := r.Body["error"].(map[string]any)
+	c, _ := e["code"].(string)
+	return c
+}
+
+func (r resp) str(path ...string) string {
+	var cur any = r.Body
+	for _, p := range path {
+		m, _ := cur.(map[string]any)
+		cur = m[p]
+	}
+	s, _ := cur.(string)
+	return s
+}
+
+var client = &http.Client{Timeout: 3 * time.Minute}
+
+func do(t testing.TB, method, url string, body any, headers map[string]string) resp {
+	t.Helper()
+	var r io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		require.NoError(t, err)
+		r = bytes.NewReader(b)
+	}
+	req, err := http.NewRequest(method, url, r)
+	require.NoError(t, err)
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for k, v := range headers {
+		req.Header.Set(k, v)
+	}
+	res, err := client.Do(req)
+	require.NoError(t, err)
+	defer res.Body.Close()
+	raw, err := io.ReadAll(res.Body)
+	require.NoError(t, err)
+	out := resp{Status: res.StatusCode, Header: res.Header}
+	if len(bytes.TrimSpace(raw)) > 0 && strings.HasPrefix(res.Header.Get("Content-Type"), "application/json") {
+		require.NoError(t, json.Unmarshal(raw, &out.Body), "body: %s", raw)
+	}
+	return out
+}
+
+// call is do against the orchestrator with a platform key.
+func (f *fleet) call(method, path, key string, body any, extra ...string) resp {
+	f.t.Helper()
+	h := map[string]string{"X-Platform-Key": key}
+	for i := 0; i+1 < len(extra); i += 2 {
+		h[extra[i]] = extra[i+1]
+	}
+	return do(f.t, method, f.URL+path, body, h)
+}
+
+// engineCall calls an engine directly, as a product would.
+func engineCall(t testing.TB, method, url, key string, body any) resp {
+	t.Helper()
+	h := map[string]string{}
+	if key != "" {
+		h["X-Engine-Key"] = key
+	}
+	return do(t, method, url, body, h)
+}
+
+// auditActions lists the audit actions of an engine in order.
+func (f *fleet) auditActions(engineID string) []string {
+	f.t.Helper()
+	rows, err := f.Pool.Query(context.Background(), `SELECT action FROM audit_log WHERE engine_id = $1 ORDER BY id`, engineID)
+	require.NoError(f.t, err)
+	acts, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(f.t, err)
+	return acts
+}
+
+// parallel runs fn n times concurrently and waits.
+func parallel(n int, fn func(i int)) {
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() { defer wg.Done(); fn(i) }()
+	}
+	wg.Wait()
+}
