@@ -83,7 +83,7 @@ func (s *Server) op(o huma.Operation) huma.Operation {
 
 type provisionInput struct {
 	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
-	Body struct {
+	Body   struct {
 		UserID        string `json:"user_id" doc:"The product's own user id" example:"user-42"`
 		EngineVersion string `json:"engine_version,omitempty" doc:"Engine image; default ORCH_ENGINE_IMAGE" example:"enginefleet/engine:1.0.0"`
 	}
@@ -109,7 +109,7 @@ type provisionOutput struct {
 type admitInput struct {
 	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
 	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
-	Body *struct {
+	Body   *struct {
 		AutoProvision bool `json:"auto_provision,omitempty" doc:"Provision an engine when the user has none"`
 		AutoWake      bool `json:"auto_wake,omitempty" doc:"Start a sleeping or stopped engine"`
 	} `required:"false"`
@@ -172,7 +172,7 @@ type rotateOutput struct {
 type upgradeInput struct {
 	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
 	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
-	Body struct {
+	Body   struct {
 		EngineVersion string `json:"engine_version" minLength:"1" doc:"The image to recreate the engine on"`
 	}
 }
