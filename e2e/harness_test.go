@@ -201,7 +201,7 @@ func (r resp) str(path ...string) string {
 	return s
 }
 
-var client = &http.Client{Timeout: 3 * time.Minute}
+var httpClient = &http.Client{Timeout: 3 * time.Minute}
 
 func do(t testing.TB, method, url string, body any, headers map[string]string) resp {
 	t.Helper()
@@ -219,7 +219,7 @@ func do(t testing.TB, method, url string, body any, headers map[string]string) r
 	for k, v := range headers {
 		req.Header.Set(k, v)
 	}
-	res, err := client.Do(req)
+	res, err := httpClient.Do(req)
 	require.NoError(t, err)
 	defer res.Body.Close()
 	raw, err := io.ReadAll(res.Body)

@@ -85,6 +85,7 @@ func (w *Workers) Register(ws *river.Workers) {
 	river.AddWorker(ws, &rotateKeyWorker{w: w})
 	river.AddWorker(ws, &upgradeWorker{w: w})
 	river.AddWorker(ws, &destroyWorker{w: w})
+	w.registerFleet(ws)
 }
 
 // RiverConfig is the River client configuration of a worker process: its
