@@ -1,0 +1,334 @@
+// Package docker runs engines as Docker containers: the production
+// implementation of orchestrator.Backend (SPEC §8, §9).
+//
+// Every object it creates carries the orchestrator labels (managed, engine
+// id, product id, node), and every name is derived from the engine id
+// (engine-<id>, engine-data-<id>), so every method is idempotent: a retried
+// job adopts what an earlier attempt created instead of making a second one.
+//
+// It speaks to the daemon through github.com/moby/moby/client, which
+// negotiates the API version down to the daemon's (API 1.41, Docker 20.10,
+// is the oldest this package is written against). No registry is needed:
+// images are pulled only when missing locally.
+//
+// Errors are wrapped once with what was being done ("create container:
+// ..."). Missing objects are reported with ErrNotFound in the chain where a
+// method cannot treat them as a no-op. Environment values (they hold key
+// hashes) are never logged nor put in errors.
+package docker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	cerrdefs "github.com/containerd/errdefs"
+	"github.com/moby/moby/api/types/container"
+	"github.com/moby/moby/client"
+
+	orchestrator "github.com/enginefleet/orchestrator"
+)
+
+// Labels this backend adds next to the orchestrator's own.
+const (
+	// LabelSpecHash holds a hash of everything Ensure put in the container:
+	// a container whose hash differs from the wanted spec is replaced.
+	LabelSpecHash = "orchestrator.spec_hash"
+	// LabelRole is "engine" on engine containers and "helper" on the
+	// short-lived, never-started containers used to copy volume data.
+	LabelRole = "orchestrator.role"
+	// LabelHostPort is the published host port (List reads it without an
+	// inspect per container).
+	LabelHostPort = "orchestrator.host_port"
+	// LabelImage is the image reference the container was created from
+	// (docker reports an image id once the tag moves).
+	LabelImage = "orchestrator.image"
+)
+
+// Roles of managed containers (LabelRole).
+const (
+	RoleEngine = "engine"
+	RoleHelper = "helper"
+)
+
+// Paths and ports of the engine contract (SPEC §8).
+const (
+	DataDir     = "/data"
+	CatalogDir  = "/catalog"
+	EnginePort  = "8000/tcp"
+	stopTimeout = 30 // seconds docker waits on `docker stop` without -t
+)
+
+// Defaults applied by New.
+const (
+	DefaultNetwork      = "engine_net"
+	DefaultNode         = "local"
+	DefaultReplaceGrace = 10 * time.Second
+	DefaultPullTimeout  = 5 * time.Minute
+	DefaultTmpfsSize    = "64m"
+	// helperMaxAge is how old a helper container must be before List
+	// removes it as leaked (a crash between create and remove).
+	helperMaxAge = 15 * time.Minute
+)
+
+// ErrNotFound is in the chain of errors about a container, volume or image
+// that does not exist, where the method cannot treat that as a no-op
+// (Start, Pause of a missing engine; CopyDataOut without a volume).
+var ErrNotFound = errors.New("not found")
+
+// Config configures the Docker backend. cmd/orchestrator fills it from the
+// environment; zero values take the defaults listed per field.
+type Config struct {
+	// Host is the daemon address (unix:///var/run/docker.sock,
+	// tcp://host:2376); "" reads DOCKER_HOST, DOCKER_TLS_VERIFY and
+	// DOCKER_CERT_PATH from the environment like the docker CLI.
+	Host string
+	// Network is the bridge network engines join (ORCH_ENGINE_NETWORK);
+	// default engine_net. Created, labelled, when missing.
+	Network string
+	// CatalogMountPath is a host directory bind-mounted read-only at
+	// /catalog (ORCH_CATALOG_MOUNT_PATH); "" mounts nothing.
+	CatalogMountPath string
+	// MemoryMB, CPUs and PidsLimit limit each engine when > 0
+	// (ORCH_ENGINE_MEMORY_MB, ORCH_ENGINE_CPUS, ORCH_ENGINE_PIDS). Swap is
+	// disabled when a memory limit is set.
+	MemoryMB  int64
+	CPUs      float64
+	PidsLimit int64
+	// Node is this engine host's name, put on every object and used to
+	// select what List and Events report; default "local".
+	Node string
+	// TmpfsSize is the size of the tmpfs at /tmp (docker syntax, "64m");
+	// default 64m. It counts against the memory limit.
+	TmpfsSize string
+	// ReplaceGrace is how long Ensure lets a running container that it
+	// replaces shut down on SIGTERM before it is killed; default 10s.
+	ReplaceGrace time.Duration
+	// PullTimeout bounds an image pull; default 5m.
+	PullTimeout time.Duration
+	// HelperImage is an image for the helper container CopyDataOut needs
+	// when an engine has a volume but no container (so no known image).
+	// Optional: the images of other managed containers are tried too.
+	HelperImage string
+	// Labels are extra labels put on every container, volume and network
+	// this backend creates (tests mark theirs orchestrator.test=true). They
+	// cannot override the orchestrator's own labels.
+	Labels map[string]string
+}
+
+func (c Config) withDefaults() Config {
+	if c.Network == "" {
+		c.Network = DefaultNetwork
+	}
+	if c.Node == "" {
+		c.Node = DefaultNode
+	}
+	if c.TmpfsSize == "" {
+		c.TmpfsSize = DefaultTmpfsSize
+	}
+	if c.ReplaceGrace <= 0 {
+		c.ReplaceGrace = DefaultReplaceGrace
+	}
+	if c.PullTimeout <= 0 {
+		c.PullTimeout = DefaultPullTimeout
+	}
+	return c
+}
+
+func (c Config) validate() error {
+	var problems []string
+	if c.MemoryMB < 0 {
+		problems = append(problems, "memory limit is negative")
+	}
+	if c.CPUs < 0 {
+		problems = append(problems, "cpu limit is negative")
+	}
+	if c.PidsLimit < 0 {
+		problems = append(problems, "pids limit is negative")
+	}
+	if c.CatalogMountPath != "" && !strings.HasPrefix(c.CatalogMountPath, "/") {
+		problems = append(problems, "catalog mount path is not absolute")
+	}
+	if strings.ContainsAny(c.Node, ",=") {
+		problems = append(problems, "node name contains ',' or '='")
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("invalid docker backend config: %s", strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+// Backend is the Docker implementation of orchestrator.Backend. It is safe
+// for concurrent use, also by several processes against one daemon.
+type Backend struct {
+	cfg Config
+	cli *client.Client
+	log *slog.Logger
+
+	// netMu single-flights network creation within this process; other
+	// processes are handled by netID's duplicate resolution.
+	netMu sync.Mutex
+}
+
+var _ orchestrator.Backend = (*Backend)(nil)
+
+// New returns a Docker backend. It does not contact the daemon: call Ping
+// to check it is reachable. The client negotiates the API version on its
+// first request.
+func New(cfg Config, log *slog.Logger) (*Backend, error) {
+	cfg = cfg.withDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	// client.New negotiates the API version by default (the deprecated
+	// WithAPIVersionNegotiation is a no-op); FromEnv honours DOCKER_HOST
+	// and TLS settings, and an explicit Host overrides DOCKER_HOST.
+	opts := []client.Opt{client.FromEnv}
+	if cfg.Host != "" {
+		opts = append(opts, client.WithHost(cfg.Host))
+	}
+	cli, err := client.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("docker client: %w", err)
+	}
+	return &Backend{
+		cfg: cfg,
+		cli: cli,
+		log: log.With("backend", "docker", "node", cfg.Node),
+	}, nil
+}
+
+// Close releases the client's connections.
+func (b *Backend) Close() error { return b.cli.Close() }
+
+// Ping checks the daemon answers and negotiates the API version. It
+// fails when the daemon's API is older than the client supports (1.40).
+func (b *Backend) Ping(ctx context.Context) error {
+	if _, err := b.cli.Ping(ctx, client.PingOptions{NegotiateAPIVersion: true}); err != nil {
+		return fmt.Errorf("ping docker: %w", err)
+	}
+	return nil
+}
+
+// APIVersion is the API version the client speaks (after Ping, the
+// negotiated one).
+func (b *Backend) APIVersion() string { return b.cli.ClientVersion() }
+
+// Name is "docker".
+func (b *Backend) Name() string { return "docker" }
+
+// Config returns the effective configuration (defaults applied).
+func (b *Backend) Config() Config { return b.cfg }
+
+// baseLabels are the labels on every object made for engineID.
+func (b *Backend) baseLabels(engineID, productID string) map[string]string {
+	l := b.nodeLabels()
+	l[orchestrator.LabelEngineID] = engineID
+	if productID != "" {
+		l[orchestrator.LabelProductID] = productID
+	}
+	return l
+}
+
+// nodeLabels are the labels on every object of this node: Config.Labels,
+// managed and node.
+func (b *Backend) nodeLabels() map[string]string {
+	l := make(map[string]string, len(b.cfg.Labels)+6)
+	for k, v := range b.cfg.Labels {
+		l[k] = v
+	}
+	l[orchestrator.LabelManaged] = "true"
+	l[orchestrator.LabelNode] = b.cfg.Node
+	return l
+}
+
+// managedFilters selects this node's managed objects.
+func (b *Backend) managedFilters() client.Filters {
+	return make(client.Filters).Add("label",
+		orchestrator.LabelManaged+"=true",
+		orchestrator.LabelNode+"="+b.cfg.Node,
+	)
+}
+
+// inspectContainer inspects the engine's container by name; found is false
+// (and err nil) when there is none.
+func (b *Backend) inspectContainer(ctx context.Context, engineID string) (c container.InspectResponse, found bool, err error) {
+	res, err := b.cli.ContainerInspect(ctx, orchestrator.ContainerName(engineID), client.ContainerInspectOptions{})
+	if err != nil {
+		if cerrdefs.IsNotFound(err) {
+			return container.InspectResponse{}, false, nil
+		}
+		return container.InspectResponse{}, false, err
+	}
+	return res.Container, true, nil
+}
+
+func validID(engineID string) error {
+	if engineID == "" {
+		return errors.New("empty engine id")
+	}
+	// Names and label filters are built from the id: keep it to what
+	// docker accepts in a container name.
+	for _, r := range engineID {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return fmt.Errorf("invalid engine id %q", engineID)
+		}
+	}
+	return nil
+}
+
+// mapState converts a docker container state to the runtime state the
+// orchestrator knows. A restarting container (crashed, docker is backing
+// off before the next start) is reported exited: it is not serving.
+func mapState(s container.ContainerState) orchestrator.RuntimeState {
+	switch s {
+	case container.StateCreated:
+		return orchestrator.RuntimeCreated
+	case container.StateRunning:
+		return orchestrator.RuntimeRunning
+	case container.StatePaused:
+		return orchestrator.RuntimePaused
+	default: // exited, dead, restarting, removing
+		return orchestrator.RuntimeExited
+	}
+}
+
+func stateOf(c container.InspectResponse) container.ContainerState {
+	if c.State == nil {
+		return ""
+	}
+	s := c.State
+	switch {
+	case s.Status != "":
+		return s.Status
+	case s.Paused:
+		return container.StatePaused
+	case s.Restarting:
+		return container.StateRestarting
+	case s.Running:
+		return container.StateRunning
+	}
+	return container.StateExited
+}
+
+func atoiOr0(s string) int {
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return 0
+	}
+	return n
+}
+
+// cleanupCtx is a context for removing what an operation created, even when
+// the operation's own context is done.
+func cleanupCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+}
