@@ -43,6 +43,7 @@ type fleetOpts struct {
 	engineEnv   map[string]string // passed through to every engine
 	keyOverlap  time.Duration
 	image       string // default image (docker: built for the test)
+	orphanGrace time.Duration
 }
 
 // fleet is a whole orchestrator on a fresh database.
@@ -58,6 +59,7 @@ type fleet struct {
 	PortMin int
 	PortMax int
 	Image   string
+	Workers *workers.Workers
 }
 
 func randHex(n int) string {
@@ -133,7 +135,8 @@ func newFleet(t *testing.T, o fleetOpts) *fleet {
 	t.Cleanup(f.removeEngines)
 
 	w := workers.New(workers.Config{Node: f.Node, DefaultImage: f.Image, BootTimeout: o.bootTimeout, ProbeTimeout: 2 * time.Second,
-		EnvPassthrough: o.engineEnv, KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second}, f.Pool, f.Backend, f.Keyring, log)
+		EnvPassthrough: o.engineEnv, KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, OrphanGrace: o.orphanGrace}, f.Pool, f.Backend, f.Keyring, log)
+	f.Workers = w
 	f.River, err = river.NewClient(riverpgxv5.New(f.Pool), w.RiverConfig(log))
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())

@@ -279,3 +279,8 @@ func (q *Queries) StatusCounts(ctx context.Context, productID string) (map[orch.
 	}
 	return out, rows.Err()
 }
+
+// EnginesOnNode returns every engine row of a node (reconcile).
+func (q *Queries) EnginesOnNode(ctx context.Context, node string) ([]orch.Engine, error) {
+	return collectEngines(q.db.Query(ctx, `SELECT `+engineCols+` FROM engines WHERE node = $1`, node))
+}

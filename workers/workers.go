@@ -35,6 +35,7 @@ type Config struct {
 	KeyOverlap       time.Duration
 	StopGrace        time.Duration // SIGTERM → SIGKILL (30 s)
 	Concurrency      int
+	OrphanGrace      time.Duration // reconcile removes an unknown labelled container after this (10 min)
 }
 
 // Workers runs engine jobs against one backend.
@@ -64,6 +65,9 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, kr *keys.Keyring,
 	if cfg.Concurrency == 0 {
 		cfg.Concurrency = 50
 	}
+	if cfg.OrphanGrace == 0 {
+		cfg.OrphanGrace = 10 * time.Minute
+	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.MaxIdleConnsPerHost = 2
 	tr.IdleConnTimeout = 30 * time.Second
@@ -73,7 +77,7 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, kr *keys.Keyring,
 // jobTimeout bounds one lifecycle job: stop grace plus boot plus slack.
 // It is above the boot timeout, as River's default 1 minute is not.
 func (w *Workers) jobTimeout() time.Duration {
-	return w.cfg.StopGrace + 2*w.cfg.BootTimeout + time.Minute
+	return w.cfg.StopGrace + 2*w.cfg.BootTimeout + 30*time.Second
 }
 
 // Register adds every worker to ws.
@@ -85,6 +89,7 @@ func (w *Workers) Register(ws *river.Workers) {
 	river.AddWorker(ws, &rotateKeyWorker{w: w})
 	river.AddWorker(ws, &upgradeWorker{w: w})
 	river.AddWorker(ws, &destroyWorker{w: w})
+	river.AddWorker(ws, &reconcileWorker{w: w})
 	w.registerFleet(ws)
 }
 
@@ -100,11 +105,12 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 			jobs.QueueFleet:            {MaxWorkers: 10},
 			river.QueueDefault:         {MaxWorkers: 10},
 		},
-		Workers:              ws,
-		FetchCooldown:        2 * time.Millisecond,
-		FetchPollInterval:    200 * time.Millisecond,
-		JobTimeout:           w.jobTimeout(),
-		RescueStuckJobsAfter: max(time.Hour, 2*w.jobTimeout()),
+		Workers:           ws,
+		FetchCooldown:     2 * time.Millisecond,
+		FetchPollInterval: 200 * time.Millisecond,
+		JobTimeout:        w.jobTimeout(),
+		// A job whose worker was killed is retried soon after its timeout.
+		RescueStuckJobsAfter: w.jobTimeout() + 30*time.Second,
 	}
 }
 

@@ -1,0 +1,183 @@
+package workers
+
+import (
+	"context"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/riverqueue/river"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/schema"
+)
+
+// reconcileWorker repairs drift between the rows and the backend:
+//   - a labelled container with no row, older than the grace period, is
+//     removed (a provision killed before its row committed, a row deleted
+//     by hand). Orphan volumes are only reported, never deleted: a brain
+//     is the worst thing to lose and an operator must decide;
+//   - an engine that should run (running, sleeping in mark mode) whose
+//     container is gone is recreated on its volume and started;
+//   - a row stuck in a transitional state past its deadline, with no live
+//     job on it, is finished: provisioning → failed, destroying → destroyed.
+type reconcileWorker struct {
+	river.WorkerDefaults[jobs.Reconcile]
+	w *Workers
+}
+
+func (r *reconcileWorker) Timeout(*river.Job[jobs.Reconcile]) time.Duration { return 10 * time.Minute }
+
+func (r *reconcileWorker) Work(ctx context.Context, j *river.Job[jobs.Reconcile]) error {
+	start := time.Now()
+	n, err := r.w.Reconcile(ctx, j.ID)
+	outcome := "succeeded"
+	if err != nil {
+		outcome = "failed"
+	}
+	r.w.log.Info("job", "job_kind", j.Kind, "attempt", j.Attempt, "duration_ms", time.Since(start).Milliseconds(),
+		"outcome", outcome, "repairs", n)
+	return err
+}
+
+// Reconcile runs one reconcile pass on this node and returns how many
+// repairs it made. leaseID identifies the pass in engine leases.
+func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
+	rts, vols, err := w.backend.List(ctx)
+	if err != nil {
+		return 0, backendErr("list engines", err)
+	}
+	q := schema.New(w.pool)
+	rows, err := q.EnginesOnNode(ctx, w.cfg.Node)
+	if err != nil {
+		return 0, err
+	}
+	byID := make(map[string]orch.Engine, len(rows))
+	for _, e := range rows {
+		byID[e.ID] = e
+	}
+	repairs := 0
+	audit := func(e orch.Engine, what string, meta map[string]any) {
+		if meta == nil {
+			meta = map[string]any{}
+		}
+		meta["repair"] = what
+		err := q.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
+			Action: orch.ActionReconcile, Actor: orch.ActorSystem, Metadata: meta})
+		if err != nil {
+			w.log.Warn("audit reconcile", "error", err)
+		}
+		w.log.Info("reconcile repair", "engine_id", e.ID, "repair", what)
+		repairs++
+	}
+
+	// Orphan containers: labelled, no row, past the grace period.
+	present := map[string]orch.RuntimeInfo{}
+	for _, rt := range rts {
+		present[rt.EngineID] = rt
+		if _, ok := byID[rt.EngineID]; ok {
+			continue
+		}
+		if time.Since(rt.CreatedAt) < w.cfg.OrphanGrace {
+			continue
+		}
+		// Re-check: a provision may have committed its row since we listed.
+		if _, err := q.EngineByID(ctx, rt.EngineID); err == nil {
+			continue
+		}
+		if err := w.backend.RemoveContainer(ctx, rt.EngineID); err != nil {
+			w.log.Warn("remove orphan container", "engine_id", rt.EngineID, "error", err)
+			continue
+		}
+		audit(orch.Engine{ID: rt.EngineID, ProductID: rt.ProductID}, "orphan_container_removed", map[string]any{"name": rt.Name})
+	}
+	for _, v := range vols {
+		if _, ok := byID[v.EngineID]; !ok && time.Since(v.CreatedAt) > w.cfg.OrphanGrace {
+			w.log.Warn("orphan volume kept: no engine row references it; remove it by hand once you are sure", "volume", v.Name)
+		}
+	}
+
+	for _, e := range rows {
+		if e.Status.Transitional() {
+			if e.StateDeadline == nil || time.Now().Before(*e.StateDeadline) {
+				continue
+			}
+			if fixed := w.finishStuck(ctx, e, leaseID); fixed != "" {
+				audit(e, fixed, map[string]any{"status": string(e.Status)})
+			}
+			continue
+		}
+		if _, ok := present[e.ID]; ok || e.Status != orch.StateRunning {
+			continue
+		}
+		// Missing container for an engine that should run: recreate it.
+		got, err := q.AcquireLease(ctx, e.ID, -leaseID, time.Now().Add(w.jobTimeout()))
+		if err != nil || !got {
+			continue
+		}
+		_, err = w.bootAndWait(ctx, e, w.currentSpec(e))
+		q.ReleaseLease(context.WithoutCancel(ctx), e.ID, -leaseID) //nolint:errcheck
+		meta := map[string]any{}
+		if err != nil {
+			meta["error"] = errMessage(err)
+		}
+		audit(e, "container_recreated", meta)
+	}
+	return repairs, nil
+}
+
+// finishStuck completes a transitional state whose deadline passed and
+// whose job is gone (its lease lapsed). Returns the repair made, or "".
+func (w *Workers) finishStuck(ctx context.Context, e orch.Engine, leaseID int64) string {
+	q := schema.New(w.pool)
+	got, err := q.AcquireLease(ctx, e.ID, -leaseID, time.Now().Add(w.jobTimeout()))
+	if err != nil || !got {
+		return ""
+	}
+	defer q.ReleaseLease(context.WithoutCancel(ctx), e.ID, -leaseID) //nolint:errcheck
+	switch e.Status {
+	case orch.StateDestroying:
+		if w.backend.RemoveContainer(ctx, e.ID) != nil || w.backend.RemoveVolume(ctx, e.ID) != nil {
+			return ""
+		}
+		err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+			q := schema.New(tx)
+			if err := q.DeleteEngine(ctx, e.ID); err != nil {
+				return err
+			}
+			if e.OperationID != "" {
+				return q.SetOperation(ctx, e.OperationID, orch.OpSucceeded, "", "")
+			}
+			return nil
+		})
+		if err != nil {
+			return ""
+		}
+		return "stuck_destroy_finished"
+	case orch.StateProvisioning:
+		err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+			q := schema.New(tx)
+			cur, err := q.EngineByIDForUpdate(ctx, e.ID)
+			if err != nil || cur.Status != orch.StateProvisioning {
+				return err
+			}
+			if _, err := q.SetEngineState(ctx, cur, schema.EngineChange{Status: orch.StateFailed, ClearDeadline: true,
+				LastError: ptr("provisioning did not finish before its deadline")}); err != nil {
+				return err
+			}
+			if err := q.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
+				Action: orch.ActionProvisionFailed, Actor: orch.ActorSystem, Metadata: map[string]any{"error_code": string(orch.CodeBootTimeout), "error": "deadline passed"}}); err != nil {
+				return err
+			}
+			if e.OperationID != "" {
+				return q.SetOperation(ctx, e.OperationID, orch.OpFailed, orch.CodeBootTimeout, "provisioning did not finish before its deadline")
+			}
+			return nil
+		})
+		if err != nil {
+			return ""
+		}
+		return "stuck_provision_failed"
+	}
+	return ""
+}
