@@ -273,3 +273,5 @@ func parallel(n int, fn func(i int)) {
 	}
 	wg.Wait()
 }
+
+func decodeJSON(r io.Reader, v any) error { return json.NewDecoder(r).Decode(v) }
