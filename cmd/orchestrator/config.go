@@ -35,6 +35,7 @@ type Config struct {
 	CatalogMountPath string
 	DataRootPath     string
 	URLTemplate      string
+	ProbeURLTemplate string
 	MemoryMB         int64
 	CPUs             float64
 	Pids             int64
@@ -87,6 +88,7 @@ var envVars = []envVar{
 	{"ORCH_CATALOG_MOUNT_PATH", "", "host directory mounted read-only at /catalog in every engine"},
 	{"ORCH_DATA_ROOT_PATH", ".data/engines", "subprocess backend: where engine data lives"},
 	{"ORCH_ENGINE_URL_TEMPLATE", "http://127.0.0.1:{port}", "URL handed to products; {port}, {container}, {engine_id}, {node} are replaced"},
+	{"ORCH_ENGINE_PROBE_URL_TEMPLATE", "http://127.0.0.1:{port}", "how workers reach an engine's /health (in compose: http://{container}:8000)"},
 	{"ORCH_ENGINE_MEMORY_MB", "0", "per-engine memory limit (0 = none)"},
 	{"ORCH_ENGINE_CPUS", "0", "per-engine CPU limit (0 = none)"},
 	{"ORCH_ENGINE_PIDS", "0", "per-engine process limit (0 = none)"},
@@ -207,6 +209,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if !strings.Contains(c.URLTemplate, "{") {
 		bad("ORCH_ENGINE_URL_TEMPLATE", "must contain {port} or {container}")
 	}
+	c.ProbeURLTemplate = get("ORCH_ENGINE_PROBE_URL_TEMPLATE")
 	c.MemoryMB = int64(intv("ORCH_ENGINE_MEMORY_MB", 0, 1<<20))
 	if s := get("ORCH_ENGINE_CPUS"); s != "" {
 		f, err := strconv.ParseFloat(s, 64)

@@ -1,0 +1,169 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/riverdriver/riverpgxv5"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/api"
+	"github.com/enginefleet/orchestrator/backend/docker"
+	"github.com/enginefleet/orchestrator/backend/subprocess"
+	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/workers"
+)
+
+// serve runs the chosen roles until SIGTERM, then drains: the API stops
+// accepting and finishes in-flight requests, River soft-stops (running jobs
+// finish) and hard-stops at the deadline (cut-off jobs are retried
+// elsewhere), and the process exits 0.
+func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *slog.Logger) error {
+	kr, err := keys.NewKeyring(cfg.MasterKey, cfg.MasterKeyPrev)
+	if err != nil {
+		return err
+	}
+	if err := checkKeyring(ctx, pool, kr); err != nil {
+		return err
+	}
+
+	var rc *river.Client[pgx.Tx]
+	if r.worker {
+		be, err := newBackend(ctx, cfg, log)
+		if err != nil {
+			return err
+		}
+		w := workers.New(workerConfig(cfg), pool, be, kr, log)
+		rc, err = river.NewClient(riverpgxv5.New(pool), w.RiverConfig(log))
+		if err != nil {
+			return fmt.Errorf("river client: %w", err)
+		}
+		if err := rc.Start(ctx); err != nil {
+			return fmt.Errorf("start river: %w", err)
+		}
+		log.Info("worker started", "node", cfg.Node, "backend", be.Name())
+	} else {
+		// Insert-only client: the API enqueues, workers elsewhere run.
+		rc, err = river.NewClient(riverpgxv5.New(pool), &river.Config{Logger: log})
+		if err != nil {
+			return fmt.Errorf("river client: %w", err)
+		}
+	}
+
+	var wg sync.WaitGroup
+	var httpSrv *http.Server
+	errc := make(chan error, 1)
+	bg, cancelBG := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelBG()
+	if r.api {
+		srv := api.New(apiConfig(cfg), pool, rc, kr, log)
+		wg.Add(1)
+		go func() { defer wg.Done(); srv.Run(bg) }()
+		httpSrv = &http.Server{Addr: cfg.ListenAddr, Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			log.Info("api listening", "addr", cfg.ListenAddr)
+			if err := httpSrv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("api listener: %w", err)
+			}
+		}()
+	}
+
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down: draining", "timeout_s", cfg.ShutdownTimeout.Seconds())
+	case err := <-errc:
+		return err
+	}
+	drain, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	if httpSrv != nil {
+		if err := httpSrv.Shutdown(drain); err != nil {
+			log.Warn("api drain incomplete", "error", err)
+		}
+	}
+	if r.worker {
+		soft, cancelSoft := context.WithTimeout(drain, cfg.ShutdownTimeout-5*time.Second)
+		if err := rc.Stop(soft); err != nil {
+			log.Warn("river soft stop incomplete; cancelling running jobs", "error", err)
+			rc.StopAndCancel(drain) //nolint:errcheck
+		}
+		cancelSoft()
+	}
+	cancelBG()
+	wg.Wait()
+	log.Info("stopped")
+	return nil
+}
+
+func apiConfig(cfg Config) api.Config {
+	return api.Config{AdminKey: cfg.AdminKey, DefaultImage: cfg.EngineImage, PortMin: cfg.PortMin, PortMax: cfg.PortMax,
+		Node: cfg.Node, BootTimeout: cfg.BootTimeout, URLTemplate: cfg.URLTemplate, KeyOverlap: cfg.KeyOverlap, Version: version}
+}
+
+func workerConfig(cfg Config) workers.Config {
+	return workers.Config{Node: cfg.Node, DefaultImage: cfg.EngineImage, BootTimeout: cfg.BootTimeout,
+		ProbeTimeout: cfg.HealthTimeout, ProbeURLTemplate: cfg.ProbeURLTemplate, EnvPassthrough: passthroughEnv(cfg.EnvPassthrough),
+		KeyOverlap: cfg.KeyOverlap, Concurrency: cfg.WorkerConcurrency}
+}
+
+func newBackend(ctx context.Context, cfg Config, log *slog.Logger) (orch.Backend, error) {
+	switch cfg.Backend {
+	case "subprocess":
+		return subprocess.New(subprocess.Config{DataRoot: cfg.DataRootPath, EngineBinary: cfg.EngineBinary,
+			CatalogMountPath: cfg.CatalogMountPath, Node: cfg.Node}, log)
+	default:
+		if cfg.DockerHost != "" {
+			os.Setenv("DOCKER_HOST", cfg.DockerHost) //nolint:errcheck // the client reads it
+		}
+		b, err := docker.New(docker.Config{Host: cfg.DockerHost, Network: cfg.Network, CatalogMountPath: cfg.CatalogMountPath,
+			MemoryMB: cfg.MemoryMB, CPUs: cfg.CPUs, PidsLimit: cfg.Pids, Node: cfg.Node}, log)
+		if err != nil {
+			return nil, fmt.Errorf("docker backend (is the Docker socket reachable? DOCKER_HOST=%q): %w", cfg.DockerHost, err)
+		}
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		if err := b.Ping(pctx); err != nil {
+			return nil, fmt.Errorf("docker backend: daemon not reachable (no Docker socket?): %w", err)
+		}
+		return b, nil
+	}
+}
+
+// checkKeyring refuses to start when the master keyring opens none of a
+// sample of stored engine keys: starting anyway would silently lose every
+// engine key of the fleet (SPEC §2).
+func checkKeyring(ctx context.Context, pool *pgxpool.Pool, kr *keys.Keyring) error {
+	rows, err := pool.Query(ctx, `SELECT engine_key_enc FROM engines ORDER BY random() LIMIT 20`)
+	if err != nil {
+		return fmt.Errorf("sample engine keys: %w", err)
+	}
+	defer rows.Close()
+	var n, bad int
+	for rows.Next() {
+		var tok string
+		if err := rows.Scan(&tok); err != nil {
+			return fmt.Errorf("sample engine keys: %w", err)
+		}
+		n++
+		if _, err := kr.Decrypt(tok); err != nil {
+			bad++
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("sample engine keys: %w", err)
+	}
+	if n > 0 && bad > 0 {
+		return fmt.Errorf("ORCH_MASTER_KEY cannot decrypt %d of %d sampled engine keys: refusing to start. "+
+			"If you are rotating the master key, put the old key in ORCH_MASTER_KEY_PREVIOUS and run `orchestrator keys rotate-master`", bad, n)
+	}
+	return nil
+}
