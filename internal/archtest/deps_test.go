@@ -1,0 +1,86 @@
+// Package archtest checks the architecture's dependency rules
+// (ARCHITECTURE.md §2): cmd → {api, workers, scheduler, schema, backend}
+// → jobs → root; api never imports backend or workers; only backend/docker
+// imports the Docker SDK; the root package uses the standard library only.
+package archtest
+
+import (
+	"encoding/json"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+const mod = "github.com/enginefleet/orchestrator"
+
+type pkg struct {
+	ImportPath string
+	Imports    []string
+}
+
+func listPackages(t *testing.T) []pkg {
+	t.Helper()
+	out, err := exec.Command("go", "list", "-json", mod+"/...").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	var pkgs []pkg
+	dec := json.NewDecoder(strings.NewReader(string(out)))
+	for dec.More() {
+		var p pkg
+		if err := dec.Decode(&p); err != nil {
+			t.Fatal(err)
+		}
+		pkgs = append(pkgs, p)
+	}
+	return pkgs
+}
+
+// layer of a project package: higher layers may import lower ones only.
+func layer(path string) (string, int) {
+	rel := strings.TrimPrefix(strings.TrimPrefix(path, mod), "/")
+	top := strings.SplitN(rel, "/", 2)[0]
+	switch top {
+	case "":
+		return "root", 0
+	case "keys":
+		return "keys", 1
+	case "jobs":
+		return "jobs", 1
+	case "schema":
+		return "schema", 2
+	case "backend":
+		return "backend", 2
+	case "api", "workers", "scheduler":
+		return top, 3
+	case "cmd", "e2e", "internal", "sdk":
+		return top, 9
+	}
+	return top, 9
+}
+
+func TestDependencyDirection(t *testing.T) {
+	for _, p := range listPackages(t) {
+		name, l := layer(p.ImportPath)
+		for _, imp := range p.Imports {
+			if strings.HasPrefix(imp, "github.com/docker/") || strings.HasPrefix(imp, "github.com/moby/moby/") {
+				if !strings.HasPrefix(p.ImportPath, mod+"/backend/docker") && !strings.HasPrefix(p.ImportPath, mod+"/internal/testenv") {
+					t.Errorf("%s imports the Docker SDK (%s): only backend/docker may", p.ImportPath, imp)
+				}
+			}
+			if name == "root" && strings.Contains(strings.SplitN(imp, "/", 2)[0], ".") {
+				t.Errorf("root package imports %s: it must use the standard library only", imp)
+			}
+			if !strings.HasPrefix(imp, mod) {
+				continue
+			}
+			iname, il := layer(imp)
+			if name == "api" && (iname == "backend" || iname == "workers" || iname == "scheduler") {
+				t.Errorf("%s imports %s: api never drives a backend", p.ImportPath, imp)
+			}
+			if il >= l && iname != name && l < 9 {
+				t.Errorf("%s (layer %s) imports %s (layer %s): dependencies point down only", p.ImportPath, name, imp, iname)
+			}
+		}
+	}
+}
