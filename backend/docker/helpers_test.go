@@ -1,0 +1,272 @@
+package docker_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	cerrdefs "github.com/containerd/errdefs"
+	"github.com/google/uuid"
+	"github.com/moby/moby/client"
+	"github.com/stretchr/testify/require"
+
+	orchestrator "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/backend/docker"
+	"github.com/enginefleet/orchestrator/internal/testenv"
+)
+
+// Test objects live on their own network, under node names "test-…" and
+// carry orchestrator.test=true, so leftovers of crashed runs can be found.
+const (
+	testNetwork   = "enginefleet_test_net"
+	testLabel     = testenv.LabelTest
+	testNodeStart = "test-"
+	staleAfter    = 10 * time.Minute
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	removeNetworkIfEmpty(testNetwork)
+	os.Exit(code)
+}
+
+// rawClient is a plain docker client for what the tests check or do
+// behind the backend's back (kill, inspect by id).
+func rawClient(t testing.TB) *client.Client {
+	t.Helper()
+	return testenv.RequireDocker(t)
+}
+
+// engineImage is the reference engine's image, built from this checkout.
+func engineImage(t testing.TB) string {
+	t.Helper()
+	return testenv.EngineImage(t, engineVersion)
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+var staleOnce sync.Once
+
+// newBackend returns a backend on a node of its own, so List sees only
+// this test's engines.
+func newBackend(t *testing.T, mod ...func(*docker.Config)) *docker.Backend {
+	t.Helper()
+	testenv.RequireDocker(t)
+	cfg := docker.Config{
+		Network:      testNetwork,
+		Node:         testNodeStart + randHex(4),
+		ReplaceGrace: 2 * time.Second,
+		Labels:       map[string]string{testLabel: "true"},
+	}
+	for _, f := range mod {
+		f(&cfg)
+	}
+	b, err := docker.New(cfg, slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	require.NoError(t, err)
+	t.Cleanup(func() { b.Close() })
+	require.NoError(t, b.Ping(t.Context()))
+	staleOnce.Do(func() { removeStale(t) })
+	return b
+}
+
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// removeStale removes test containers, volumes and (empty) networks older
+// than staleAfter (younger ones may belong to a run in progress).
+func removeStale(t *testing.T) {
+	ctx := context.Background()
+	cli := rawClient(t)
+	isTest := func(labels map[string]string) bool {
+		return labels[testLabel] == "true" ||
+			labels[orchestrator.LabelManaged] == "true" && strings.HasPrefix(labels[orchestrator.LabelNode], testNodeStart)
+	}
+	cs, err := cli.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: make(client.Filters).Add("label", orchestrator.LabelManaged)})
+	require.NoError(t, err)
+	for _, c := range cs.Items {
+		if isTest(c.Labels) && time.Since(time.Unix(c.Created, 0)) > staleAfter {
+			t.Logf("removing stale test container %v", c.Names)
+			_, _ = cli.ContainerRemove(ctx, c.ID, client.ContainerRemoveOptions{Force: true})
+		}
+	}
+	nets, err := cli.NetworkList(ctx, client.NetworkListOptions{Filters: make(client.Filters).Add("label", testLabel+"=true")})
+	require.NoError(t, err)
+	for _, n := range nets.Items {
+		if strings.HasPrefix(n.Name, testNetwork) && time.Since(n.Created) > staleAfter {
+			removeNetworkIfEmpty(n.Name)
+		}
+	}
+	vs, err := cli.VolumeList(ctx, client.VolumeListOptions{Filters: make(client.Filters).Add("label", orchestrator.LabelManaged)})
+	require.NoError(t, err)
+	for _, v := range vs.Items {
+		created, err := time.Parse(time.RFC3339, v.CreatedAt)
+		if isTest(v.Labels) && err == nil && time.Since(created) > staleAfter {
+			t.Logf("removing stale test volume %s", v.Name)
+			_, _ = cli.VolumeRemove(ctx, v.Name, client.VolumeRemoveOptions{})
+		}
+	}
+}
+
+// removeNetworkIfEmpty removes a test network no container uses any more.
+func removeNetworkIfEmpty(name string) {
+	cli, err := client.New(client.FromEnv)
+	if err != nil {
+		return
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	nets, err := cli.NetworkList(ctx, client.NetworkListOptions{Filters: make(client.Filters).Add("name", name)})
+	if err != nil {
+		return
+	}
+	for _, n := range nets.Items {
+		if n.Name != name {
+			continue
+		}
+		users, err := cli.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: make(client.Filters).Add("network", n.ID)})
+		if err != nil || len(users.Items) > 0 {
+			continue
+		}
+		_, _ = cli.NetworkRemove(ctx, n.ID, client.NetworkRemoveOptions{})
+	}
+}
+
+// testEngine is one engine made for a test; it is removed with its volume
+// when the test ends.
+type testEngine struct {
+	spec orchestrator.EngineSpec
+	key  string
+}
+
+func newEngine(t *testing.T, b *docker.Backend, image string) *testEngine {
+	t.Helper()
+	key := "test-key-" + randHex(16)
+	sum := sha256.Sum256([]byte(key))
+	e := &testEngine{
+		key: key,
+		spec: orchestrator.EngineSpec{
+			EngineID:  uuid.NewString(),
+			ProductID: uuid.NewString(),
+			Image:     image,
+			HostPort:  freePort(t),
+			Env: map[string]string{
+				"ENGINE_KEY_HASH": hex.EncodeToString(sum[:]),
+				"SQLITE_DB_PATH":  "/data/brain.sqlite",
+				"CATALOG_DIR":     "/catalog",
+			},
+		},
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := b.RemoveContainer(ctx, e.spec.EngineID); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+		if err := b.RemoveVolume(ctx, e.spec.EngineID); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	return e
+}
+
+// freePort returns a port free on 127.0.0.1 right now.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func (e *testEngine) url(path string) string {
+	return fmt.Sprintf("http://127.0.0.1:%d%s", e.spec.HostPort, path)
+}
+
+// waitHealthy polls GET /health until 200 {"status":"ok"}.
+func (e *testEngine) waitHealthy(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	var last string
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(e.url("/health"))
+		if err == nil {
+			var body struct {
+				Status string `json:"status"`
+			}
+			derr := json.NewDecoder(resp.Body).Decode(&body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK && derr == nil && body.Status == "ok" {
+				return
+			}
+			last = fmt.Sprintf("status %d, body status %q", resp.StatusCode, body.Status)
+		} else {
+			last = err.Error()
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("engine %s not healthy: %s", e.spec.EngineID, last)
+}
+
+func (e *testEngine) do(t *testing.T, method, path string, body any) []byte {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		j, err := json.Marshal(body)
+		require.NoError(t, err)
+		rd = bytes.NewReader(j)
+	}
+	req, err := http.NewRequest(method, e.url(path), rd)
+	require.NoError(t, err)
+	req.Header.Set("X-Engine-Key", e.key)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	out, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	require.Less(t, resp.StatusCode, 300, "%s %s: %s", method, path, out)
+	return out
+}
+
+func (e *testEngine) addMemory(t *testing.T, content string) {
+	t.Helper()
+	e.do(t, http.MethodPost, "/memories", map[string]any{"content": content})
+}
+
+func (e *testEngine) export(t *testing.T) []byte {
+	t.Helper()
+	return e.do(t, http.MethodGet, "/memory/export", nil)
+}
+
+// containerID is the id of the engine's container, "" when there is none.
+func containerID(t *testing.T, cli *client.Client, engineID string) string {
+	t.Helper()
+	res, err := cli.ContainerInspect(t.Context(), orchestrator.ContainerName(engineID), client.ContainerInspectOptions{})
+	if cerrdefs.IsNotFound(err) {
+		return ""
+	}
+	require.NoError(t, err)
+	return res.Container.ID
+}
