@@ -29,7 +29,8 @@ gen: ## regenerate openapi.yaml (and the SDK)
 image: engine-image orchestrator-image ## enginefleet/engine:$(VERSION) and enginefleet/orchestrator:$(VERSION), FROM scratch
 
 engine-image: build
-	@rm -rf $(BUILD)/ctx-engine && mkdir -p $(BUILD)/ctx-engine && cp $(BUILD)/engine $(BUILD)/ctx-engine/engine && cp -r deploy/engine-rootfs $(BUILD)/ctx-engine/engine-rootfs
+	@c=$(BUILD)/ctx-engine && rm -rf $$c && mkdir -p $$c/rootfs && cp $(BUILD)/engine $$c/engine && \
+	cp -a deploy/engine-rootfs/. $$c/rootfs/ && mv $$c/rootfs/data $$c/data && chmod 1777 $$c/rootfs/tmp
 	docker build -q -f deploy/engine.Dockerfile -t enginefleet/engine:$(VERSION) $(BUILD)/ctx-engine
 
 orchestrator-image: build

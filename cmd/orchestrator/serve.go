@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"os"
 	"sync"
 	"time"
 
@@ -121,11 +120,8 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger) (orch.Backend
 		return subprocess.New(subprocess.Config{DataRoot: cfg.DataRootPath, EngineBinary: cfg.EngineBinary,
 			CatalogMountPath: cfg.CatalogMountPath, Node: cfg.Node}, log)
 	default:
-		if cfg.DockerHost != "" {
-			os.Setenv("DOCKER_HOST", cfg.DockerHost) //nolint:errcheck // the client reads it
-		}
 		b, err := docker.New(docker.Config{Host: cfg.DockerHost, Network: cfg.Network, CatalogMountPath: cfg.CatalogMountPath,
-			MemoryMB: cfg.MemoryMB, CPUs: cfg.CPUs, PidsLimit: cfg.Pids, Node: cfg.Node}, log)
+			MemoryMB: cfg.MemoryMB, CPUs: cfg.CPUs, PidsLimit: cfg.Pids, Node: cfg.Node, HelperImage: cfg.EngineImage}, log)
 		if err != nil {
 			return nil, fmt.Errorf("docker backend (is the Docker socket reachable? DOCKER_HOST=%q): %w", cfg.DockerHost, err)
 		}
