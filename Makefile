@@ -21,7 +21,7 @@ test: ## the whole suite against a throwaway Postgres (or ORCH_TEST_DATABASE_URL
 
 bench: ## benchmarks side by side with their baselines, printed as a table
 	@mkdir -p .data && url="$${ORCH_TEST_DATABASE_URL:-$$(scripts/pg.sh)}" && \
-	ORCH_TEST_DATABASE_URL="$$url" $(GO) test -run '^$$' -bench . -benchtime 20x -timeout 60m ./... | tee .data/bench.log
+	ORCH_TEST_DATABASE_URL="$$url" $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./... | tee .data/bench.log
 
 gen: ## regenerate openapi.yaml (and the SDK)
 	$(GO) run ./cmd/orchestrator openapi > openapi.yaml

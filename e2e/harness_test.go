@@ -48,7 +48,7 @@ type fleetOpts struct {
 
 // fleet is a whole orchestrator on a fresh database.
 type fleet struct {
-	t       *testing.T
+	t       testing.TB
 	URL     string
 	DBURL   string
 	Pool    *pgxpool.Pool
@@ -70,7 +70,7 @@ func randHex(n int) string {
 
 // freeRange finds n consecutive ports that nothing listens on, in a random
 // place so parallel tests (and packages) rarely pick the same one.
-func freeRange(t *testing.T, n int) int {
+func freeRange(t testing.TB, n int) int {
 	t.Helper()
 	for try := 0; try < 50; try++ {
 		b, _ := rand.Int(rand.Reader, big.NewInt(int64(50000-n)))
@@ -92,7 +92,9 @@ func freeRange(t *testing.T, n int) int {
 	return 0
 }
 
-func newFleet(t *testing.T, o fleetOpts) *fleet {
+func newFleet(t *testing.T, o fleetOpts) *fleet { return newFleetTB(t, o) }
+
+func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	t.Helper()
 	if o.backend == "" {
 		o.backend = "subprocess"

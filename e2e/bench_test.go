@@ -1,0 +1,194 @@
+package e2e_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os/exec"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/riverdriver/riverpgxv5"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/internal/testenv"
+	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/workers"
+)
+
+// Benchmarks run with `make bench` (-benchtime 1x): each takes its own
+// fixed sample (≥ 20) and reports medians/percentiles as metrics, side by
+// side with the baseline the issue names.
+
+func pct(ds []time.Duration, p float64) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	i := int(float64(len(s)-1) * p)
+	return s[i]
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// benchT adapts a *testing.B to the fleet helpers, which take a *testing.T.
+func benchFleet(b *testing.B, o fleetOpts) *fleet {
+	b.Helper()
+	return newFleetTB(b, o)
+}
+
+// Cold admit (new user → healthy engine URL) vs the same image started by a
+// plain `docker run` plus polling /health until ok. Target ratio ≤ 1.3.
+func BenchmarkColdAdmitVsDockerRun(b *testing.B) {
+	const samples = 20
+	f := benchFleet(b, fleetOpts{backend: "docker", ports: 60})
+	_, key := f.product("bench", orch.Policy{})
+	hc := &http.Client{Timeout: 2 * time.Second}
+	poll := func(url string) {
+		for {
+			r, err := hc.Get(url)
+			if err == nil {
+				io.Copy(io.Discard, r.Body) //nolint:errcheck
+				r.Body.Close()
+				if r.StatusCode == 200 {
+					return
+				}
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	var ours, base []time.Duration
+	basePort := f.PortMax - 5
+	for i := 0; i < samples; i++ {
+		user := fmt.Sprintf("cold-%d", i)
+		start := time.Now()
+		r := f.call("POST", "/engines/"+user+"/admit", key, map[string]any{"auto_provision": true})
+		d := time.Since(start)
+		if r.Body["admitted"] != true {
+			b.Fatalf("admit: %v", r.Body)
+		}
+		ours = append(ours, d)
+		f.call("DELETE", "/engines/"+user, key, nil)
+
+		name := "bench-docker-run-" + randHex(4)
+		start = time.Now()
+		out, err := exec.Command("docker", "run", "-d", "--name", name, "--label", "orchestrator.test=true",
+			"-p", fmt.Sprintf("127.0.0.1:%d:8000", basePort), "-e", "ENGINE_KEY_HASH="+keys.Hash("k"),
+			"-v", name+":/data", f.Image).CombinedOutput()
+		if err != nil {
+			b.Fatalf("docker run: %v %s", err, out)
+		}
+		poll(fmt.Sprintf("http://127.0.0.1:%d/health", basePort))
+		base = append(base, time.Since(start))
+		exec.Command("docker", "rm", "-f", "-v", name).Run()     //nolint:errcheck
+		exec.Command("docker", "volume", "rm", "-f", name).Run() //nolint:errcheck
+	}
+	b.ReportMetric(ms(pct(ours, 0.5)), "admit-p50-ms")
+	b.ReportMetric(ms(pct(base, 0.5)), "dockerrun-p50-ms")
+	b.ReportMetric(float64(pct(ours, 0.5))/float64(pct(base, 0.5)), "ratio")
+}
+
+type pickupArgs struct {
+	Inserted time.Time `json:"inserted"`
+}
+
+func (pickupArgs) Kind() string { return "bench_pickup" }
+
+// Job pickup latency (enqueue committed → worker starts) with the workers'
+// tuned River configuration. Target p50 ≤ 15 ms.
+func BenchmarkJobPickup(b *testing.B) {
+	const samples = 200
+	url := testenv.DB(b)
+	pool := testenv.Pool(b, url)
+	w := workers.New(workers.Config{Node: "bench", BootTimeout: time.Minute}, pool, nil, nil, testenv.Quiet())
+	cfg := w.RiverConfig(testenv.Quiet())
+	lat := make(chan time.Duration, samples)
+	river.AddWorker(cfg.Workers, river.WorkFunc(func(ctx context.Context, j *river.Job[pickupArgs]) error {
+		lat <- time.Since(j.Args.Inserted)
+		return nil
+	}))
+	rc, err := river.NewClient(riverpgxv5.New(pool), cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := rc.Start(ctx); err != nil {
+		b.Fatal(err)
+	}
+	defer rc.StopAndCancel(ctx)        //nolint:errcheck
+	time.Sleep(500 * time.Millisecond) // let the producer settle
+	var ds []time.Duration
+	for i := 0; i < samples; i++ {
+		err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+			_, err := rc.InsertTx(ctx, tx, pickupArgs{Inserted: time.Now()}, &river.InsertOpts{Queue: jobs.NodeQueue("bench")})
+			return err
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		ds = append(ds, <-lat)
+		time.Sleep(20 * time.Millisecond)
+	}
+	b.ReportMetric(ms(pct(ds, 0.5)), "pickup-p50-ms")
+	b.ReportMetric(ms(pct(ds, 0.99)), "pickup-p99-ms")
+}
+
+// Warm admit (running engine) from a load generator on loopback: target
+// ≥ 3,000 requests/s with p99 ≤ 20 ms on this 2-core machine.
+func BenchmarkWarmAdmit(b *testing.B) {
+	const (
+		conc     = 32
+		duration = 5 * time.Second
+	)
+	f := benchFleet(b, fleetOpts{})
+	_, key := f.product("bench", orch.Policy{})
+	for i := 0; i < 10; i++ {
+		if r := f.call("POST", fmt.Sprintf("/engines/warm-%d/admit", i), key, map[string]any{"auto_provision": true}); r.Body["admitted"] != true {
+			b.Fatalf("admit: %v", r.Body)
+		}
+	}
+	tr := &http.Transport{MaxIdleConnsPerHost: conc, MaxConnsPerHost: conc}
+	hc := &http.Client{Transport: tr}
+	var n atomic.Int64
+	var mu sync.Mutex
+	var all []time.Duration
+	deadline := time.Now().Add(duration)
+	var wg sync.WaitGroup
+	for g := 0; g < conc; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var mine []time.Duration
+			for i := 0; time.Now().Before(deadline); i++ {
+				req, _ := http.NewRequest("POST", fmt.Sprintf("%s/engines/warm-%d/admit", f.URL, (g+i)%10), nil)
+				req.Header.Set("X-Platform-Key", key)
+				start := time.Now()
+				r, err := hc.Do(req)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				io.Copy(io.Discard, r.Body) //nolint:errcheck
+				r.Body.Close()
+				if r.StatusCode != 200 {
+					b.Errorf("status %d", r.StatusCode)
+					return
+				}
+				mine = append(mine, time.Since(start))
+				n.Add(1)
+			}
+			mu.Lock()
+			all = append(all, mine...)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	b.ReportMetric(float64(n.Load())/duration.Seconds(), "req/s")
+	b.ReportMetric(ms(pct(all, 0.5)), "p50-ms")
+	b.ReportMetric(ms(pct(all, 0.99)), "p99-ms")
+}
