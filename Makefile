@@ -24,7 +24,7 @@ bench: ## benchmarks side by side with their baselines, printed as a table
 	ORCH_TEST_DATABASE_URL="$$url" $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./... | tee .data/bench.log
 
 gen: ## regenerate openapi.yaml (and the SDK)
-	$(GO) run ./cmd/orchestrator openapi > openapi.yaml
+	$(GO) test ./api -run OpenAPIGolden -update >/dev/null
 
 image: engine-image orchestrator-image ## enginefleet/engine:$(VERSION) and enginefleet/orchestrator:$(VERSION), FROM scratch
 

@@ -71,7 +71,7 @@ func (s *Server) adminOK(got string) bool {
 
 // writeHumaError writes an envelope error from middleware.
 func writeHumaError(api huma.API, ctx huma.Context, err error) {
-	ae := err.(*apiError)
+	ae := err.(*ErrorResponse)
 	for k, v := range ae.GetHeaders() {
 		ctx.SetHeader(k, v[0])
 	}

@@ -84,8 +84,9 @@ func (s *Server) op(o huma.Operation) huma.Operation {
 type provisionInput struct {
 	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
 	Body   struct {
-		UserID        string `json:"user_id" doc:"The product's own user id" example:"user-42"`
-		EngineVersion string `json:"engine_version,omitempty" doc:"Engine image; default ORCH_ENGINE_IMAGE" example:"enginefleet/engine:1.0.0"`
+		_             struct{} `additionalProperties:"true"` // products may send fields we do not read
+		UserID        string   `json:"user_id" doc:"The product's own user id" example:"user-42"`
+		EngineVersion string   `json:"engine_version,omitempty" doc:"Engine image; default ORCH_ENGINE_IMAGE" example:"enginefleet/engine:1.0.0"`
 	}
 }
 
@@ -110,8 +111,9 @@ type admitInput struct {
 	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
 	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
 	Body   *struct {
-		AutoProvision bool `json:"auto_provision,omitempty" doc:"Provision an engine when the user has none"`
-		AutoWake      bool `json:"auto_wake,omitempty" doc:"Start a sleeping or stopped engine"`
+		_             struct{} `additionalProperties:"true"` // products may send fields we do not read
+		AutoProvision bool     `json:"auto_provision,omitempty" doc:"Provision an engine when the user has none"`
+		AutoWake      bool     `json:"auto_wake,omitempty" doc:"Start a sleeping or stopped engine"`
 	} `required:"false"`
 }
 
@@ -173,7 +175,8 @@ type upgradeInput struct {
 	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
 	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
 	Body   struct {
-		EngineVersion string `json:"engine_version" minLength:"1" doc:"The image to recreate the engine on"`
+		_             struct{} `additionalProperties:"true"` // products may send fields we do not read
+		EngineVersion string   `json:"engine_version" minLength:"1" doc:"The image to recreate the engine on"`
 	}
 }
 

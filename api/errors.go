@@ -53,17 +53,19 @@ type ErrorDetail struct {
 	RequestID string `json:"request_id,omitempty" doc:"Request id, also in the X-Request-ID header"`
 }
 
-// apiError is what handlers return; it renders as the envelope.
-type apiError struct {
+// ErrorResponse is every error the API answers: the contract's envelope.
+type ErrorResponse struct {
 	status     int
 	retryAfter int // seconds; 0 = no header
 	ErrorBody
 }
 
-func (e *apiError) Error() string                { return e.ErrorBody.Error.Code + ": " + e.ErrorBody.Error.Message }
-func (e *apiError) GetStatus() int               { return e.status }
-func (e *apiError) ContentType(ct string) string { return "application/json" }
-func (e *apiError) GetHeaders() http.Header {
+func (e *ErrorResponse) Error() string {
+	return e.ErrorBody.Error.Code + ": " + e.ErrorBody.Error.Message
+}
+func (e *ErrorResponse) GetStatus() int               { return e.status }
+func (e *ErrorResponse) ContentType(ct string) string { return "application/json" }
+func (e *ErrorResponse) GetHeaders() http.Header {
 	h := http.Header{}
 	if e.retryAfter > 0 {
 		h.Set("Retry-After", strconv.Itoa(e.retryAfter))
@@ -97,12 +99,12 @@ func withRetryAfter(err error, seconds int) error { return retryAfterError{err, 
 // toHTTP converts any error a handler returns into the envelope. Internal
 // causes are logged once by the access log, never sent.
 func toHTTP(ctx context.Context, err error) error {
-	var ae *apiError
+	var ae *ErrorResponse
 	if errors.As(err, &ae) {
 		return ae
 	}
 	var de *orch.Error
-	out := &apiError{}
+	out := &ErrorResponse{}
 	if errors.As(err, &de) {
 		out.status = statusOf(de.Code)
 		out.ErrorBody.Error = ErrorDetail{Code: string(de.Code), Message: de.Message}
@@ -153,7 +155,7 @@ func init() {
 		if hctx != nil {
 			rid = requestID(hctx.Context())
 		}
-		return &apiError{status: status, ErrorBody: ErrorBody{Error: ErrorDetail{Code: string(code), Message: msg, RequestID: rid}}}
+		return &ErrorResponse{status: status, ErrorBody: ErrorBody{Error: ErrorDetail{Code: string(code), Message: msg, RequestID: rid}}}
 	}
 	huma.NewError = func(status int, msg string, errs ...error) huma.StatusError {
 		return huma.NewErrorWithContext(nil, status, msg, errs...)

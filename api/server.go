@@ -52,6 +52,7 @@ type Server struct {
 	products *productCache
 	waiters  *waiters
 	activity activity
+	rates    rateLimiter // admit rate limits shared with every replica (ratelimit.go)
 	migrated atomic.Bool
 }
 
@@ -69,6 +70,7 @@ func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyr
 	s.api = humago.New(s.mux, humaConfig(cfg.Version))
 	s.api.UseMiddleware(s.authMiddleware)
 	s.register()
+	fixErrorResponses(s.api.OpenAPI())
 	// Anything huma does not route gets the envelope too.
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeEnvelope(w, r, http.StatusNotFound, orch.CodeNotFound, "no such route: "+r.Method+" "+r.URL.Path)
@@ -196,4 +198,23 @@ func writeEnvelope(w http.ResponseWriter, r *http.Request, status int, code orch
 func OpenAPIYAML(version string) ([]byte, error) {
 	s := New(Config{Version: version}, nil, nil, nil, slog.New(slog.DiscardHandler))
 	return s.api.OpenAPI().YAML()
+}
+
+// fixErrorResponses makes the document say what the server does: huma
+// documents validation failures as 422, the contract answers 400.
+func fixErrorResponses(doc *huma.OpenAPI) {
+	for _, item := range doc.Paths {
+		for _, op := range []*huma.Operation{item.Get, item.Post, item.Put, item.Delete, item.Patch} {
+			if op == nil || op.Responses == nil {
+				continue
+			}
+			if r, ok := op.Responses["422"]; ok {
+				delete(op.Responses, "422")
+				if _, has := op.Responses["400"]; !has {
+					r.Description = "Bad Request"
+					op.Responses["400"] = r
+				}
+			}
+		}
+	}
 }
