@@ -1,0 +1,60 @@
+package deploy
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// deploy/compose.yaml is a valid compose file (checked by the compose tool
+// itself) with the production shape the docs promise.
+func TestComposeConfig(t *testing.T) {
+	tool, args := "docker-compose", []string{}
+	if _, err := exec.LookPath(tool); err != nil {
+		if exec.Command("docker", "compose", "version").Run() != nil {
+			if os.Getenv("CI") == "true" {
+				t.Fatal("no compose tool (docker-compose or docker compose) on this machine")
+			}
+			t.Skip("no compose tool")
+		}
+		tool, args = "docker", []string{"compose"}
+	}
+	dir := t.TempDir()
+	// The secrets the file names must exist for `config` to pass.
+	secrets := filepath.Join(dir, "secrets")
+	if err := os.MkdirAll(secrets, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"database_url", "master_key", "admin_key", "postgres_password"} {
+		os.WriteFile(filepath.Join(secrets, f), []byte("x"), 0o600) //nolint:errcheck
+	}
+	src, err := os.ReadFile("compose.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "compose.yaml"), src, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(""), 0o644) //nolint:errcheck
+	cmd := exec.Command(tool, append(args, "-f", filepath.Join(dir, "compose.yaml"), "config")...)
+	cmd.Env = append(os.Environ(), "DOCKER_GID=999")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s config: %v\n%s", tool, err, out)
+	}
+	cfg := string(out)
+	for _, svc := range []string{"postgres:", "migrate:", "api-1:", "api-2:", "worker-1:", "worker-2:", "scheduler-1:", "scheduler-2:", "caddy:"} {
+		if !strings.Contains(cfg, "  "+svc) {
+			t.Errorf("compose config lacks service %s", svc)
+		}
+	}
+	// The Docker socket only where workers need it.
+	if n := strings.Count(cfg, "/var/run/docker.sock:/var/run/docker.sock"); n != 2 {
+		t.Errorf("docker.sock mounted %d times; want only on the two workers", n)
+	}
+	if strings.Contains(cfg, "ORCH_MASTER_KEY:") || strings.Contains(cfg, "ORCH_ADMIN_KEY:") {
+		t.Error("secrets must come from *_FILE variables, not inline")
+	}
+}
