@@ -24,7 +24,7 @@ type EngineDetail struct {
 	APIKey        string     `json:"api_key" doc:"The engine key: send it as X-Engine-Key"`
 	EngineVersion string     `json:"engine_version"`
 	CreatedAt     time.Time  `json:"created_at"`
-	LastHealthAt  *time.Time `json:"last_health_at"`
+	LastHealthAt  *time.Time `json:"last_health_at" nullable:"true"`
 }
 
 // EngineSummary is an engine in a list: no key.
@@ -35,7 +35,7 @@ type EngineSummary struct {
 	URL           string     `json:"url"`
 	EngineVersion string     `json:"engine_version"`
 	CreatedAt     time.Time  `json:"created_at"`
-	LastHealthAt  *time.Time `json:"last_health_at"`
+	LastHealthAt  *time.Time `json:"last_health_at" nullable:"true"`
 }
 
 func (s *Server) toDetail(e orch.Engine, key string) (EngineDetail, error) {
@@ -117,12 +117,18 @@ type admitInput struct {
 	} `required:"false"`
 }
 
+// AdmitEngine is the engine of an admit answer: null when not admitted.
+type AdmitEngine struct {
+	_ struct{} `nullable:"true"`
+	EngineDetail
+}
+
 // AdmitBody is admit's answer.
 type AdmitBody struct {
-	Admitted    bool          `json:"admitted"`
-	Engine      *EngineDetail `json:"engine"`
-	Reason      string        `json:"reason,omitempty" enum:"engine_not_found,engine_sleeping,engine_unhealthy"`
-	OperationID string        `json:"operation_id,omitempty" doc:"Set with Prefer: respond-async when work was started"`
+	Admitted    bool         `json:"admitted"`
+	Engine      *AdmitEngine `json:"engine"`
+	Reason      string       `json:"reason,omitempty" enum:"engine_not_found,engine_sleeping,engine_unhealthy"`
+	OperationID string       `json:"operation_id,omitempty" doc:"Set with Prefer: respond-async when work was started"`
 }
 
 type admitOutput struct {
@@ -494,7 +500,7 @@ func (s *Server) admitExisting(ctx context.Context, out *admitOutput, p orch.Pro
 		if err != nil {
 			return nil, toHTTP(ctx, err)
 		}
-		out.Body = AdmitBody{Admitted: true, Engine: &d}
+		out.Body = AdmitBody{Admitted: true, Engine: &AdmitEngine{EngineDetail: d}}
 		return out, nil
 	case orch.StateProvisioning:
 		return s.admitAfter(ctx, out, p, e, e.OperationID, "", orch.OpProvision, h)
@@ -529,7 +535,7 @@ func (s *Server) admitAfter(ctx context.Context, out *admitOutput, p orch.Produc
 			return nil, toHTTP(ctx, err)
 		}
 		out.Status = http.StatusAccepted
-		out.Body = AdmitBody{Admitted: false, Engine: &d, OperationID: opID}
+		out.Body = AdmitBody{Admitted: false, Engine: &AdmitEngine{EngineDetail: d}, OperationID: opID}
 		return out, nil
 	}
 	e, err := s.awaitEngine(ctx, p, e, opID, kind)
@@ -544,7 +550,7 @@ func (s *Server) admitAfter(ctx context.Context, out *admitOutput, p orch.Produc
 	if err != nil {
 		return nil, toHTTP(ctx, err)
 	}
-	out.Body = AdmitBody{Admitted: true, Engine: &d}
+	out.Body = AdmitBody{Admitted: true, Engine: &AdmitEngine{EngineDetail: d}}
 	return out, nil
 }
 

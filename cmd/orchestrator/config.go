@@ -69,7 +69,7 @@ type envVar struct {
 }
 
 var envVars = []envVar{
-	{"ORCH_DATABASE_URL", "", "required: postgresql://user:pass@host:port/db"},
+	{"ORCH_DATABASE_URL", "", "required: postgresql://user:pass@host:port/db (or ORCH_DATABASE_URL_FILE: a file holding it; same for the three keys)"},
 	{"ORCH_MASTER_KEY", "", "required: Fernet key (URL-safe base64 of 32 bytes) encrypting engine keys at rest; `orchestrator keys generate` prints one"},
 	{"ORCH_MASTER_KEY_PREVIOUS", "", "comma-separated previous master keys, decrypt-only, during a rotation"},
 	{"ORCH_ADMIN_KEY", "", "required: the admin key checked against X-Admin-Key"},
@@ -256,8 +256,25 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	return c, nil
 }
 
+// secretVars may also be given as a file: NAME_FILE=/run/secrets/name
+// (Docker and Kubernetes secrets), so secrets never sit in an env listing.
+var secretVars = map[string]bool{"ORCH_DATABASE_URL": true, "ORCH_MASTER_KEY": true,
+	"ORCH_MASTER_KEY_PREVIOUS": true, "ORCH_ADMIN_KEY": true}
+
+// readFile is os.ReadFile; tests replace it.
+var readFile = os.ReadFile
+
 func lookup(getenv func(string) string, name string) (string, bool) {
 	v := getenv(name)
+	if v == "" && secretVars[name] {
+		if path := getenv(name + "_FILE"); path != "" {
+			b, err := readFile(path)
+			if err != nil {
+				return "", false // reported as missing: "is required"
+			}
+			v = strings.TrimSpace(string(b))
+		}
+	}
 	if v == "" {
 		return "", false
 	}

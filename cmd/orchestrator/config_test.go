@@ -1,6 +1,7 @@
 package main
 
 import (
+	"os"
 	"strings"
 	"testing"
 
@@ -43,4 +44,23 @@ func TestConfigDefaults(t *testing.T) {
 	require.Equal(t, "mark", c.SleepMode)
 	require.Equal(t, "engine_net", c.Network)
 	require.Equal(t, 60, int(c.BootTimeout.Seconds()))
+}
+
+func TestConfigSecretsFromFiles(t *testing.T) {
+	dir := t.TempDir()
+	mk := keys.GenerateMasterKey()
+	write := func(name, v string) string {
+		p := dir + "/" + name
+		require.NoError(t, os.WriteFile(p, []byte(v+"\n"), 0o600))
+		return p
+	}
+	c, err := loadConfig(envOf(map[string]string{
+		"ORCH_DATABASE_URL_FILE": write("db", "postgresql://u:p@db:5432/orch"),
+		"ORCH_MASTER_KEY_FILE":   write("mk", mk),
+		"ORCH_ADMIN_KEY_FILE":    write("ak", strings.Repeat("b", 32)),
+	}))
+	require.NoError(t, err)
+	require.Equal(t, mk, c.MasterKey)
+	require.Equal(t, strings.Repeat("b", 32), c.AdminKey)
+	require.Equal(t, "postgresql://u:p@db:5432/orch", c.DatabaseURL)
 }
