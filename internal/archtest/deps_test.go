@@ -1,6 +1,6 @@
 // Package archtest checks the architecture's dependency rules
 // (ARCHITECTURE.md §2): cmd → {api, workers, scheduler, schema, backend}
-// → jobs → root; api never imports backend or workers; only backend/docker
+// → {jobs, metrics} → root; api never imports backend or workers; only backend/docker
 // imports the Docker SDK; the root package uses the standard library only.
 package archtest
 
@@ -47,6 +47,8 @@ func layer(path string) (string, int) {
 		return "keys", 1
 	case "jobs":
 		return "jobs", 1
+	case "metrics":
+		return "metrics", 1
 	case "schema":
 		return "schema", 2
 	case "backend":
