@@ -10,8 +10,9 @@ import (
 )
 
 // listener holds one connection per API process LISTENing on the
-// orchestrator's channels and dispatches payloads. After any reconnect it
-// calls onReconnect, because notifications sent while it was away are lost.
+// orchestrator's channels and dispatches payloads. Each time LISTEN is
+// (re)established it calls onReconnect, because notifications sent while it
+// was not listening are lost.
 type listener struct {
 	pool        *pgxpool.Pool
 	log         *slog.Logger
@@ -54,7 +55,9 @@ func (l *listener) listenOnce(ctx context.Context, first bool) error {
 			return err
 		}
 	}
-	if !first && l.onReconnect != nil {
+	// Also on the first connect: whatever was cached before LISTEN took
+	// effect (requests are served before it does) may have missed a NOTIFY.
+	if l.onReconnect != nil {
 		l.onReconnect()
 	}
 	if first && l.ready != nil {

@@ -144,3 +144,12 @@ func isUUID(s string) bool {
 	}
 	return true
 }
+
+// GetProductForUpdate is GetProduct locking the row until the transaction
+// ends (a policy update reads the policy it replaces). PRODUCT_NOT_FOUND if none.
+func (q *Queries) GetProductForUpdate(ctx context.Context, id string) (orch.Product, error) {
+	if !isUUID(id) {
+		return orch.Product{}, orch.Errorf(orch.CodeProductNotFound, "product not found")
+	}
+	return scanProduct(q.db.QueryRow(ctx, `SELECT `+productCols+` FROM products WHERE id = $1 FOR UPDATE`, id))
+}
