@@ -101,7 +101,7 @@ func retryable(err error) bool {
 // operation result (which notifies waiters).
 func (w *Workers) commit(ctx context.Context, e orch.Engine, op orch.Operation, out outcome) error {
 	ctx = context.WithoutCancel(ctx) // a finished step's outcome must land even during shutdown
-	return inTx(ctx, w.pool, func(tx pgx.Tx) error {
+	err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
 		q := schema.New(tx)
 		cur, err := q.EngineByIDForUpdate(ctx, e.ID)
 		if err != nil && !orch.IsCode(err, orch.CodeEngineNotFound) {
@@ -146,6 +146,14 @@ func (w *Workers) commit(ctx context.Context, e orch.Engine, op orch.Operation, 
 		}
 		return q.SetOperation(ctx, op.ID, orch.OpSucceeded, "", "")
 	})
+	if err == nil {
+		var boot time.Duration
+		if out.change != nil && out.change.BootDurationMS != nil {
+			boot = time.Duration(*out.change.BootDurationMS) * time.Millisecond
+		}
+		w.cfg.Metrics.Lifecycle(out.action, out.err != nil, boot)
+	}
+	return err
 }
 
 // errMessage is the caller-safe message of an error.

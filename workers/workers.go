@@ -8,6 +8,7 @@ package workers
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -18,10 +19,12 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/rivertype"
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/jobs"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/metrics"
 )
 
 // Config is what the workers need; cmd/orchestrator fills it.
@@ -36,6 +39,8 @@ type Config struct {
 	StopGrace        time.Duration // SIGTERM → SIGKILL (30 s)
 	Concurrency      int
 	OrphanGrace      time.Duration // reconcile removes an unknown labelled container after this (10 min)
+
+	Metrics *metrics.Metrics // job durations, lifecycle counters, boot times (nil = none)
 }
 
 // Workers runs engine jobs against one backend.
@@ -106,6 +111,7 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 			river.QueueDefault:         {MaxWorkers: 10},
 		},
 		Workers:           ws,
+		Middleware:        []rivertype.Middleware{river.WorkerMiddlewareFunc(w.observeJob)},
 		FetchCooldown:     2 * time.Millisecond,
 		FetchPollInterval: 200 * time.Millisecond,
 		JobTimeout:        w.jobTimeout(),
@@ -184,6 +190,26 @@ func (w *Workers) waitHealthy(ctx context.Context, e orch.Engine, deadline time.
 
 func backendErr(what string, err error) error {
 	return &orch.Error{Code: orch.CodeBackendFailed, Message: what + " failed", Err: err}
+}
+
+// observeJob times every job this process works, by kind and outcome.
+func (w *Workers) observeJob(ctx context.Context, job *rivertype.JobRow, doInner func(context.Context) error) error {
+	start := time.Now()
+	err := doInner(ctx)
+	outcome := "completed"
+	var snooze *river.JobSnoozeError
+	var cancel *river.JobCancelError
+	switch {
+	case err == nil:
+	case errors.As(err, &snooze):
+		outcome = "snoozed"
+	case errors.As(err, &cancel):
+		outcome = "cancelled"
+	default:
+		outcome = "failed"
+	}
+	w.cfg.Metrics.ObserveJob(job.Kind, outcome, time.Since(start))
+	return err
 }
 
 // logJob writes the one log line per job.
