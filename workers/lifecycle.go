@@ -22,6 +22,10 @@ type outcome struct {
 	meta     map[string]any
 	duration time.Duration
 	err      error // the operation failed with this (its code is reported)
+	// after runs inside commit's transaction, after the change and the
+	// audit row, when this operation still owns the engine (auto-restart
+	// schedules its next attempt or gives up here).
+	after func(ctx context.Context, q *schema.Queries, tx pgx.Tx) error
 }
 
 // step does one operation's backend work on a leased engine.
@@ -75,6 +79,12 @@ func (w *Workers) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecyc
 	}
 	last := job.Attempt >= job.MaxAttempts
 	out := do(ctx, e, op, payload, job.Attempt, last)
+	if ctx.Err() != nil {
+		// Cut off (hard stop or timeout): decide nothing; River retries the
+		// job, here or on another worker, and the work is idempotent.
+		w.logJob(job.Kind, e.ID, job.Attempt, start, "interrupted", ctx.Err())
+		return ctx.Err()
+	}
 	if out.err != nil && !last && retryable(out.err) {
 		// Transient backend trouble: River retries; the operation stays running.
 		w.logJob(job.Kind, e.ID, job.Attempt, start, "retry", out.err)
@@ -138,6 +148,11 @@ func (w *Workers) commit(ctx context.Context, e orch.Engine, op orch.Operation, 
 			}
 			if err := q.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
 				Action: out.action, Actor: actorOf(op), Metadata: meta, DurationMS: dur}); err != nil {
+				return err
+			}
+		}
+		if out.after != nil && !gone && cur.OperationID == op.ID {
+			if err := out.after(ctx, q, tx); err != nil {
 				return err
 			}
 		}
@@ -247,6 +262,7 @@ func (s *startWorker) Work(ctx context.Context, j *river.Job[jobs.Start]) error 
 		if e.SleepReason != "" {
 			meta["sleep_reason"] = e.SleepReason
 		}
+		wakeMeta(e, meta) // idle.go
 		d, err := s.w.bootAndWait(ctx, e, s.w.currentSpec(e))
 		return bootOutcome(action, d, err, meta)
 	})
@@ -269,7 +285,7 @@ func (s *stopWorker) Work(ctx context.Context, j *river.Job[jobs.Stop]) error {
 			return outcome{err: backendErr("stop engine", err), action: orch.ActionStop}
 		}
 		if j.Args.Sleep {
-			return outcome{action: orch.ActionSleep, duration: time.Since(start), meta: map[string]any{"mode": "stop", "reason": "idle"},
+			return outcome{action: orch.ActionSleep, duration: time.Since(start), meta: sleepMeta(e, SleepStop),
 				change: &schema.EngineChange{Status: orch.StateSleeping, SleepReason: ptr("idle")}}
 		}
 		return outcome{action: orch.ActionStop, duration: time.Since(start), meta: map[string]any{"from": string(e.Status)},
@@ -288,6 +304,9 @@ func (r *restartWorker) NextRetry(j *river.Job[jobs.Restart]) time.Time {
 }
 
 func (r *restartWorker) Work(ctx context.Context, j *river.Job[jobs.Restart]) error {
+	if j.Args.Auto {
+		return r.w.autoRestart(ctx, j) // restart.go
+	}
 	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		start := time.Now()
 		if err := r.w.backend.Stop(ctx, e.ID, r.w.cfg.StopGrace); err != nil {

@@ -19,6 +19,7 @@ import (
 	"github.com/enginefleet/orchestrator/backend/docker"
 	"github.com/enginefleet/orchestrator/backend/subprocess"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/scheduler"
 	"github.com/enginefleet/orchestrator/workers"
 )
 
@@ -36,17 +37,21 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 	}
 
 	var rc *river.Client[pgx.Tx]
+	var w *workers.Workers
 	if r.worker {
 		be, err := newBackend(ctx, cfg, log)
 		if err != nil {
 			return err
 		}
-		w := workers.New(workerConfig(cfg), pool, be, kr, log)
+		w = workers.New(withBackups(workerConfig(cfg), cfg), pool, be, kr, log)
 		rc, err = river.NewClient(riverpgxv5.New(pool), w.RiverConfig(log))
 		if err != nil {
 			return fmt.Errorf("river client: %w", err)
 		}
-		if err := rc.Start(ctx); err != nil {
+		// River stops when its Start context ends, cancelling running jobs:
+		// give it one that outlives SIGTERM, and stop it ourselves (soft,
+		// then hard) once the API has drained.
+		if err := rc.Start(context.WithoutCancel(ctx)); err != nil {
 			return fmt.Errorf("start river: %w", err)
 		}
 		log.Info("worker started", "node", cfg.Node, "backend", be.Name())
@@ -76,12 +81,30 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 		}()
 	}
 
+	// Fleet upkeep: crash detection on workers, schedules on schedulers.
+	// Both stop first on shutdown (the scheduler hands leadership over).
+	upkeep, stopUpkeep := context.WithCancel(bg)
+	defer stopUpkeep()
+	if r.worker {
+		wg.Add(1)
+		go func() { defer wg.Done(); w.WatchEvents(upkeep, rc) }()
+	}
+	if r.scheduler {
+		sch, err := scheduler.New(scheduler.Config{}, pool, rc, log, scheduler.Fleet(withSchedules(fleetConfig(cfg), cfg))...)
+		if err != nil {
+			return err
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); sch.Run(upkeep) }() //nolint:errcheck
+	}
+
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down: draining", "timeout_s", cfg.ShutdownTimeout.Seconds())
 	case err := <-errc:
 		return err
 	}
+	stopUpkeep()
 	drain, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	if httpSrv != nil {
@@ -111,7 +134,16 @@ func apiConfig(cfg Config) api.Config {
 func workerConfig(cfg Config) workers.Config {
 	return workers.Config{Node: cfg.Node, DefaultImage: cfg.EngineImage, BootTimeout: cfg.BootTimeout,
 		ProbeTimeout: cfg.HealthTimeout, ProbeURLTemplate: cfg.ProbeURLTemplate, EnvPassthrough: passthroughEnv(cfg.EnvPassthrough),
-		KeyOverlap: cfg.KeyOverlap, Concurrency: cfg.WorkerConcurrency}
+		KeyOverlap: cfg.KeyOverlap, Concurrency: cfg.WorkerConcurrency,
+		HealthInterval: cfg.HealthInterval, HealthMaxFailures: cfg.HealthMaxFailures,
+		RestartBackoffBase: cfg.RestartBackoffBase, RestartBackoffMax: cfg.RestartBackoffMax, RestartMaxAttempts: cfg.RestartMaxAttempts,
+		IdleAfter: cfg.IdleAfter, SleepMode: cfg.SleepMode}
+}
+
+// fleetConfig is the scheduler's view of the configuration: the sweeps'
+// periods and this deployment's node(s).
+func fleetConfig(cfg Config) scheduler.FleetConfig {
+	return scheduler.FleetConfig{Nodes: []string{cfg.Node}, HealthInterval: cfg.HealthInterval, IdleAfter: cfg.IdleAfter}
 }
 
 func newBackend(ctx context.Context, cfg Config, log *slog.Logger) (orch.Backend, error) {

@@ -1,0 +1,40 @@
+package e2e_test
+
+import (
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// SIGTERM with a request and a job in flight: both complete, then the
+// process exits 0 (docker stop --time 60 semantics).
+func TestGracefulDrain(t *testing.T) {
+	t.Parallel()
+	pf := newProcFleet(t, "ORCH_ENGINE_ENV_PASSTHROUGH=ENGINE_BOOT_DELAY_S", "ENGINE_BOOT_DELAY_S=2")
+	p := pf.start("api,worker")
+	key := pf.register(p, "acme")
+
+	type result struct {
+		r   resp
+		err error
+	}
+	done := make(chan resp, 1)
+	go func() {
+		done <- do(t, "POST", p.url()+"/engines/provision", map[string]any{"user_id": "drain"}, map[string]string{"X-Platform-Key": key})
+	}()
+	time.Sleep(700 * time.Millisecond) // the request waits, the job waits for the engine's boot
+	stopped := make(chan error, 1)
+	go func() { stopped <- p.stop(t) }()
+
+	r := <-done
+	require.Equal(t, http.StatusOK, r.Status, "the in-flight request completes: %v", r.Body)
+	require.Equal(t, "running", r.str("status"), "the in-flight job completes")
+	require.NoError(t, <-stopped, "exit status 0 after draining")
+
+	// A new process sees the engine running: nothing was lost.
+	p2 := pf.start("api")
+	g := do(t, "GET", p2.url()+"/engines/drain", nil, map[string]string{"X-Platform-Key": key})
+	require.Equal(t, "running", g.str("status"))
+}
