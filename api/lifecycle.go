@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"errors"
 	"strconv"
 	"strings"
 	"sync"
@@ -10,6 +11,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/rivertype"
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/jobs"
@@ -176,7 +178,16 @@ func (s *Server) operate(ctx context.Context, p orch.Product, userID string, r o
 			if err != nil && !orch.IsCode(err, orch.CodeOperationNotFound) {
 				return err
 			}
-			if err == nil && !cur.Status.Done() {
+			if err == nil && !cur.Status.Done() && isAutoRestart(cur) && cancelsAutoRestart(r.kind) {
+				joined, err := s.cancelAutoRestart(ctx, q, tx, cur, r.kind)
+				if err != nil {
+					return err
+				}
+				if joined {
+					opID = cur.ID
+					return nil
+				}
+			} else if err == nil && !cur.Status.Done() {
 				if cur.Kind == r.kind || (cur.Kind == orch.OpStart && r.kind == orch.OpWake) || (cur.Kind == orch.OpWake && r.kind == orch.OpStart) {
 					opID = cur.ID
 					return nil
@@ -208,6 +219,51 @@ func (s *Server) operate(ctx context.Context, p orch.Product, userID string, r o
 		return s.enqueue(ctx, q, tx, e, op, r.payload)
 	})
 	return e, opID, err
+}
+
+// isAutoRestart reports whether op is an auto-restart attempt (SPEC §6).
+func isAutoRestart(op orch.Operation) bool {
+	return op.Kind == orch.OpRestart && op.Actor == orch.ActorSystem
+}
+
+// cancelsAutoRestart: a manual start, restart, stop or destroy replaces a
+// pending auto-restart (a manual stop must never be undone by one).
+func cancelsAutoRestart(kind orch.OpKind) bool {
+	switch kind {
+	case orch.OpStart, orch.OpWake, orch.OpRestart, orch.OpStop, orch.OpDestroy:
+		return true
+	}
+	return false
+}
+
+// cancelAutoRestart cancels an auto-restart in flight within tx: its River
+// job is locked (so no worker picks it up meanwhile) and cancelled, and its
+// operation fails as superseded. A manual restart joins an attempt that is
+// already running instead (it is doing what was asked); joined says so.
+// An attempt already running when a stop, start or destroy comes is
+// cancelled too: its outcome no longer applies, since the row points at
+// the new operation.
+func (s *Server) cancelAutoRestart(ctx context.Context, q *schema.Queries, tx pgx.Tx, op orch.Operation, kind orch.OpKind) (bool, error) {
+	jobID, err := q.OperationJob(ctx, op.ID)
+	if err != nil {
+		return false, err
+	}
+	if jobID != 0 {
+		state, err := q.LockJob(ctx, jobID)
+		if err != nil {
+			return false, err
+		}
+		if state == string(rivertype.JobStateRunning) && kind == orch.OpRestart {
+			return true, nil
+		}
+		if state != "" {
+			if _, err := s.river.JobCancelTx(ctx, tx, jobID); err != nil && !errors.Is(err, rivertype.ErrNotFound) {
+				return false, &orch.Error{Code: orch.CodeInternal, Message: "could not cancel the pending auto-restart", Err: err}
+			}
+		}
+	}
+	return false, q.SetOperation(ctx, op.ID, orch.OpFailed, orch.CodeOperationInProgress,
+		"superseded by a manual "+string(kind))
 }
 
 // wait blocks until the operation finishes or timeout, woken by NOTIFY on

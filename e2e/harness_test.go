@@ -29,6 +29,7 @@ import (
 	"github.com/enginefleet/orchestrator/backend/subprocess"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/scheduler"
 	"github.com/enginefleet/orchestrator/schema"
 	"github.com/enginefleet/orchestrator/workers"
 )
@@ -44,6 +45,20 @@ type fleetOpts struct {
 	keyOverlap  time.Duration
 	image       string // default image (docker: built for the test)
 	orphanGrace time.Duration
+
+	// Fleet upkeep (SPEC §6, §7); zero values keep the workers' defaults
+	// (auto-restart off unless maxAttempts is set).
+	healthInterval time.Duration // sweep period (scheduler) and health_check sampling
+	probeTimeout   time.Duration // per-probe timeout (default 2 s)
+	maxFailures    int
+	backoffBase    time.Duration
+	backoffMax     time.Duration
+	maxAttempts    int
+	idleAfter      time.Duration
+	sleepMode      string
+	events         bool          // watch the backend's runtime events (crash detection)
+	scheduler      bool          // run the scheduler role: sweeps every healthInterval, idle sweeps every idleEvery
+	idleEvery      time.Duration // scheduler's idle sweep period (default 1 s here)
 }
 
 // fleet is a whole orchestrator on a fresh database.
@@ -60,6 +75,7 @@ type fleet struct {
 	PortMax int
 	Image   string
 	Workers *workers.Workers
+	Sched   *scheduler.Scheduler // with fleetOpts.scheduler
 }
 
 func randHex(n int) string {
@@ -136,8 +152,14 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	}
 	t.Cleanup(f.removeEngines)
 
-	w := workers.New(workers.Config{Node: f.Node, DefaultImage: f.Image, BootTimeout: o.bootTimeout, ProbeTimeout: 2 * time.Second,
-		EnvPassthrough: o.engineEnv, KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, OrphanGrace: o.orphanGrace}, f.Pool, f.Backend, f.Keyring, log)
+	if o.probeTimeout == 0 {
+		o.probeTimeout = 2 * time.Second
+	}
+	w := workers.New(workers.Config{Node: f.Node, DefaultImage: f.Image, BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout,
+		EnvPassthrough: o.engineEnv, KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, OrphanGrace: o.orphanGrace,
+		HealthInterval: o.healthInterval, HealthMaxFailures: o.maxFailures, RestartBackoffBase: o.backoffBase,
+		RestartBackoffMax: o.backoffMax, RestartMaxAttempts: o.maxAttempts, IdleAfter: o.idleAfter, SleepMode: o.sleepMode},
+		f.Pool, f.Backend, f.Keyring, log)
 	f.Workers = w
 	f.River, err = river.NewClient(riverpgxv5.New(f.Pool), w.RiverConfig(log))
 	require.NoError(t, err)
@@ -150,6 +172,23 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 		cancel()
 	})
 
+	if o.events {
+		go w.WatchEvents(ctx, f.River)
+	}
+	if o.scheduler {
+		if o.idleEvery == 0 {
+			o.idleEvery = time.Second
+		}
+		f.Sched, err = scheduler.New(scheduler.Config{Poll: 200 * time.Millisecond}, f.Pool, f.River, log,
+			scheduler.Fleet(scheduler.FleetConfig{Nodes: []string{f.Node}, HealthInterval: o.healthInterval,
+				IdleAfter: o.idleAfter, IdleEvery: o.idleEvery})...)
+		require.NoError(t, err)
+		sctx, stop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); f.Sched.Run(sctx) }() //nolint:errcheck
+		t.Cleanup(func() { stop(); <-done })
+	}
+
 	srv := api.New(api.Config{AdminKey: adminKey, DefaultImage: f.Image, PortMin: f.PortMin, PortMax: f.PortMax, Node: f.Node,
 		BootTimeout: o.bootTimeout, URLTemplate: "http://127.0.0.1:{port}", KeyOverlap: o.keyOverlap}, f.Pool, f.River, f.Keyring, log)
 	go srv.Run(ctx)
@@ -157,6 +196,22 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	t.Cleanup(ts.Close)
 	f.URL = ts.URL
 	return f
+}
+
+// sweep runs one health sweep of the fleet's node now and waits for it.
+func (f *fleet) sweep() workers.BatchResult {
+	f.t.Helper()
+	res, err := f.Workers.SweepNow(context.Background(), f.River, f.Node)
+	require.NoError(f.t, err)
+	return res
+}
+
+// idleSweep runs one idle sweep now; returns how many engines it put to sleep.
+func (f *fleet) idleSweep() int {
+	f.t.Helper()
+	n, err := f.Workers.SweepIdle(context.Background(), f.River)
+	require.NoError(f.t, err)
+	return n
 }
 
 // removeEngines removes every container/process and volume of this fleet's node.

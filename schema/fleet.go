@@ -143,12 +143,17 @@ func (q *Queries) InsertAudits(ctx context.Context, es []orch.AuditEntry) error 
 	return nil
 }
 
+// lastActivity is when an engine last showed activity: its last admit
+// or its last state change (a woken, started or restarted engine gets a
+// whole idle period before it may sleep again).
+const lastActivity = `greatest(coalesce(engines.last_active_at, engines.created_at), engines.updated_at)`
+
 // IdleEngines returns up to limit running, quiet engines whose last
-// activity (or creation, if never admitted) is before idleBefore.
+// activity is before idleBefore, longest idle first.
 func (q *Queries) IdleEngines(ctx context.Context, idleBefore time.Time, limit int) ([]orch.Engine, error) {
 	return collectEngines(q.db.Query(ctx, `SELECT `+engineCols+` FROM engines
-		WHERE status = 'running' AND coalesce(last_active_at, created_at) < $1 AND `+quiet+`
-		ORDER BY coalesce(last_active_at, created_at) LIMIT $2`, idleBefore, limit))
+		WHERE status = 'running' AND `+lastActivity+` < $1 AND `+quiet+`
+		ORDER BY `+lastActivity+` LIMIT $2`, idleBefore, limit))
 }
 
 // MarkSleeping puts every engine of ids that is still running, quiet and
@@ -161,7 +166,7 @@ func (q *Queries) MarkSleeping(ctx context.Context, ids []string, reason string,
 		return nil, nil
 	}
 	return collectEngines(q.db.Query(ctx, `UPDATE engines SET status = 'sleeping', sleep_reason = $2, slept_at = now(), updated_at = now()
-		WHERE id = ANY($1::uuid[]) AND status = 'running' AND coalesce(last_active_at, created_at) < $3 AND `+quiet+`
+		WHERE id = ANY($1::uuid[]) AND status = 'running' AND `+lastActivity+` < $3 AND `+quiet+`
 		RETURNING `+engineCols, ids, reason, idleBefore))
 }
 

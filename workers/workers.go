@@ -40,6 +40,18 @@ type Config struct {
 	Concurrency      int
 	OrphanGrace      time.Duration // reconcile removes an unknown labelled container after this (10 min)
 
+	// Health and auto-restart (SPEC §6), idle sleep (SPEC §7): see fleet.go.
+	HealthInterval     time.Duration // sweep period (30 s); paces the sampled health_check rows
+	HealthMaxFailures  int           // consecutive failed probes before failed (3)
+	HealthBatchSize    int           // engines per health_sweep_batch job (100)
+	ProbeConcurrency   int           // probes at once per worker process (50)
+	HealthAuditEvery   time.Duration // one sampled health_check row per engine per this (1 h)
+	RestartBackoffBase time.Duration // first auto-restart delay; doubles per attempt (0 = at once)
+	RestartBackoffMax  time.Duration // backoff cap (0 = no cap)
+	RestartMaxAttempts int           // auto-restart attempts before giving up (0 = no auto-restart)
+	IdleAfter          time.Duration // idle time before sleep (0 = never)
+	SleepMode          string        // "mark" (default) or "stop"
+
 	Metrics *metrics.Metrics // job durations, lifecycle counters, boot times (nil = none)
 }
 
@@ -51,6 +63,7 @@ type Workers struct {
 	keyring *keys.Keyring
 	log     *slog.Logger
 	http    *http.Client
+	fleet   fleetState
 }
 
 // New builds the workers.
@@ -73,10 +86,12 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, kr *keys.Keyring,
 	if cfg.OrphanGrace == 0 {
 		cfg.OrphanGrace = 10 * time.Minute
 	}
+	cfg = fleetDefaults(cfg)
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.MaxIdleConnsPerHost = 2
 	tr.IdleConnTimeout = 30 * time.Second
-	return &Workers{cfg: cfg, pool: pool, backend: backend, keyring: kr, log: log, http: &http.Client{Transport: tr}}
+	return &Workers{cfg: cfg, pool: pool, backend: backend, keyring: kr, log: log, http: &http.Client{Transport: tr},
+		fleet: newFleetState(cfg)}
 }
 
 // jobTimeout bounds one lifecycle job: stop grace plus boot plus slack.

@@ -1,0 +1,169 @@
+package e2e_test
+
+import (
+	"context"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/moby/moby/client"
+	"github.com/stretchr/testify/require"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/internal/testenv"
+)
+
+// SPEC §7: idle engines sleep (mark: the container keeps running; stop:
+// it is stopped to free memory), the row keeps when and why, wake brings
+// them back, sleeping engines are not probed.
+
+// Mark mode, with the scheduler role firing the sweeps: an idle engine is
+// marked sleeping (its process keeps running), is no longer probed,
+// admit says engine_sleeping, and admit with auto_wake wakes it.
+func TestIdleSleepMarkMode(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, fleetOpts{idleAfter: time.Second, sleepMode: "mark", scheduler: true, healthInterval: time.Second})
+	_, key := f.product("acme", orch.Policy{})
+	e := f.provisionUser(key, "ed")
+
+	require.Eventually(t, func() bool { return f.row(e.ID).Status == "sleeping" }, 10*time.Second, 50*time.Millisecond)
+	r := f.row(e.ID)
+	require.Equal(t, "idle", r.SleepReason)
+	require.NotNil(t, r.SleptAt)
+	sl := find(f.audit(e.ID), orch.ActionSleep, 0)
+	require.Equal(t, "mark", sl.Meta["mode"])
+	require.Equal(t, "idle", sl.Meta["reason"])
+	require.GreaterOrEqual(t, sl.Meta["idle_s"], 1.0)
+	require.Equal(t, http.StatusOK, engineCall(t, "GET", e.URL+"/health", "", nil).Status, "mark mode keeps the engine up")
+
+	// Not probed while sleeping.
+	probed := f.row(e.ID).LastHealthAt
+	time.Sleep(2500 * time.Millisecond) // two sweeps
+	require.Equal(t, probed, f.row(e.ID).LastHealthAt)
+
+	a := f.call("POST", "/engines/ed/admit", key, nil)
+	require.Equal(t, false, a.Body["admitted"])
+	require.Equal(t, "engine_sleeping", a.Body["reason"])
+	w := f.call("POST", "/engines/ed/admit", key, map[string]any{"auto_wake": true})
+	require.Equal(t, http.StatusOK, w.Status, "%v", w.Body)
+	require.Equal(t, true, w.Body["admitted"], "%v", w.Body)
+	require.Equal(t, "running", w.str("engine", "status"))
+	wk := find(f.audit(e.ID), orch.ActionWake, 0)
+	require.Equal(t, "idle", wk.Meta["sleep_reason"])
+	require.GreaterOrEqual(t, wk.Meta["slept_s"], 2.0)
+	require.Empty(t, f.row(e.ID).SleepReason, "wake clears sleep_reason and slept_at")
+}
+
+// Stop mode: the idle sweep stops the engine (scale to zero), the row
+// says sleeping with why and when; admit with auto_wake starts it and
+// waits for health; the brain is intact.
+func TestIdleSleepStopMode(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, fleetOpts{idleAfter: time.Second, sleepMode: "stop", events: true, maxAttempts: 3, backoffBase: time.Second})
+	sleepStopWake(t, f)
+}
+
+// Stop mode on Docker: the container is stopped while asleep and started
+// again on wake, with its volume (data intact).
+func TestIdleSleepStopModeDocker(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, fleetOpts{backend: "docker", idleAfter: time.Second, sleepMode: "stop", events: true,
+		maxAttempts: 3, backoffBase: time.Second})
+	sleepStopWake(t, f)
+}
+
+func sleepStopWake(t *testing.T, f *fleet) {
+	ctx := context.Background()
+	_, key := f.product("acme", orch.Policy{})
+	e := f.provisionUser(key, "flo")
+	require.Equal(t, http.StatusCreated, engineCall(t, "POST", e.URL+"/memories", e.Key, map[string]any{"content": "sleeps with the engine"}).Status)
+
+	time.Sleep(1100 * time.Millisecond)
+	require.Equal(t, 1, f.idleSweep())
+	require.Eventually(t, func() bool { return f.row(e.ID).Status == "sleeping" }, 20*time.Second, 50*time.Millisecond)
+	r := f.row(e.ID)
+	require.Equal(t, "idle", r.SleepReason)
+	require.NotNil(t, r.SleptAt)
+	info, err := f.Backend.Inspect(ctx, e.ID)
+	require.NoError(t, err)
+	require.Equal(t, orch.RuntimeExited, info.State, "stop mode frees the engine")
+	sl := find(f.audit(e.ID), orch.ActionSleep, 0)
+	require.Equal(t, "stop", sl.Meta["mode"])
+	require.GreaterOrEqual(t, sl.Meta["idle_s"], 1.0)
+	require.Zero(t, f.sweep().Probed, "sleeping engines are not probed")
+	require.Zero(t, f.idleSweep())
+
+	time.Sleep(time.Second) // nothing (auto-restart, crash check) touches a sleeping engine
+	require.Equal(t, "sleeping", f.row(e.ID).Status)
+	require.Equal(t, []string{"provision", "sleep"}, actions(f.audit(e.ID)))
+
+	a := f.call("POST", "/engines/flo/admit", key, nil)
+	require.Equal(t, "engine_sleeping", a.Body["reason"])
+	w := f.call("POST", "/engines/flo/admit", key, map[string]any{"auto_wake": true})
+	require.Equal(t, http.StatusOK, w.Status, "%v", w.Body)
+	require.Equal(t, true, w.Body["admitted"], "%v", w.Body)
+	require.Equal(t, e.URL, w.str("engine", "url"))
+	m := engineCall(t, "GET", e.URL+"/memories?q=sleeps", e.Key, nil)
+	require.Equal(t, http.StatusOK, m.Status)
+	require.Len(t, m.Body["memories"], 1, "brain intact after sleep and wake")
+	rows := f.audit(e.ID)
+	require.Equal(t, []string{"provision", "sleep", "wake"}, actions(rows))
+	wk := find(rows, orch.ActionWake, 0)
+	require.GreaterOrEqual(t, wk.Meta["slept_s"], 1.0)
+	require.Equal(t, "sleeping", wk.Meta["from"])
+
+	// Just woken: a whole idle period before it may sleep again.
+	require.Zero(t, f.idleSweep())
+	require.Equal(t, "running", f.row(e.ID).Status)
+}
+
+// BenchmarkWakeFromStopDocker compares waking an engine slept in stop
+// mode (admit with auto_wake through the API: job pickup, container
+// start, health wait) with a plain `docker start` of the same container
+// and a health poll, and reports the ratio (target ≤ 1.3).
+func BenchmarkWakeFromStopDocker(b *testing.B) {
+	f := newFleetTB(b, fleetOpts{backend: "docker", idleAfter: time.Hour, sleepMode: "stop"})
+	cli := testenv.RequireDocker(b)
+	ctx := context.Background()
+	_, key := f.product("acme", orch.Policy{})
+	e := f.provisionUser(key, "bench")
+	name := orch.ContainerName(e.ID)
+	healthy := func() bool {
+		res, err := http.Get(e.URL + "/health")
+		if err != nil {
+			return false
+		}
+		res.Body.Close()
+		return res.StatusCode == http.StatusOK
+	}
+	var wake, plain time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		// Put it to sleep the orchestrator's way.
+		_, err := f.Pool.Exec(ctx, `UPDATE engines SET last_active_at = now() - interval '2 hours', updated_at = now() - interval '2 hours' WHERE id = $1`, e.ID)
+		require.NoError(b, err)
+		// (Eventually: the last job may not have released its lease yet.)
+		require.Eventually(b, func() bool { return f.idleSweep() == 1 }, 5*time.Second, 5*time.Millisecond)
+		require.Eventually(b, func() bool { return f.row(e.ID).Status == "sleeping" }, 30*time.Second, 5*time.Millisecond)
+
+		start := time.Now()
+		w := f.call("POST", "/engines/bench/admit", key, map[string]any{"auto_wake": true})
+		wake += time.Since(start)
+		require.Equal(b, true, w.Body["admitted"], "%v", w.Body)
+
+		// The baseline: the same container, stopped and started by hand.
+		_, err = cli.ContainerStop(ctx, name, client.ContainerStopOptions{})
+		require.NoError(b, err)
+		start = time.Now()
+		_, err = cli.ContainerStart(ctx, name, client.ContainerStartOptions{})
+		require.NoError(b, err)
+		for !healthy() {
+			time.Sleep(5 * time.Millisecond)
+		}
+		plain += time.Since(start)
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(wake.Milliseconds())/float64(b.N), "wake_ms")
+	b.ReportMetric(float64(plain.Milliseconds())/float64(b.N), "docker_start_ms")
+	b.ReportMetric(float64(wake)/float64(plain), "ratio")
+}

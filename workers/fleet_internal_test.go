@@ -1,0 +1,58 @@
+package workers
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestBackoff(t *testing.T) {
+	t.Parallel()
+	s := time.Second
+	for _, c := range []struct {
+		base, max time.Duration
+		attempt   int
+		want      time.Duration
+	}{
+		{5 * s, 300 * s, 1, 5 * s},
+		{5 * s, 300 * s, 2, 10 * s},
+		{5 * s, 300 * s, 3, 20 * s},
+		{5 * s, 300 * s, 6, 160 * s},
+		{5 * s, 300 * s, 7, 300 * s},
+		{5 * s, 300 * s, 60, 300 * s},
+		{s, 0, 4, 8 * s},
+		{0, 300 * s, 3, 0},
+		{5 * s, 300 * s, 0, 5 * s},
+	} {
+		require.Equal(t, c.want, Backoff(c.base, c.max, c.attempt), "base %s max %s attempt %d", c.base, c.max, c.attempt)
+	}
+}
+
+// Each engine gets exactly one sampled health_check per audit window.
+func TestHealthCheckSampling(t *testing.T) {
+	t.Parallel()
+	w := &Workers{cfg: fleetDefaults(Config{HealthInterval: 30 * time.Second})}
+	start := time.Date(2026, 3, 1, 10, 0, 0, 0, time.UTC)
+	perEngine := map[string]int{}
+	perSweep := map[int]int{}
+	for e := 0; e < 1000; e++ {
+		id := fmt.Sprintf("00000000-0000-4000-8000-%012d", e)
+		for i := 0; i < 120; i++ { // one hour of sweeps
+			if w.sampled(id, start.Add(time.Duration(i)*30*time.Second)) {
+				perEngine[id]++
+				perSweep[i]++
+			}
+		}
+	}
+	require.Len(t, perEngine, 1000)
+	for id, n := range perEngine {
+		require.Equal(t, 1, n, id)
+	}
+	for i, n := range perSweep {
+		require.Less(t, n, 30, "sweep %d wrote %d rows: samples are spread", i, n)
+	}
+	every := &Workers{cfg: fleetDefaults(Config{HealthInterval: 2 * time.Hour})}
+	require.True(t, every.sampled("x", start), "intervals beyond the window sample every sweep")
+}

@@ -1,0 +1,373 @@
+package workers
+
+import (
+	"context"
+	"errors"
+	"hash/fnv"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/riverqueue/river"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/schema"
+)
+
+// Health sweeps (SPEC §6). A sweep lists the running engines and enqueues
+// them as batches of HealthBatchSize on their nodes' queues, so several
+// workers share a large fleet. A batch probes its engines, at most
+// ProbeConcurrency at once per worker process (a probe that times out
+// holds one slot, not the batch), then writes in one transaction:
+//
+//   - one UPDATE … WHERE id = ANY(healthy) for every healthy engine
+//     (last_health_at = now, failure count reset);
+//   - one UPDATE … RETURNING for the failed ones (count + 1);
+//   - one INSERT of the batch's audit rows: each failed probe, and the
+//     sampled health_check of healthy engines (one per engine per
+//     HealthAuditEvery: each engine has a fixed slot among the sweeps of
+//     that window, so no read is needed to decide).
+//
+// An engine that reaches HealthMaxFailures goes failed in its own
+// transaction (audit health_failed) which also schedules auto-restart
+// attempt 1 (restart.go). Engines that an operation or a lease is working
+// on are skipped: a stop in progress is not a failure.
+
+type healthSweepWorker struct {
+	river.WorkerDefaults[jobs.HealthSweep]
+	w *Workers
+}
+
+func (h *healthSweepWorker) Timeout(*river.Job[jobs.HealthSweep]) time.Duration { return time.Minute }
+
+func (h *healthSweepWorker) Work(ctx context.Context, j *river.Job[jobs.HealthSweep]) error {
+	start := time.Now()
+	rc := river.ClientFromContext[pgx.Tx](ctx)
+	n, batches, err := h.w.fanOutSweep(ctx, rc, j.Args)
+	attrs := []any{"job_kind", j.Kind, "engines", n, "batches", batches, "duration_ms", time.Since(start).Milliseconds()}
+	if j.Args.Node != "" {
+		attrs = append(attrs, "node", j.Args.Node)
+	}
+	if j.Args.Reason != "" {
+		attrs = append(attrs, "reason", j.Args.Reason)
+	}
+	if err != nil {
+		h.w.log.Warn("job", append(attrs, "error", err.Error())...)
+		return err
+	}
+	h.w.log.Debug("job", attrs...)
+	return nil
+}
+
+// fanOutSweep enqueues the batches of one sweep; returns the engines and
+// batches enqueued.
+func (w *Workers) fanOutSweep(ctx context.Context, rc *river.Client[pgx.Tx], a jobs.HealthSweep) (int, int, error) {
+	tick := a.Tick
+	if tick.IsZero() {
+		tick = time.Now()
+	}
+	list, err := schema.New(w.pool).RunningEngines(ctx, a.Node)
+	if err != nil {
+		return 0, 0, err
+	}
+	var params []river.InsertManyParams
+	for i := 0; i < len(list); {
+		node := list[i].Node
+		b := jobs.HealthSweepBatch{Tick: tick, Node: node}
+		for ; i < len(list) && list[i].Node == node && len(b.EngineIDs) < w.cfg.HealthBatchSize; i++ {
+			b.EngineIDs = append(b.EngineIDs, list[i].ID)
+		}
+		params = append(params, river.InsertManyParams{Args: b})
+	}
+	if len(params) == 0 {
+		return 0, 0, nil
+	}
+	if _, err := rc.InsertMany(ctx, params); err != nil {
+		return 0, 0, err
+	}
+	return len(list), len(params), nil
+}
+
+// SweepNow sweeps the running engines of node ("" = every node this
+// worker can reach: its own) at once, in this goroutine, batch after batch
+// (tests, operators). rc enqueues the auto-restarts.
+func (w *Workers) SweepNow(ctx context.Context, rc *river.Client[pgx.Tx], node string) (BatchResult, error) {
+	if node == "" {
+		node = w.cfg.Node
+	}
+	list, err := schema.New(w.pool).RunningEngines(ctx, node)
+	if err != nil {
+		return BatchResult{}, err
+	}
+	var total BatchResult
+	tick := time.Now()
+	for i := 0; i < len(list); i += w.cfg.HealthBatchSize {
+		b := jobs.HealthSweepBatch{Tick: tick, Node: node}
+		for _, ne := range list[i:min(i+w.cfg.HealthBatchSize, len(list))] {
+			b.EngineIDs = append(b.EngineIDs, ne.ID)
+		}
+		res, err := w.SweepBatch(ctx, rc, b)
+		total.Probed += res.Probed
+		total.Healthy += res.Healthy
+		total.Failed += res.Failed
+		total.NowFailed += res.NowFailed
+		if err != nil {
+			return total, err
+		}
+	}
+	return total, nil
+}
+
+type healthBatchWorker struct {
+	river.WorkerDefaults[jobs.HealthSweepBatch]
+	w *Workers
+}
+
+// Timeout leaves room for every probe of the batch to time out while
+// waiting for a probe slot behind other batches.
+func (h *healthBatchWorker) Timeout(j *river.Job[jobs.HealthSweepBatch]) time.Duration {
+	rounds := (len(j.Args.EngineIDs) + h.w.cfg.ProbeConcurrency - 1) / h.w.cfg.ProbeConcurrency
+	return time.Duration(2*rounds+2)*h.w.cfg.ProbeTimeout + time.Minute
+}
+
+func (h *healthBatchWorker) Work(ctx context.Context, j *river.Job[jobs.HealthSweepBatch]) error {
+	start := time.Now()
+	res, err := h.w.SweepBatch(ctx, river.ClientFromContext[pgx.Tx](ctx), j.Args)
+	attrs := []any{"job_kind", j.Kind, "node", j.Args.Node, "engines", res.Probed, "healthy", res.Healthy,
+		"failed_probes", res.Failed, "now_failed", res.NowFailed, "duration_ms", time.Since(start).Milliseconds()}
+	if err != nil {
+		h.w.log.Warn("job", append(attrs, "error", err.Error())...)
+		return err
+	}
+	if res.Failed > 0 {
+		h.w.log.Info("job", attrs...)
+	} else {
+		h.w.log.Debug("job", attrs...)
+	}
+	return nil
+}
+
+// BatchResult counts what one sweep batch saw and did.
+type BatchResult struct {
+	Probed    int // engines probed (running and quiet)
+	Healthy   int
+	Failed    int // failed probes
+	NowFailed int // engines that reached the threshold and went failed
+}
+
+type probeResult struct {
+	e   orch.Engine
+	err error
+	dur time.Duration
+}
+
+// SweepBatch probes one batch and records the results (see the file
+// comment). rc enqueues the auto-restarts of engines that go failed.
+func (w *Workers) SweepBatch(ctx context.Context, rc *river.Client[pgx.Tx], b jobs.HealthSweepBatch) (BatchResult, error) {
+	var res BatchResult
+	targets, err := schema.New(w.pool).ProbeTargets(ctx, b.Node, b.EngineIDs)
+	if err != nil {
+		return res, err
+	}
+	results := w.probeAll(ctx, targets)
+	if ctx.Err() != nil {
+		return res, ctx.Err()
+	}
+	res.Probed = len(results)
+	tick := b.Tick
+	if tick.IsZero() {
+		tick = time.Now()
+	}
+	var healthy, failed []string
+	var audits []orch.AuditEntry
+	errs := map[string]error{}
+	for _, r := range results {
+		if r.err == nil {
+			healthy = append(healthy, r.e.ID)
+			if w.sampled(r.e.ID, tick) {
+				audits = append(audits, orch.AuditEntry{ProductID: r.e.ProductID, UserID: r.e.UserID, EngineID: r.e.ID,
+					Action: orch.ActionHealthCheck, Actor: orch.ActorSystem, DurationMS: ptr(r.dur.Milliseconds()),
+					Metadata: map[string]any{"ok": true, "sampled": true}})
+			}
+			continue
+		}
+		failed = append(failed, r.e.ID)
+		errs[r.e.ID] = r.err
+	}
+	res.Healthy, res.Failed = len(healthy), len(failed)
+	var counts []schema.FailureCount
+	err = inTx(ctx, w.pool, func(tx pgx.Tx) error {
+		q := schema.New(tx)
+		if _, err := q.MarkHealthy(ctx, healthy); err != nil {
+			return err
+		}
+		var err error
+		if counts, err = q.CountFailures(ctx, failed); err != nil {
+			return err
+		}
+		byID := map[string]probeResult{}
+		for _, r := range results {
+			byID[r.e.ID] = r
+		}
+		for _, c := range counts {
+			r := byID[c.ID]
+			audits = append(audits, orch.AuditEntry{ProductID: r.e.ProductID, UserID: r.e.UserID, EngineID: r.e.ID,
+				Action: orch.ActionHealthCheck, Actor: orch.ActorSystem, DurationMS: ptr(r.dur.Milliseconds()),
+				Metadata: map[string]any{"ok": false, "error": r.err.Error(), "failures": c.Failures,
+					"max_failures": w.cfg.HealthMaxFailures}})
+		}
+		return q.InsertAudits(ctx, audits)
+	})
+	if err != nil {
+		return res, err
+	}
+	for _, c := range counts {
+		if c.Failures < w.cfg.HealthMaxFailures {
+			continue
+		}
+		ok, err := w.failEngine(ctx, rc, c.ID, w.cfg.HealthMaxFailures, map[string]any{
+			"reason": "health", "failures": c.Failures, "error": errs[c.ID].Error()})
+		if err != nil {
+			w.log.Warn("mark engine failed", "engine_id", c.ID, "error", err)
+			continue
+		}
+		if ok {
+			res.NowFailed++
+		}
+	}
+	return res, nil
+}
+
+// probeAll probes every target, at most ProbeConcurrency at once across
+// this process, each within ProbeTimeout.
+func (w *Workers) probeAll(ctx context.Context, targets []orch.Engine) []probeResult {
+	out := make([]probeResult, len(targets))
+	var wg sync.WaitGroup
+	for i, e := range targets {
+		select {
+		case w.fleet.probes <- struct{}{}:
+		case <-ctx.Done():
+			wg.Wait()
+			return out[:i]
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-w.fleet.probes }()
+			out[i] = w.probe(ctx, e)
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+// probe checks one engine's /health within ProbeTimeout.
+func (w *Workers) probe(ctx context.Context, e orch.Engine) probeResult {
+	start := time.Now()
+	pctx, cancel := context.WithTimeout(ctx, w.cfg.ProbeTimeout)
+	defer cancel()
+	err := Probe(pctx, w.http, w.probeURL(e))
+	if err != nil && errors.Is(pctx.Err(), context.DeadlineExceeded) && ctx.Err() == nil {
+		err = errors.New("probe: timed out after " + w.cfg.ProbeTimeout.String())
+	}
+	return probeResult{e: e, err: err, dur: time.Since(start)}
+}
+
+// sampled reports whether a healthy probe of engine id at tick gets its
+// health_check audit row: each engine owns one of the N sweeps of every
+// HealthAuditEvery window (N = window / interval), picked by a hash of
+// its id, so rows are spread evenly over the window and no state is read.
+func (w *Workers) sampled(id string, tick time.Time) bool {
+	n := int64(w.cfg.HealthAuditEvery / w.cfg.HealthInterval)
+	if n <= 1 {
+		return true
+	}
+	h := fnv.New32a()
+	h.Write([]byte(id)) //nolint:errcheck
+	slot := int64(h.Sum32()) % n
+	return (tick.UnixNano()/int64(w.cfg.HealthInterval))%n == slot
+}
+
+// failEngine makes a running, quiet engine failed (audit health_failed
+// with meta) and schedules auto-restart attempt 1, in one transaction.
+// minFailures > 0 re-checks the failure count under the row lock. It
+// reports whether the engine went failed (false: it changed meanwhile).
+func (w *Workers) failEngine(ctx context.Context, rc *river.Client[pgx.Tx], engineID string, minFailures int, meta map[string]any) (bool, error) {
+	var done bool
+	err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+		q := schema.New(tx)
+		cur, err := q.EngineByIDForUpdate(ctx, engineID)
+		if orch.IsCode(err, orch.CodeEngineNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if cur.Status != orch.StateRunning || cur.HealthFailures < minFailures {
+			return nil
+		}
+		if quiet, err := q.EngineQuiet(ctx, engineID); err != nil || !quiet {
+			return err
+		}
+		reason, _ := meta["reason"].(string)
+		lastErr, _ := meta["error"].(string)
+		if lastErr == "" {
+			lastErr = reason
+		}
+		cur, err = q.SetEngineState(ctx, cur, schema.EngineChange{Status: orch.StateFailed, RestartAttempts: ptr(0),
+			LastError: ptr(lastErr)})
+		if err != nil {
+			return err
+		}
+		meta["restart_max_attempts"] = w.cfg.RestartMaxAttempts
+		if err := q.InsertAudit(ctx, orch.AuditEntry{ProductID: cur.ProductID, UserID: cur.UserID, EngineID: cur.ID,
+			Action: orch.ActionHealthFailed, Actor: orch.ActorSystem, Metadata: meta}); err != nil {
+			return err
+		}
+		if w.cfg.RestartMaxAttempts > 0 {
+			if err := w.scheduleAutoRestart(ctx, q, tx, rc, cur, 1); err != nil {
+				return err
+			}
+		}
+		done = true
+		return nil
+	})
+	if done {
+		w.log.Warn("engine failed", "engine_id", engineID, "reason", meta["reason"], "error", meta["error"])
+	}
+	return done, err
+}
+
+// scheduleAutoRestart records auto-restart attempt n of a failed engine as
+// a pending "system" restart operation, points the row at it and enqueues
+// its engine_restart job to run after the backoff, all within tx.
+func (w *Workers) scheduleAutoRestart(ctx context.Context, q *schema.Queries, tx pgx.Tx, rc *river.Client[pgx.Tx], e orch.Engine, attempt int) error {
+	if rc == nil {
+		return errors.New("schedule auto-restart: no river client")
+	}
+	op := orch.Operation{ID: uuid.NewString(), ProductID: e.ProductID, EngineID: e.ID, UserID: e.UserID,
+		Kind: orch.OpRestart, Actor: orch.ActorSystem, Status: orch.OpPending}
+	if err := q.InsertOperation(ctx, op, schema.OpPayload{}); err != nil {
+		return err
+	}
+	var opts *river.InsertOpts
+	delay := Backoff(w.cfg.RestartBackoffBase, w.cfg.RestartBackoffMax, attempt)
+	if delay > 0 {
+		opts = &river.InsertOpts{ScheduledAt: time.Now().Add(delay)}
+	}
+	res, err := rc.InsertTx(ctx, tx, jobs.Restart{Lifecycle: jobs.Lifecycle{EngineID: e.ID, OperationID: op.ID, Node: e.Node},
+		Auto: true, Attempt: attempt}, opts)
+	if err != nil {
+		return err
+	}
+	if res.UniqueSkippedAsDuplicate {
+		return errors.New("schedule auto-restart: a restart job is already in flight for this engine")
+	}
+	if err := q.SetOperationJob(ctx, op.ID, res.Job.ID); err != nil {
+		return err
+	}
+	_, err = q.SetEngineState(ctx, e, schema.EngineChange{Status: orch.StateFailed, OperationID: &op.ID})
+	return err
+}

@@ -1,0 +1,98 @@
+package workers
+
+import (
+	"context"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/riverdriver/riverpgxv5"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/schema"
+)
+
+// Auto-restart (SPEC §6). When an engine goes failed (health.go, events.go)
+// attempt 1 is scheduled as a "system" restart operation whose
+// engine_restart job (Auto, Attempt n) runs after min(base·2^(n-1), max).
+// An attempt audits auto_restart_start, then:
+//
+//   - probes first: an engine that is healthy again (Docker's restart
+//     policy brought a crashed container back, or it recovered by itself)
+//     is not restarted, just marked running;
+//   - otherwise stops it (grace) and boots it again: Ensure recreates a
+//     container that is gone, on the same volume;
+//   - success: running, failure and attempt counters reset, audit
+//     auto_restart_success;
+//   - failure: audit auto_restart_failed, restart_attempts = n, and in the
+//     same transaction either attempt n+1 is scheduled (this job completes
+//     itself in that transaction, so the next one is not a duplicate of a
+//     running job) or, after ORCH_RESTART_MAX_ATTEMPTS, auto_restart_gave_up
+//     is audited and the engine stays failed (admit: engine_unhealthy).
+//
+// The row points at the pending attempt's operation, so a manual start,
+// restart, stop or destroy finds it and cancels it (api operate); a
+// superseded attempt changes nothing and schedules nothing.
+
+func (w *Workers) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) error {
+	n := max(j.Args.Attempt, 1)
+	maxN := w.cfg.RestartMaxAttempts
+	return w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, try int, last bool) outcome {
+		meta := map[string]any{"attempt": n, "max_attempts": maxN}
+		if e.Status != orch.StateFailed {
+			// Nothing to restart (the row moved on without this operation).
+			return outcome{}
+		}
+		if try > 1 {
+			meta["try"] = try
+		}
+		if err := schema.New(w.pool).InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
+			Action: orch.ActionAutoRestartStart, Actor: orch.ActorSystem,
+			Metadata: map[string]any{"attempt": n, "max_attempts": maxN, "operation_id": op.ID, "last_error": e.LastError}}); err != nil {
+			w.log.Warn("audit auto_restart_start", "engine_id", e.ID, "error", err)
+		}
+		start := time.Now()
+		var out outcome
+		pctx, cancel := context.WithTimeout(ctx, w.cfg.ProbeTimeout)
+		perr := Probe(pctx, w.http, w.probeURL(e))
+		cancel()
+		switch {
+		case perr == nil:
+			meta["already_healthy"] = true
+			out = bootOutcome(orch.ActionAutoRestartSuccess, time.Since(start), nil, meta)
+		default:
+			if err := w.backend.Stop(ctx, e.ID, w.cfg.StopGrace); err != nil {
+				out = bootOutcome(orch.ActionAutoRestartFailed, time.Since(start), backendErr("stop engine", err), meta)
+				break
+			}
+			d, err := w.bootAndWait(ctx, e, w.currentSpec(e))
+			action := orch.ActionAutoRestartSuccess
+			if err != nil {
+				action = orch.ActionAutoRestartFailed
+			}
+			out = bootOutcome(action, d, err, meta)
+		}
+		out.duration = time.Since(start)
+		if out.err == nil {
+			return out
+		}
+		out.change.RestartAttempts = &n
+		out.after = func(ctx context.Context, q *schema.Queries, tx pgx.Tx) error {
+			if n >= maxN {
+				return q.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
+					Action: orch.ActionAutoRestartGaveUp, Actor: orch.ActorSystem,
+					Metadata: map[string]any{"attempts": n, "error_code": string(orch.ErrorCode(out.err)), "error": errMessage(out.err)}})
+			}
+			cur, err := q.EngineByIDForUpdate(ctx, e.ID)
+			if err != nil {
+				return err
+			}
+			if _, err := river.JobCompleteTx[*riverpgxv5.Driver](ctx, tx, j); err != nil {
+				return err
+			}
+			return w.scheduleAutoRestart(ctx, q, tx, river.ClientFromContext[pgx.Tx](ctx), cur, n+1)
+		}
+		return out
+	})
+}
