@@ -23,8 +23,9 @@ bench: ## benchmarks side by side with their baselines, printed as a table
 	@mkdir -p .data && url="$${ORCH_TEST_DATABASE_URL:-$$(scripts/pg.sh)}" && \
 	ORCH_TEST_DATABASE_URL="$$url" $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./... | tee .data/bench.log
 
-gen: ## regenerate openapi.yaml (and the SDK)
+gen: ## regenerate openapi.yaml, its 3.0 rendering and the Go SDK
 	$(GO) test ./api -run OpenAPIGolden -update >/dev/null
+	cd sdk/go && $(GO) tool oapi-codegen -config oapi-codegen.yaml openapi-3.0.yaml
 
 image: engine-image orchestrator-image ## enginefleet/engine:$(VERSION) and enginefleet/orchestrator:$(VERSION), FROM scratch
 

@@ -24,4 +24,15 @@ func TestOpenAPIGolden(t *testing.T) {
 	want, err := os.ReadFile(path)
 	require.NoError(t, err)
 	require.Equal(t, string(want), string(got), "openapi.yaml is stale: run `make gen`")
+
+	// The 3.0 rendering the Go SDK is generated from.
+	got30, err := api.OpenAPI30YAML("dev")
+	require.NoError(t, err)
+	const path30 = "../sdk/go/openapi-3.0.yaml"
+	if *update {
+		require.NoError(t, os.WriteFile(path30, got30, 0o644))
+	}
+	want30, err := os.ReadFile(path30)
+	require.NoError(t, err)
+	require.Equal(t, string(want30), string(got30), "sdk/go/openapi-3.0.yaml is stale: run `make gen`")
 }

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net/http"
 	"regexp"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -38,6 +40,8 @@ type Config struct {
 	KeyOverlap    time.Duration // engine key rotation overlap
 	Version       string
 	ProductsCache time.Duration // negative-cache lifetime for unknown platform keys
+
+	Metrics *metrics.Metrics // admit and request latency (nil = none)
 }
 
 // Server is one API replica.
@@ -54,6 +58,7 @@ type Server struct {
 	activity activity
 	rates    rateLimiter // admit rate limits shared with every replica (ratelimit.go)
 	migrated atomic.Bool
+	adminUI  *adminUI // River UI at /admin/jobs (adminui.go)
 }
 
 // New builds the API. river may be an insert-only client (no workers).
@@ -70,6 +75,7 @@ func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyr
 	s.api = humago.New(s.mux, humaConfig(cfg.Version))
 	s.api.UseMiddleware(s.authMiddleware)
 	s.register()
+	s.mountAdminUI()
 	fixErrorResponses(s.api.OpenAPI())
 	// Anything huma does not route gets the envelope too.
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
@@ -101,6 +107,8 @@ func (s *Server) register() {
 	s.registerHealth()
 	s.registerProducts()
 	s.registerEngines()
+	s.registerBackups()
+	s.registerAudit()
 	s.registerFleet()
 }
 
@@ -111,6 +119,7 @@ func (s *Server) Handler() http.Handler {
 
 // Run starts the server's background work (the NOTIFY listener) until ctx ends.
 func (s *Server) Run(ctx context.Context) {
+	s.startAdminUI(ctx)
 	l := &listener{pool: s.pool, log: s.log, handlers: map[string]func(string){
 		schema.ChannelProducts: s.products.invalidate,
 		schema.ChannelOps:      s.waiters.wake,
@@ -163,6 +172,7 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 		ctx := context.WithValue(r.Context(), ctxRequestID, rid)
 		ctx = context.WithValue(ctx, ctxLogAttrs, la)
 		rec := &statusRecorder{ResponseWriter: w}
+		r2 := r.WithContext(ctx) // the mux records the matched pattern on it
 		defer func() {
 			if p := recover(); p != nil {
 				s.log.Error("panic in handler", "request_id", rid, "panic", fmt.Sprint(p))
@@ -170,8 +180,13 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 					writeEnvelope(rec, r.WithContext(ctx), http.StatusInternalServerError, orch.CodeInternal, "internal error")
 				}
 			}
-			attrs := []any{"method", r.Method, "path", r.URL.Path, "status", rec.status,
-				"duration_ms", float64(time.Since(start).Microseconds()) / 1000, "request_id", rid}
+			status, took, route := rec.status, time.Since(start), routeOf(r2.Pattern)
+			if status == 0 {
+				status = http.StatusOK // nothing written: net/http sends 200
+			}
+			s.cfg.Metrics.ObserveRequest(r.Method, route, status, took)
+			attrs := []any{"method", r.Method, "route", route, "path", r.URL.Path, "status", status,
+				"duration_ms", float64(took.Microseconds()) / 1000, "request_id", rid}
 			if la.product != "" {
 				attrs = append(attrs, "product", la.product)
 			}
@@ -179,13 +194,25 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 				attrs = append(attrs, "error", la.err.Error())
 			}
 			level := slog.LevelInfo
-			if rec.status >= 500 {
+			if status >= 500 {
 				level = slog.LevelError
 			}
 			s.log.Log(ctx, level, "request", attrs...)
 		}()
-		next.ServeHTTP(rec, r.WithContext(ctx))
+		next.ServeHTTP(rec, r2)
 	})
+}
+
+// routeOf is a mux pattern without its method ("POST /engines/{user_id}/admit"
+// → "/engines/{user_id}/admit"); "" for the catch-all (no route matched).
+func routeOf(pattern string) string {
+	if i := strings.IndexByte(pattern, ' '); i >= 0 {
+		pattern = pattern[i+1:]
+	}
+	if pattern == "/" {
+		return ""
+	}
+	return pattern
 }
 
 func writeEnvelope(w http.ResponseWriter, r *http.Request, status int, code orch.Code, msg string) {
@@ -217,4 +244,11 @@ func fixErrorResponses(doc *huma.OpenAPI) {
 			}
 		}
 	}
+}
+
+// OpenAPI30YAML renders the document downgraded to OpenAPI 3.0.3, for code
+// generators that do not read 3.1 yet (the Go SDK's oapi-codegen).
+func OpenAPI30YAML(version string) ([]byte, error) {
+	s := New(Config{Version: version}, nil, nil, nil, slog.New(slog.DiscardHandler))
+	return s.api.OpenAPI().DowngradeYAML()
 }

@@ -55,7 +55,7 @@ func layer(path string) (string, int) {
 		return "backend", 2
 	case "api", "workers", "scheduler":
 		return top, 3
-	case "cmd", "e2e", "internal", "sdk":
+	case "cmd", "e2e", "internal", "sdk", "deploy":
 		return top, 9
 	}
 	return top, 9

@@ -1,0 +1,246 @@
+// Package enginefleet is the Go client of the engine fleet orchestrator.
+//
+// client.gen.go is generated from openapi-3.0.yaml by oapi-codegen (make
+// gen) and gives every operation; this file adds a thin layer where it
+// earns its place: key headers set once, Admit returning the engine or a
+// typed denial, and errors carrying the API's stable code.
+package enginefleet
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+)
+
+// Orchestrator talks to one orchestrator with one key (a product's
+// platform key, or the admin key for /products). The generated methods of
+// ClientWithResponses are all available on it.
+type Orchestrator struct {
+	*ClientWithResponses
+}
+
+// Option configures a Client.
+type Option func(*options)
+
+type options struct {
+	platformKey, adminKey string
+	http                  HttpRequestDoer
+}
+
+// WithPlatformKey sends X-Platform-Key on every request (product routes).
+func WithPlatformKey(key string) Option { return func(o *options) { o.platformKey = key } }
+
+// WithAdminKey sends X-Admin-Key on every request (admin routes).
+func WithAdminKey(key string) Option { return func(o *options) { o.adminKey = key } }
+
+// UseHTTPClient uses c instead of http.DefaultClient.
+func UseHTTPClient(c HttpRequestDoer) Option { return func(o *options) { o.http = c } }
+
+// New returns a client of the orchestrator at baseURL (e.g. https://orch.example.com).
+func New(baseURL string, opts ...Option) (*Orchestrator, error) {
+	var o options
+	for _, fn := range opts {
+		fn(&o)
+	}
+	copts := []ClientOption{WithRequestEditorFn(func(_ context.Context, req *http.Request) error {
+		if o.platformKey != "" {
+			req.Header.Set("X-Platform-Key", o.platformKey)
+		}
+		if o.adminKey != "" {
+			req.Header.Set("X-Admin-Key", o.adminKey)
+		}
+		return nil
+	})}
+	if o.http != nil {
+		copts = append(copts, WithHTTPClient(o.http))
+	}
+	c, err := NewClientWithResponses(baseURL, copts...)
+	if err != nil {
+		return nil, err
+	}
+	return &Orchestrator{c}, nil
+}
+
+// Error is an error answered by the orchestrator, with its stable code.
+type Error struct {
+	Status    int
+	Code      string // e.g. ENGINE_NOT_FOUND, QUOTA_EXCEEDED
+	Message   string
+	RequestID string
+}
+
+func (e *Error) Error() string {
+	return fmt.Sprintf("orchestrator: %d %s: %s", e.Status, e.Code, e.Message)
+}
+
+// Code returns the stable error code of err, or "" if err is not an *Error.
+func Code(err error) string {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return ""
+}
+
+// check turns a non-2xx answer into an *Error.
+func check(res *http.Response, body []byte, err error) error {
+	if err != nil {
+		return err
+	}
+	if res.StatusCode < 300 {
+		return nil
+	}
+	var env ErrorResponse
+	if json.Unmarshal(body, &env) != nil || env.Error.Code == "" {
+		return &Error{Status: res.StatusCode, Code: "UNKNOWN", Message: http.StatusText(res.StatusCode)}
+	}
+	e := &Error{Status: res.StatusCode, Code: env.Error.Code, Message: env.Error.Message}
+	if env.Error.RequestId != nil {
+		e.RequestID = *env.Error.RequestId
+	}
+	return e
+}
+
+// AdmitOptions are admit's switches.
+type AdmitOptions struct {
+	AutoProvision bool // provision an engine when the user has none
+	AutoWake      bool // start a sleeping or stopped engine
+}
+
+// Denial is an admit that did not admit, and why: "engine_not_found",
+// "engine_sleeping" or "engine_unhealthy".
+type Denial struct{ Reason string }
+
+// Admit is the call a product makes on every user request: the user's
+// engine when admitted, else a Denial; errors are *Error (RATE_LIMITED,
+// QUOTA_EXCEEDED, BOOT_TIMEOUT…).
+func (c *Orchestrator) Admit(ctx context.Context, userID string, o AdmitOptions) (*EngineDetail, *Denial, error) {
+	res, err := c.AdmitEngineWithResponse(ctx, userID, nil, AdmitEngineJSONRequestBody{AutoProvision: &o.AutoProvision, AutoWake: &o.AutoWake})
+	if res == nil {
+		return nil, nil, err
+	}
+	if err := check(res.HTTPResponse, res.Body, err); err != nil {
+		return nil, nil, err
+	}
+	b := res.JSON200
+	if b == nil {
+		return nil, nil, &Error{Status: res.StatusCode(), Code: "UNEXPECTED", Message: "no admit body"}
+	}
+	if !b.Admitted || b.Engine == nil {
+		reason := ""
+		if b.Reason != nil {
+			reason = string(*b.Reason)
+		}
+		return nil, &Denial{Reason: reason}, nil
+	}
+	e := b.Engine
+	return &EngineDetail{ApiKey: e.ApiKey, CreatedAt: e.CreatedAt, EngineId: e.EngineId, EngineVersion: e.EngineVersion,
+		LastHealthAt: e.LastHealthAt, Status: EngineDetailStatus(e.Status), Url: e.Url, UserId: e.UserId}, nil, nil
+}
+
+// Provision creates the user's engine and waits until it is healthy.
+// version "" is the orchestrator's default image.
+func (c *Orchestrator) Provision(ctx context.Context, userID, version string) (*ProvisionBody, error) {
+	body := ProvisionEngineJSONRequestBody{UserId: userID}
+	if version != "" {
+		body.EngineVersion = &version
+	}
+	res, err := c.ProvisionEngineWithResponse(ctx, nil, body)
+	if res == nil {
+		return nil, err
+	}
+	if err := check(res.HTTPResponse, res.Body, err); err != nil {
+		return nil, err
+	}
+	return res.JSON200, nil
+}
+
+// Engine returns the user's engine, key included (ENGINE_NOT_FOUND if none).
+func (c *Orchestrator) Engine(ctx context.Context, userID string) (*EngineDetail, error) {
+	res, err := c.GetEngineWithResponse(ctx, userID)
+	if res == nil {
+		return nil, err
+	}
+	if err := check(res.HTTPResponse, res.Body, err); err != nil {
+		return nil, err
+	}
+	return res.JSON200, nil
+}
+
+// Engines lists the product's engines (no keys); status "" lists all.
+func (c *Orchestrator) Engines(ctx context.Context, status string, limit, offset int64) (*ListOutputBody, error) {
+	p := &ListEnginesParams{Limit: &limit, Offset: &offset}
+	if status != "" {
+		s := ListEnginesParamsStatus(status)
+		p.Status = &s
+	}
+	res, err := c.ListEnginesWithResponse(ctx, p)
+	if res == nil {
+		return nil, err
+	}
+	if err := check(res.HTTPResponse, res.Body, err); err != nil {
+		return nil, err
+	}
+	return res.JSON200, nil
+}
+
+// Start starts a stopped or sleeping engine and waits for it.
+func (c *Orchestrator) Start(ctx context.Context, userID string) (*OpBody, error) {
+	res, err := c.StartEngineWithResponse(ctx, userID, nil)
+	return opResult(res, err)
+}
+
+// Stop stops an engine (its brain is kept).
+func (c *Orchestrator) Stop(ctx context.Context, userID string) (*OpBody, error) {
+	res, err := c.StopEngineWithResponse(ctx, userID, nil)
+	return opResult(res, err)
+}
+
+// Destroy removes an engine, its brain and its port: irreversible.
+func (c *Orchestrator) Destroy(ctx context.Context, userID string) (*OpBody, error) {
+	res, err := c.DestroyEngineWithResponse(ctx, userID, nil)
+	return opResult(res, err)
+}
+
+type opResponse interface {
+	StatusCode() int
+}
+
+func opResult[R interface {
+	opResponse
+	*StartEngineResponse | *StopEngineResponse | *DestroyEngineResponse
+}](res R, err error) (*OpBody, error) {
+	if res == nil {
+		return nil, err
+	}
+	var hr *http.Response
+	var body []byte
+	var out *OpBody
+	switch r := any(res).(type) {
+	case *StartEngineResponse:
+		hr, body, out = r.HTTPResponse, r.Body, r.JSON200
+	case *StopEngineResponse:
+		hr, body, out = r.HTTPResponse, r.Body, r.JSON200
+	case *DestroyEngineResponse:
+		hr, body, out = r.HTTPResponse, r.Body, r.JSON200
+	}
+	if err := check(hr, body, err); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// RegisterProduct registers a product (admin key); the platform key in the
+// answer is shown only this once.
+func (c *Orchestrator) RegisterProduct(ctx context.Context, slug, displayName string) (*RegisterBody, error) {
+	res, err := c.RegisterProductWithResponse(ctx, RegisterProductJSONRequestBody{Slug: slug, DisplayName: displayName})
+	if res == nil {
+		return nil, err
+	}
+	if err := check(res.HTTPResponse, res.Body, err); err != nil {
+		return nil, err
+	}
+	return res.JSON200, nil
+}
