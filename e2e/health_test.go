@@ -206,6 +206,10 @@ func TestUnhealthyEngineFailsAndAutoRestartGivesUp(t *testing.T) {
 	r := f.row(e.ID)
 	require.Equal(t, "failed", r.Status)
 	require.Equal(t, 2, r.RestartAttempts)
+	st := f.call("GET", "/status", key, nil)
+	require.Equal(t, http.StatusOK, st.Status, "%v", st.Body)
+	require.Equal(t, "critical", st.str("health"), "/status reads the failed row")
+	require.EqualValues(t, 1, st.Body["unhealthy_count"])
 	a := f.call("POST", "/engines/ann/admit", key, nil)
 	require.Equal(t, http.StatusOK, a.Status, "%v", a.Body)
 	require.Equal(t, false, a.Body["admitted"])
@@ -346,6 +350,23 @@ func TestDockerKillDetectedAndRestarted(t *testing.T) {
 	m := engineCall(t, "GET", e.URL+"/memories?q=crash", e.Key, nil)
 	require.Equal(t, http.StatusOK, m.Status)
 	require.Len(t, m.Body["memories"], 1, "brain intact")
+
+	// A container that is gone altogether is recreated on its volume.
+	time.Sleep(300 * time.Millisecond) // the last job releases its lease
+	before := len(f.audit(e.ID))
+	_, err = cli.ContainerRemove(context.Background(), orch.ContainerName(e.ID), client.ContainerRemoveOptions{Force: true})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		rows := f.audit(e.ID)
+		return len(rows) > before && rows[len(rows)-1].Action == string(orch.ActionAutoRestartSuccess)
+	}, 30*time.Second, 50*time.Millisecond, "recreated: %v", actions(f.audit(e.ID)))
+	gone := f.audit(e.ID)[before]
+	require.Equal(t, string(orch.ActionHealthFailed), gone.Action)
+	require.Contains(t, []any{string(orch.RuntimeMissing), string(orch.RuntimeExited)}, gone.Meta["runtime_state"])
+	require.Equal(t, "crash", gone.Meta["reason"])
+	require.Equal(t, "running", f.row(e.ID).Status)
+	m = engineCall(t, "GET", e.URL+"/memories?q=crash", e.Key, nil)
+	require.Len(t, m.Body["memories"], 1, "brain intact on the recreated container")
 }
 
 // A manual stop cancels a pending auto-restart and is never undone by one
@@ -505,4 +526,49 @@ func (f *fleet) waitSweepDone(since time.Time, batches int) {
 			Scan(&sweeps, &done, &open)
 		return err == nil && sweeps >= 1 && done >= batches && open == 0
 	}, 30*time.Second, 10*time.Millisecond)
+}
+
+// Docker: an engine process that dies by itself (not `docker kill`) is
+// restarted by the daemon's unless-stopped policy. The crash is still
+// seen from the events and audited; the engine ends up running either
+// way: recovered by the runtime (health_check, recovered_by=runtime) when
+// the daemon restarted it before the check looked, or else failed, then
+// auto-restart attempt 1 finds it healthy (already_healthy) and only marks
+// it running.
+func TestDockerSelfCrashRestartedByPolicy(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, fleetOpts{backend: "docker", bootTimeout: 20 * time.Second, maxAttempts: 3, backoffBase: time.Second, events: true})
+	cli := testenv.RequireDocker(t)
+	_, key := f.product("acme", orch.Policy{})
+	e := f.provisionUser(key, "eve")
+	time.Sleep(300 * time.Millisecond)
+	in, err := cli.ContainerInspect(context.Background(), orch.ContainerName(e.ID), client.ContainerInspectOptions{})
+	require.NoError(t, err)
+	require.NotZero(t, in.Container.State.Pid)
+	require.NoError(t, syscall.Kill(in.Container.State.Pid, syscall.SIGKILL)) // a crash, from the daemon's view
+
+	var crash auditRow
+	require.Eventually(t, func() bool {
+		for _, r := range f.audit(e.ID) {
+			if r.Meta["event"] == "die" {
+				crash = r
+				return true
+			}
+		}
+		return false
+	}, 10*time.Second, 20*time.Millisecond, "the crash is audited")
+	t.Logf("crash audited as %s %v", crash.Action, crash.Meta)
+	switch crash.Action {
+	case string(orch.ActionHealthCheck):
+		require.Equal(t, "runtime", crash.Meta["recovered_by"])
+	default:
+		rows := f.waitAction(e.ID, orch.ActionAutoRestartSuccess, 1, 30*time.Second)
+		require.Equal(t, []string{"provision", "health_failed", "auto_restart_start", "auto_restart_success"}, actions(rows))
+		t.Logf("auto-restart: %v", find(rows, orch.ActionAutoRestartSuccess, 0).Meta)
+	}
+	require.Eventually(t, func() bool { return f.row(e.ID).Status == "running" }, 30*time.Second, 50*time.Millisecond)
+	in, err = cli.ContainerInspect(context.Background(), orch.ContainerName(e.ID), client.ContainerInspectOptions{})
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, in.Container.RestartCount, 1, "the daemon restarted it")
+	require.Equal(t, http.StatusOK, engineCall(t, "GET", e.URL+"/health", "", nil).Status)
 }

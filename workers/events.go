@@ -25,12 +25,17 @@ import (
 //     auto-restart attempt 1 is scheduled — no waiting for a sweep or for
 //     HealthMaxFailures probes: a dead process is not a flaky probe;
 //   - the runtime is running again (Docker's unless-stopped policy
-//     restarts a container that died on its own; `docker kill` counts as a
-//     manual stop and is not restarted): we give it up to the boot timeout
-//     to answer /health. Healthy: nothing more to do, but the crash is
-//     audited as a health_check row with ok=true, the event, the exit code
-//     and recovered_by=runtime (so /metrics can count crashes). Not
-//     healthy: failed as above.
+//     restarts a container that died on its own, ~100 ms after the die;
+//     `docker kill` counts as a manual stop and is not restarted): we give
+//     it up to the boot timeout to answer /health. Healthy: nothing more
+//     to do, but the crash is audited as a health_check row with ok=true,
+//     the event, the exit code and recovered_by=runtime (so /metrics can
+//     count crashes). Not healthy: failed as above.
+//
+// The check does not wait for Docker's restart policy: detection stays
+// fast, and when the policy restarts the container after the check has
+// marked it failed, auto-restart attempt 1 probes first, finds it healthy
+// and only marks it running (auto_restart_success, already_healthy).
 //
 // An event older than the row's last state change is stale and ignored.
 // When the stream breaks it is re-subscribed (backoff up to 10 s) and, as
@@ -135,6 +140,7 @@ const (
 // CheckCrash handles one reported crash (see the file comment) and says
 // what it did.
 func (w *Workers) CheckCrash(ctx context.Context, rc *river.Client[pgx.Tx], ev jobs.RuntimeEvent) (string, error) {
+	picked := time.Since(ev.At)
 	q := schema.New(w.pool)
 	e, err := q.EngineByID(ctx, ev.EngineID)
 	if orch.IsCode(err, orch.CodeEngineNotFound) {
@@ -155,7 +161,7 @@ func (w *Workers) CheckCrash(ctx context.Context, rc *river.Client[pgx.Tx], ev j
 	}
 	meta := map[string]any{"reason": "crash", "event": ev.Event, "exit_code": ev.ExitCode,
 		"oom": info.OOMKilled || ev.Event == "oom", "runtime_state": string(info.State),
-		"detected_ms": time.Since(ev.At).Milliseconds()}
+		"detected_ms": time.Since(ev.At).Milliseconds(), "picked_ms": picked.Milliseconds()}
 	pctx, cancel := context.WithTimeout(ctx, w.cfg.ProbeTimeout)
 	perr := Probe(pctx, w.http, w.probeURL(e))
 	cancel()
