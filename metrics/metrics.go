@@ -16,9 +16,11 @@ package metrics
 import (
 	"context"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -69,7 +71,8 @@ type Metrics struct {
 	boot          *prometheus.HistogramVec
 	jobs          *prometheus.HistogramVec
 	requests      *prometheus.HistogramVec
-	leader        prometheus.Gauge
+	leader        atomic.Uint64               // math.Float64bits of the set value
+	leaderFn      atomic.Pointer[func() bool] // when set, read at scrape time instead
 }
 
 // New builds the metrics and registers them, with the Go runtime and
@@ -100,13 +103,13 @@ func New(cfg Config) *Metrics {
 	m.requests = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: Namespace, Name: "http_request_duration_seconds",
 		Help:    "API request latency by method, route pattern and status code.",
 		Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120}}, []string{"method", "route", "code"})
-	m.leader = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Name: "scheduler_leader",
-		Help: "1 while this process's scheduler holds the leader lock."})
+	leader := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: Namespace, Name: "scheduler_leader",
+		Help: "1 while this process's scheduler holds the leader lock."}, m.leaderValue)
 	build := prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Name: "build_info",
 		Help: "Always 1; the version label is the running build.", ConstLabels: prometheus.Labels{"version": cfg.Version}})
 	build.Set(1)
 	m.reg.MustRegister(m.provisions, m.destroys, m.restarts, m.crashes, m.probeFailures, m.admit, m.boot, m.jobs,
-		m.requests, m.leader, build,
+		m.requests, leader, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Series that alerts and dashboards rate() exist from the start at 0,
 	// so the first increment is seen as one.
@@ -250,11 +253,23 @@ func (m *Metrics) SetSchedulerLeader(leader bool) {
 	if m == nil {
 		return
 	}
-	if leader {
-		m.leader.Set(1)
-	} else {
-		m.leader.Set(0)
+	m.leader.Store(math.Float64bits(b2f(leader)))
+}
+
+// SchedulerLeaderFunc makes orchestrator_scheduler_leader read leader at
+// each scrape (the scheduler's Leader method), instead of a set value.
+func (m *Metrics) SchedulerLeaderFunc(leader func() bool) {
+	if m == nil {
+		return
 	}
+	m.leaderFn.Store(&leader)
+}
+
+func (m *Metrics) leaderValue() float64 {
+	if f := m.leaderFn.Load(); f != nil {
+		return b2f((*f)())
+	}
+	return math.Float64frombits(m.leader.Load())
 }
 
 // statusText is a status code as a label value.

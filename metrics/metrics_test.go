@@ -80,6 +80,7 @@ func TestNilMetricsAreSafe(t *testing.T) {
 	m.EngineCrashed("health")
 	m.HealthProbeFailures(3)
 	m.SetSchedulerLeader(true)
+	m.SchedulerLeaderFunc(func() bool { return true })
 	req, _ := http.NewRequest("GET", "/metrics", nil)
 	w := &recorder{header: http.Header{}}
 	m.Handler().ServeHTTP(w, req)
@@ -144,6 +145,11 @@ func TestLifecycleCounters(t *testing.T) {
 	require.EqualValues(t, 0, histCount(t, g, "orchestrator_engine_boot_duration_seconds", map[string]string{"operation": "stop"}))
 	m.SetSchedulerLeader(false)
 	require.Equal(t, 0.0, gauge(t, g, "orchestrator_scheduler_leader", nil))
+	var leads atomic.Bool
+	m.SchedulerLeaderFunc(leads.Load)
+	require.Equal(t, 0.0, gauge(t, g, "orchestrator_scheduler_leader", nil))
+	leads.Store(true)
+	require.Equal(t, 1.0, gauge(t, g, "orchestrator_scheduler_leader", nil), "read at scrape time")
 }
 
 // Two Metrics in one process (parallel tests, several fleets) keep
