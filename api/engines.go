@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"strconv"
 	"strings"
@@ -11,6 +12,7 @@ import (
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -136,6 +138,8 @@ type admitOutput struct {
 	RateLimitLimit     string `header:"X-RateLimit-Limit"`
 	RateLimitRemaining string `header:"X-RateLimit-Remaining"`
 	Body               AdmitBody
+
+	path string // how it was answered (metrics.AdmitWarm/Cold/Wake), for the latency histogram
 }
 
 // ---- simple operations ----
@@ -435,8 +439,31 @@ func (s *Server) awaitEngine(ctx context.Context, p orch.Product, e orch.Engine,
 }
 
 // admit is the hot path (SPEC §3): a running engine costs the cached
-// product, the rate limit and one indexed read.
+// product, the rate limit and one indexed read. Its latency is recorded
+// by outcome: warm, cold, wake, denied (admitted:false or 429) or error.
 func (s *Server) admit(ctx context.Context, in *admitInput) (*admitOutput, error) {
+	start := time.Now()
+	out, err := s.admitUser(ctx, in)
+	s.cfg.Metrics.ObserveAdmit(admitOutcome(out, err), time.Since(start))
+	return out, err
+}
+
+func admitOutcome(out *admitOutput, err error) string {
+	var er *ErrorResponse
+	switch {
+	case errors.As(err, &er) && er.status == http.StatusTooManyRequests:
+		return metrics.AdmitDenied
+	case err != nil || out == nil:
+		return metrics.AdmitError
+	case !out.Body.Admitted && out.Status != http.StatusAccepted:
+		return metrics.AdmitDenied
+	case out.path == "":
+		return metrics.AdmitWarm
+	}
+	return out.path
+}
+
+func (s *Server) admitUser(ctx context.Context, in *admitInput) (*admitOutput, error) {
 	p := productFrom(ctx)
 	if err := orch.ValidateUserID(in.UserID); err != nil {
 		return nil, toHTTP(ctx, err)
@@ -495,6 +522,7 @@ func (s *Server) admitExisting(ctx context.Context, out *admitOutput, p orch.Pro
 	deny func(string) (*admitOutput, error)) (*admitOutput, error) {
 	switch e.Status {
 	case orch.StateRunning:
+		out.path = metrics.AdmitWarm
 		s.touch(e)
 		d, err := s.toDetail(e, "")
 		if err != nil {
@@ -529,6 +557,10 @@ func (s *Server) admitExisting(ctx context.Context, out *admitOutput, p orch.Pro
 
 // admitAfter waits for the provision or wake an admit started or joined.
 func (s *Server) admitAfter(ctx context.Context, out *admitOutput, p orch.Product, e orch.Engine, opID, key string, kind orch.OpKind, h string) (*admitOutput, error) {
+	out.path = metrics.AdmitWake
+	if kind == orch.OpProvision {
+		out.path = metrics.AdmitCold
+	}
 	if wantsAsync(h) && opID != "" {
 		d, err := s.toDetail(e, key)
 		if err != nil {
