@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"sync"
 	"time"
@@ -19,7 +20,9 @@ import (
 	"github.com/enginefleet/orchestrator/backend/docker"
 	"github.com/enginefleet/orchestrator/backend/subprocess"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/scheduler"
+	"github.com/enginefleet/orchestrator/schema"
 	"github.com/enginefleet/orchestrator/workers"
 )
 
@@ -36,6 +39,19 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 		return err
 	}
 
+	// Prometheus metrics on their own listener (never the API's: its
+	// GET /metrics is the products' JSON). Bound first, so a bad
+	// ORCH_METRICS_ADDR stops the process before anything starts.
+	m := metrics.New(metrics.Config{Source: schema.NewMetricsSource(pool), PortMin: cfg.PortMin, PortMax: cfg.PortMax,
+		Node: cfg.Node, Version: version, Log: log})
+	var metricsLn net.Listener
+	if cfg.MetricsAddr != "" {
+		if metricsLn, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
+			return fmt.Errorf("metrics listener (ORCH_METRICS_ADDR=%s): %w", cfg.MetricsAddr, err)
+		}
+		defer metricsLn.Close()
+	}
+
 	var rc *river.Client[pgx.Tx]
 	var w *workers.Workers
 	if r.worker {
@@ -43,7 +59,9 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 		if err != nil {
 			return err
 		}
-		w = workers.New(withBackups(workerConfig(cfg), cfg), pool, be, kr, log)
+		wcfg := withBackups(workerConfig(cfg), cfg)
+		wcfg.Metrics = m
+		w = workers.New(wcfg, pool, be, kr, log)
 		rc, err = river.NewClient(riverpgxv5.New(pool), w.RiverConfig(log))
 		if err != nil {
 			return fmt.Errorf("river client: %w", err)
@@ -68,8 +86,16 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 	errc := make(chan error, 1)
 	bg, cancelBG := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelBG()
+	if metricsLn != nil {
+		// Served until the very end, so a drain can be watched.
+		log.Info("metrics listening", "addr", metricsLn.Addr().String())
+		wg.Add(1)
+		go func() { defer wg.Done(); m.Serve(bg, metricsLn) }() //nolint:errcheck
+	}
 	if r.api {
-		srv := api.New(apiConfig(cfg), pool, rc, kr, log)
+		acfg := apiConfig(cfg)
+		acfg.Metrics = m
+		srv := api.New(acfg, pool, rc, kr, log)
 		wg.Add(1)
 		go func() { defer wg.Done(); srv.Run(bg) }()
 		httpSrv = &http.Server{Addr: cfg.ListenAddr, Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
@@ -95,6 +121,7 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 			return err
 		}
 		wg.Add(1)
+		m.SchedulerLeaderFunc(sch.Leader)
 		go func() { defer wg.Done(); sch.Run(upkeep) }() //nolint:errcheck
 	}
 
