@@ -480,7 +480,12 @@ func (s *Server) admitUser(ctx context.Context, in *admitInput) (*admitOutput, e
 	}
 	if err != nil {
 		s.auditDenied(p, in.UserID, orch.ErrorCode(err))
-		return nil, toHTTP(ctx, err)
+		herr := toHTTP(ctx, err)
+		if limit > 0 { // a denied admit still says where the product stands
+			herr = huma.ErrorWithHeaders(herr, http.Header{"X-RateLimit-Limit": {out.RateLimitLimit},
+				"X-RateLimit-Remaining": {out.RateLimitRemaining}})
+		}
+		return nil, herr
 	}
 	e, err := schema.New(s.pool).EngineByUser(ctx, p.ID, in.UserID)
 	notFound := orch.IsCode(err, orch.CodeEngineNotFound)

@@ -55,8 +55,8 @@ type ErrorDetail struct {
 
 // ErrorResponse is every error the API answers: the contract's envelope.
 type ErrorResponse struct {
-	status     int
-	retryAfter int // seconds; 0 = no header
+	status  int
+	headers http.Header // e.g. Retry-After, X-RateLimit-*
 	ErrorBody
 }
 
@@ -65,12 +65,14 @@ func (e *ErrorResponse) Error() string {
 }
 func (e *ErrorResponse) GetStatus() int               { return e.status }
 func (e *ErrorResponse) ContentType(ct string) string { return "application/json" }
+
+// GetHeaders returns the response headers of the error; huma merges
+// headers added with huma.ErrorWithHeaders into this same map.
 func (e *ErrorResponse) GetHeaders() http.Header {
-	h := http.Header{}
-	if e.retryAfter > 0 {
-		h.Set("Retry-After", strconv.Itoa(e.retryAfter))
+	if e.headers == nil {
+		e.headers = http.Header{}
 	}
-	return h
+	return e.headers
 }
 
 type ctxKey int
@@ -117,9 +119,9 @@ func toHTTP(ctx context.Context, err error) error {
 	}
 	var ra retryAfterError
 	if errors.As(err, &ra) {
-		out.retryAfter = ra.seconds
+		out.GetHeaders().Set("Retry-After", strconv.Itoa(ra.seconds))
 	} else if out.status == http.StatusTooManyRequests {
-		out.retryAfter = 60
+		out.GetHeaders().Set("Retry-After", "60")
 	}
 	out.ErrorBody.Error.RequestID = requestID(ctx)
 	if la, ok := ctx.Value(ctxLogAttrs).(*logAttrs); ok && out.status >= 500 {

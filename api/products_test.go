@@ -623,6 +623,8 @@ func TestRateLimitAcrossReplicas(t *testing.T) {
 		require.Equal(t, http.StatusTooManyRequests, status)
 		require.Equal(t, "RATE_LIMITED", errCode(body))
 		require.NotEmpty(t, hdr.Get("Retry-After"))
+		require.Equal(t, strconv.Itoa(limit), hdr.Get("X-RateLimit-Limit"), "a 429 admit still carries the rate-limit headers")
+		require.Equal(t, "0", hdr.Get("X-RateLimit-Remaining"))
 	}
 	// Denials are audited (sampled).
 	require.Eventually(t, func() bool {
