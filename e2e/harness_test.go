@@ -29,6 +29,7 @@ import (
 	"github.com/enginefleet/orchestrator/backend/subprocess"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/scheduler"
 	"github.com/enginefleet/orchestrator/schema"
 	"github.com/enginefleet/orchestrator/workers"
@@ -45,6 +46,7 @@ type fleetOpts struct {
 	keyOverlap  time.Duration
 	image       string // default image (docker: built for the test)
 	orphanGrace time.Duration
+	metrics     *metrics.Metrics // Prometheus metrics of the fleet's API and workers (nil = none)
 
 	// Fleet upkeep (SPEC §6, §7); zero values keep the workers' defaults
 	// (auto-restart off unless maxAttempts is set).
@@ -155,7 +157,7 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	if o.probeTimeout == 0 {
 		o.probeTimeout = 2 * time.Second
 	}
-	w := workers.New(workers.Config{Node: f.Node, DefaultImage: f.Image, BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout,
+	w := workers.New(workers.Config{Metrics: o.metrics, Node: f.Node, DefaultImage: f.Image, BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout,
 		EnvPassthrough: o.engineEnv, KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, OrphanGrace: o.orphanGrace,
 		HealthInterval: o.healthInterval, HealthMaxFailures: o.maxFailures, RestartBackoffBase: o.backoffBase,
 		RestartBackoffMax: o.backoffMax, RestartMaxAttempts: o.maxAttempts, IdleAfter: o.idleAfter, SleepMode: o.sleepMode},
@@ -190,7 +192,7 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	}
 
 	srv := api.New(api.Config{AdminKey: adminKey, DefaultImage: f.Image, PortMin: f.PortMin, PortMax: f.PortMax, Node: f.Node,
-		BootTimeout: o.bootTimeout, URLTemplate: "http://127.0.0.1:{port}", KeyOverlap: o.keyOverlap}, f.Pool, f.River, f.Keyring, log)
+		BootTimeout: o.bootTimeout, URLTemplate: "http://127.0.0.1:{port}", KeyOverlap: o.keyOverlap, Metrics: o.metrics}, f.Pool, f.River, f.Keyring, log)
 	go srv.Run(ctx)
 	ts := httptest.NewServer(srv.Handler())
 	t.Cleanup(ts.Close)

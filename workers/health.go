@@ -335,6 +335,8 @@ func (w *Workers) failEngine(ctx context.Context, rc *river.Client[pgx.Tx], engi
 		return nil
 	})
 	if done {
+		reason, _ := meta["reason"].(string)
+		w.cfg.Metrics.EngineCrashed(reason) // orchestrator_engine_crashes_total{reason}
 		w.log.Warn("engine failed", "engine_id", engineID, "reason", meta["reason"], "error", meta["error"])
 	}
 	return done, err
