@@ -62,6 +62,8 @@ func lifecycleArgs(kind orch.OpKind, l jobs.Lifecycle, fromVersion string) river
 		return jobs.Upgrade{Lifecycle: l, FromVersion: fromVersion}
 	case orch.OpDestroy:
 		return jobs.Destroy{Lifecycle: l}
+	case orch.OpRestore:
+		return jobs.Restore{Lifecycle: l}
 	}
 	panic("no job for operation kind " + string(kind))
 }

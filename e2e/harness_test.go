@@ -77,6 +77,9 @@ type fleet struct {
 	PortMax int
 	Image   string
 	Workers *workers.Workers
+	// ORCH_BACKUP_DIR and ORCH_AUDIT_EXPORT_DIR of this fleet (temporary).
+	Backups string
+	Exports string
 	Sched   *scheduler.Scheduler // with fleetOpts.scheduler
 }
 
@@ -153,11 +156,13 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 		f.Backend = b
 	}
 	t.Cleanup(f.removeEngines)
+	f.Backups, f.Exports = t.TempDir(), t.TempDir()
 
 	if o.probeTimeout == 0 {
 		o.probeTimeout = 2 * time.Second
 	}
-	w := workers.New(workers.Config{Metrics: o.metrics, Node: f.Node, DefaultImage: f.Image, BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout,
+	w := workers.New(workers.Config{Metrics: o.metrics, BackupDir: f.Backups, AuditExportDir: f.Exports, AuditRetention: 30 * 24 * time.Hour,
+		AuditExportSettle: 50 * time.Millisecond, Node: f.Node, DefaultImage: f.Image, BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout,
 		EnvPassthrough: o.engineEnv, KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, OrphanGrace: o.orphanGrace,
 		HealthInterval: o.healthInterval, HealthMaxFailures: o.maxFailures, RestartBackoffBase: o.backoffBase,
 		RestartBackoffMax: o.backoffMax, RestartMaxAttempts: o.maxAttempts, IdleAfter: o.idleAfter, SleepMode: o.sleepMode},

@@ -10,15 +10,18 @@ import (
 
 // FleetConfig is what the orchestrator's own schedules need.
 type FleetConfig struct {
-	Nodes          []string      // nodes to reconcile (default: "local")
-	HealthInterval time.Duration // ORCH_HEALTH_CHECK_INTERVAL_S (30 s)
-	IdleAfter      time.Duration // ORCH_IDLE_AFTER_S; 0 = no idle sweeps
-	IdleEvery      time.Duration // idle sweep period (1 min)
-	ReconcileEvery time.Duration // reconcile period (5 min)
+	Nodes           []string      // nodes to reconcile (default: "local")
+	HealthInterval  time.Duration // ORCH_HEALTH_CHECK_INTERVAL_S (30 s)
+	IdleAfter       time.Duration // ORCH_IDLE_AFTER_S; 0 = no idle sweeps
+	IdleEvery       time.Duration // idle sweep period (1 min)
+	ReconcileEvery  time.Duration // reconcile period (5 min)
+	BackupCron      string        // ORCH_BACKUP_CRON: nightly brain backups ("" = none)
+	AuditExportCron string        // ORCH_AUDIT_EXPORT_CRON: audit exports ("" = none)
 }
 
 // Fleet is the orchestrator's schedule list (SPEC §1): health sweeps,
-// idle sweeps, reconciles. A new periodic job is one more line here.
+// idle sweeps, reconciles, nightly backups, audit exports. A new
+// periodic job is one more line here.
 func Fleet(c FleetConfig) []Schedule {
 	if len(c.Nodes) == 0 {
 		c.Nodes = []string{"local"}
@@ -38,6 +41,12 @@ func Fleet(c FleetConfig) []Schedule {
 	}
 	if c.IdleAfter > 0 {
 		s = append(s, Every("idle_sweep", c.IdleEvery, func(t time.Time) river.JobArgs { return jobs.IdleSweep{Tick: t} }))
+	}
+	if c.BackupCron != "" {
+		s = append(s, Cron("backup", c.BackupCron, func(t time.Time) river.JobArgs { return jobs.BackupAll{Tick: t} }))
+	}
+	if c.AuditExportCron != "" {
+		s = append(s, Cron("audit_export", c.AuditExportCron, func(t time.Time) river.JobArgs { return jobs.AuditExport{Tick: t} }))
 	}
 	return s
 }

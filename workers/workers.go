@@ -40,6 +40,8 @@ type Config struct {
 	Concurrency      int
 	OrphanGrace      time.Duration // reconcile removes an unknown labelled container after this (10 min)
 
+	Metrics *metrics.Metrics // job durations, lifecycle counters, boot times (nil = none)
+
 	// Health and auto-restart (SPEC §6), idle sleep (SPEC §7): see fleet.go.
 	HealthInterval     time.Duration // sweep period (30 s); paces the sampled health_check rows
 	HealthMaxFailures  int           // consecutive failed probes before failed (3)
@@ -52,7 +54,13 @@ type Config struct {
 	IdleAfter          time.Duration // idle time before sleep (0 = never)
 	SleepMode          string        // "mark" (default) or "stop"
 
-	Metrics *metrics.Metrics // job durations, lifecycle counters, boot times (nil = none)
+	// Backups (SPEC §11) and audit exports (SPEC §10): see backup.go, restore.go, audit_export.go.
+	BackupDir         string        // ORCH_BACKUP_DIR
+	BackupRetention   time.Duration // ORCH_BACKUP_RETENTION_DAYS (7 days)
+	BackupConcurrency int           // backups at once per worker process (2)
+	AuditExportDir    string        // ORCH_AUDIT_EXPORT_DIR
+	AuditRetention    time.Duration // ORCH_AUDIT_RETENTION_DAYS (0 = keep forever)
+	AuditExportSettle time.Duration // an export runs this long after its range ends (10 s)
 }
 
 // Workers runs engine jobs against one backend.
@@ -86,6 +94,7 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, kr *keys.Keyring,
 	if cfg.OrphanGrace == 0 {
 		cfg.OrphanGrace = 10 * time.Minute
 	}
+	cfg = backupDefaults(cfg)
 	cfg = fleetDefaults(cfg)
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.MaxIdleConnsPerHost = 2
@@ -110,6 +119,7 @@ func (w *Workers) Register(ws *river.Workers) {
 	river.AddWorker(ws, &upgradeWorker{w: w})
 	river.AddWorker(ws, &destroyWorker{w: w})
 	river.AddWorker(ws, &reconcileWorker{w: w})
+	w.registerBackups(ws)
 	w.registerFleet(ws)
 }
 
@@ -121,9 +131,10 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 	return &river.Config{
 		Logger: log,
 		Queues: map[string]river.QueueConfig{
-			jobs.NodeQueue(w.cfg.Node): {MaxWorkers: w.cfg.Concurrency},
-			jobs.QueueFleet:            {MaxWorkers: 10},
-			river.QueueDefault:         {MaxWorkers: 10},
+			jobs.NodeQueue(w.cfg.Node):   {MaxWorkers: w.cfg.Concurrency},
+			jobs.QueueFleet:              {MaxWorkers: 10},
+			river.QueueDefault:           {MaxWorkers: 10},
+			jobs.BackupQueue(w.cfg.Node): {MaxWorkers: w.cfg.BackupConcurrency},
 		},
 		Workers:           ws,
 		Middleware:        []rivertype.Middleware{river.WorkerMiddlewareFunc(w.observeJob)},

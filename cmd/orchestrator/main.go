@@ -33,6 +33,10 @@ commands:
   openapi                                print the OpenAPI document (YAML)
   keys generate                          print a fresh master key and admin key
   keys rotate-master                     re-encrypt every engine key under ORCH_MASTER_KEY
+  backup list --product P --user U       list a user's brain backups
+  backup restore --product P --user U --backup ID
+                                         restore a backup into the user's engine (a worker runs it)
+  audit verify DIR                       check the audit export hash chain in DIR
   version                                print the version
 `
 
@@ -67,6 +71,10 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) er
 			})
 		}
 		return errors.New("usage: orchestrator keys generate|rotate-master")
+	case "backup":
+		return backupCommand(ctx, args[1:], stdout, stderr, getenv)
+	case "audit":
+		return auditCommand(args[1:], stdout, stderr)
 	case "migrate":
 		sub := "up"
 		if len(args) > 1 {

@@ -1,0 +1,443 @@
+// Package auditlog is the audit export file format (SPEC §10 [ours]) and
+// its chain verification. An export is a gzip-compressed JSONL file, one
+// audit row per line in id order, with a manifest next to it holding the
+// file's SHA-256, its row count and time range, and the SHA-256 of the
+// previous export's file: the exports form a hash chain, export to export.
+// Verify walks a directory of exports and names the first file that was
+// altered, is missing or is out of order. Standard library only.
+package auditlog
+
+import (
+	"bufio"
+	"compress/gzip"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"time"
+)
+
+// Format and Version identify a manifest.
+const (
+	Format  = "enginefleet.audit-export"
+	Version = 1
+)
+
+// Row is one audit_log row as an export line.
+type Row struct {
+	ID         int64           `json:"id"`
+	Timestamp  time.Time       `json:"timestamp"`
+	ProductID  string          `json:"product_id,omitempty"`
+	UserID     string          `json:"user_id,omitempty"`
+	EngineID   string          `json:"engine_id,omitempty"`
+	Action     string          `json:"action"`
+	Actor      string          `json:"actor"`
+	Metadata   json.RawMessage `json:"metadata"`
+	DurationMS *int64          `json:"duration_ms,omitempty"`
+}
+
+// Manifest describes one export file; it is written next to the file as
+// <file without .jsonl.gz>.manifest.json.
+type Manifest struct {
+	Format     string    `json:"format"`
+	Version    int       `json:"version"`
+	Seq        int64     `json:"seq"` // position in the chain, from 1
+	ExportID   string    `json:"export_id"`
+	File       string    `json:"file"`       // the data file's name (same directory)
+	SHA256     string    `json:"sha256"`     // hex SHA-256 of the data file's bytes
+	SizeBytes  int64     `json:"size_bytes"` // of the data file
+	Rows       int64     `json:"rows"`
+	FirstID    int64     `json:"first_id,omitempty"`
+	LastID     int64     `json:"last_id,omitempty"`
+	From       time.Time `json:"from"` // rows with from <= timestamp < to
+	To         time.Time `json:"to"`
+	ProductID  string    `json:"product_id,omitempty"` // only this product's rows; "" = every product
+	PrevSHA256 string    `json:"prev_sha256"`          // the previous export's sha256; "" for the first
+	CreatedAt  time.Time `json:"created_at"`
+}
+
+const stamp = "20060102T150405Z"
+
+// FileName is the data file name of export seq: the zero-padded sequence
+// first, so a directory listing is the chain's order.
+func FileName(seq int64, from, to time.Time) string {
+	return fmt.Sprintf("audit-%06d-%s-%s.jsonl.gz", seq, from.UTC().Format(stamp), to.UTC().Format(stamp))
+}
+
+// ManifestName is the manifest name of a data file.
+func ManifestName(file string) string {
+	return file[:len(file)-len(".jsonl.gz")] + ".manifest.json"
+}
+
+var (
+	dataRE     = regexp.MustCompile(`^audit-(\d{6,})-[0-9TZ]+-[0-9TZ]+\.jsonl\.gz$`)
+	manifestRE = regexp.MustCompile(`^audit-(\d{6,})-[0-9TZ]+-[0-9TZ]+\.manifest\.json$`)
+)
+
+// Writer writes one export's rows: JSONL, gzip, hashed and counted as it
+// goes. Close finishes the stream; the caller then fsyncs and renames.
+type Writer struct {
+	dst    *bufio.Writer
+	zw     *gzip.Writer
+	sum    hash.Hash
+	n      int64 // compressed bytes
+	rows   int64
+	first  int64
+	last   int64
+	enc    *json.Encoder
+	closed bool
+}
+
+type countWriter struct {
+	w io.Writer
+	n *int64
+}
+
+func (c countWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	*c.n += int64(n)
+	return n, err
+}
+
+// NewWriter writes an export to w.
+func NewWriter(w io.Writer) *Writer {
+	ew := &Writer{sum: sha256.New()}
+	ew.dst = bufio.NewWriterSize(io.MultiWriter(countWriter{w, &ew.n}, ew.sum), 256<<10)
+	ew.zw, _ = gzip.NewWriterLevel(ew.dst, gzip.DefaultCompression)
+	ew.enc = json.NewEncoder(ew.zw)
+	ew.enc.SetEscapeHTML(false)
+	return ew
+}
+
+// Write appends one row; ids must increase.
+func (w *Writer) Write(r Row) error {
+	if w.rows > 0 && r.ID <= w.last {
+		return fmt.Errorf("audit export: row %d after row %d: ids must increase", r.ID, w.last)
+	}
+	if len(r.Metadata) == 0 {
+		r.Metadata = json.RawMessage("{}")
+	}
+	r.Timestamp = r.Timestamp.UTC()
+	if err := w.enc.Encode(r); err != nil {
+		return fmt.Errorf("audit export: write row %d: %w", r.ID, err)
+	}
+	if w.rows == 0 {
+		w.first = r.ID
+	}
+	w.last = r.ID
+	w.rows++
+	return nil
+}
+
+// Close ends the gzip stream and flushes it.
+func (w *Writer) Close() error {
+	if w.closed {
+		return nil
+	}
+	w.closed = true
+	if err := w.zw.Close(); err != nil {
+		return fmt.Errorf("audit export: finish gzip: %w", err)
+	}
+	if err := w.dst.Flush(); err != nil {
+		return fmt.Errorf("audit export: flush: %w", err)
+	}
+	return nil
+}
+
+// Fill sets the manifest fields the written data decides (hash, size,
+// rows, id range). Call after Close.
+func (w *Writer) Fill(m *Manifest) {
+	m.Format, m.Version = Format, Version
+	m.SHA256 = hex.EncodeToString(w.sum.Sum(nil))
+	m.SizeBytes = w.n
+	m.Rows = w.rows
+	m.FirstID, m.LastID = w.first, w.last
+}
+
+// Rows is how many rows were written.
+func (w *Writer) Rows() int64 { return w.rows }
+
+// ReadManifest reads and decodes a manifest file.
+func ReadManifest(path string) (Manifest, error) {
+	var m Manifest
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return m, err
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		return m, fmt.Errorf("decode %s: %w", filepath.Base(path), err)
+	}
+	if m.Format != Format {
+		return m, fmt.Errorf("%s: format %q is not %q", filepath.Base(path), m.Format, Format)
+	}
+	return m, nil
+}
+
+// EncodeManifest is the manifest's file content.
+func EncodeManifest(m Manifest) ([]byte, error) {
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(b, '\n'), nil
+}
+
+// WriteFileAtomic writes data to dir/name through a temporary file in dir,
+// fsynced and renamed, then fsyncs dir: the final name never holds a
+// partial file.
+func WriteFileAtomic(dir, name string, data []byte) error {
+	f, err := os.CreateTemp(dir, ".tmp-"+name+"-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, filepath.Join(dir, name))
+	}
+	if err != nil {
+		os.Remove(tmp) //nolint:errcheck
+		return err
+	}
+	return SyncDir(dir)
+}
+
+// SyncDir fsyncs a directory, making renames and links in it durable.
+func SyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// Problem kinds Verify reports.
+const (
+	Altered   = "altered"
+	Missing   = "missing"
+	Reordered = "reordered"
+)
+
+// VerifyError names the first file of the chain that fails verification.
+type VerifyError struct {
+	Kind   string // Altered, Missing or Reordered
+	File   string // the file at fault (data file or manifest), or the expected name pattern of a missing export
+	Seq    int64
+	Detail string
+}
+
+func (e *VerifyError) Error() string {
+	return fmt.Sprintf("%s: %s (export %d): %s", e.Kind, e.File, e.Seq, e.Detail)
+}
+
+// Report summarizes a verified chain.
+type Report struct {
+	Exports int
+	Rows    int64
+	Head    string // sha256 of the last export's file ("" when there is none)
+	Last    Manifest
+}
+
+// VerifyOptions tunes Verify.
+type VerifyOptions struct {
+	// Through stops after export Through (0 = the whole chain).
+	Through int64
+	// OnRow, when set, is called with every row of every verified export
+	// (the retention purge collects the ids it may delete).
+	OnRow func(m Manifest, r Row) error
+}
+
+type entry struct {
+	data, manifest string
+}
+
+// Verify checks the chain of exports in dir: every export 1..N has its
+// data file and manifest, each file hashes to its manifest's sha256 and
+// holds exactly the rows it claims (ids increasing, timestamps in range),
+// and each manifest's prev_sha256 is the previous export's sha256. It
+// returns a *VerifyError naming the first altered, missing or reordered
+// file; other errors are I/O trouble.
+func Verify(dir string, o VerifyOptions) (Report, error) {
+	var rep Report
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return rep, fmt.Errorf("read %s: %w", dir, err)
+	}
+	bySeq := map[int64]*entry{}
+	var maxSeq int64
+	get := func(seq int64) *entry {
+		if bySeq[seq] == nil {
+			bySeq[seq] = &entry{}
+		}
+		maxSeq = max(maxSeq, seq)
+		return bySeq[seq]
+	}
+	for _, e := range ents {
+		name := e.Name()
+		if m := dataRE.FindStringSubmatch(name); m != nil {
+			seq, _ := strconv.ParseInt(m[1], 10, 64)
+			if x := get(seq); x.data != "" {
+				return rep, &VerifyError{Kind: Reordered, File: name, Seq: seq, Detail: "two data files claim export " + m[1] + ": " + x.data}
+			}
+			bySeq[seq].data = name
+		} else if m := manifestRE.FindStringSubmatch(name); m != nil {
+			seq, _ := strconv.ParseInt(m[1], 10, 64)
+			if x := get(seq); x.manifest != "" {
+				return rep, &VerifyError{Kind: Reordered, File: name, Seq: seq, Detail: "two manifests claim export " + m[1] + ": " + x.manifest}
+			}
+			bySeq[seq].manifest = name
+		}
+	}
+	if o.Through > 0 {
+		maxSeq = min(maxSeq, o.Through)
+	}
+	// Every manifest's hash, to tell a reordered file from an altered one.
+	hashes := map[string]int64{}
+	manifests := map[int64]Manifest{}
+	for seq, x := range bySeq {
+		if x.manifest == "" {
+			continue
+		}
+		m, err := ReadManifest(filepath.Join(dir, x.manifest))
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return rep, err
+			}
+			return rep, &VerifyError{Kind: Altered, File: x.manifest, Seq: seq, Detail: err.Error()}
+		}
+		manifests[seq] = m
+		hashes[m.SHA256] = seq
+	}
+
+	prev := ""
+	for seq := int64(1); seq <= maxSeq; seq++ {
+		x := bySeq[seq]
+		switch {
+		case x == nil:
+			return rep, &VerifyError{Kind: Missing, File: fmt.Sprintf("audit-%06d-*.jsonl.gz", seq), Seq: seq,
+				Detail: "neither the data file nor the manifest of this export is there"}
+		case x.manifest == "":
+			return rep, &VerifyError{Kind: Missing, File: ManifestName(x.data), Seq: seq, Detail: "manifest missing for " + x.data}
+		case x.data == "":
+			want := manifests[seq].File
+			if want == "" {
+				want = x.manifest
+			}
+			return rep, &VerifyError{Kind: Missing, File: want, Seq: seq, Detail: "data file missing (manifest " + x.manifest + ")"}
+		}
+		m := manifests[seq]
+		if m.Seq != seq || m.File != x.data {
+			return rep, &VerifyError{Kind: Reordered, File: x.manifest, Seq: seq,
+				Detail: fmt.Sprintf("manifest describes export %d (%s), found in place of export %d", m.Seq, m.File, seq)}
+		}
+		sum, rows, err := readExport(dir, m, o.OnRow)
+		if err != nil {
+			var ve *VerifyError
+			if errors.As(err, &ve) {
+				return rep, err
+			}
+			if errors.Is(err, os.ErrNotExist) {
+				return rep, &VerifyError{Kind: Missing, File: x.data, Seq: seq, Detail: err.Error()}
+			}
+			return rep, err
+		}
+		if sum != m.SHA256 {
+			if other, ok := hashes[sum]; ok && other != seq {
+				return rep, &VerifyError{Kind: Reordered, File: x.data, Seq: seq,
+					Detail: fmt.Sprintf("holds the contents of export %d (%s)", other, bySeq[other].data)}
+			}
+			return rep, &VerifyError{Kind: Altered, File: x.data, Seq: seq,
+				Detail: fmt.Sprintf("sha256 %s, manifest says %s", sum, m.SHA256)}
+		}
+		if rows.err != "" {
+			return rep, &VerifyError{Kind: Altered, File: x.data, Seq: seq, Detail: rows.err}
+		}
+		if m.PrevSHA256 != prev {
+			// This manifest no longer links to its predecessor: the
+			// predecessor (file and manifest) was replaced.
+			if seq > 1 {
+				return rep, &VerifyError{Kind: Altered, File: bySeq[seq-1].data, Seq: seq - 1,
+					Detail: fmt.Sprintf("its sha256 %s is not the prev_sha256 %s that export %d (%s) records", prev, m.PrevSHA256, seq, x.data)}
+			}
+			return rep, &VerifyError{Kind: Altered, File: x.manifest, Seq: seq, Detail: "the first export must have an empty prev_sha256"}
+		}
+		prev = sum
+		rep.Exports++
+		rep.Rows += m.Rows
+		rep.Head = sum
+		rep.Last = m
+	}
+	return rep, nil
+}
+
+type rowCheck struct{ err string }
+
+// readExport hashes the data file and checks its rows against m.
+func readExport(dir string, m Manifest, onRow func(Manifest, Row) error) (string, rowCheck, error) {
+	f, err := os.Open(filepath.Join(dir, m.File))
+	if err != nil {
+		return "", rowCheck{}, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	tee := io.TeeReader(bufio.NewReaderSize(f, 256<<10), h)
+	check := func() rowCheck {
+		zr, err := gzip.NewReader(tee)
+		if err != nil {
+			return rowCheck{"not a gzip file: " + err.Error()}
+		}
+		sc := bufio.NewScanner(zr)
+		sc.Buffer(make([]byte, 64<<10), 64<<20)
+		var n, last int64
+		for sc.Scan() {
+			var r Row
+			if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+				return rowCheck{fmt.Sprintf("line %d: %v", n+1, err)}
+			}
+			n++
+			if n > 1 && r.ID <= last {
+				return rowCheck{fmt.Sprintf("line %d: row %d after row %d", n, r.ID, last)}
+			}
+			last = r.ID
+			if r.Timestamp.Before(m.From) || !r.Timestamp.Before(m.To) {
+				return rowCheck{fmt.Sprintf("line %d: row %d at %s is outside %s – %s", n, r.ID, r.Timestamp.Format(time.RFC3339Nano),
+					m.From.Format(time.RFC3339), m.To.Format(time.RFC3339))}
+			}
+			if m.ProductID != "" && r.ProductID != m.ProductID {
+				return rowCheck{fmt.Sprintf("line %d: row %d belongs to another product", n, r.ID)}
+			}
+			if onRow != nil {
+				if err := onRow(m, r); err != nil {
+					return rowCheck{"callback: " + err.Error()}
+				}
+			}
+		}
+		if err := sc.Err(); err != nil {
+			return rowCheck{"unreadable: " + err.Error()}
+		}
+		if n != m.Rows {
+			return rowCheck{fmt.Sprintf("%d rows, manifest says %d", n, m.Rows)}
+		}
+		return rowCheck{}
+	}
+	rc := check()
+	// Hash whatever the check did not read (trailing bytes count too).
+	if _, err := io.Copy(io.Discard, tee); err != nil {
+		return "", rowCheck{}, fmt.Errorf("read %s: %w", m.File, err)
+	}
+	return hex.EncodeToString(h.Sum(nil)), rc, nil
+}

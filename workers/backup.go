@@ -1,0 +1,568 @@
+package workers
+
+import (
+	"bufio"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/riverqueue/river"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/auditlog"
+	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/schema"
+)
+
+// Brain backups (SPEC §11).
+//
+// A backup is a consistent copy of the engine's volume, whatever the
+// engine image: the container is paused (cgroup freezer; SIGSTOP on the
+// subprocess backend), the volume is copied out as a tar into a temporary
+// file next to the final one, and the container is unpaused at once; only
+// then is the tar compressed and hashed. Every process writing the brain is
+// frozen during the copy, so SQLite's database, -wal and -shm files are
+// copied at one instant: the copy is what a power cut at that instant
+// would leave, which SQLite recovers from (crash-consistent; the WAL is
+// replayed on the next open). The pause lasts as long as the raw copy,
+// which is bounded by disk speed, not by compression.
+//
+// Files are <ORCH_BACKUP_DIR>/<product_id>/<user_id>/<UTC timestamp>.tar.gz,
+// written under a temporary name in the same directory, fsynced and then
+// hard-linked to the final name (which never exists half-written, and is
+// never overwritten), and recorded with their size and SHA-256 in the
+// backups table together with the audit row, in one transaction.
+//
+// Retention (ORCH_BACKUP_RETENTION_DAYS) runs after each nightly fan-out:
+// rows older than the retention go first, then their files. The newest
+// backup of a user who has an engine is never pruned, however old (their
+// only copy stays); backups of users without an engine (destroyed) expire
+// like the others, which bounds how long a destroyed user's brain can
+// still be restored. Files that no row records (a worker killed between
+// writing and committing) and temporary files older than an hour are
+// removed by the same sweep.
+
+// backupCompression is the gzip level of backups: BestSpeed compresses a
+// brain about 2× faster than the default level for files ~10 % larger.
+const backupCompression = gzip.BestSpeed
+
+// strayAge is how old an unrecorded backup file or temporary file must be
+// before the retention sweep removes it (no live job is that slow to commit).
+const strayAge = time.Hour
+
+// safetyDir holds restore safety copies, under ORCH_BACKUP_DIR.
+const safetyDir = ".restore"
+
+func (w *Workers) registerBackups(ws *river.Workers) {
+	river.AddWorker(ws, &backupWorker{w: w})
+	river.AddWorker(ws, &backupAllWorker{w: w})
+	river.AddWorker(ws, &restoreWorker{w: w})
+	river.AddWorker(ws, &auditExportWorker{w: w})
+}
+
+func backupDefaults(cfg Config) Config {
+	if cfg.BackupRetention <= 0 {
+		cfg.BackupRetention = 7 * 24 * time.Hour
+	}
+	if cfg.BackupConcurrency <= 0 {
+		cfg.BackupConcurrency = 2
+	}
+	if cfg.AuditExportSettle <= 0 {
+		cfg.AuditExportSettle = 10 * time.Second
+	}
+	return cfg
+}
+
+// BackupFile is a backup written to disk, not yet recorded.
+type BackupFile struct {
+	Path      string // relative to ORCH_BACKUP_DIR
+	SizeBytes int64
+	SHA256    string
+	Paused    time.Duration // how long the engine was frozen
+	Copy      time.Duration // pause + copy out + unpause
+	Total     time.Duration
+}
+
+type backupWorker struct {
+	river.WorkerDefaults[jobs.Backup]
+	w *Workers
+}
+
+func (b *backupWorker) Timeout(*river.Job[jobs.Backup]) time.Duration { return b.w.jobTimeout() }
+func (b *backupWorker) NextRetry(j *river.Job[jobs.Backup]) time.Time {
+	return time.Now().Add(time.Duration(j.Attempt*j.Attempt) * time.Second)
+}
+
+// Work takes one backup: lease the engine (no lifecycle job works it
+// meanwhile), copy, record. A failed attempt is audited and retried; the
+// last failure fails the operation.
+func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) error {
+	w, a := b.w, j.Args
+	start := time.Now()
+	q := schema.New(w.pool)
+	var op orch.Operation
+	if a.OperationID != "" {
+		var err error
+		if op, _, err = q.OperationByID(ctx, a.OperationID); err != nil {
+			return err
+		}
+		if op.Status.Done() {
+			return nil
+		}
+	}
+	got, err := q.AcquireLease(ctx, a.EngineID, j.ID, time.Now().Add(w.jobTimeout()))
+	if orch.IsCode(err, orch.CodeEngineNotFound) {
+		w.finishOrphanOp(ctx, a.OperationID, err)
+		w.logJob(j.Kind, a.EngineID, j.Attempt, start, "engine_gone", nil)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if !got {
+		return river.JobSnooze(leaseWait)
+	}
+	defer q.ReleaseLease(context.WithoutCancel(ctx), a.EngineID, j.ID) //nolint:errcheck
+
+	e, err := q.EngineByID(ctx, a.EngineID)
+	if err != nil {
+		return err
+	}
+	if e.Status.Transitional() {
+		// Being created (nothing to back up yet) or destroyed.
+		if op.ID != "" {
+			q.SetOperation(ctx, op.ID, orch.OpFailed, orch.CodeOperationInProgress, "engine is "+string(e.Status)) //nolint:errcheck
+		}
+		w.logJob(j.Kind, e.ID, j.Attempt, start, "skipped_"+string(e.Status), nil)
+		return nil
+	}
+	var day *time.Time
+	trigger := schema.BackupManual
+	if a.Day != "" {
+		d, err := time.Parse(time.DateOnly, a.Day)
+		if err != nil {
+			return fmt.Errorf("backup day %q: %w", a.Day, err)
+		}
+		day, trigger = &d, schema.BackupScheduled
+		if done, err := q.HasBackupForDay(ctx, e.ID, d); err != nil || done {
+			return err
+		}
+	}
+	if op.ID != "" && op.Status != orch.OpRunning {
+		if err := q.SetOperation(ctx, op.ID, orch.OpRunning, "", ""); err != nil {
+			return err
+		}
+	}
+
+	f, err := w.WriteBackup(ctx, e, a.BackupID)
+	if err != nil {
+		last := j.Attempt >= j.MaxAttempts
+		meta := map[string]any{"backup_id": a.BackupID, "trigger": trigger, "attempt": j.Attempt, "will_retry": !last,
+			"error_code": string(orch.ErrorCode(err)), "error": errMessage(err)}
+		if a.Day != "" {
+			meta["day"] = a.Day
+		}
+		ctxc := context.WithoutCancel(ctx)
+		if aerr := q.InsertAudit(ctxc, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
+			Action: orch.ActionBackup, Actor: actorOf(op), Metadata: meta, DurationMS: ptr(time.Since(start).Milliseconds())}); aerr != nil {
+			w.log.Warn("audit backup failure", "engine_id", e.ID, "error", aerr)
+		}
+		if !last {
+			w.logJob(j.Kind, e.ID, j.Attempt, start, "retry", err)
+			return err
+		}
+		if op.ID != "" {
+			q.SetOperation(ctxc, op.ID, orch.OpFailed, orch.ErrorCode(err), errMessage(err)) //nolint:errcheck
+		}
+		w.logJob(j.Kind, e.ID, j.Attempt, start, "failed", err)
+		return nil
+	}
+
+	rec := schema.Backup{ID: a.BackupID, EngineID: e.ID, ProductID: e.ProductID, UserID: e.UserID, Node: e.Node,
+		Path: f.Path, SizeBytes: f.SizeBytes, SHA256: f.SHA256, EngineVersion: e.EngineVersion, Trigger: trigger, Day: day,
+		PausedMS: f.Paused.Milliseconds(), DurationMS: time.Since(start).Milliseconds(), OperationID: op.ID}
+	err = inTx(context.WithoutCancel(ctx), w.pool, func(tx pgx.Tx) error {
+		tq := schema.New(tx)
+		if err := tq.InsertBackup(ctx, rec); err != nil {
+			return err
+		}
+		meta := map[string]any{"backup_id": rec.ID, "trigger": trigger, "size_bytes": rec.SizeBytes, "sha256": rec.SHA256,
+			"paused_ms": rec.PausedMS, "path": rec.Path, "engine_version": rec.EngineVersion}
+		if op.ID != "" {
+			meta["operation_id"] = op.ID
+		}
+		if a.Day != "" {
+			meta["day"] = a.Day
+		}
+		if err := tq.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
+			Action: orch.ActionBackup, Actor: actorOf(op), Metadata: meta, DurationMS: &rec.DurationMS}); err != nil {
+			return err
+		}
+		if op.ID != "" {
+			return tq.SetOperation(ctx, op.ID, orch.OpSucceeded, "", "")
+		}
+		return nil
+	})
+	if err != nil {
+		os.Remove(filepath.Join(w.cfg.BackupDir, f.Path)) //nolint:errcheck // unrecorded: never leave it behind
+		if errors.Is(err, schema.ErrBackupExists) {
+			w.logJob(j.Kind, e.ID, j.Attempt, start, "duplicate", nil)
+			return nil
+		}
+		return err
+	}
+	w.log.Info("job", "job_kind", j.Kind, "engine_id", e.ID, "attempt", j.Attempt, "outcome", "succeeded",
+		"duration_ms", time.Since(start).Milliseconds(), "paused_ms", f.Paused.Milliseconds(), "size_bytes", f.SizeBytes)
+	return nil
+}
+
+// WriteBackup writes one consistent backup of e's brain to ORCH_BACKUP_DIR
+// and returns it; nothing is recorded. On error no file is left under a
+// final name (temporary files are removed, or swept later if the process
+// dies). Errors carry BACKEND_FAILED when the backend failed.
+func (w *Workers) WriteBackup(ctx context.Context, e orch.Engine, backupID string) (BackupFile, error) {
+	start := time.Now()
+	var f BackupFile
+	if w.cfg.BackupDir == "" {
+		return f, errors.New("ORCH_BACKUP_DIR is not set")
+	}
+	rel := filepath.Join(e.ProductID, e.UserID)
+	dir := filepath.Join(w.cfg.BackupDir, rel)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return f, fmt.Errorf("create backup directory: %w", err)
+	}
+	raw, err := os.CreateTemp(dir, ".tmp-"+backupID+"-*.tar")
+	if err != nil {
+		return f, fmt.Errorf("create temporary backup file: %w", err)
+	}
+	defer func() { raw.Close(); os.Remove(raw.Name()) }() //nolint:errcheck
+
+	// The frozen part: pause, copy the volume out as it is, unpause.
+	f.Paused, err = w.copyFrozen(ctx, e.ID, raw)
+	f.Copy = time.Since(start)
+	if err != nil {
+		return f, err
+	}
+
+	// Compress and hash with the engine running again.
+	if _, err := raw.Seek(0, io.SeekStart); err != nil {
+		return f, fmt.Errorf("rewind backup: %w", err)
+	}
+	gz, err := os.CreateTemp(dir, ".tmp-"+backupID+"-*.tar.gz")
+	if err != nil {
+		return f, fmt.Errorf("create temporary backup file: %w", err)
+	}
+	defer func() { gz.Close(); os.Remove(gz.Name()) }() //nolint:errcheck
+	sum := sha256.New()
+	var size int64
+	bw := bufio.NewWriterSize(io.MultiWriter(gz, sum, countingWriter{&size}), 1<<20)
+	zw, _ := gzip.NewWriterLevel(bw, backupCompression)
+	if _, err := io.Copy(zw, ctxReader{ctx, bufio.NewReaderSize(raw, 1<<20)}); err != nil {
+		return f, fmt.Errorf("compress backup: %w", err)
+	}
+	if err := zw.Close(); err != nil {
+		return f, fmt.Errorf("compress backup: %w", err)
+	}
+	if err := bw.Flush(); err != nil {
+		return f, fmt.Errorf("write backup: %w", err)
+	}
+	if err := gz.Sync(); err != nil {
+		return f, fmt.Errorf("fsync backup: %w", err)
+	}
+	name, err := linkUnique(gz.Name(), dir, time.Now())
+	if err != nil {
+		return f, err
+	}
+	if err := auditlog.SyncDir(dir); err != nil {
+		os.Remove(filepath.Join(dir, name)) //nolint:errcheck
+		return f, fmt.Errorf("fsync backup directory: %w", err)
+	}
+	f.Path = filepath.Join(rel, name)
+	f.SizeBytes = size
+	f.SHA256 = hex.EncodeToString(sum.Sum(nil))
+	f.Total = time.Since(start)
+	return f, nil
+}
+
+// copyFrozen pauses the engine, copies its volume out to dst and unpauses
+// it, also when ctx ends mid-copy. It returns how long the engine was
+// frozen. Pausing an engine that is not running is a no-op (nothing writes
+// its brain); an engine left paused by a killed earlier attempt is copied
+// as it is and unpaused.
+func (w *Workers) copyFrozen(ctx context.Context, engineID string, dst *os.File) (time.Duration, error) {
+	bw := bufio.NewWriterSize(dst, 1<<20)
+	start := time.Now()
+	if err := w.backend.Pause(ctx, engineID); err != nil {
+		w.unpause(ctx, engineID) //nolint:errcheck // a partial pause must not stay
+		return 0, backendErr("pause engine", err)
+	}
+	cerr := w.backend.CopyDataOut(ctx, engineID, bw)
+	uerr := w.unpause(ctx, engineID)
+	paused := time.Since(start)
+	if cerr != nil {
+		return paused, backendErr("copy brain out", cerr)
+	}
+	if uerr != nil {
+		return paused, backendErr("unpause engine", uerr)
+	}
+	if err := bw.Flush(); err != nil {
+		return paused, fmt.Errorf("write backup: %w", err)
+	}
+	return paused, nil
+}
+
+// unpause thaws an engine, insisting a little: a backup must never leave
+// an engine frozen. It runs even when ctx has ended.
+func (w *Workers) unpause(ctx context.Context, engineID string) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	var err error
+	for try := 0; try < 3; try++ {
+		if err = w.backend.Unpause(ctx, engineID); err == nil {
+			return nil
+		}
+		time.Sleep(time.Duration(try+1) * 200 * time.Millisecond)
+	}
+	w.log.Error("engine left paused", "engine_id", engineID, "error", err)
+	return err
+}
+
+// linkUnique gives the finished temporary file its final name,
+// <timestamp>.tar.gz, with a hard link: unlike a rename it never replaces
+// an existing file, so two backups in the same millisecond both survive.
+func linkUnique(tmp, dir string, t time.Time) (string, error) {
+	t = t.UTC()
+	for i := 0; i < 1000; i++ {
+		name := t.Add(time.Duration(i)*time.Millisecond).Format("20060102T150405.000Z") + ".tar.gz"
+		err := os.Link(tmp, filepath.Join(dir, name))
+		if err == nil {
+			return name, nil
+		}
+		if !errors.Is(err, fs.ErrExist) {
+			return "", fmt.Errorf("name backup file: %w", err)
+		}
+	}
+	return "", errors.New("name backup file: no free name")
+}
+
+type countingWriter struct{ n *int64 }
+
+func (c countingWriter) Write(p []byte) (int, error) { *c.n += int64(len(p)); return len(p), nil }
+
+// ctxReader stops a long copy when ctx ends.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
+}
+
+type backupAllWorker struct {
+	river.WorkerDefaults[jobs.BackupAll]
+	w *Workers
+}
+
+func (b *backupAllWorker) Timeout(*river.Job[jobs.BackupAll]) time.Duration { return b.w.jobTimeout() }
+
+// Work enqueues the night's backup of every engine (unique per engine per
+// day), then applies the retention.
+func (b *backupAllWorker) Work(ctx context.Context, j *river.Job[jobs.BackupAll]) error {
+	start := time.Now()
+	n, err := b.w.EnqueueBackups(ctx, river.ClientFromContext[pgx.Tx](ctx), j.Args.Tick)
+	if err != nil {
+		return err
+	}
+	pruned, strays, err := b.w.PruneBackups(ctx)
+	attrs := []any{"job_kind", j.Kind, "enqueued", n, "pruned", pruned, "strays_removed", strays,
+		"duration_ms", time.Since(start).Milliseconds()}
+	if err != nil {
+		b.w.log.Warn("job", append(attrs, "error", err.Error())...)
+		return err
+	}
+	b.w.log.Info("job", attrs...)
+	return nil
+}
+
+// EnqueueBackups enqueues the scheduled backup of tick's day for every
+// engine that is not being created or destroyed; engines that already
+// have theirs (or an in-flight one) are skipped by uniqueness. Returns how
+// many jobs were inserted.
+func (w *Workers) EnqueueBackups(ctx context.Context, rc *river.Client[pgx.Tx], tick time.Time) (int, error) {
+	day := jobs.BackupDay(tick)
+	q := schema.New(w.pool)
+	after, n := "", 0
+	for {
+		es, err := q.BackupCandidates(ctx, after, 1000)
+		if err != nil {
+			return n, err
+		}
+		if len(es) == 0 {
+			return n, nil
+		}
+		params := make([]river.InsertManyParams, len(es))
+		for i, e := range es {
+			params[i] = river.InsertManyParams{Args: jobs.Backup{EngineID: e.ID, Node: e.Node, BackupID: uuid.NewString(), Day: day}}
+		}
+		res, err := rc.InsertMany(ctx, params)
+		if err != nil {
+			return n, fmt.Errorf("enqueue backups: %w", err)
+		}
+		for _, r := range res {
+			if !r.UniqueSkippedAsDuplicate {
+				n++
+			}
+		}
+		after = es[len(es)-1].ID
+	}
+}
+
+// PruneBackups applies the backup retention: expired rows are deleted,
+// then their files (a crash in between leaves a stray file, removed by the
+// next sweep, never a row without its file). It also removes stray files:
+// unrecorded backups and temporary files older than an hour.
+func (w *Workers) PruneBackups(ctx context.Context) (pruned, strays int, err error) {
+	if w.cfg.BackupDir == "" {
+		return 0, 0, nil
+	}
+	q := schema.New(w.pool)
+	cutoff := time.Now().Add(-w.cfg.BackupRetention)
+	for {
+		bs, err := q.ExpiredBackups(ctx, cutoff, 500)
+		if err != nil {
+			return pruned, strays, err
+		}
+		for _, b := range bs {
+			err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+				tq := schema.New(tx)
+				if err := tq.DeleteBackup(ctx, b.ID); err != nil {
+					return err
+				}
+				return tq.InsertAudit(ctx, orch.AuditEntry{ProductID: b.ProductID, UserID: b.UserID, EngineID: b.EngineID,
+					Action: orch.ActionBackup, Actor: orch.ActorSystem, Metadata: map[string]any{"backup_id": b.ID,
+						"pruned": true, "reason": "retention", "created_at": b.CreatedAt.UTC().Format(time.RFC3339), "path": b.Path}})
+			})
+			if err != nil {
+				return pruned, strays, err
+			}
+			if err := os.Remove(filepath.Join(w.cfg.BackupDir, b.Path)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				w.log.Warn("remove pruned backup", "backup_id", b.ID, "error", err)
+			}
+			pruned++
+		}
+		if len(bs) < 500 {
+			break
+		}
+	}
+	strays, err = w.removeStrays(ctx)
+	return pruned, strays, err
+}
+
+// removeStrays deletes temporary files and unrecorded backup files older
+// than strayAge under ORCH_BACKUP_DIR (restore safety copies excepted:
+// they are kept until an operator looks).
+func (w *Workers) removeStrays(ctx context.Context) (int, error) {
+	old := time.Now().Add(-strayAge)
+	var candidates []string
+	err := filepath.WalkDir(w.cfg.BackupDir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if d.IsDir() {
+			if d.Name() == safetyDir {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		info, err := d.Info()
+		if err != nil || info.ModTime().After(old) {
+			return nil
+		}
+		rel, err := filepath.Rel(w.cfg.BackupDir, p)
+		if err != nil {
+			return nil
+		}
+		switch {
+		case strings.HasPrefix(d.Name(), ".tmp-"):
+			if os.Remove(p) == nil {
+				candidates = append(candidates, "") // counted below
+			}
+		case strings.HasSuffix(d.Name(), ".tar.gz"):
+			candidates = append(candidates, rel)
+		}
+		return ctx.Err()
+	})
+	if err != nil {
+		return 0, fmt.Errorf("sweep backup directory: %w", err)
+	}
+	n := 0
+	var paths []string
+	for _, c := range candidates {
+		if c == "" {
+			n++
+			continue
+		}
+		paths = append(paths, c)
+	}
+	for len(paths) > 0 {
+		batch := paths[:min(len(paths), 1000)]
+		paths = paths[len(batch):]
+		known, err := schema.New(w.pool).BackupPathsUnder(ctx, batch)
+		if err != nil {
+			return n, err
+		}
+		for _, p := range batch {
+			if !known[p] && os.Remove(filepath.Join(w.cfg.BackupDir, p)) == nil {
+				w.log.Warn("removed unrecorded backup file", "path", p)
+				n++
+			}
+		}
+	}
+	return n, nil
+}
+
+// hashFile returns the hex SHA-256 and size of a file.
+func hashFile(path string) (string, int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", 0, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, bufio.NewReaderSize(f, 1<<20))
+	if err != nil {
+		return "", n, err
+	}
+	return hex.EncodeToString(h.Sum(nil)), n, nil
+}
+
+// hashingReader hashes what passes through it.
+type hashingReader struct {
+	r io.Reader
+	h hash.Hash
+}
+
+func (h hashingReader) Read(p []byte) (int, error) {
+	n, err := h.r.Read(p)
+	h.h.Write(p[:n])
+	return n, err
+}

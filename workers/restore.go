@@ -1,0 +1,235 @@
+package workers
+
+import (
+	"bufio"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/riverqueue/river"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/schema"
+)
+
+// Restore (SPEC §11) puts a backup back into a user's engine, any engine
+// of that user: the one that took it, or the one provisioned after a
+// destroy (disaster recovery). In order:
+//
+//  1. the backup's file is hashed and checked against the SHA-256 and
+//     size recorded when it was taken: a mismatch is BACKUP_CORRUPT and
+//     nothing has been touched;
+//  2. the engine is stopped and its current brain copied out to a safety
+//     copy (<ORCH_BACKUP_DIR>/.restore/<engine>-<operation>.tar, written
+//     under a temporary name and renamed once complete);
+//  3. the volume's contents are replaced by the backup's (CopyDataIn,
+//     hashing the file again as it streams), and the engine is created
+//     and started on it and must become healthy;
+//  4. if 3 fails, the safety copy is put back the same way and the engine
+//     is brought back as it was: the previous brain stays in place. The
+//     safety copy is deleted once the operation has an outcome, and kept
+//     (named in the audit row) only if even putting it back failed.
+//
+// A retry after a worker died mid-way reuses a complete safety copy rather
+// than copying the half-restored volume. Audited as restore (with
+// rolled_back when step 4 ran).
+
+type restoreWorker struct {
+	river.WorkerDefaults[jobs.Restore]
+	w *Workers
+}
+
+func (r *restoreWorker) Timeout(*river.Job[jobs.Restore]) time.Duration { return r.w.jobTimeout() }
+func (r *restoreWorker) NextRetry(j *river.Job[jobs.Restore]) time.Time {
+	return time.Now().Add(time.Duration(j.Attempt) * time.Second)
+}
+
+func (r *restoreWorker) Work(ctx context.Context, j *river.Job[jobs.Restore]) error {
+	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, r.w.restore)
+}
+
+func (w *Workers) restore(ctx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
+	start := time.Now()
+	meta := map[string]any{"backup_id": p.BackupID}
+	fail := func(err error) outcome {
+		return outcome{action: orch.ActionRestore, duration: time.Since(start), meta: meta, err: err}
+	}
+	b, err := schema.New(w.pool).UserBackup(ctx, e.ProductID, e.UserID, p.BackupID)
+	if err != nil {
+		return fail(err)
+	}
+	meta["source_engine_id"] = b.EngineID
+	meta["backup_created_at"] = b.CreatedAt.UTC().Format(time.RFC3339)
+	meta["sha256"] = b.SHA256
+	meta["size_bytes"] = b.SizeBytes
+
+	// 1. Verify before touching anything.
+	file := filepath.Join(w.cfg.BackupDir, b.Path)
+	if err := verifyBackupFile(file, b); err != nil {
+		return fail(err)
+	}
+
+	// 2. Stop, then a safety copy of the brain as it is now (or the one an
+	// earlier attempt of this operation already took).
+	wantRunning := e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && w.cfg.SleepMode != SleepStop)
+	safety, err := w.safetyCopy(ctx, e, op)
+	if err != nil {
+		if wantRunning {
+			w.bootAndWait(ctx, e, w.currentSpec(e)) //nolint:errcheck // back as it was
+		}
+		return fail(err)
+	}
+
+	// 3. Replace and boot.
+	rerr := w.copyBackupIn(ctx, e, file, b)
+	var d time.Duration
+	if rerr == nil {
+		d, rerr = w.bootAndWait(ctx, e, w.currentSpec(e))
+	}
+	if rerr == nil {
+		os.Remove(safety) //nolint:errcheck
+		meta["boot_ms"] = d.Milliseconds()
+		ms := d.Milliseconds()
+		return outcome{action: orch.ActionRestore, duration: time.Since(start), meta: meta, change: &schema.EngineChange{
+			Status: orch.StateRunning, BootDurationMS: &ms, ResetHealth: true, RestartAttempts: ptr(0),
+			SleepReason: ptr(""), ClearDeadline: true, LastError: ptr("")}}
+	}
+
+	// 4. Put the previous brain back, even if the job's time is up.
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.StopGrace+w.cfg.BootTimeout+time.Minute)
+	defer cancel()
+	rbErr := w.copyTarIn(rctx, e, safety)
+	if rbErr == nil {
+		if wantRunning {
+			_, rbErr = w.bootAndWait(rctx, e, w.currentSpec(e))
+		} else if err := w.backend.Ensure(rctx, w.currentSpec(e)); err != nil {
+			rbErr = backendErr("create engine", err)
+		}
+	}
+	meta["rolled_back"] = rbErr == nil
+	out := fail(rerr)
+	if rbErr != nil {
+		// Keep the safety copy: it is the user's previous brain.
+		meta["safety_copy"] = safety
+		meta["rollback_error"] = rbErr.Error()
+		w.log.Error("restore rollback failed: previous brain kept in the safety copy", "engine_id", e.ID,
+			"safety_copy", safety, "error", rbErr)
+		out.change = &schema.EngineChange{Status: orch.StateFailed, LastError: ptr("restore failed and its rollback failed")}
+		return out
+	}
+	os.Remove(safety) //nolint:errcheck
+	if orch.ErrorCode(rerr) == orch.CodeBackendFailed && !last {
+		// Transient backend trouble: the previous brain is back, run retries.
+		return out
+	}
+	// A decided failure (the backup's brain does not boot, a corrupt
+	// archive): not retried.
+	if orch.ErrorCode(rerr) == orch.CodeBackendFailed {
+		out.err = &orch.Error{Code: orch.CodeBackendFailed, Message: "restore failed; the previous brain was put back", Err: rerr}
+	}
+	return out
+}
+
+// verifyBackupFile checks a backup file's size and SHA-256 against its
+// record: BACKUP_CORRUPT when they differ or the file is gone.
+func verifyBackupFile(path string, b schema.Backup) error {
+	sum, n, err := hashFile(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return &orch.Error{Code: orch.CodeBackupCorrupt, Message: fmt.Sprintf("backup %s: its file is missing from ORCH_BACKUP_DIR", b.ID), Err: err}
+	case err != nil:
+		return &orch.Error{Code: orch.CodeBackupCorrupt, Message: fmt.Sprintf("backup %s: its file cannot be read", b.ID), Err: err}
+	case n != b.SizeBytes || sum != b.SHA256:
+		return orch.Errorf(orch.CodeBackupCorrupt, "backup %s is corrupt: its file's SHA-256 (%s, %d bytes) is not the one recorded when it was taken (%s, %d bytes); nothing was changed",
+			b.ID, sum, n, b.SHA256, b.SizeBytes)
+	}
+	return nil
+}
+
+// safetyCopy stops the engine and copies its volume to the operation's
+// safety file, unless a complete one exists from an earlier attempt.
+// Returns the safety file's path.
+func (w *Workers) safetyCopy(ctx context.Context, e orch.Engine, op orch.Operation) (string, error) {
+	dir := filepath.Join(w.cfg.BackupDir, safetyDir)
+	path := filepath.Join(dir, e.ID+"-"+op.ID+".tar")
+	if err := w.backend.Stop(ctx, e.ID, w.cfg.StopGrace); err != nil {
+		return "", backendErr("stop engine", err)
+	}
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("create safety copy directory: %w", err)
+	}
+	tmp, err := os.CreateTemp(dir, ".tmp-"+e.ID+"-*.tar")
+	if err != nil {
+		return "", fmt.Errorf("create safety copy: %w", err)
+	}
+	defer func() { tmp.Close(); os.Remove(tmp.Name()) }() //nolint:errcheck
+	bw := bufio.NewWriterSize(tmp, 1<<20)
+	if err := w.backend.CopyDataOut(ctx, e.ID, bw); err != nil {
+		return "", backendErr("copy current brain out", err)
+	}
+	if err := bw.Flush(); err != nil {
+		return "", fmt.Errorf("write safety copy: %w", err)
+	}
+	if err := tmp.Sync(); err != nil {
+		return "", fmt.Errorf("fsync safety copy: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return "", fmt.Errorf("name safety copy: %w", err)
+	}
+	return path, nil
+}
+
+// copyBackupIn makes the volume the backup's contents, hashing the file
+// again as it streams: a file changed since it was verified fails the
+// restore (which then rolls back).
+func (w *Workers) copyBackupIn(ctx context.Context, e orch.Engine, path string, b schema.Backup) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return &orch.Error{Code: orch.CodeBackupCorrupt, Message: "backup file cannot be read", Err: err}
+	}
+	defer f.Close()
+	h := sha256.New()
+	hr := hashingReader{bufio.NewReaderSize(f, 1<<20), h}
+	zr, err := gzip.NewReader(hr)
+	if err != nil {
+		return &orch.Error{Code: orch.CodeBackupCorrupt, Message: "backup file is not gzip", Err: err}
+	}
+	if err := w.backend.CopyDataIn(ctx, e.ID, e.EngineVersion, zr); err != nil {
+		if orch.IsCode(err, orch.CodeBackupCorrupt) {
+			return err
+		}
+		return backendErr("copy backup in", err)
+	}
+	if _, err := io.Copy(io.Discard, hr); err != nil { // what the archive reader left (gzip trailer)
+		return fmt.Errorf("read backup: %w", err)
+	}
+	if hex.EncodeToString(h.Sum(nil)) != b.SHA256 {
+		return orch.Errorf(orch.CodeBackupCorrupt, "backup %s changed while it was being restored", b.ID)
+	}
+	return nil
+}
+
+// copyTarIn makes the volume the contents of a plain tar file (a safety copy).
+func (w *Workers) copyTarIn(ctx context.Context, e orch.Engine, path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("open safety copy: %w", err)
+	}
+	defer f.Close()
+	if err := w.backend.CopyDataIn(ctx, e.ID, e.EngineVersion, bufio.NewReaderSize(f, 1<<20)); err != nil {
+		return backendErr("put the previous brain back", err)
+	}
+	return nil
+}
