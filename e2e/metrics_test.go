@@ -190,7 +190,7 @@ func TestPrometheusMetricsAfterScriptedSequence(t *testing.T) {
 	} {
 		require.Equal(t, c.want, delta(c.name, c.labels), "%s%v", c.name, c.labels)
 	}
-	require.Equal(t, 1.0, after.get("orchestrator_job_duration_seconds", map[string]string{"kind": "engine_runtime_event", "outcome": "completed"}),
+	require.GreaterOrEqual(t, delta("orchestrator_job_duration_seconds", map[string]string{"kind": "engine_runtime_event", "outcome": "completed"}), 1.0,
 		"the crash check ran as a job")
 
 	// Fleet gauges, from Postgres.
