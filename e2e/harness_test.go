@@ -81,6 +81,7 @@ type fleet struct {
 	Backups string
 	Exports string
 	Sched   *scheduler.Scheduler // with fleetOpts.scheduler
+	client  *http.Client         // nil = httpClient (tests may validate traffic)
 }
 
 func randHex(n int) string {
@@ -272,6 +273,11 @@ var httpClient = &http.Client{Timeout: 3 * time.Minute}
 
 func do(t testing.TB, method, url string, body any, headers map[string]string) resp {
 	t.Helper()
+	return doWith(t, httpClient, method, url, body, headers)
+}
+
+func doWith(t testing.TB, hc *http.Client, method, url string, body any, headers map[string]string) resp {
+	t.Helper()
 	var r io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
@@ -286,7 +292,7 @@ func do(t testing.TB, method, url string, body any, headers map[string]string) r
 	for k, v := range headers {
 		req.Header.Set(k, v)
 	}
-	res, err := httpClient.Do(req)
+	res, err := hc.Do(req)
 	require.NoError(t, err)
 	defer res.Body.Close()
 	raw, err := io.ReadAll(res.Body)
@@ -305,7 +311,11 @@ func (f *fleet) call(method, path, key string, body any, extra ...string) resp {
 	for i := 0; i+1 < len(extra); i += 2 {
 		h[extra[i]] = extra[i+1]
 	}
-	return do(f.t, method, f.URL+path, body, h)
+	hc := f.client
+	if hc == nil {
+		hc = httpClient
+	}
+	return doWith(f.t, hc, method, f.URL+path, body, h)
 }
 
 // engineCall calls an engine directly, as a product would.
@@ -339,3 +349,5 @@ func parallel(n int, fn func(i int)) {
 }
 
 func decodeJSON(r io.Reader, v any) error { return json.NewDecoder(r).Decode(v) }
+
+func orchPolicy() orch.Policy { return orch.Policy{} }
