@@ -425,6 +425,33 @@ func TestManualOperationsCancelAutoRestart(t *testing.T) {
 	})
 }
 
+// A manual restart or destroy also replaces a pending auto-restart (the
+// restart is a new engine_restart job: the cancelled one no longer blocks
+// it as a duplicate).
+func TestManualRestartAndDestroyCancelAutoRestart(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, fleetOpts{bootTimeout: 5 * time.Second, maxFailures: 1, backoffBase: time.Minute, maxAttempts: 3})
+	_, key := f.product("acme", orch.Policy{})
+
+	e := f.provisionUser(key, "restarter")
+	setHealthy(t, e, false)
+	require.Equal(t, 1, f.sweep().NowFailed)
+	setHealthy(t, e, true)
+	r := f.call("POST", "/engines/restarter/restart", key, nil)
+	require.Equal(t, http.StatusOK, r.Status, "%v", r.Body)
+	require.Equal(t, "running", r.str("status"))
+	require.Equal(t, []string{"cancelled"}, states(f.restartJobs(e.ID)))
+	require.Equal(t, []string{"provision", "health_check", "health_failed", "restart"}, actions(f.audit(e.ID)))
+
+	d := f.provisionUser(key, "destroyed")
+	setHealthy(t, d, false)
+	require.Equal(t, 1, f.sweep().NowFailed)
+	x := f.call("DELETE", "/engines/destroyed", key, nil)
+	require.Equal(t, http.StatusOK, x.Status, "%v", x.Body)
+	require.Equal(t, []string{"cancelled"}, states(f.restartJobs(d.ID)))
+	require.Equal(t, "ENGINE_NOT_FOUND", f.call("GET", "/engines/destroyed", key, nil).code())
+}
+
 func states(js []restartJob) []string {
 	var out []string
 	for _, j := range js {
