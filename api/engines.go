@@ -547,10 +547,13 @@ func (s *Server) admitExisting(ctx context.Context, out *admitOutput, p orch.Pro
 		}
 		return s.admitAfter(ctx, out, p, e2, opID, "", orch.OpWake, h)
 	case orch.StateFailed:
-		// Being restarted (auto-restart or a manual start): wait for it.
+		// A restart already under way (a running auto-restart attempt or a
+		// manual start) is waited for. An attempt still waiting for its
+		// backoff may be minutes away: answer engine_unhealthy now rather
+		// than hold the request past its budget.
 		if e.OperationID != "" {
 			op, _, err := schema.New(s.pool).OperationByID(ctx, e.OperationID)
-			if err == nil && !op.Status.Done() {
+			if err == nil && op.Status == orch.OpRunning {
 				return s.admitAfter(ctx, out, p, e, op.ID, "", op.Kind, h)
 			}
 		}

@@ -113,7 +113,7 @@ func TestWorkerKilledMidProvisionDocker(t *testing.T) {
 		"ORCH_ENGINE_BACKEND=docker", "ORCH_ENGINE_IMAGE="+image, "ORCH_NODE="+node,
 		"ORCH_ENGINE_NETWORK=enginefleet_e2e_net", "ORCH_BOOT_TIMEOUT_S=10",
 		fmt.Sprintf("ORCH_PORT_MIN=%d", portMin), fmt.Sprintf("ORCH_PORT_MAX=%d", portMin+19),
-		"ORCH_METRICS_ADDR=", "ORCH_LOG_LEVEL=debug")
+		"ORCH_METRICS_ADDR=off", "ORCH_LOG_LEVEL=debug")
 	logPath := filepath.Join(t.TempDir(), "worker.log")
 
 	for i := 0; i < 10; i++ {

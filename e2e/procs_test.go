@@ -39,7 +39,7 @@ func newProcFleet(t *testing.T, extraEnv ...string) *procFleet {
 		"ORCH_DATA_ROOT_PATH="+filepath.Join(data, "engines"), "ORCH_BACKUP_DIR="+filepath.Join(data, "backups"),
 		"ORCH_AUDIT_EXPORT_DIR="+filepath.Join(data, "exports"),
 		fmt.Sprintf("ORCH_PORT_MIN=%d", portMin), fmt.Sprintf("ORCH_PORT_MAX=%d", portMin+99),
-		"ORCH_METRICS_ADDR=", "ORCH_BOOT_TIMEOUT_S=20", "ORCH_SHUTDOWN_TIMEOUT_S=30")
+		"ORCH_METRICS_ADDR=off", "ORCH_BOOT_TIMEOUT_S=20", "ORCH_SHUTDOWN_TIMEOUT_S=30")
 	env = append(env, extraEnv...)
 	pf := &procFleet{t: t, env: env, dataDir: data, logPath: filepath.Join(data, "orchestrator.log")}
 	t.Cleanup(func() {

@@ -74,7 +74,7 @@ var envVars = []envVar{
 	{"ORCH_MASTER_KEY_PREVIOUS", "", "comma-separated previous master keys, decrypt-only, during a rotation"},
 	{"ORCH_ADMIN_KEY", "", "required: the admin key checked against X-Admin-Key"},
 	{"ORCH_LISTEN_ADDR", ":8000", "API listen address"},
-	{"ORCH_METRICS_ADDR", "127.0.0.1:9464", "Prometheus listener (never public by default); empty disables"},
+	{"ORCH_METRICS_ADDR", "127.0.0.1:9464", "Prometheus listener (never public by default); off disables it"},
 	{"ORCH_LOG_LEVEL", "info", "debug, info, warn or error"},
 	{"ORCH_LOG_FORMAT", "json", "json (production) or text (a terminal)"},
 	{"ORCH_NODE", "local", "name of the engine host this process provisions on / works for"},
@@ -172,6 +172,9 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	}
 	c.ListenAddr = get("ORCH_LISTEN_ADDR")
 	c.MetricsAddr = get("ORCH_METRICS_ADDR")
+	if strings.EqualFold(c.MetricsAddr, "off") {
+		c.MetricsAddr = ""
+	}
 	c.LogLevel = strings.ToLower(get("ORCH_LOG_LEVEL"))
 	if !oneOf(c.LogLevel, "debug", "info", "warn", "error") {
 		bad("ORCH_LOG_LEVEL", "must be debug, info, warn or error")
