@@ -323,7 +323,27 @@ func Verify(dir string, o VerifyOptions) (Report, error) {
 		hashes[m.SHA256] = seq
 	}
 
-	prev := ""
+	// Each file is read once (hash and row checks), when first needed.
+	type read struct {
+		sum  string
+		rows rowCheck
+		err  error
+	}
+	reads := map[int64]read{}
+	readOf := func(seq int64) read {
+		if r, ok := reads[seq]; ok {
+			return r
+		}
+		var r read
+		r.sum, r.rows, r.err = readExport(dir, manifests[seq], o.OnRow)
+		reads[seq] = r
+		return r
+	}
+	present := func(seq int64) bool {
+		x := bySeq[seq]
+		return x != nil && x.data != "" && x.manifest != ""
+	}
+
 	for seq := int64(1); seq <= maxSeq; seq++ {
 		x := bySeq[seq]
 		switch {
@@ -344,41 +364,44 @@ func Verify(dir string, o VerifyOptions) (Report, error) {
 			return rep, &VerifyError{Kind: Reordered, File: x.manifest, Seq: seq,
 				Detail: fmt.Sprintf("manifest describes export %d (%s), found in place of export %d", m.Seq, m.File, seq)}
 		}
-		sum, rows, err := readExport(dir, m, o.OnRow)
-		if err != nil {
-			var ve *VerifyError
-			if errors.As(err, &ve) {
-				return rep, err
+		r := readOf(seq)
+		if r.err != nil {
+			if errors.Is(r.err, os.ErrNotExist) {
+				return rep, &VerifyError{Kind: Missing, File: x.data, Seq: seq, Detail: r.err.Error()}
 			}
-			if errors.Is(err, os.ErrNotExist) {
-				return rep, &VerifyError{Kind: Missing, File: x.data, Seq: seq, Detail: err.Error()}
-			}
-			return rep, err
+			return rep, r.err
 		}
-		if sum != m.SHA256 {
-			if other, ok := hashes[sum]; ok && other != seq {
+		if r.sum != m.SHA256 {
+			if other, ok := hashes[r.sum]; ok && other != seq {
 				return rep, &VerifyError{Kind: Reordered, File: x.data, Seq: seq,
 					Detail: fmt.Sprintf("holds the contents of export %d (%s)", other, bySeq[other].data)}
 			}
 			return rep, &VerifyError{Kind: Altered, File: x.data, Seq: seq,
-				Detail: fmt.Sprintf("sha256 %s, manifest says %s", sum, m.SHA256)}
+				Detail: fmt.Sprintf("sha256 %s, manifest says %s", r.sum, m.SHA256)}
 		}
-		if rows.err != "" {
-			return rep, &VerifyError{Kind: Altered, File: x.data, Seq: seq, Detail: rows.err}
+		if r.rows.err != "" {
+			return rep, &VerifyError{Kind: Altered, File: x.data, Seq: seq, Detail: r.rows.err}
+		}
+		prev := ""
+		if seq > 1 {
+			prev = readOf(seq - 1).sum
 		}
 		if m.PrevSHA256 != prev {
-			// This manifest no longer links to its predecessor: the
-			// predecessor (file and manifest) was replaced.
-			if seq > 1 {
-				return rep, &VerifyError{Kind: Altered, File: bySeq[seq-1].data, Seq: seq - 1,
-					Detail: fmt.Sprintf("its sha256 %s is not the prev_sha256 %s that export %d (%s) records", prev, m.PrevSHA256, seq, x.data)}
+			// The link to the predecessor is broken. If this export's own
+			// successor no longer recognises it either, this export (file
+			// and manifest) was replaced; otherwise its predecessor was.
+			culprit := seq - 1
+			if seq == 1 {
+				culprit = seq
+			} else if present(seq+1) && manifests[seq+1].PrevSHA256 != r.sum {
+				culprit = seq
 			}
-			return rep, &VerifyError{Kind: Altered, File: x.manifest, Seq: seq, Detail: "the first export must have an empty prev_sha256"}
+			return rep, &VerifyError{Kind: Altered, File: bySeq[culprit].data, Seq: culprit,
+				Detail: fmt.Sprintf("the chain breaks here: export %d records prev_sha256 %q, export %d hashes to %q", seq, m.PrevSHA256, seq-1, prev)}
 		}
-		prev = sum
 		rep.Exports++
 		rep.Rows += m.Rows
-		rep.Head = sum
+		rep.Head = r.sum
 		rep.Last = m
 	}
 	return rep, nil

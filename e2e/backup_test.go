@@ -11,9 +11,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	mrand "math/rand/v2"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -21,12 +24,14 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	dclient "github.com/moby/moby/client"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
 	"github.com/stretchr/testify/require"
 	_ "modernc.org/sqlite"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/engine"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/jobs"
 	"github.com/enginefleet/orchestrator/scheduler"
@@ -577,4 +582,116 @@ func (f *fleet) dumpOnFailure(t *testing.T) {
 		}
 		rows.Close()
 	})
+}
+
+// benchBrain returns a directory holding a ~100 MB brain (about 110,000
+// memories with their full-text index), built once and cached under the
+// temporary directory.
+func benchBrain(b *testing.B) string {
+	b.Helper()
+	dir := filepath.Join(os.TempDir(), "enginefleet-bench-brain-v1")
+	if fi, err := os.Stat(filepath.Join(dir, "brain.sqlite")); err == nil && fi.Size() > 90<<20 {
+		return dir
+	}
+	tmp, err := os.MkdirTemp(os.TempDir(), "enginefleet-bench-brain-*")
+	require.NoError(b, err)
+	ctx := context.Background()
+	br, err := engine.OpenBrain(ctx, filepath.Join(tmp, "brain.sqlite"))
+	require.NoError(b, err)
+	words := strings.Fields("the quick brown fox jumps over the lazy dog user likes coffee tea morning evening project meeting " +
+		"deadline report family friend travel book music film garden kitchen recipe weather city river mountain ocean Miso cat")
+	rng := mrand.New(mrand.NewPCG(1, 2))
+	for i := 0; i < 2000; i++ {
+		words = append(words, fmt.Sprintf("w%x", rng.Uint32()))
+	}
+	var ms []engine.Memory
+	for i := 0; i < 110000; i++ {
+		var sb strings.Builder
+		for sb.Len() < 600 {
+			sb.WriteString(words[rng.IntN(len(words))])
+			sb.WriteByte(' ')
+		}
+		ms = append(ms, engine.Memory{ID: int64(i + 1), Content: sb.String(), Tags: []string{"bench"}, CreatedAt: "2026-01-01T00:00:00Z"})
+	}
+	_, err = br.Import(ctx, engine.Bundle{Format: engine.BundleFormat, Version: engine.BundleVersion, Memories: ms})
+	require.NoError(b, err)
+	require.NoError(b, br.Close())
+	os.RemoveAll(dir) //nolint:errcheck
+	require.NoError(b, os.Rename(tmp, dir))
+	return dir
+}
+
+// tarDir is a tar stream of a directory's regular files (the volume layout).
+func tarDir(b *testing.B, dir string) *bytes.Buffer {
+	b.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	ents, err := os.ReadDir(dir)
+	require.NoError(b, err)
+	for _, e := range ents {
+		data, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		require.NoError(b, err)
+		require.NoError(b, tw.WriteHeader(&tar.Header{Name: e.Name(), Mode: 0o600, Size: int64(len(data)), Typeflag: tar.TypeReg, ModTime: time.Now()}))
+		_, err = tw.Write(data)
+		require.NoError(b, err)
+	}
+	require.NoError(b, tw.Close())
+	return &buf
+}
+
+// Backup of a 100 MB brain of a running Docker engine: how long the engine
+// is frozen (target ≤ 1 s) and the whole backup (freeze, copy, gzip,
+// SHA-256, fsync) against `tar czf` of the same volume directory on the
+// host (target ratio ≤ 1.5). Medians of 3.
+func BenchmarkBackup100MB(b *testing.B) {
+	const samples = 3
+	f := benchFleet(b, fleetOpts{backend: "docker"})
+	ctx := context.Background()
+	_, key := f.product("bench", orch.Policy{})
+	r := f.call("POST", "/engines/provision", key, map[string]any{"user_id": "big"})
+	require.Equal(b, http.StatusOK, r.Status, "%v", r.Body)
+	id, url, ekey := r.str("engine_id"), r.str("url"), r.str("api_key")
+	brain := benchBrain(b)
+	require.Equal(b, http.StatusOK, f.call("POST", "/engines/big/stop", key, nil).Status)
+	require.NoError(b, f.Backend.CopyDataIn(ctx, id, f.Image, tarDir(b, brain)))
+	st := f.call("POST", "/engines/big/start", key, nil)
+	require.Equal(b, http.StatusOK, st.Status, "%v", st.Body)
+	addMemories(b, url, ekey, "live", 20) // a live WAL next to the database
+	e, err := schema.New(f.Pool).EngineByID(ctx, id)
+	require.NoError(b, err)
+
+	cli := testenv.RequireDocker(b)
+	vol, err := cli.VolumeInspect(ctx, orch.VolumeName(id), dclient.VolumeInspectOptions{})
+	require.NoError(b, err)
+	mount := vol.Volume.Mountpoint
+	var size int64
+	ents, _ := os.ReadDir(mount)
+	for _, en := range ents {
+		if fi, err := en.Info(); err == nil {
+			size += fi.Size()
+		}
+	}
+	b.Logf("volume %s: %.1f MB", mount, float64(size)/(1<<20))
+
+	var paused, total, tarczf []time.Duration
+	var gzSize int64
+	for i := 0; i < samples; i++ {
+		bf, err := f.Workers.WriteBackup(ctx, e, uuid.NewString())
+		require.NoError(b, err)
+		paused, total = append(paused, bf.Paused), append(total, bf.Total)
+		gzSize = bf.SizeBytes
+
+		out := filepath.Join(b.TempDir(), "baseline.tar.gz")
+		start := time.Now()
+		cmd := exec.Command("tar", "czf", out, "-C", mount, ".")
+		o, err := cmd.CombinedOutput()
+		require.NoError(b, err, "%s", o)
+		tarczf = append(tarczf, time.Since(start))
+	}
+	b.Logf("paused %v, backup %v, tar czf %v; archive %.1f MB", paused, total, tarczf, float64(gzSize)/(1<<20))
+	b.ReportMetric(ms(pct(paused, 0.5)), "paused-p50-ms")
+	b.ReportMetric(ms(pct(total, 0.5)), "backup-p50-ms")
+	b.ReportMetric(ms(pct(tarczf, 0.5)), "tarczf-p50-ms")
+	b.ReportMetric(float64(pct(total, 0.5))/float64(pct(tarczf, 0.5)), "ratio")
+	b.ReportMetric(float64(size)/(1<<20), "brain-MB")
 }

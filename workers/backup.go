@@ -475,8 +475,8 @@ func (w *Workers) PruneBackups(ctx context.Context) (pruned, strays int, err err
 }
 
 // removeStrays deletes temporary files and unrecorded backup files older
-// than strayAge under ORCH_BACKUP_DIR (restore safety copies excepted:
-// they are kept until an operator looks).
+// than strayAge under ORCH_BACKUP_DIR. Complete restore safety copies are
+// kept: one left behind is a brain whose rollback failed, for an operator.
 func (w *Workers) removeStrays(ctx context.Context) (int, error) {
 	old := time.Now().Add(-strayAge)
 	var candidates []string
@@ -488,9 +488,6 @@ func (w *Workers) removeStrays(ctx context.Context) (int, error) {
 			return err
 		}
 		if d.IsDir() {
-			if d.Name() == safetyDir {
-				return filepath.SkipDir
-			}
 			return nil
 		}
 		info, err := d.Info()
@@ -506,7 +503,7 @@ func (w *Workers) removeStrays(ctx context.Context) (int, error) {
 			if os.Remove(p) == nil {
 				candidates = append(candidates, "") // counted below
 			}
-		case strings.HasSuffix(d.Name(), ".tar.gz"):
+		case strings.HasSuffix(d.Name(), ".tar.gz") && !strings.HasPrefix(rel, safetyDir+string(filepath.Separator)):
 			candidates = append(candidates, rel)
 		}
 		return ctx.Err()

@@ -63,8 +63,19 @@ func (w *Workers) restore(ctx context.Context, e orch.Engine, op orch.Operation,
 	fail := func(err error) outcome {
 		return outcome{action: orch.ActionRestore, duration: time.Since(start), meta: meta, err: err}
 	}
+	// The previous brain ought to be running again after a failure.
+	wantRunning := e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && w.cfg.SleepMode != SleepStop)
+	safety := w.safetyPath(e, op)
+	// A retry after a worker died mid-restore finds the safety copy of its
+	// first attempt: any failure from here on must put it back.
+	_, err := os.Stat(safety)
+	resumed := err == nil
+
 	b, err := schema.New(w.pool).UserBackup(ctx, e.ProductID, e.UserID, p.BackupID)
 	if err != nil {
+		if resumed {
+			return w.rollBack(ctx, e, safety, wantRunning, fail(err), last)
+		}
 		return fail(err)
 	}
 	meta["source_engine_id"] = b.EngineID
@@ -75,14 +86,15 @@ func (w *Workers) restore(ctx context.Context, e orch.Engine, op orch.Operation,
 	// 1. Verify before touching anything.
 	file := filepath.Join(w.cfg.BackupDir, b.Path)
 	if err := verifyBackupFile(file, b); err != nil {
+		if resumed {
+			return w.rollBack(ctx, e, safety, wantRunning, fail(err), last)
+		}
 		return fail(err)
 	}
 
-	// 2. Stop, then a safety copy of the brain as it is now (or the one an
-	// earlier attempt of this operation already took).
-	wantRunning := e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && w.cfg.SleepMode != SleepStop)
-	safety, err := w.safetyCopy(ctx, e, op)
-	if err != nil {
+	// 2. Stop, then a safety copy of the brain as it is now (unless an
+	// earlier attempt of this operation already took it).
+	if err := w.safetyCopy(ctx, e, safety); err != nil {
 		if wantRunning {
 			w.bootAndWait(ctx, e, w.currentSpec(e)) //nolint:errcheck // back as it was
 		}
@@ -95,16 +107,24 @@ func (w *Workers) restore(ctx context.Context, e orch.Engine, op orch.Operation,
 	if rerr == nil {
 		d, rerr = w.bootAndWait(ctx, e, w.currentSpec(e))
 	}
-	if rerr == nil {
-		os.Remove(safety) //nolint:errcheck
-		meta["boot_ms"] = d.Milliseconds()
-		ms := d.Milliseconds()
-		return outcome{action: orch.ActionRestore, duration: time.Since(start), meta: meta, change: &schema.EngineChange{
-			Status: orch.StateRunning, BootDurationMS: &ms, ResetHealth: true, RestartAttempts: ptr(0),
-			SleepReason: ptr(""), ClearDeadline: true, LastError: ptr("")}}
+	if rerr != nil {
+		// 4. Put the previous brain back.
+		return w.rollBack(ctx, e, safety, wantRunning, fail(rerr), last)
 	}
+	os.Remove(safety) //nolint:errcheck
+	ms := d.Milliseconds()
+	meta["boot_ms"] = ms
+	return outcome{action: orch.ActionRestore, duration: time.Since(start), meta: meta, change: &schema.EngineChange{
+		Status: orch.StateRunning, BootDurationMS: &ms, ResetHealth: true, RestartAttempts: ptr(0),
+		SleepReason: ptr(""), ClearDeadline: true, LastError: ptr("")}}
+}
 
-	// 4. Put the previous brain back, even if the job's time is up.
+// rollBack puts the safety copy back as the engine's brain and brings the
+// engine back as it was (running or just created), even if the job's time
+// is up. out is the failed restore's outcome; it gains rolled_back. If even
+// that fails the safety copy is kept (it is the user's previous brain),
+// named in the audit row, and the engine is marked failed.
+func (w *Workers) rollBack(ctx context.Context, e orch.Engine, safety string, wantRunning bool, out outcome, last bool) outcome {
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.StopGrace+w.cfg.BootTimeout+time.Minute)
 	defer cancel()
 	rbErr := w.copyTarIn(rctx, e, safety)
@@ -115,27 +135,23 @@ func (w *Workers) restore(ctx context.Context, e orch.Engine, op orch.Operation,
 			rbErr = backendErr("create engine", err)
 		}
 	}
-	meta["rolled_back"] = rbErr == nil
-	out := fail(rerr)
+	out.meta["rolled_back"] = rbErr == nil
 	if rbErr != nil {
-		// Keep the safety copy: it is the user's previous brain.
-		meta["safety_copy"] = safety
-		meta["rollback_error"] = rbErr.Error()
+		out.meta["safety_copy"] = safety
+		out.meta["rollback_error"] = rbErr.Error()
 		w.log.Error("restore rollback failed: previous brain kept in the safety copy", "engine_id", e.ID,
 			"safety_copy", safety, "error", rbErr)
 		out.change = &schema.EngineChange{Status: orch.StateFailed, LastError: ptr("restore failed and its rollback failed")}
 		return out
 	}
 	os.Remove(safety) //nolint:errcheck
-	if orch.ErrorCode(rerr) == orch.CodeBackendFailed && !last {
-		// Transient backend trouble: the previous brain is back, run retries.
-		return out
+	if orch.ErrorCode(out.err) == orch.CodeBackendFailed && last {
+		// Out of retries: say the previous brain is back.
+		out.err = &orch.Error{Code: orch.CodeBackendFailed, Message: "restore failed; the previous brain was put back", Err: out.err}
 	}
-	// A decided failure (the backup's brain does not boot, a corrupt
-	// archive): not retried.
-	if orch.ErrorCode(rerr) == orch.CodeBackendFailed {
-		out.err = &orch.Error{Code: orch.CodeBackendFailed, Message: "restore failed; the previous brain was put back", Err: rerr}
-	}
+	// Transient backend trouble (BACKEND_FAILED) is retried by run with
+	// the previous brain in place; a decided failure (the backup's brain
+	// does not boot, a corrupt archive) is not.
 	return out
 }
 
@@ -155,40 +171,43 @@ func verifyBackupFile(path string, b schema.Backup) error {
 	return nil
 }
 
-// safetyCopy stops the engine and copies its volume to the operation's
-// safety file, unless a complete one exists from an earlier attempt.
-// Returns the safety file's path.
-func (w *Workers) safetyCopy(ctx context.Context, e orch.Engine, op orch.Operation) (string, error) {
-	dir := filepath.Join(w.cfg.BackupDir, safetyDir)
-	path := filepath.Join(dir, e.ID+"-"+op.ID+".tar")
+// safetyPath is where a restore operation keeps the engine's previous brain.
+func (w *Workers) safetyPath(e orch.Engine, op orch.Operation) string {
+	return filepath.Join(w.cfg.BackupDir, safetyDir, e.ID+"-"+op.ID+".tar")
+}
+
+// safetyCopy stops the engine and copies its volume to path, unless a
+// complete safety copy is there from an earlier attempt.
+func (w *Workers) safetyCopy(ctx context.Context, e orch.Engine, path string) error {
+	dir := filepath.Dir(path)
 	if err := w.backend.Stop(ctx, e.ID, w.cfg.StopGrace); err != nil {
-		return "", backendErr("stop engine", err)
+		return backendErr("stop engine", err)
 	}
 	if _, err := os.Stat(path); err == nil {
-		return path, nil
+		return nil
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return "", fmt.Errorf("create safety copy directory: %w", err)
+		return fmt.Errorf("create safety copy directory: %w", err)
 	}
 	tmp, err := os.CreateTemp(dir, ".tmp-"+e.ID+"-*.tar")
 	if err != nil {
-		return "", fmt.Errorf("create safety copy: %w", err)
+		return fmt.Errorf("create safety copy: %w", err)
 	}
 	defer func() { tmp.Close(); os.Remove(tmp.Name()) }() //nolint:errcheck
 	bw := bufio.NewWriterSize(tmp, 1<<20)
 	if err := w.backend.CopyDataOut(ctx, e.ID, bw); err != nil {
-		return "", backendErr("copy current brain out", err)
+		return backendErr("copy current brain out", err)
 	}
 	if err := bw.Flush(); err != nil {
-		return "", fmt.Errorf("write safety copy: %w", err)
+		return fmt.Errorf("write safety copy: %w", err)
 	}
 	if err := tmp.Sync(); err != nil {
-		return "", fmt.Errorf("fsync safety copy: %w", err)
+		return fmt.Errorf("fsync safety copy: %w", err)
 	}
 	if err := os.Rename(tmp.Name(), path); err != nil {
-		return "", fmt.Errorf("name safety copy: %w", err)
+		return fmt.Errorf("name safety copy: %w", err)
 	}
-	return path, nil
+	return nil
 }
 
 // copyBackupIn makes the volume the backup's contents, hashing the file

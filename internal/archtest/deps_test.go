@@ -47,6 +47,8 @@ func layer(path string) (string, int) {
 		return "keys", 1
 	case "jobs":
 		return "jobs", 1
+	case "auditlog":
+		return "auditlog", 1
 	case "metrics":
 		return "metrics", 1
 	case "schema":
