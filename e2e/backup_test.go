@@ -34,6 +34,7 @@ import (
 	"github.com/enginefleet/orchestrator/engine"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/scheduler"
 	"github.com/enginefleet/orchestrator/schema"
 )
@@ -694,4 +695,43 @@ func BenchmarkBackup100MB(b *testing.B) {
 	b.ReportMetric(ms(pct(tarczf, 0.5)), "tarczf-p50-ms")
 	b.ReportMetric(float64(pct(total, 0.5))/float64(pct(tarczf, 0.5)), "ratio")
 	b.ReportMetric(float64(size)/(1<<20), "brain-MB")
+}
+
+// `orchestrator backup list|restore` from a shell, against the running
+// fleet's database (its workers do the restore).
+func TestBackupRestoreCLI(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, fleetOpts{})
+	_, key := f.product("acme", orch.Policy{})
+	url, ekey, _ := f.newEngine(key, "hal")
+	addMemories(t, url, ekey, "kept", 4)
+	want := rawGet(t, url+"/memory/export", ekey)
+	bk := f.call("POST", "/engines/hal/backups", key, nil)
+	require.Equal(t, http.StatusOK, bk.Status, "%v", bk.Body)
+	addMemories(t, url, ekey, "lost", 3)
+
+	cli := func(args ...string) (string, error) {
+		cmd := exec.Command(orchestratorBinary(t), args...)
+		cmd.Env = append(os.Environ(), "ORCH_DATABASE_URL="+f.DBURL, "ORCH_MASTER_KEY="+keys.GenerateMasterKey(),
+			"ORCH_ADMIN_KEY="+adminKey, "ORCH_LOG_LEVEL=error", "ORCH_METRICS_ADDR=off")
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	out, err := cli("backup", "list", "--product", "acme", "--user", "hal")
+	require.NoError(t, err, out)
+	require.Contains(t, out, bk.str("backup_id"))
+	out, err = cli("backup", "restore", "--product", "acme", "--user", "hal", "--backup", bk.str("backup_id"))
+	require.NoError(t, err, out)
+	require.Contains(t, out, "restored")
+	require.Equal(t, string(want), string(rawGet(t, url+"/memory/export", ekey)))
+	var actor string
+	require.NoError(t, f.Pool.QueryRow(context.Background(), `SELECT actor FROM audit_log WHERE action = 'restore'`).Scan(&actor))
+	require.Equal(t, "admin", actor)
+
+	out, err = cli("backup", "restore", "--product", "acme", "--user", "hal", "--backup", uuid.NewString())
+	require.Error(t, err)
+	require.Contains(t, out, "BACKUP_NOT_FOUND")
+	out, err = cli("backup", "restore", "--product", "nope", "--user", "hal", "--backup", uuid.NewString())
+	require.Error(t, err)
+	require.Contains(t, out, "PRODUCT_NOT_FOUND")
 }
