@@ -193,7 +193,9 @@ func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) erro
 	rec := schema.Backup{ID: a.BackupID, EngineID: e.ID, ProductID: e.ProductID, UserID: e.UserID, Node: e.Node,
 		Path: f.Path, SizeBytes: f.SizeBytes, SHA256: f.SHA256, EngineVersion: e.EngineVersion, Trigger: trigger, Day: day,
 		PausedMS: f.Paused.Milliseconds(), DurationMS: time.Since(start).Milliseconds(), OperationID: op.ID}
-	err = inTx(context.WithoutCancel(ctx), w.pool, func(tx pgx.Tx) error {
+	cctx := context.WithoutCancel(ctx) // the file is written: record it even during shutdown
+	err = inTx(cctx, w.pool, func(tx pgx.Tx) error {
+		ctx := cctx
 		tq := schema.New(tx)
 		if err := tq.InsertBackup(ctx, rec); err != nil {
 			return err
@@ -382,9 +384,15 @@ type backupAllWorker struct {
 func (b *backupAllWorker) Timeout(*river.Job[jobs.BackupAll]) time.Duration { return b.w.jobTimeout() }
 
 // Work enqueues the night's backup of every engine (unique per engine per
-// day), then applies the retention.
+// day), then applies the retention. Ticks more than a day old are skipped.
 func (b *backupAllWorker) Work(ctx context.Context, j *river.Job[jobs.BackupAll]) error {
 	start := time.Now()
+	if time.Since(j.Args.Tick) > 24*time.Hour {
+		// A tick replayed after a long scheduler outage: the newest
+		// replayed tick backs the fleet up; older ones would only repeat it.
+		b.w.log.Info("job", "job_kind", j.Kind, "outcome", "stale_tick_skipped", "tick", j.Args.Tick)
+		return nil
+	}
 	n, err := b.w.EnqueueBackups(ctx, river.ClientFromContext[pgx.Tx](ctx), j.Args.Tick)
 	if err != nil {
 		return err
