@@ -74,8 +74,14 @@ func (s *Server) enqueue(ctx context.Context, q *schema.Queries, tx pgx.Tx, e or
 		return err
 	}
 	args := lifecycleArgs(op.Kind, jobs.Lifecycle{EngineID: e.ID, OperationID: op.ID, Node: e.Node}, e.EngineVersion)
-	if _, err := s.river.InsertTx(ctx, tx, args, nil); err != nil {
+	res, err := s.river.InsertTx(ctx, tx, args, nil)
+	if err != nil {
 		return &orch.Error{Code: orch.CodeInternal, Message: "could not enqueue the operation", Err: err}
+	}
+	if res.UniqueSkippedAsDuplicate {
+		// Cannot happen for a fresh operation id; refuse rather than leave
+		// an operation no job will ever run.
+		return orch.Errorf(orch.CodeOperationInProgress, "an operation is already queued for this engine")
 	}
 	return nil
 }

@@ -184,3 +184,21 @@ func TestAsyncOperations(t *testing.T) {
 	}, 20*time.Second, 50*time.Millisecond)
 	require.Equal(t, "BOOT_TIMEOUT", f2.call("GET", "/operations/"+r2.str("operation_id"), k2, nil).str("error_code"))
 }
+
+// Operations requested back to back, each right after the previous one
+// answered: River marks a job completed a moment after its operation is
+// done, and the next operation's job must not be taken for a duplicate.
+func TestBackToBackOperations(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, fleetOpts{})
+	_, key := f.product("acme", orch.Policy{})
+	require.Equal(t, 200, f.call("POST", "/engines/provision", key, map[string]any{"user_id": "bb"}).Status)
+	for i := 0; i < 5; i++ {
+		r := f.call("POST", "/engines/bb/restart", key, nil)
+		require.Equal(t, http.StatusOK, r.Status, "restart %d: %v", i, r.Body)
+		s := f.call("POST", "/engines/bb/stop", key, nil)
+		require.Equal(t, http.StatusOK, s.Status, "stop %d: %v", i, s.Body)
+		st := f.call("POST", "/engines/bb/start", key, nil)
+		require.Equal(t, http.StatusOK, st.Status, "start %d: %v", i, st.Body)
+	}
+}

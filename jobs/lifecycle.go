@@ -4,10 +4,15 @@ import "github.com/riverqueue/river"
 
 // Lifecycle is the common shape of every engine lifecycle job: the engine
 // and the operation that a waiting request or GET /operations/{id} follows.
-// Only engine_id takes part in uniqueness.
+//
+// Uniqueness is per operation: one job per operation, ever in flight. It is
+// deliberately not per engine: an operation is done (committed by its job)
+// a moment before River marks that job completed, so per-engine uniqueness
+// would silently swallow the job of the next operation requested in that
+// window. One-at-a-time per engine is the engine row's lease instead.
 type Lifecycle struct {
 	EngineID    string `json:"engine_id" river:"unique"`
-	OperationID string `json:"operation_id"`
+	OperationID string `json:"operation_id" river:"unique"`
 	Node        string `json:"node"`
 }
 

@@ -8,14 +8,18 @@ CREATE TABLE audit_totals (
     PRIMARY KEY (product_id, action)
 );
 
+-- Statement-level, over the transition table: one upsert per (product,
+-- action) per INSERT statement, so a bulk insert stays linear.
 CREATE FUNCTION audit_totals_count() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF NEW.product_id IS NOT NULL AND NEW.action IN ('provision', 'destroy') THEN
-        INSERT INTO audit_totals (product_id, action, n) VALUES (NEW.product_id, NEW.action, 1)
-        ON CONFLICT (product_id, action) DO UPDATE SET n = audit_totals.n + 1;
-    END IF;
+    INSERT INTO audit_totals (product_id, action, n)
+    SELECT product_id, action, count(*) FROM new_rows
+    WHERE product_id IS NOT NULL AND action IN ('provision', 'destroy')
+    GROUP BY product_id, action
+    ON CONFLICT (product_id, action) DO UPDATE SET n = audit_totals.n + EXCLUDED.n;
     RETURN NULL;
 END;
 $$;
 CREATE TRIGGER audit_log_totals AFTER INSERT ON audit_log
-    FOR EACH ROW EXECUTE FUNCTION audit_totals_count();
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_totals_count();
