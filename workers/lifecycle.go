@@ -221,14 +221,21 @@ func bootOutcome(action orch.Action, d time.Duration, err error, extra map[strin
 		SleepReason: ptr(""), ClearDeadline: true, LastError: ptr("")}}
 }
 
-type provisionWorker struct {
-	river.WorkerDefaults[jobs.Provision]
+// lifecycleWorker is what every lifecycle worker shares: a timeout above
+// the boot timeout (River's default minute is not) and quick retries, as
+// a waiting request is on the other end.
+type lifecycleWorker[T river.JobArgs] struct {
+	river.WorkerDefaults[T]
 	w *Workers
 }
 
-func (p *provisionWorker) Timeout(*river.Job[jobs.Provision]) time.Duration { return p.w.jobTimeout() }
-func (p *provisionWorker) NextRetry(j *river.Job[jobs.Provision]) time.Time {
+func (l *lifecycleWorker[T]) Timeout(*river.Job[T]) time.Duration { return l.w.jobTimeout() }
+func (l *lifecycleWorker[T]) NextRetry(j *river.Job[T]) time.Time {
 	return time.Now().Add(time.Duration(j.Attempt) * time.Second)
+}
+
+type provisionWorker struct {
+	lifecycleWorker[jobs.Provision]
 }
 
 func (p *provisionWorker) Work(ctx context.Context, j *river.Job[jobs.Provision]) error {
@@ -242,15 +249,7 @@ func (p *provisionWorker) Work(ctx context.Context, j *river.Job[jobs.Provision]
 	})
 }
 
-type startWorker struct {
-	river.WorkerDefaults[jobs.Start]
-	w *Workers
-}
-
-func (s *startWorker) Timeout(*river.Job[jobs.Start]) time.Duration { return s.w.jobTimeout() }
-func (s *startWorker) NextRetry(j *river.Job[jobs.Start]) time.Time {
-	return time.Now().Add(time.Duration(j.Attempt) * time.Second)
-}
+type startWorker struct{ lifecycleWorker[jobs.Start] }
 
 func (s *startWorker) Work(ctx context.Context, j *river.Job[jobs.Start]) error {
 	return s.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
@@ -268,15 +267,7 @@ func (s *startWorker) Work(ctx context.Context, j *river.Job[jobs.Start]) error 
 	})
 }
 
-type stopWorker struct {
-	river.WorkerDefaults[jobs.Stop]
-	w *Workers
-}
-
-func (s *stopWorker) Timeout(*river.Job[jobs.Stop]) time.Duration { return s.w.jobTimeout() }
-func (s *stopWorker) NextRetry(j *river.Job[jobs.Stop]) time.Time {
-	return time.Now().Add(time.Duration(j.Attempt) * time.Second)
-}
+type stopWorker struct{ lifecycleWorker[jobs.Stop] }
 
 func (s *stopWorker) Work(ctx context.Context, j *river.Job[jobs.Stop]) error {
 	return s.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
@@ -293,15 +284,7 @@ func (s *stopWorker) Work(ctx context.Context, j *river.Job[jobs.Stop]) error {
 	})
 }
 
-type restartWorker struct {
-	river.WorkerDefaults[jobs.Restart]
-	w *Workers
-}
-
-func (r *restartWorker) Timeout(*river.Job[jobs.Restart]) time.Duration { return r.w.jobTimeout() }
-func (r *restartWorker) NextRetry(j *river.Job[jobs.Restart]) time.Time {
-	return time.Now().Add(time.Duration(j.Attempt) * time.Second)
-}
+type restartWorker struct{ lifecycleWorker[jobs.Restart] }
 
 func (r *restartWorker) Work(ctx context.Context, j *river.Job[jobs.Restart]) error {
 	if j.Args.Auto {
@@ -320,13 +303,7 @@ func (r *restartWorker) Work(ctx context.Context, j *river.Job[jobs.Restart]) er
 }
 
 type rotateKeyWorker struct {
-	river.WorkerDefaults[jobs.RotateKey]
-	w *Workers
-}
-
-func (r *rotateKeyWorker) Timeout(*river.Job[jobs.RotateKey]) time.Duration { return r.w.jobTimeout() }
-func (r *rotateKeyWorker) NextRetry(j *river.Job[jobs.RotateKey]) time.Time {
-	return time.Now().Add(time.Duration(j.Attempt) * time.Second)
+	lifecycleWorker[jobs.RotateKey]
 }
 
 // Work recreates the container with the new key hash, and the old one as
@@ -352,15 +329,7 @@ func (r *rotateKeyWorker) Work(ctx context.Context, j *river.Job[jobs.RotateKey]
 	})
 }
 
-type upgradeWorker struct {
-	river.WorkerDefaults[jobs.Upgrade]
-	w *Workers
-}
-
-func (u *upgradeWorker) Timeout(*river.Job[jobs.Upgrade]) time.Duration { return u.w.jobTimeout() }
-func (u *upgradeWorker) NextRetry(j *river.Job[jobs.Upgrade]) time.Time {
-	return time.Now().Add(time.Duration(j.Attempt) * time.Second)
-}
+type upgradeWorker struct{ lifecycleWorker[jobs.Upgrade] }
 
 // Work recreates the container on the new image with the same volume; if
 // the new version does not become healthy it rolls back to the old image.
@@ -384,15 +353,7 @@ func (u *upgradeWorker) Work(ctx context.Context, j *river.Job[jobs.Upgrade]) er
 	})
 }
 
-type destroyWorker struct {
-	river.WorkerDefaults[jobs.Destroy]
-	w *Workers
-}
-
-func (d *destroyWorker) Timeout(*river.Job[jobs.Destroy]) time.Duration { return d.w.jobTimeout() }
-func (d *destroyWorker) NextRetry(j *river.Job[jobs.Destroy]) time.Time {
-	return time.Now().Add(time.Duration(j.Attempt) * time.Second)
-}
+type destroyWorker struct{ lifecycleWorker[jobs.Destroy] }
 
 // Work removes container and volume, then the row (which frees the port).
 func (d *destroyWorker) Work(ctx context.Context, j *river.Job[jobs.Destroy]) error {

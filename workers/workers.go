@@ -111,13 +111,13 @@ func (w *Workers) jobTimeout() time.Duration {
 
 // Register adds every worker to ws.
 func (w *Workers) Register(ws *river.Workers) {
-	river.AddWorker(ws, &provisionWorker{w: w})
-	river.AddWorker(ws, &startWorker{w: w})
-	river.AddWorker(ws, &stopWorker{w: w})
-	river.AddWorker(ws, &restartWorker{w: w})
-	river.AddWorker(ws, &rotateKeyWorker{w: w})
-	river.AddWorker(ws, &upgradeWorker{w: w})
-	river.AddWorker(ws, &destroyWorker{w: w})
+	river.AddWorker(ws, &provisionWorker{lifecycleWorker[jobs.Provision]{w: w}})
+	river.AddWorker(ws, &startWorker{lifecycleWorker[jobs.Start]{w: w}})
+	river.AddWorker(ws, &stopWorker{lifecycleWorker[jobs.Stop]{w: w}})
+	river.AddWorker(ws, &restartWorker{lifecycleWorker[jobs.Restart]{w: w}})
+	river.AddWorker(ws, &rotateKeyWorker{lifecycleWorker[jobs.RotateKey]{w: w}})
+	river.AddWorker(ws, &upgradeWorker{lifecycleWorker[jobs.Upgrade]{w: w}})
+	river.AddWorker(ws, &destroyWorker{lifecycleWorker[jobs.Destroy]{w: w}})
 	river.AddWorker(ws, &reconcileWorker{w: w})
 	w.registerBackups(ws)
 	w.registerFleet(ws)
