@@ -2,6 +2,8 @@ package e2e_test
 
 import (
 	"context"
+	"fmt"
+	"net"
 	"net/http"
 	"strings"
 	"sync/atomic"
@@ -201,4 +203,26 @@ func TestBackToBackOperations(t *testing.T) {
 		st := f.call("POST", "/engines/bb/start", key, nil)
 		require.Equal(t, http.StatusOK, st.Status, "start %d: %v", i, st.Body)
 	}
+}
+
+// An engine that dies while booting (here: its port is taken) is noticed
+// at once, not after the boot timeout; the job retries and succeeds once
+// the cause is gone.
+func TestEngineDiesWhileBooting(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, fleetOpts{ports: 1, bootTimeout: 60 * time.Second})
+	_, key := f.product("acme", orch.Policy{})
+	squatter, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", f.PortMin))
+	require.NoError(t, err)
+	start := time.Now()
+	r := f.call("POST", "/engines/provision", key, map[string]any{"user_id": "phoenix"}, "Prefer", "respond-async")
+	require.Equal(t, http.StatusAccepted, r.Status)
+	time.Sleep(1500 * time.Millisecond) // the first attempt dies on the taken port
+	squatter.Close()
+	op := r.str("operation_id")
+	require.Eventually(t, func() bool {
+		return f.call("GET", "/operations/"+op, key, nil).str("status") == "succeeded"
+	}, 20*time.Second, 100*time.Millisecond)
+	require.Less(t, time.Since(start), 20*time.Second, "well before the 60 s boot timeout")
+	require.Equal(t, "running", f.call("GET", "/engines/phoenix", key, nil).str("status"))
 }

@@ -95,8 +95,10 @@ func randHex(n int) string {
 func freeRange(t testing.TB, n int) int {
 	t.Helper()
 	for try := 0; try < 50; try++ {
-		b, _ := rand.Int(rand.Reader, big.NewInt(int64(50000-n)))
-		base := 15000 + int(b.Int64())
+		// Below Linux's ephemeral range (32768-60999), where outgoing
+		// connections could take an engine's port before it binds.
+		b, _ := rand.Int(rand.Reader, big.NewInt(int64(32000-10000-n)))
+		base := 10000 + int(b.Int64())
 		ok := true
 		for p := base; p < base+n && ok; p++ {
 			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))

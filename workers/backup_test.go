@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -72,13 +71,7 @@ func (b *cutBackend) CopyDataOut(ctx context.Context, id string, w io.Writer) er
 	return b.Backend.CopyDataOut(ctx, id, &cutWriter{w: w, left: b.after, fire: *cancel, ctx: ctx, total: &b.copied})
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+func freePort(t *testing.T) int { return testenv.FreePort(t) }
 
 // A backup job whose context is cancelled in the middle of the copy (as a
 // killed worker's job is cut off) leaves no file under a final name and no

@@ -196,6 +196,7 @@ func (w *Workers) bootAndWait(ctx context.Context, e orch.Engine, spec orch.Engi
 func (w *Workers) waitHealthy(ctx context.Context, e orch.Engine, deadline time.Time) error {
 	url := w.probeURL(e)
 	delay := 10 * time.Millisecond
+	lastLook := time.Now()
 	for {
 		pctx, cancel := context.WithTimeout(ctx, min(w.cfg.ProbeTimeout, time.Until(deadline)+time.Millisecond))
 		err := Probe(pctx, w.http, url)
@@ -205,6 +206,16 @@ func (w *Workers) waitHealthy(ctx context.Context, e orch.Engine, deadline time.
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		// An engine that died while booting (a port taken, a bad image)
+		// will not answer however long we wait: say so now, as a backend
+		// failure the job retries, instead of a boot timeout much later.
+		if time.Since(lastLook) >= 500*time.Millisecond {
+			lastLook = time.Now()
+			if info, ierr := w.backend.Inspect(ctx, e.ID); ierr == nil &&
+				(info.State == orch.RuntimeExited || info.State == orch.RuntimeMissing) {
+				return backendErr("engine exited while booting", fmt.Errorf("runtime %s, exit code %d", info.State, info.ExitCode))
+			}
 		}
 		if time.Now().Add(delay).After(deadline) {
 			return errBootTimeout

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -192,13 +191,7 @@ func newEngine(t *testing.T, b *docker.Backend, image string) *testEngine {
 }
 
 // freePort returns a port free on 127.0.0.1 right now.
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+func freePort(t *testing.T) int { return testenv.FreePort(t) }
 
 func (e *testEngine) url(path string) string {
 	return fmt.Sprintf("http://127.0.0.1:%d%s", e.spec.HostPort, path)
