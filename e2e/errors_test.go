@@ -205,9 +205,9 @@ func TestBackToBackOperations(t *testing.T) {
 	}
 }
 
-// An engine that dies while booting (here: its port is taken) is noticed
-// at once, not after the boot timeout; the job retries and succeeds once
-// the cause is gone.
+// An engine that dies while booting (here: its port is taken) is started
+// again within the boot deadline and comes up once the cause is gone, long
+// before the boot timeout.
 func TestEngineDiesWhileBooting(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t, fleetOpts{ports: 1, bootTimeout: 60 * time.Second})

@@ -196,7 +196,7 @@ func (w *Workers) bootAndWait(ctx context.Context, e orch.Engine, spec orch.Engi
 func (w *Workers) waitHealthy(ctx context.Context, e orch.Engine, deadline time.Time) error {
 	url := w.probeURL(e)
 	delay := 10 * time.Millisecond
-	lastLook := time.Now()
+	lastLook, restartPause := time.Now(), 500*time.Millisecond
 	for {
 		pctx, cancel := context.WithTimeout(ctx, min(w.cfg.ProbeTimeout, time.Until(deadline)+time.Millisecond))
 		err := Probe(pctx, w.http, url)
@@ -207,14 +207,18 @@ func (w *Workers) waitHealthy(ctx context.Context, e orch.Engine, deadline time.
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		// An engine that died while booting (a port taken, a bad image)
-		// will not answer however long we wait: say so now, as a backend
-		// failure the job retries, instead of a boot timeout much later.
-		if time.Since(lastLook) >= 500*time.Millisecond {
+		// An engine that died while booting (a port briefly taken, a crash)
+		// is started again until the deadline, as Docker's restart policy
+		// would, with a growing pause; one that never comes up still ends
+		// in BOOT_TIMEOUT, as the contract says.
+		if time.Since(lastLook) >= restartPause {
 			lastLook = time.Now()
-			if info, ierr := w.backend.Inspect(ctx, e.ID); ierr == nil &&
-				(info.State == orch.RuntimeExited || info.State == orch.RuntimeMissing) {
-				return backendErr("engine exited while booting", fmt.Errorf("runtime %s, exit code %d", info.State, info.ExitCode))
+			if info, ierr := w.backend.Inspect(ctx, e.ID); ierr == nil && info.State == orch.RuntimeExited {
+				w.log.Warn("engine exited while booting; starting it again", "engine_id", e.ID, "exit_code", info.ExitCode)
+				if err := w.backend.Start(ctx, e.ID); err != nil {
+					return backendErr("restart engine while booting", err)
+				}
+				restartPause = min(2*restartPause, 4*time.Second)
 			}
 		}
 		if time.Now().Add(delay).After(deadline) {
