@@ -165,6 +165,10 @@ func (q *Queries) MarkSleeping(ctx context.Context, ids []string, reason string,
 	if len(ids) == 0 {
 		return nil, nil
 	}
+	// The bulk path obeys the one transition table like SetEngineState.
+	if !orch.CanTransition(orch.StateRunning, orch.StateSleeping) {
+		return nil, orch.Errorf(orch.CodeInvalidState, "engine cannot go from running to sleeping")
+	}
 	return collectEngines(q.db.Query(ctx, `UPDATE engines SET status = 'sleeping', sleep_reason = $2, slept_at = now(), updated_at = now()
 		WHERE id = ANY($1::uuid[]) AND status = 'running' AND `+lastActivity+` < $3 AND `+quiet+`
 		RETURNING `+engineCols, ids, reason, idleBefore))
