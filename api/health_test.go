@@ -1,6 +1,7 @@
 package api_test
 
 import (
+	"io"
 	"net/http"
 	"testing"
 
@@ -41,4 +42,18 @@ func TestUnknownRouteEnvelope(t *testing.T) {
 	status, body, _ := h.do("GET", "/nope", nil, nil)
 	require.Equal(t, http.StatusNotFound, status)
 	require.Equal(t, "NOT_FOUND", errCode(body))
+}
+
+// The served OpenAPI document is the generated one, without a key.
+func TestServesOpenAPIDocument(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, "", testConfig())
+	res, err := http.Get(h.URL + "/openapi.yaml")
+	require.NoError(t, err)
+	defer res.Body.Close()
+	require.Equal(t, http.StatusOK, res.StatusCode)
+	b, err := io.ReadAll(res.Body)
+	require.NoError(t, err)
+	require.Contains(t, string(b), "openapi: 3.1.0")
+	require.Contains(t, string(b), "/engines/{user_id}/admit")
 }
