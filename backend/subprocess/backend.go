@@ -226,10 +226,7 @@ func (b *Backend) resolveBinary(image string) (string, error) {
 // starting a paused one unpauses it. Errors: NOT_FOUND when the engine has
 // no container (Ensure first).
 func (b *Backend) Start(ctx context.Context, id string) error {
-	if err := checkID(id); err != nil {
-		return err
-	}
-	unlock, err := b.locks.lock(ctx, id)
+	unlock, err := b.lockEngine(ctx, id)
 	if err != nil {
 		return err
 	}
@@ -333,10 +330,7 @@ func (b *Backend) openLog(id string) (*os.File, error) {
 // When ctx ends before the engine is gone, Stop returns ctx's error (the
 // engine has received SIGTERM).
 func (b *Backend) Stop(ctx context.Context, id string, grace time.Duration) error {
-	if err := checkID(id); err != nil {
-		return err
-	}
-	unlock, err := b.locks.lock(ctx, id)
+	unlock, err := b.lockEngine(ctx, id)
 	if err != nil {
 		return err
 	}
@@ -438,10 +432,7 @@ func (b *Backend) removeContainerLocked(ctx context.Context, id string, keepLog 
 // removes its container record and log; the data directory stays. A missing
 // engine is a no-op.
 func (b *Backend) RemoveContainer(ctx context.Context, id string) error {
-	if err := checkID(id); err != nil {
-		return err
-	}
-	unlock, err := b.locks.lock(ctx, id)
+	unlock, err := b.lockEngine(ctx, id)
 	if err != nil {
 		return err
 	}
@@ -461,10 +452,7 @@ func (b *Backend) RemoveContainer(ctx context.Context, id string) error {
 // backend, it first removes the engine's container if there still is one
 // (the process is stopped: SIGTERM, 2 s, SIGKILL).
 func (b *Backend) RemoveVolume(ctx context.Context, id string) error {
-	if err := checkID(id); err != nil {
-		return err
-	}
-	unlock, err := b.locks.lock(ctx, id)
+	unlock, err := b.lockEngine(ctx, id)
 	if err != nil {
 		return err
 	}
@@ -619,10 +607,7 @@ func (b *Backend) volumeInfo(id string) (orchestrator.VolumeInfo, bool) {
 // paused engine is a no-op, and so is pausing a missing, created or exited
 // one (nothing writes its data then), as with the Docker backend.
 func (b *Backend) Pause(ctx context.Context, id string) error {
-	if err := checkID(id); err != nil {
-		return err
-	}
-	unlock, err := b.locks.lock(ctx, id)
+	unlock, err := b.lockEngine(ctx, id)
 	if err != nil {
 		return err
 	}
@@ -665,10 +650,7 @@ func (b *Backend) Pause(ctx context.Context, id string) error {
 // Unpause resumes a paused engine (SIGCONT). Unpausing an engine that is
 // not paused, not running or missing is a no-op.
 func (b *Backend) Unpause(ctx context.Context, id string) error {
-	if err := checkID(id); err != nil {
-		return err
-	}
-	unlock, err := b.locks.lock(ctx, id)
+	unlock, err := b.lockEngine(ctx, id)
 	if err != nil {
 		return err
 	}

@@ -93,10 +93,7 @@ func (b *Backend) recordVolumeLocked(id string) error {
 // while being copied (a running, unpaused engine) is an error. Errors:
 // NOT_FOUND when the engine has no data directory.
 func (b *Backend) CopyDataOut(ctx context.Context, id string, w io.Writer) error {
-	if err := checkID(id); err != nil {
-		return err
-	}
-	unlock, err := b.locks.lock(ctx, id)
+	unlock, err := b.lockEngine(ctx, id)
 	if err != nil {
 		return err
 	}
@@ -190,10 +187,7 @@ func writeTar(ctx context.Context, root string, w io.Writer) error {
 // deleted only once the new one is in place. image is not needed (no
 // helper container) and is ignored.
 func (b *Backend) CopyDataIn(ctx context.Context, id, image string, r io.Reader) error {
-	if err := checkID(id); err != nil {
-		return err
-	}
-	unlock, err := b.locks.lock(ctx, id)
+	unlock, err := b.lockEngine(ctx, id)
 	if err != nil {
 		return err
 	}

@@ -64,3 +64,12 @@ func (l *engineLocks) tryLock(id string) (unlock func(), ok bool) {
 		return nil, false
 	}
 }
+
+// lockEngine validates an engine id and serializes work on that engine
+// until unlock; it gives up when ctx ends.
+func (b *Backend) lockEngine(ctx context.Context, id string) (unlock func(), err error) {
+	if err := checkID(id); err != nil {
+		return nil, err
+	}
+	return b.locks.lock(ctx, id)
+}
