@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"time"
 
@@ -67,6 +68,18 @@ func hasScheme(op *huma.Operation, name string) bool {
 
 func (s *Server) adminOK(got string) bool {
 	return got != "" && keys.Equal(keys.Hash(got), keys.Hash(s.cfg.AdminKey))
+}
+
+// validateUserPath checks the {user_id} path parameter of every operation
+// that has one, once, before any handler runs: INVALID_REQUEST otherwise.
+func (s *Server) validateUserPath(ctx huma.Context, next func(huma.Context)) {
+	if op := ctx.Operation(); op != nil && strings.Contains(op.Path, "{user_id}") {
+		if err := orch.ValidateUserID(ctx.Param("user_id")); err != nil {
+			writeHumaError(s.api, ctx, toHTTP(ctx.Context(), err))
+			return
+		}
+	}
+	next(ctx)
 }
 
 // writeHumaError writes an envelope error from middleware.

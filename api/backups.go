@@ -88,9 +88,6 @@ func (s *Server) registerBackups() {
 		Description: "Every backup of the user's brain the retention keeps, including those taken by an engine of this user that was destroyed since (they can be restored into the user's new engine).",
 		Errors:      errs(400, 401),
 	}), func(ctx context.Context, in *listBackupsInput) (*listBackupsOutput, error) {
-		if err := orch.ValidateUserID(in.UserID); err != nil {
-			return nil, toHTTP(ctx, err)
-		}
 		bs, total, err := schema.New(s.pool).ListUserBackups(ctx, productFrom(ctx).ID, in.UserID, in.Limit, in.Offset)
 		if err != nil {
 			return nil, toHTTP(ctx, err)
@@ -110,9 +107,6 @@ func (s *Server) registerBackups() {
 		Description: "Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it. Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.",
 		Errors:      errs(400, 401, 404, 409, 502, 504),
 	}), func(ctx context.Context, in *userOpInput) (*takeBackupOutput, error) {
-		if err := orch.ValidateUserID(in.UserID); err != nil {
-			return nil, toHTTP(ctx, err)
-		}
 		p := productFrom(ctx)
 		e, opID, backupID, err := s.requestBackup(ctx, p, in.UserID)
 		if err != nil {
@@ -144,9 +138,6 @@ func (s *Server) registerBackups() {
 		Description: "Verifies the backup's SHA-256 first (BACKUP_CORRUPT: nothing is changed), stops the engine, keeps a safety copy of its current brain, replaces the brain with the backup's and starts the engine; if that fails the previous brain is put back. Any backup of this user is accepted, also one taken by an engine destroyed since (disaster recovery).",
 		Errors:      errs(400, 401, 404, 409, 502, 504),
 	}), func(ctx context.Context, in *restoreInput) (*opOutput, error) {
-		if err := orch.ValidateUserID(in.UserID); err != nil {
-			return nil, toHTTP(ctx, err)
-		}
 		p := productFrom(ctx)
 		e, opID, err := s.RestoreBackup(ctx, p, in.UserID, in.Body.BackupID)
 		if err != nil {

@@ -249,9 +249,6 @@ func (s *Server) registerEngines() {
 		OperationID: "get-engine", Method: http.MethodGet, Path: "/engines/{user_id}",
 		Summary: "Get a user's engine (read-only, never provisions)", Errors: errs(400, 401, 404),
 	}), func(ctx context.Context, in *userPath) (*getEngineOutput, error) {
-		if err := orch.ValidateUserID(in.UserID); err != nil {
-			return nil, toHTTP(ctx, err)
-		}
 		e, err := schema.New(s.pool).EngineByUser(ctx, productFrom(ctx).ID, in.UserID)
 		if err != nil {
 			return nil, toHTTP(ctx, err)
@@ -305,9 +302,6 @@ func (s *Server) registerEngines() {
 		Description: "Puts a new key in force on the engine; the previous key keeps working for the overlap window.",
 		Errors:      errs(400, 401, 404, 409, 502, 504),
 	}), func(ctx context.Context, in *userOpInput) (*rotateOutput, error) {
-		if err := orch.ValidateUserID(in.UserID); err != nil {
-			return nil, toHTTP(ctx, err)
-		}
 		key := keys.Generate()
 		enc, err := s.keyring.Encrypt(key)
 		if err != nil {
@@ -346,9 +340,6 @@ func (s *Server) registerEngines() {
 		Description: "Per-user canaries. If the new version does not become healthy the engine is rolled back to the old image.",
 		Errors:      errs(400, 401, 404, 409, 502, 504),
 	}), func(ctx context.Context, in *upgradeInput) (*opOutput, error) {
-		if err := orch.ValidateUserID(in.UserID); err != nil {
-			return nil, toHTTP(ctx, err)
-		}
 		return s.runOp(ctx, in.UserID, in.Prefer, opRequest{kind: orch.OpUpgrade, check: mustRun,
 			payload: schema.OpPayload{Image: in.Body.EngineVersion}})
 	})
@@ -388,9 +379,6 @@ func mustRun(e orch.Engine) error {
 func (s *Server) registerOp(id, method, path, summary string, r opRequest, codes []int) {
 	huma.Register(s.api, s.op(huma.Operation{OperationID: id, Method: method, Path: path, Summary: summary, Errors: codes}),
 		func(ctx context.Context, in *userOpInput) (*opOutput, error) {
-			if err := orch.ValidateUserID(in.UserID); err != nil {
-				return nil, toHTTP(ctx, err)
-			}
 			return s.runOp(ctx, in.UserID, in.Prefer, r)
 		})
 }
@@ -465,9 +453,6 @@ func admitOutcome(out *admitOutput, err error) string {
 
 func (s *Server) admitUser(ctx context.Context, in *admitInput) (*admitOutput, error) {
 	p := productFrom(ctx)
-	if err := orch.ValidateUserID(in.UserID); err != nil {
-		return nil, toHTTP(ctx, err)
-	}
 	var autoProvision, autoWake bool
 	if in.Body != nil {
 		autoProvision, autoWake = in.Body.AutoProvision, in.Body.AutoWake

@@ -73,7 +73,7 @@ func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyr
 	s.products = newProductCache(pool)
 	s.waiters = newWaiters()
 	s.api = humago.New(s.mux, humaConfig(cfg.Version))
-	s.api.UseMiddleware(s.authMiddleware)
+	s.api.UseMiddleware(s.authMiddleware, s.validateUserPath) // key first: no key, no hints
 	s.register()
 	s.mountAdminUI()
 	fixErrorResponses(s.api.OpenAPI())
