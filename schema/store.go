@@ -8,7 +8,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/pgx/v5/pgxpool"
 
 	orch "github.com/enginefleet/orchestrator"
 )
@@ -31,11 +30,6 @@ type Queries struct{ db DBTX }
 
 // New binds the queries to a pool or transaction.
 func New(db DBTX) *Queries { return &Queries{db: db} }
-
-// InTx runs fn in a transaction, committing when it returns nil.
-func InTx(ctx context.Context, pool *pgxpool.Pool, fn func(tx pgx.Tx) error) error {
-	return pgx.BeginFunc(ctx, pool, fn)
-}
 
 func isUniqueViolation(err error, constraint string) bool {
 	var pe *pgconn.PgError
