@@ -7,33 +7,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 
+	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/metrics"
 )
 
 // histCount is a histogram's sample count for the series with labels.
 func histCount(t *testing.T, g prometheus.Gatherer, name string, labels map[string]string) uint64 {
 	t.Helper()
-	mfs, err := g.Gather()
-	require.NoError(t, err)
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	next:
-		for _, m := range mf.GetMetric() {
-			have := map[string]string{}
-			for _, lp := range m.GetLabel() {
-				have[lp.GetName()] = lp.GetValue()
-			}
-			for k, v := range labels {
-				if have[k] != v {
-					continue next
-				}
-			}
-			return m.GetHistogram().GetSampleCount()
-		}
-	}
-	return 0
+	return testenv.GatherMetric(t, g, name, labels).GetHistogram().GetSampleCount()
 }
 
 // Admits that are refused count as denied: admitted:false and 429s alike;

@@ -17,33 +17,14 @@ import (
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/metrics"
 )
 
 // find returns the metric named name whose labels include want, or nil.
 func find(t *testing.T, g prometheus.Gatherer, name string, want map[string]string) *dto.Metric {
 	t.Helper()
-	mfs, err := g.Gather()
-	require.NoError(t, err)
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	next:
-		for _, m := range mf.GetMetric() {
-			have := map[string]string{}
-			for _, lp := range m.GetLabel() {
-				have[lp.GetName()] = lp.GetValue()
-			}
-			for k, v := range want {
-				if have[k] != v {
-					continue next
-				}
-			}
-			return m
-		}
-	}
-	return nil
+	return testenv.GatherMetric(t, g, name, want)
 }
 
 func counter(t *testing.T, g prometheus.Gatherer, name string, labels map[string]string) float64 {
