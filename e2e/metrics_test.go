@@ -9,8 +9,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -24,7 +22,6 @@ import (
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/internal/testenv"
-	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/schema"
 )
@@ -77,31 +74,6 @@ func (s scrape) get(name string, want map[string]string) float64 {
 	return 0
 }
 
-// enginePID finds the subprocess engine that holds an engine key.
-func enginePID(t *testing.T, engineKey string) int {
-	t.Helper()
-	want := "ENGINE_KEY_HASH=" + keys.Hash(engineKey)
-	ents, err := os.ReadDir("/proc")
-	require.NoError(t, err)
-	for _, d := range ents {
-		pid, err := strconv.Atoi(d.Name())
-		if err != nil {
-			continue
-		}
-		env, err := os.ReadFile(filepath.Join("/proc", d.Name(), "environ"))
-		if err != nil {
-			continue
-		}
-		for _, kv := range strings.Split(string(env), "\x00") {
-			if kv == want {
-				return pid
-			}
-		}
-	}
-	t.Fatalf("no engine process with key hash %s", keys.Hash(engineKey))
-	return 0
-}
-
 // After a scripted sequence (provision, warm/denied/cold admits, a crash,
 // a restart, a destroy) a scrape of the metrics listener shows exactly
 // the expected counter deltas and histogram counts, and the fleet gauges
@@ -136,7 +108,7 @@ func TestPrometheusMetricsAfterScriptedSequence(t *testing.T) {
 
 	// Crash: the engine process dies; the backend's event stream reports
 	// it and the engine goes failed (auto-restart is off in this fleet).
-	require.NoError(t, syscall.Kill(enginePID(t, u1Key), syscall.SIGKILL))
+	require.NoError(t, syscall.Kill(pidOf(t, engineRef{Key: u1Key}), syscall.SIGKILL))
 	require.Eventually(t, func() bool {
 		return f.call("GET", "/engines/u1", key, nil).str("status") == "failed"
 	}, 15*time.Second, 50*time.Millisecond, "crash detected")
