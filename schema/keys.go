@@ -74,3 +74,17 @@ func collectTokens(rows pgx.Rows, err error) ([]KeyToken, error) {
 	}
 	return out, nil
 }
+
+// SampleEngineKeyTokens returns up to n random engine_key_enc tokens: the
+// start-up check that the master keyring still opens stored keys.
+func (q *Queries) SampleEngineKeyTokens(ctx context.Context, n int) ([]string, error) {
+	rows, err := q.db.Query(ctx, `SELECT engine_key_enc FROM engines ORDER BY random() LIMIT $1`, n)
+	if err != nil {
+		return nil, fmt.Errorf("sample engine keys: %w", err)
+	}
+	toks, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("sample engine keys: %w", err)
+	}
+	return toks, nil
+}

@@ -17,26 +17,8 @@ import (
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/api"
 	"github.com/enginefleet/orchestrator/keys"
-	"github.com/enginefleet/orchestrator/scheduler"
 	"github.com/enginefleet/orchestrator/schema"
-	"github.com/enginefleet/orchestrator/workers"
 )
-
-// withBackups adds the backup and audit export settings (SPEC §10, §11)
-// to a worker configuration.
-func withBackups(wc workers.Config, cfg Config) workers.Config {
-	wc.BackupDir = cfg.BackupDir
-	wc.BackupRetention = time.Duration(cfg.BackupRetentionDays) * 24 * time.Hour
-	wc.AuditExportDir = cfg.AuditExportDir
-	wc.AuditRetention = time.Duration(cfg.AuditRetentionDays) * 24 * time.Hour
-	return wc
-}
-
-// withSchedules adds the nightly backup and the audit export schedules.
-func withSchedules(fc scheduler.FleetConfig, cfg Config) scheduler.FleetConfig {
-	fc.BackupCron, fc.AuditExportCron = cfg.BackupCron, cfg.AuditExportCron
-	return fc
-}
 
 const backupUsage = `usage:
   orchestrator backup list --product P --user U

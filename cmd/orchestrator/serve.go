@@ -59,7 +59,7 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 		if err != nil {
 			return err
 		}
-		wcfg := withBackups(workerConfig(cfg), cfg)
+		wcfg := workerConfig(cfg)
 		wcfg.Metrics = m
 		w = workers.New(wcfg, pool, be, kr, log)
 		rc, err = river.NewClient(riverpgxv5.New(pool), w.RiverConfig(log))
@@ -116,7 +116,7 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 		go func() { defer wg.Done(); w.WatchEvents(upkeep, rc) }()
 	}
 	if r.scheduler {
-		sch, err := scheduler.New(scheduler.Config{}, pool, rc, log, scheduler.Fleet(withSchedules(fleetConfig(cfg), cfg))...)
+		sch, err := scheduler.New(scheduler.Config{}, pool, rc, log, scheduler.Fleet(fleetConfig(cfg))...)
 		if err != nil {
 			return err
 		}
@@ -164,13 +164,16 @@ func workerConfig(cfg Config) workers.Config {
 		KeyOverlap: cfg.KeyOverlap, Concurrency: cfg.WorkerConcurrency,
 		HealthInterval: cfg.HealthInterval, HealthMaxFailures: cfg.HealthMaxFailures,
 		RestartBackoffBase: cfg.RestartBackoffBase, RestartBackoffMax: cfg.RestartBackoffMax, RestartMaxAttempts: cfg.RestartMaxAttempts,
-		IdleAfter: cfg.IdleAfter, SleepMode: cfg.SleepMode}
+		IdleAfter: cfg.IdleAfter, SleepMode: cfg.SleepMode,
+		BackupDir: cfg.BackupDir, BackupRetention: time.Duration(cfg.BackupRetentionDays) * 24 * time.Hour,
+		AuditExportDir: cfg.AuditExportDir, AuditRetention: time.Duration(cfg.AuditRetentionDays) * 24 * time.Hour}
 }
 
 // fleetConfig is the scheduler's view of the configuration: the sweeps'
-// periods and this deployment's node(s).
+// periods, this deployment's node(s), the backup and export schedules.
 func fleetConfig(cfg Config) scheduler.FleetConfig {
-	return scheduler.FleetConfig{Nodes: []string{cfg.Node}, HealthInterval: cfg.HealthInterval, IdleAfter: cfg.IdleAfter}
+	return scheduler.FleetConfig{Nodes: []string{cfg.Node}, HealthInterval: cfg.HealthInterval, IdleAfter: cfg.IdleAfter,
+		BackupCron: cfg.BackupCron, AuditExportCron: cfg.AuditExportCron}
 }
 
 func newBackend(ctx context.Context, cfg Config, log *slog.Logger) (orch.Backend, error) {
@@ -197,24 +200,15 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger) (orch.Backend
 // sample of stored engine keys: starting anyway would silently lose every
 // engine key of the fleet (SPEC §2).
 func checkKeyring(ctx context.Context, pool *pgxpool.Pool, kr *keys.Keyring) error {
-	rows, err := pool.Query(ctx, `SELECT engine_key_enc FROM engines ORDER BY random() LIMIT 20`)
+	toks, err := schema.New(pool).SampleEngineKeyTokens(ctx, 20)
 	if err != nil {
-		return fmt.Errorf("sample engine keys: %w", err)
+		return err
 	}
-	defer rows.Close()
-	var n, bad int
-	for rows.Next() {
-		var tok string
-		if err := rows.Scan(&tok); err != nil {
-			return fmt.Errorf("sample engine keys: %w", err)
-		}
-		n++
+	n, bad := len(toks), 0
+	for _, tok := range toks {
 		if _, err := kr.Decrypt(tok); err != nil {
 			bad++
 		}
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("sample engine keys: %w", err)
 	}
 	if n > 0 && bad > 0 {
 		return fmt.Errorf("ORCH_MASTER_KEY cannot decrypt %d of %d sampled engine keys: refusing to start. "+
