@@ -222,9 +222,11 @@ func writeEnvelope(w http.ResponseWriter, r *http.Request, status int, code orch
 }
 
 // OpenAPIYAML renders the OpenAPI document of the API (no database needed).
-func OpenAPIYAML(version string) ([]byte, error) {
-	s := New(Config{Version: version}, nil, nil, nil, slog.New(slog.DiscardHandler))
-	return s.api.OpenAPI().YAML()
+func OpenAPIYAML(version string) ([]byte, error) { return document(version).YAML() }
+
+// document is the OpenAPI document of an API built without a database.
+func document(version string) *huma.OpenAPI {
+	return New(Config{Version: version}, nil, nil, nil, slog.New(slog.DiscardHandler)).api.OpenAPI()
 }
 
 // fixErrorResponses makes the document say what the server does: huma
@@ -248,7 +250,4 @@ func fixErrorResponses(doc *huma.OpenAPI) {
 
 // OpenAPI30YAML renders the document downgraded to OpenAPI 3.0.3, for code
 // generators that do not read 3.1 yet (the Go SDK's oapi-codegen).
-func OpenAPI30YAML(version string) ([]byte, error) {
-	s := New(Config{Version: version}, nil, nil, nil, slog.New(slog.DiscardHandler))
-	return s.api.OpenAPI().DowngradeYAML()
-}
+func OpenAPI30YAML(version string) ([]byte, error) { return document(version).DowngradeYAML() }
