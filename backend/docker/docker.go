@@ -171,8 +171,10 @@ type Backend struct {
 	log *slog.Logger
 
 	// netMu single-flights network creation within this process; other
-	// processes are handled by netID's duplicate resolution.
+	// processes are handled by ensureNetwork's duplicate resolution.
+	// netID is the settled network (guarded by netMu).
 	netMu sync.Mutex
+	netID string
 }
 
 var _ orchestrator.Backend = (*Backend)(nil)

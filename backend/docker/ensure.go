@@ -285,11 +285,20 @@ func (b *Backend) ensureVolume(ctx context.Context, engineID, productID string) 
 	return nil
 }
 
+// networkSettle bounds how long the daemon takes to create a network. A
+// network stamps its Created time when its creation starts and is listed
+// only when it ends, so a creator that lists right after creating may not
+// yet see a rival that started earlier and will win by age. Once the oldest
+// listed network is this old, every network older than it is listed too.
+const networkSettle = 2 * time.Second
+
 // ensureNetwork returns the id of the engines' bridge network, creating it
 // when missing. Docker (API < 1.44) lets two networks share a name, so
-// concurrent creators may both succeed: every caller then picks the same
-// winner (oldest, then lowest id) and a creator whose network lost removes
-// it. Containers join by id, never by the (possibly ambiguous) name.
+// concurrent creators (several worker processes at first boot) may all
+// succeed: every caller waits until the winner is settled, picks the same
+// one (oldest, then lowest id) and removes the unused losers. Containers
+// join by id, never by the (possibly ambiguous) name. The settled id is
+// remembered, so only the first call after a network appears pays the wait.
 func (b *Backend) ensureNetwork(ctx context.Context) (string, error) {
 	b.netMu.Lock()
 	defer b.netMu.Unlock()
@@ -298,34 +307,61 @@ func (b *Backend) ensureNetwork(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if len(nets) > 0 {
-		return pickNetwork(nets).ID, nil
-	}
-
-	res, err := b.cli.NetworkCreate(ctx, b.cfg.Network, client.NetworkCreateOptions{
-		Driver: "bridge",
-		Labels: b.nodeLabels(),
-	})
-	if err != nil && !cerrdefs.IsConflict(err) {
-		return "", fmt.Errorf("create network %s: %w", b.cfg.Network, err)
-	}
-	nets, err = b.networksNamed(ctx)
-	if err != nil {
-		return "", err
-	}
 	if len(nets) == 0 {
-		return "", fmt.Errorf("create network %s: gone right after creation", b.cfg.Network)
+		res, err := b.cli.NetworkCreate(ctx, b.cfg.Network, client.NetworkCreateOptions{
+			Driver: "bridge",
+			Labels: b.nodeLabels(),
+		})
+		if err != nil && !cerrdefs.IsConflict(err) {
+			return "", fmt.Errorf("create network %s: %w", b.cfg.Network, err)
+		}
+		if res.ID != "" {
+			b.log.Info("created network", "network", b.cfg.Network, "network_id", shortID(res.ID))
+		}
+		if nets, err = b.networksNamed(ctx); err != nil {
+			return "", err
+		}
+		if len(nets) == 0 {
+			return "", fmt.Errorf("create network %s: gone right after creation", b.cfg.Network)
+		}
 	}
 	win := pickNetwork(nets)
-	if res.ID != "" && win.ID != res.ID {
-		b.log.Info("removing duplicate network", "network", b.cfg.Network, "network_id", shortID(res.ID))
-		if _, err := b.cli.NetworkRemove(ctx, res.ID, client.NetworkRemoveOptions{}); err != nil && !cerrdefs.IsNotFound(err) {
-			b.log.Warn("remove duplicate network", "network_id", shortID(res.ID), "error", err)
-		}
-	} else if res.ID != "" {
-		b.log.Info("created network", "network", b.cfg.Network, "network_id", shortID(res.ID))
+	if win.ID == b.netID {
+		return win.ID, nil
 	}
+	// The daemon is local to this node, so its clock is ours.
+	if wait := networkSettle - time.Since(win.Created); wait > 0 {
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("ensure network %s: %w", b.cfg.Network, ctx.Err())
+		case <-time.After(wait):
+		}
+		if nets, err = b.networksNamed(ctx); err != nil {
+			return "", err
+		}
+		if len(nets) == 0 {
+			return "", fmt.Errorf("ensure network %s: removed while settling", b.cfg.Network)
+		}
+		win = pickNetwork(nets)
+	}
+	b.removeLosers(ctx, nets, win.ID)
+	b.netID = win.ID
 	return win.ID, nil
+}
+
+// removeLosers removes this node's duplicate networks other than the
+// winner. One that containers still use stays (they joined it by id and
+// keep working); networks someone else labelled are never touched.
+func (b *Backend) removeLosers(ctx context.Context, nets []network.Summary, winID string) {
+	for _, n := range nets {
+		if n.ID == winID || n.Labels[orchestrator.LabelManaged] != "true" || n.Labels[orchestrator.LabelNode] != b.cfg.Node {
+			continue
+		}
+		b.log.Info("removing duplicate network", "network", b.cfg.Network, "network_id", shortID(n.ID))
+		if _, err := b.cli.NetworkRemove(ctx, n.ID, client.NetworkRemoveOptions{}); err != nil && !cerrdefs.IsNotFound(err) {
+			b.log.Warn("remove duplicate network", "network_id", shortID(n.ID), "error", err)
+		}
+	}
 }
 
 // networksNamed lists the networks named exactly cfg.Network (docker's name
