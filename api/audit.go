@@ -89,6 +89,12 @@ type exportOutput struct {
 	Body   AuditExportBody
 }
 
+type listExportsOutput struct {
+	Body struct {
+		Exports []AuditExportBody `json:"exports" doc:"Newest first"`
+	}
+}
+
 // knownActions are the audit actions GET /audit filters on.
 var knownActions = map[orch.Action]bool{}
 
@@ -148,6 +154,26 @@ func (s *Server) registerAudit() {
 			return nil, toHTTP(ctx, err)
 		}
 		return &exportOutput{Status: http.StatusAccepted, Body: toExportBody(x)}, nil
+	})
+
+	huma.Register(s.api, huma.Operation{
+		OperationID: "list-audit-exports", Method: http.MethodGet, Path: "/audit/exports",
+		Summary:     "Audit exports, newest first",
+		Description: "Scheduled and manual exports with their status and place in the hash chain. The newest succeeded export's seq and sha256 are the anchor `orchestrator audit verify --head SEQ:SHA256` checks the files against.",
+		Security:    adminSecurity, Tags: []string{"audit"}, Errors: errs(400, 401),
+	}, func(ctx context.Context, in *struct {
+		Limit int `query:"limit" default:"50" minimum:"1" maximum:"500"`
+	}) (*listExportsOutput, error) {
+		xs, err := schema.New(s.pool).ListAuditExports(ctx, in.Limit)
+		if err != nil {
+			return nil, toHTTP(ctx, err)
+		}
+		out := &listExportsOutput{}
+		out.Body.Exports = make([]AuditExportBody, 0, len(xs))
+		for _, x := range xs {
+			out.Body.Exports = append(out.Body.Exports, toExportBody(x))
+		}
+		return out, nil
 	})
 
 	huma.Register(s.api, huma.Operation{

@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -259,6 +260,27 @@ type VerifyOptions struct {
 	// OnRow, when set, is called with every row of every verified export
 	// (the retention purge collects the ids it may delete).
 	OnRow func(m Manifest, r Row) error
+	// Head, when set, is an export known from outside the directory (the
+	// newest one Postgres recorded): the chain must hold it, unaltered.
+	// Without it, the newest export replaced together with its manifest
+	// breaks no link.
+	Head *Anchor
+}
+
+// Anchor is one export of the chain: its position and its file's sha256.
+type Anchor struct {
+	Seq    int64
+	SHA256 string
+}
+
+// ParseAnchor reads "SEQ:SHA256".
+func ParseAnchor(s string) (Anchor, error) {
+	seq, sum, ok := strings.Cut(s, ":")
+	n, err := strconv.ParseInt(seq, 10, 64)
+	if !ok || err != nil || n < 1 || len(sum) != 64 || strings.Trim(strings.ToLower(sum), "0123456789abcdef") != "" {
+		return Anchor{}, fmt.Errorf("head %q: want SEQ:SHA256 (an export's seq and sha256, as GET /audit/exports shows them)", s)
+	}
+	return Anchor{Seq: n, SHA256: strings.ToLower(sum)}, nil
 }
 
 type entry struct {
@@ -403,6 +425,16 @@ func Verify(dir string, o VerifyOptions) (Report, error) {
 		rep.Rows += m.Rows
 		rep.Head = r.sum
 		rep.Last = m
+	}
+	if h := o.Head; h != nil && (o.Through == 0 || h.Seq <= o.Through) {
+		if h.Seq > maxSeq {
+			return rep, &VerifyError{Kind: Missing, File: fmt.Sprintf("audit-%06d-*.jsonl.gz", h.Seq), Seq: h.Seq,
+				Detail: fmt.Sprintf("the head export is not there (the chain ends at export %d)", maxSeq)}
+		}
+		if got := readOf(h.Seq).sum; got != h.SHA256 {
+			return rep, &VerifyError{Kind: Altered, File: bySeq[h.Seq].data, Seq: h.Seq,
+				Detail: fmt.Sprintf("sha256 %s, the head recorded outside the directory says %s", got, h.SHA256)}
+		}
 	}
 	return rep, nil
 }

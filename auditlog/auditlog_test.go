@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -142,4 +143,53 @@ func TestWriterRefusesDisorder(t *testing.T) {
 	w := auditlog.NewWriter(&bytes.Buffer{})
 	require.NoError(t, w.Write(auditlog.Row{ID: 5}))
 	require.Error(t, w.Write(auditlog.Row{ID: 5}))
+}
+
+// The newest export replaced together with its manifest breaks no link;
+// only a head recorded elsewhere (Postgres) catches it, and a head export
+// deleted outright.
+func TestVerifyHeadAnchor(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	ms := writeChain(t, dir, 3, 10)
+	head := &auditlog.Anchor{Seq: 3, SHA256: ms[2].SHA256}
+	_, err := auditlog.Verify(dir, auditlog.VerifyOptions{Head: head})
+	require.NoError(t, err)
+	// An older anchor holds too: exports written after it are fine.
+	_, err = auditlog.Verify(dir, auditlog.VerifyOptions{Head: &auditlog.Anchor{Seq: 2, SHA256: ms[1].SHA256}})
+	require.NoError(t, err)
+
+	var buf bytes.Buffer
+	w := auditlog.NewWriter(&buf)
+	require.NoError(t, w.Write(auditlog.Row{ID: 1000, Timestamp: ms[2].From, Action: "stop", Actor: "x"}))
+	require.NoError(t, w.Close())
+	m := ms[2]
+	w.Fill(&m)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, m.File), buf.Bytes(), 0o600))
+	b, err := auditlog.EncodeManifest(m)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, auditlog.ManifestName(m.File)), b, 0o600))
+
+	_, err = auditlog.Verify(dir, auditlog.VerifyOptions{})
+	require.NoError(t, err, "without an anchor the replaced head goes unnoticed")
+	_, err = auditlog.Verify(dir, auditlog.VerifyOptions{Head: head})
+	var ve *auditlog.VerifyError
+	require.ErrorAs(t, err, &ve)
+	require.Equal(t, auditlog.Altered, ve.Kind)
+	require.Equal(t, ms[2].File, ve.File)
+
+	require.NoError(t, os.Remove(filepath.Join(dir, m.File)))
+	require.NoError(t, os.Remove(filepath.Join(dir, auditlog.ManifestName(m.File))))
+	_, err = auditlog.Verify(dir, auditlog.VerifyOptions{Head: head})
+	require.ErrorAs(t, err, &ve)
+	require.Equal(t, auditlog.Missing, ve.Kind)
+	require.EqualValues(t, 3, ve.Seq)
+
+	for _, bad := range []string{"", "3", "x:" + ms[0].SHA256, "0:" + ms[0].SHA256, "3:abc", "3:" + strings.Repeat("g", 64)} {
+		_, err := auditlog.ParseAnchor(bad)
+		require.Error(t, err, bad)
+	}
+	a, err := auditlog.ParseAnchor("3:" + strings.ToUpper(ms[2].SHA256))
+	require.NoError(t, err)
+	require.Equal(t, *head, a)
 }

@@ -1,7 +1,9 @@
 package e2e_test
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
@@ -55,9 +57,10 @@ func (f *fleet) export(from, to time.Time, productID string) resp {
 
 // verifyCLI runs `orchestrator audit verify dir` and returns its output and
 // whether it exited 0.
-func verifyCLI(t *testing.T, dir string) (string, bool) {
+func verifyCLI(t *testing.T, dir string, flags ...string) (string, bool) {
 	t.Helper()
-	out, err := exec.Command(orchestratorBinary(t), "audit", "verify", dir).CombinedOutput()
+	args := append(append([]string{"audit", "verify"}, flags...), dir)
+	out, err := exec.Command(orchestratorBinary(t), args...).CombinedOutput()
 	if err != nil {
 		var ee *exec.ExitError
 		require.ErrorAs(t, err, &ee)
@@ -121,7 +124,50 @@ func TestAuditExportChain(t *testing.T) {
 	require.True(t, ok, out)
 	require.Contains(t, out, "ok: 3 exports, 153 rows")
 
+	// GET /audit/exports lists them newest first; the newest one's seq
+	// and sha256 anchor verify to what Postgres recorded.
+	list := f.admin("GET", "/audit/exports", nil)
+	require.Equal(t, http.StatusOK, list.Status, "%v", list.Body)
+	xs := list.Body["exports"].([]any)
+	require.Len(t, xs, 3)
+	newest := xs[0].(map[string]any)
+	require.Equal(t, exps[2].str("export_id"), newest["export_id"])
+	require.Equal(t, "succeeded", newest["status"])
+	require.Len(t, f.admin("GET", "/audit/exports?limit=1", nil).Body["exports"], 1)
+	require.Equal(t, "INVALID_REQUEST", f.admin("GET", "/audit/exports?limit=0", nil).code())
+	require.Equal(t, "INVALID_ADMIN_KEY", f.call("GET", "/audit/exports", "x", nil).code())
+	head := fmt.Sprintf("--head=%v:%s", newest["seq"], newest["sha256"])
+	out, ok = verifyCLI(t, f.Exports, head)
+	require.True(t, ok, out)
+	out, ok = verifyCLI(t, f.Exports, "--head=3:nothex")
+	require.False(t, ok, out)
+	require.Contains(t, out, "want SEQ:SHA256")
+
 	file := func(i int) string { return exps[i].str("file") }
+
+	// The newest export replaced together with a consistent manifest
+	// breaks no link: only the anchor catches it.
+	{
+		dir := copyDir(t, f.Exports)
+		var buf bytes.Buffer
+		w := auditlog.NewWriter(&buf)
+		require.NoError(t, w.Write(auditlog.Row{ID: 1 << 40, Timestamp: base.Add(2*time.Hour + time.Minute), ProductID: pid, UserID: "u", Action: "stop", Actor: "system"}))
+		require.NoError(t, w.Close())
+		mp := filepath.Join(dir, auditlog.ManifestName(file(2)))
+		m, err := auditlog.ReadManifest(mp)
+		require.NoError(t, err)
+		w.Fill(&m)
+		require.NoError(t, os.WriteFile(filepath.Join(dir, file(2)), buf.Bytes(), 0o600))
+		enc, err := auditlog.EncodeManifest(m)
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(mp, enc, 0o600))
+		out, ok := verifyCLI(t, dir)
+		require.True(t, ok, "without the anchor the forgery passes: %s", out)
+		out, ok = verifyCLI(t, dir, head)
+		require.False(t, ok, out)
+		require.Contains(t, out, "altered")
+		require.Contains(t, out, file(2))
+	}
 	cases := []struct {
 		name   string
 		tamper func(dir string)

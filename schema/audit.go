@@ -197,6 +197,27 @@ func (q *Queries) AuditExportByID(ctx context.Context, id string) (AuditExport, 
 	return scanExport(q.db.QueryRow(ctx, `SELECT `+exportCols+` FROM audit_exports WHERE id = $1`, id))
 }
 
+// ListAuditExports returns up to limit exports, newest request first.
+func (q *Queries) ListAuditExports(ctx context.Context, limit int) ([]AuditExport, error) {
+	rows, err := q.db.Query(ctx, `SELECT `+exportCols+` FROM audit_exports ORDER BY created_at DESC, id LIMIT $1`, limit)
+	if err != nil {
+		return nil, fmt.Errorf("list audit exports: %w", err)
+	}
+	defer rows.Close()
+	var out []AuditExport
+	for rows.Next() {
+		x, err := scanExport(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, x)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list audit exports: %w", err)
+	}
+	return out, nil
+}
+
 // AuditExportByTick returns the scheduled export of a tick; EXPORT_NOT_FOUND if none.
 func (q *Queries) AuditExportByTick(ctx context.Context, tick time.Time) (AuditExport, error) {
 	return scanExport(q.db.QueryRow(ctx, `SELECT `+exportCols+` FROM audit_exports WHERE tick = $1`, tick))

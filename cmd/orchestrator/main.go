@@ -36,7 +36,7 @@ commands:
   backup list --product P --user U       list a user's brain backups
   backup restore --product P --user U --backup ID
                                          restore a backup into the user's engine (a worker runs it)
-  audit verify DIR                       check the audit export hash chain in DIR
+  audit verify [--head SEQ:SHA256] DIR   check the audit export hash chain in DIR
   version                                print the version
 `
 

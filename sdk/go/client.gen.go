@@ -515,6 +515,12 @@ type ListBackupsOutputBody struct {
 	Total   int64         `json:"total"`
 }
 
+// ListExportsOutputBody defines model for ListExportsOutputBody.
+type ListExportsOutputBody struct {
+	// Exports Newest first
+	Exports *[]AuditExportBody `json:"exports"`
+}
+
 // ListOutputBody defines model for ListOutputBody.
 type ListOutputBody struct {
 	Engines *[]EngineSummary `json:"engines"`
@@ -728,6 +734,11 @@ type ListAuditParams struct {
 	// Until Rows before this time (RFC 3339)
 	Until *time.Time `form:"until,omitempty" json:"until,omitempty"`
 	Limit *int64     `form:"limit,omitempty" json:"limit,omitempty"`
+}
+
+// ListAuditExportsParams defines parameters for ListAuditExports.
+type ListAuditExportsParams struct {
+	Limit *int64 `form:"limit,omitempty" json:"limit,omitempty"`
 }
 
 // ListEnginesParams defines parameters for ListEngines.
@@ -1148,6 +1159,13 @@ type ClientInterface interface {
 	// Corresponds with GET /audit (the `ListAudit` operationId).
 	ListAudit(ctx context.Context, params *ListAuditParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// ListAuditExports Audit exports, newest first
+	//
+	// Scheduled and manual exports with their status and place in the hash chain. The newest succeeded export's seq and sha256 are the anchor `orchestrator audit verify --head SEQ:SHA256` checks the files against.
+	//
+	// Corresponds with GET /audit/exports (the `ListAuditExports` operationId).
+	ListAuditExports(ctx context.Context, params *ListAuditExportsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// CreateAuditExportWithBody Export a range of the audit log now
 	//
 	// Writes the rows with from <= timestamp < to (of one product, or all) as a gzip JSONL file with a manifest into ORCH_AUDIT_EXPORT_DIR, appended to the export hash chain. Answers 202; follow it with GET /audit/exports/{export_id}.
@@ -1388,6 +1406,23 @@ type ClientInterface interface {
 // Corresponds with GET /audit (the `ListAudit` operationId).
 func (c *Client) ListAudit(ctx context.Context, params *ListAuditParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewListAuditRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ListAuditExports Audit exports, newest first
+//
+// Scheduled and manual exports with their status and place in the hash chain. The newest succeeded export's seq and sha256 are the anchor `orchestrator audit verify --head SEQ:SHA256` checks the files against.
+//
+// Corresponds with GET /audit/exports (the `ListAuditExports` operationId).
+func (c *Client) ListAuditExports(ctx context.Context, params *ListAuditExportsParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewListAuditExportsRequest(c.Server, params)
 	if err != nil {
 		return nil, err
 	}
@@ -2025,6 +2060,60 @@ func NewListAuditRequest(server string, params *ListAuditParams) (*http.Request,
 			}
 
 		}
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", false, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: "int64"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewListAuditExportsRequest constructs an http.Request for the ListAuditExports method
+func NewListAuditExportsRequest(server string, params *ListAuditExportsParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/audit/exports")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
 
 		if params.Limit != nil {
 
@@ -3248,6 +3337,15 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with GET /audit (the `ListAudit` operationId).
 	ListAuditWithResponse(ctx context.Context, params *ListAuditParams, reqEditors ...RequestEditorFn) (*ListAuditResponse, error)
 
+	// ListAuditExportsWithResponse Audit exports, newest first
+	//
+	// Scheduled and manual exports with their status and place in the hash chain. The newest succeeded export's seq and sha256 are the anchor `orchestrator audit verify --head SEQ:SHA256` checks the files against.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /audit/exports (the `ListAuditExports` operationId).
+	ListAuditExportsWithResponse(ctx context.Context, params *ListAuditExportsParams, reqEditors ...RequestEditorFn) (*ListAuditExportsResponse, error)
+
 	// CreateAuditExportWithBodyWithResponse Export a range of the audit log now
 	//
 	// Writes the rows with from <= timestamp < to (of one product, or all) as a gzip JSONL file with a manifest into ORCH_AUDIT_EXPORT_DIR, appended to the export hash chain. Answers 202; follow it with GET /audit/exports/{export_id}.
@@ -3569,6 +3667,68 @@ func (r ListAuditResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r ListAuditResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type ListAuditExportsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *ListExportsOutputBody
+	// JSON400 the response for an HTTP 400 `application/json` response
+	JSON400 *ErrorResponse
+	// JSON401 the response for an HTTP 401 `application/json` response
+	JSON401 *ErrorResponse
+	// JSON500 the response for an HTTP 500 `application/json` response
+	JSON500 *ErrorResponse
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ListAuditExportsResponse) GetJSON200() *ListExportsOutputBody {
+	return r.JSON200
+}
+
+// GetJSON400 returns the response for an HTTP 400 `application/json` response
+func (r ListAuditExportsResponse) GetJSON400() *ErrorResponse {
+	return r.JSON400
+}
+
+// GetJSON401 returns the response for an HTTP 401 `application/json` response
+func (r ListAuditExportsResponse) GetJSON401() *ErrorResponse {
+	return r.JSON401
+}
+
+// GetJSON500 returns the response for an HTTP 500 `application/json` response
+func (r ListAuditExportsResponse) GetJSON500() *ErrorResponse {
+	return r.JSON500
+}
+
+// GetBody returns the raw response body bytes
+func (r ListAuditExportsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ListAuditExportsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ListAuditExportsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ListAuditExportsResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -5394,6 +5554,21 @@ func (c *ClientWithResponses) ListAuditWithResponse(ctx context.Context, params 
 	return ParseListAuditResponse(rsp)
 }
 
+// ListAuditExportsWithResponse Audit exports, newest first
+//
+// Scheduled and manual exports with their status and place in the hash chain. The newest succeeded export's seq and sha256 are the anchor `orchestrator audit verify --head SEQ:SHA256` checks the files against.
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /audit/exports (the `ListAuditExports` operationId).
+func (c *ClientWithResponses) ListAuditExportsWithResponse(ctx context.Context, params *ListAuditExportsParams, reqEditors ...RequestEditorFn) (*ListAuditExportsResponse, error) {
+	rsp, err := c.ListAuditExports(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseListAuditExportsResponse(rsp)
+}
+
 // CreateAuditExportWithBodyWithResponse Export a range of the audit log now
 //
 // Writes the rows with from <= timestamp < to (of one product, or all) as a gzip JSONL file with a manifest into ORCH_AUDIT_EXPORT_DIR, appended to the export hash chain. Answers 202; follow it with GET /audit/exports/{export_id}.
@@ -5866,6 +6041,53 @@ func ParseListAuditResponse(rsp *http.Response) (*ListAuditResponse, error) {
 	switch {
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
 		var dest AuditOutputBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON400 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 401:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON401 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON500 = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseListAuditExportsResponse parses an HTTP response from a ListAuditExportsWithResponse call
+func ParseListAuditExportsResponse(rsp *http.Response) (*ListAuditExportsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ListAuditExportsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest ListExportsOutputBody
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
 			return nil, err
 		}
