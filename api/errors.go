@@ -9,6 +9,7 @@ import (
 	"github.com/danielgtaylor/huma/v2"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/schema"
 )
 
 // statusOf is the one place where a stable code becomes an HTTP status
@@ -110,6 +111,12 @@ func toHTTP(ctx context.Context, err error) error {
 	if errors.As(err, &de) {
 		out.status = statusOf(de.Code)
 		out.ErrorBody.Error = ErrorDetail{Code: string(de.Code), Message: de.Message}
+	} else if schema.Unreachable(err) {
+		// A database outage is not the client's fault nor a bug: say so,
+		// and when to try again.
+		out.status = http.StatusServiceUnavailable
+		out.ErrorBody.Error = ErrorDetail{Code: string(orch.CodeUnavailable), Message: "the database is unreachable; retry shortly"}
+		out.GetHeaders().Set("Retry-After", "2")
 	} else if errors.Is(err, context.DeadlineExceeded) {
 		out.status = http.StatusGatewayTimeout
 		out.ErrorBody.Error = ErrorDetail{Code: string(orch.CodeBackendTimeout), Message: "the operation timed out"}

@@ -284,13 +284,20 @@ func (s *Server) wait(ctx context.Context, productID, opID string, timeout time.
 	q := schema.New(s.pool)
 	for {
 		op, err := q.GetOperation(ctx, productID, opID)
-		if err != nil {
+		var retry <-chan time.Time
+		switch {
+		case schema.Unreachable(err):
+			// Ride out a database blip: the job goes on, and the
+			// caller would rather have its outcome than a 503. NOTIFYs
+			// sent meanwhile are lost, so look again shortly.
+			retry = time.After(500 * time.Millisecond)
+		case err != nil:
 			return op, err
-		}
-		if op.Status.Done() {
+		case op.Status.Done():
 			return op, nil
 		}
 		select {
+		case <-retry:
 		case <-ch:
 		case <-timer.C:
 			return op, orch.Errorf(orch.CodeBootTimeout, "the operation did not finish within %s; follow it with GET /operations/%s", timeout, opID)

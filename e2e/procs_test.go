@@ -22,6 +22,7 @@ import (
 type procFleet struct {
 	t       *testing.T
 	env     []string
+	dbURL   string
 	dataDir string
 	logPath string
 }
@@ -40,7 +41,7 @@ func newProcFleet(t *testing.T, extraEnv ...string) *procFleet {
 		fmt.Sprintf("ORCH_PORT_MIN=%d", portMin), fmt.Sprintf("ORCH_PORT_MAX=%d", portMin+99),
 		"ORCH_METRICS_ADDR=off", "ORCH_BOOT_TIMEOUT_S=20", "ORCH_SHUTDOWN_TIMEOUT_S=30")
 	env = append(env, extraEnv...)
-	pf := &procFleet{t: t, env: env, dataDir: data, logPath: filepath.Join(data, "orchestrator.log")}
+	pf := &procFleet{t: t, env: env, dbURL: dbURL, dataDir: data, logPath: filepath.Join(data, "orchestrator.log")}
 	t.Cleanup(func() {
 		if t.Failed() {
 			b, _ := os.ReadFile(pf.logPath)

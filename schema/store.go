@@ -5,6 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -30,6 +33,28 @@ type Queries struct{ db DBTX }
 
 // New binds the queries to a pool or transaction.
 func New(db DBTX) *Queries { return &Queries{db: db} }
+
+// Unreachable reports whether err means Postgres could not be reached or
+// dropped the connection (refused, reset, closed, shutting down): nothing
+// was wrong with the request, and it may be retried as it is.
+func Unreachable(err error) bool {
+	var ce *pgconn.ConnectError
+	var pe *pgconn.PgError
+	var ne net.Error
+	switch {
+	case err == nil:
+		return false
+	case errors.As(err, &ce):
+		return true
+	case errors.As(err, &pe):
+		// Class 08: connection exception; 57P01–03: the server is
+		// shutting down, crashed, or not yet accepting connections.
+		return strings.HasPrefix(pe.Code, "08") || pe.Code == "57P01" || pe.Code == "57P02" || pe.Code == "57P03"
+	case errors.As(err, &ne), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed):
+		return true
+	}
+	return pgconn.SafeToRetry(err)
+}
 
 func isUniqueViolation(err error, constraint string) bool {
 	var pe *pgconn.PgError

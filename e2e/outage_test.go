@@ -1,0 +1,157 @@
+package e2e_test
+
+import (
+	"fmt"
+	"net/http"
+	"net/url"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/enginefleet/orchestrator/internal/testenv"
+)
+
+// Postgres goes away for a while under a running fleet (API, worker and
+// scheduler processes) with operations in flight, then comes back. During
+// the outage the API says 503 SERVICE_UNAVAILABLE with Retry-After, never a
+// 500; afterwards every process is still up, no operation is lost, every
+// engine runs on its own port, synchronous calls are woken by NOTIFY again
+// and key rotations reach the API's cache again (its LISTEN reconnected),
+// and the scheduler leads again.
+func TestPostgresOutage(t *testing.T) {
+	t.Parallel()
+	// Engines take 1.5 s to boot, so the outage catches provisions mid-way.
+	pf := newProcFleet(t, "ORCH_HEALTH_CHECK_INTERVAL_S=1", "ENGINE_BOOT_DELAY_S=1.5", "ORCH_ENGINE_ENV_PASSTHROUGH=ENGINE_BOOT_DELAY_S")
+	px := testenv.NewProxy(t, hostPort(t, pf.dbURL))
+	pf.env = append(pf.env, "ORCH_DATABASE_URL="+px.URL(pf.dbURL))
+	apiP, workerP, schedP := pf.start("api"), pf.start("worker"), pf.start("scheduler")
+	key := pf.register(apiP, "acme")
+	call := func(method, path, key string, body any, hdr ...string) resp {
+		h := map[string]string{"X-Platform-Key": key}
+		for i := 0; i+1 < len(hdr); i += 2 {
+			h[hdr[i]] = hdr[i+1]
+		}
+		return do(t, method, apiP.url()+path, body, h)
+	}
+
+	for i := range 2 {
+		r := call("POST", "/engines/provision", key, map[string]any{"user_id": fmt.Sprintf("before-%d", i)})
+		require.Equal(t, http.StatusOK, r.Status, "%v", r.Body)
+	}
+	var ops []string
+	for i := range 4 {
+		r := call("POST", "/engines/provision", key, map[string]any{"user_id": fmt.Sprintf("during-%d", i)}, "Prefer", "respond-async")
+		require.Equal(t, http.StatusAccepted, r.Status, "%v", r.Body)
+		ops = append(ops, r.str("operation_id"))
+	}
+
+	// A synchronous call in flight rides the outage out.
+	syncDone := make(chan resp, 1)
+	go func() {
+		syncDone <- call("POST", "/engines/provision", key, map[string]any{"user_id": "riding"})
+	}()
+	time.Sleep(50 * time.Millisecond)
+
+	px.Cut()
+	cutAt := time.Now()
+	require.Eventually(t, func() bool {
+		r := do(t, "GET", apiP.url()+"/health", nil, nil)
+		return r.Status == http.StatusServiceUnavailable
+	}, 10*time.Second, 100*time.Millisecond, "/health says 503 while Postgres is away")
+	for _, path := range []string{"/engines/before-0/admit", "/engines/provision"} {
+		r := call("POST", path, key, map[string]any{"user_id": "nobody"})
+		assert.Equal(t, http.StatusServiceUnavailable, r.Status, "%s: %v", path, r.Body)
+		assert.Equal(t, "SERVICE_UNAVAILABLE", r.code(), path)
+		assert.NotEmpty(t, r.Header.Get("Retry-After"), path)
+	}
+	time.Sleep(time.Until(cutAt.Add(5 * time.Second)))
+	px.Restore()
+	restoredAt := time.Now()
+
+	require.Eventually(t, func() bool {
+		return do(t, "GET", apiP.url()+"/health", nil, nil).Status == http.StatusOK
+	}, 20*time.Second, 100*time.Millisecond, "/health recovers")
+	t.Logf("outage 5 s; healthy again %s after", time.Since(restoredAt).Round(100*time.Millisecond))
+
+	// No operation is lost: each finishes (the jobs cut off mid-way are
+	// retried), and every engine ends running on a port of its own.
+	for _, op := range ops {
+		require.Eventually(t, func() bool {
+			r := call("GET", "/operations/"+op, key, nil)
+			return r.str("status") == "succeeded"
+		}, 90*time.Second, 250*time.Millisecond, "operation %s succeeds after the outage: %v", op, call("GET", "/operations/"+op, key, nil).Body)
+	}
+	t.Logf("every operation done %s after the outage", time.Since(restoredAt).Round(100*time.Millisecond))
+	select {
+	case r := <-syncDone:
+		require.Equal(t, http.StatusOK, r.Status, "the synchronous provision in flight: %v", r.Body)
+	case <-time.After(60 * time.Second):
+		t.Fatal("the synchronous provision in flight never answered")
+	}
+	ports := map[string]bool{}
+	for _, u := range []string{"before-0", "before-1", "during-0", "during-1", "during-2", "during-3", "riding"} {
+		r := call("POST", "/engines/"+u+"/admit", key, map[string]any{})
+		require.Equal(t, http.StatusOK, r.Status, "%s: %v", u, r.Body)
+		require.Equal(t, true, r.Body["admitted"], "%s: %v", u, r.Body)
+		h := engineCall(t, "GET", r.str("engine", "url")+"/health", "", nil)
+		require.Equal(t, http.StatusOK, h.Status, "%s's engine answers", u)
+		ports[r.str("engine", "url")] = true
+	}
+	require.Len(t, ports, 7, "seven engines, seven ports")
+
+	// A synchronous call is woken again (the API's LISTEN is back).
+	start := time.Now()
+	r := call("POST", "/engines/provision", key, map[string]any{"user_id": "after-0"})
+	require.Equal(t, http.StatusOK, r.Status, "%v", r.Body)
+	t.Logf("synchronous provision after the outage: %s", time.Since(start).Round(time.Millisecond))
+
+	// A rotation with no overlap refuses the old key at once: the API's
+	// cache heard the NOTIFY.
+	rot := do(t, "POST", apiP.url()+"/products/"+productID(t, apiP, key)+"/rotate-platform-key",
+		map[string]any{"overlap_seconds": 0}, map[string]string{"X-Admin-Key": adminKey})
+	require.Equal(t, http.StatusOK, rot.Status, "%v", rot.Body)
+	require.Eventually(t, func() bool {
+		return call("GET", "/engines", key, nil).code() == "INVALID_PLATFORM_KEY"
+	}, time.Second, 20*time.Millisecond, "the rotated-out key is refused within a second")
+	require.Equal(t, http.StatusOK, call("GET", "/engines", rot.str("platform_api_key"), nil).Status)
+
+	// The scheduler leads again: health sweeps are enqueued after the outage.
+	pool := testenv.Pool(t, pf.dbURL)
+	require.Eventually(t, func() bool {
+		var n int
+		require.NoError(t, pool.QueryRow(t.Context(), `SELECT count(*) FROM river_job WHERE kind = 'health_sweep' AND created_at > $1`, restoredAt).Scan(&n))
+		return n > 0
+	}, 30*time.Second, 250*time.Millisecond, "the scheduler enqueues sweeps again")
+
+	for name, p := range map[string]*proc{"api": apiP, "worker": workerP, "scheduler": schedP} {
+		select {
+		case err := <-p.done:
+			t.Fatalf("the %s process exited during the outage: %v", name, err)
+		default:
+		}
+	}
+}
+
+// productID looks a product up by its platform key through GET /products.
+func productID(t *testing.T, p *proc, key string) string {
+	t.Helper()
+	r := do(t, "GET", p.url()+"/products", nil, map[string]string{"X-Admin-Key": adminKey})
+	require.Equal(t, http.StatusOK, r.Status, "%v", r.Body)
+	for _, x := range r.Body["products"].([]any) {
+		m := x.(map[string]any)
+		if m["slug"] == "acme" {
+			return m["product_id"].(string)
+		}
+	}
+	t.Fatal("product acme not listed")
+	return ""
+}
+
+func hostPort(t *testing.T, dbURL string) string {
+	t.Helper()
+	u, err := url.Parse(dbURL)
+	require.NoError(t, err)
+	return u.Host
+}
