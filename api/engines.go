@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -73,7 +74,13 @@ func wantsAsync(prefer string) bool {
 }
 
 // errs lists the documented error statuses of an operation, for the spec.
-func errs(codes ...int) []int { return codes }
+// Every operation can meet a database outage (503 SERVICE_UNAVAILABLE).
+func errs(codes ...int) []int {
+	if !slices.Contains(codes, http.StatusServiceUnavailable) {
+		codes = append(codes, http.StatusServiceUnavailable)
+	}
+	return codes
+}
 
 func (s *Server) op(o huma.Operation) huma.Operation {
 	o.Security = platformSecurity
