@@ -4,12 +4,18 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"os"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/moby/moby/client"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/backend/docker"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
@@ -24,7 +30,7 @@ func TestPostgresOutage(t *testing.T) {
 	t.Parallel()
 	// Engines take 1.5 s to boot, so the outage catches provisions mid-way.
 	pf := newProcFleet(t, "ORCH_HEALTH_CHECK_INTERVAL_S=1", "ENGINE_BOOT_DELAY_S=1.5", "ORCH_ENGINE_ENV_PASSTHROUGH=ENGINE_BOOT_DELAY_S")
-	px := testenv.NewProxy(t, hostPort(t, pf.dbURL))
+	px := testenv.NewProxy(t, "tcp", hostPort(t, pf.dbURL))
 	pf.env = append(pf.env, "ORCH_DATABASE_URL="+px.URL(pf.dbURL))
 	apiP, workerP, schedP := pf.start("api"), pf.start("worker"), pf.start("scheduler")
 	key := pf.register(apiP, "acme")
@@ -154,4 +160,96 @@ func hostPort(t *testing.T, dbURL string) string {
 	u, err := url.Parse(dbURL)
 	require.NoError(t, err)
 	return u.Host
+}
+
+// The Docker API goes away for a while under a worker (the daemon and the
+// containers keep running; the worker cannot reach them). Running engines
+// keep serving and admits of them keep answering; an operation asked for
+// meanwhile finishes once Docker is back, without a second container or
+// volume; and the worker's event stream reconnects: a container removed
+// behind our back afterwards is noticed at once and recreated on its
+// volume, brain intact.
+func TestDockerOutage(t *testing.T) {
+	t.Parallel()
+	cli := testenv.RequireDocker(t)
+	image := testenv.EngineImage(t, "e2e-1")
+	pf := newProcFleet(t)
+	node := "e2e-dockerout-" + randHex(4)
+	be, err := docker.New(docker.Config{Network: "enginefleet_e2e_net", Node: node}, testenv.Quiet())
+	require.NoError(t, err)
+	f := &fleet{t: t, Backend: be, Node: node}
+	t.Cleanup(f.removeEngines)
+
+	sock := "/var/run/docker.sock"
+	if h := os.Getenv("DOCKER_HOST"); strings.HasPrefix(h, "unix://") {
+		sock = strings.TrimPrefix(h, "unix://")
+	}
+	px := testenv.NewProxy(t, "unix", sock)
+	pf.env = append(pf.env, "ORCH_ENGINE_BACKEND=docker", "ORCH_ENGINE_IMAGE="+image, "ORCH_NODE="+node,
+		"ORCH_ENGINE_NETWORK=enginefleet_e2e_net", "DOCKER_HOST=tcp://"+px.Addr(),
+		"ORCH_RESTART_MAX_ATTEMPTS=3", "ORCH_RESTART_BACKOFF_BASE_S=1")
+	apiP, workerP := pf.start("api"), pf.start("worker")
+	key := pf.register(apiP, "acme")
+	call := func(method, path string, body any, hdr ...string) resp {
+		h := map[string]string{"X-Platform-Key": key}
+		for i := 0; i+1 < len(hdr); i += 2 {
+			h[hdr[i]] = hdr[i+1]
+		}
+		return do(t, method, apiP.url()+path, body, h)
+	}
+
+	r := call("POST", "/engines/provision", map[string]any{"user_id": "before"})
+	require.Equal(t, http.StatusOK, r.Status, "%v", r.Body)
+	before := struct{ id, url, key string }{r.str("engine_id"), r.str("url"), r.str("api_key")}
+	require.Equal(t, http.StatusCreated, engineCall(t, "POST", before.url+"/memories", before.key, map[string]any{"content": "kept through the outage"}).Status)
+
+	px.Cut()
+	cutAt := time.Now()
+	r = call("POST", "/engines/provision", map[string]any{"user_id": "during"}, "Prefer", "respond-async")
+	require.Equal(t, http.StatusAccepted, r.Status, "%v", r.Body)
+	op := r.str("operation_id")
+	for time.Since(cutAt) < 5*time.Second {
+		a := call("POST", "/engines/before/admit", map[string]any{})
+		require.Equal(t, http.StatusOK, a.Status, "%v", a.Body)
+		require.Equal(t, true, a.Body["admitted"], "a running engine is admitted while Docker is away: %v", a.Body)
+		require.Equal(t, http.StatusOK, engineCall(t, "GET", before.url+"/health", "", nil).Status)
+		time.Sleep(250 * time.Millisecond)
+	}
+	px.Restore()
+	restoredAt := time.Now()
+
+	require.Eventually(t, func() bool {
+		return call("GET", "/operations/"+op, nil).str("status") == "succeeded"
+	}, 60*time.Second, 250*time.Millisecond, "the provision asked for during the outage succeeds: %v", call("GET", "/operations/"+op, nil).Body)
+	t.Logf("provision done %s after Docker came back", time.Since(restoredAt).Round(100*time.Millisecond))
+	a := call("POST", "/engines/during/admit", map[string]any{})
+	require.Equal(t, true, a.Body["admitted"], "%v", a.Body)
+	require.Equal(t, http.StatusOK, engineCall(t, "GET", a.str("engine", "url")+"/health", "", nil).Status)
+	rts, vols, err := be.List(t.Context())
+	require.NoError(t, err)
+	require.Len(t, rts, 2, "one container per engine")
+	require.Len(t, vols, 2, "one volume per engine")
+
+	// The event stream is back: a container removed behind our back is
+	// noticed at once (no scheduler runs sweeps here) and recreated.
+	time.Sleep(2 * time.Second) // the stream re-subscribes with backoff
+	_, err = cli.ContainerRemove(t.Context(), orch.ContainerName(before.id), client.ContainerRemoveOptions{Force: true})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		info, err := be.Inspect(t.Context(), before.id)
+		if err != nil || info.State != orch.RuntimeRunning {
+			return false
+		}
+		h, err := tryDo("GET", before.url+"/health", nil, nil)
+		return err == nil && h.Status == http.StatusOK
+	}, 30*time.Second, 250*time.Millisecond, "the removed container is recreated")
+	m := engineCall(t, "GET", before.url+"/memories?q=outage", before.key, nil)
+	require.Equal(t, http.StatusOK, m.Status)
+	require.Len(t, m.Body["memories"], 1, "brain intact on the recreated container")
+
+	select {
+	case err := <-workerP.done:
+		t.Fatalf("the worker exited: %v", err)
+	default:
+	}
 }

@@ -10,11 +10,11 @@ import (
 )
 
 // Proxy is a TCP proxy on loopback that a test can cut, to take a
-// dependency (Postgres) away from the processes under test the way an
-// outage does: every open connection is dropped at once and new ones are
-// closed as soon as they are accepted, until Restore.
+// dependency (Postgres, the Docker API) away from the processes under test
+// the way an outage does: every open connection is dropped at once and new
+// ones are closed as soon as they are accepted, until Restore.
 type Proxy struct {
-	target string
+	network, target string
 	ln     net.Listener
 
 	mu    sync.Mutex
@@ -22,15 +22,15 @@ type Proxy struct {
 	conns map[net.Conn]struct{}
 }
 
-// NewProxy forwards a loopback port to target (host:port); it stops with
-// the test.
-func NewProxy(t testing.TB, target string) *Proxy {
+// NewProxy forwards a loopback port to target ("tcp" host:port, or a
+// "unix" socket path); it stops with the test.
+func NewProxy(t testing.TB, network, target string) *Proxy {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("proxy listen: %v", err)
 	}
-	p := &Proxy{target: target, ln: ln, conns: map[net.Conn]struct{}{}}
+	p := &Proxy{network: network, target: target, ln: ln, conns: map[net.Conn]struct{}{}}
 	go p.serve()
 	t.Cleanup(func() {
 		ln.Close()
@@ -84,7 +84,7 @@ func (p *Proxy) serve() {
 }
 
 func (p *Proxy) pipe(c net.Conn) {
-	up, err := net.Dial("tcp", p.target)
+	up, err := net.Dial(p.network, p.target)
 	if err != nil {
 		c.Close()
 		return
