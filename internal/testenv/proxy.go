@@ -15,7 +15,7 @@ import (
 // ones are closed as soon as they are accepted, until Restore.
 type Proxy struct {
 	network, target string
-	ln     net.Listener
+	ln              net.Listener
 
 	mu    sync.Mutex
 	cut   bool
