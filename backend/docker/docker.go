@@ -220,6 +220,14 @@ func (b *Backend) Ping(ctx context.Context) error {
 	return nil
 }
 
+// Prepare readies what every engine shares, the engines' network, so the
+// first provision after a fresh install does not wait for it (Ensure would
+// do the same lazily).
+func (b *Backend) Prepare(ctx context.Context) error {
+	_, err := b.ensureNetwork(ctx)
+	return err
+}
+
 // APIVersion is the API version the client speaks (after Ping, the
 // negotiated one).
 func (b *Backend) APIVersion() string { return b.cli.ClientVersion() }

@@ -614,3 +614,25 @@ func assertNoHelpers(t *testing.T, engineID string) {
 	require.NoError(t, err)
 	assert.Empty(t, res.Items, "helper containers left behind")
 }
+
+// Prepare creates the engines' network up front (the worker calls it at
+// start), labelled as this node's, and is idempotent.
+func TestPrepareCreatesNetwork(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	netName := testNetwork + "_prep_" + randHex(4)
+	t.Cleanup(func() { removeNetworkIfEmpty(netName) })
+	b := newBackend(t, func(c *docker.Config) { c.Network = netName })
+	require.NoError(t, b.Prepare(ctx))
+	require.NoError(t, b.Prepare(ctx))
+	nets, err := rawClient(t).NetworkList(ctx, client.NetworkListOptions{Filters: make(client.Filters).Add("name", netName)})
+	require.NoError(t, err)
+	var found int
+	for _, n := range nets.Items {
+		if n.Name == netName {
+			found++
+			assert.Equal(t, b.Config().Node, n.Labels[orchestrator.LabelNode])
+		}
+	}
+	assert.Equal(t, 1, found)
+}

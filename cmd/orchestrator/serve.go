@@ -192,6 +192,9 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger) (orch.Backend
 		if err := b.Ping(pctx); err != nil {
 			return nil, fmt.Errorf("docker backend: daemon not reachable (no Docker socket?): %w", err)
 		}
+		if err := b.Prepare(pctx); err != nil {
+			return nil, fmt.Errorf("docker backend: %w", err)
+		}
 		return b, nil
 	}
 }
