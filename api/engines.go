@@ -322,6 +322,17 @@ func (s *Server) registerEngines() {
 		out := &rotateOutput{Status: http.StatusOK}
 		out.Body.EngineID = e.ID
 		if wantsAsync(in.Prefer) {
+			// Joined a rotation another request started: the key that
+			// will be in force is the one in its payload, not ours.
+			_, p, err := schema.New(s.pool).OperationByID(ctx, opID)
+			if err != nil {
+				return nil, toHTTP(ctx, err)
+			}
+			if p.KeyHash != keys.Hash(key) {
+				if key, err = s.engineKey(orch.Engine{KeyEnc: p.KeyEnc}); err != nil {
+					return nil, toHTTP(ctx, err)
+				}
+			}
 			out.Status = http.StatusAccepted
 			out.Body.OperationID = opID
 			out.Body.APIKey = key
