@@ -95,7 +95,7 @@ type provisionInput struct {
 	Body   struct {
 		_             struct{} `additionalProperties:"true"` // products may send fields we do not read
 		UserID        string   `json:"user_id" doc:"The product's own user id" example:"user-42"`
-		EngineVersion string   `json:"engine_version,omitempty" doc:"Engine image; default ORCH_ENGINE_IMAGE" example:"enginefleet/engine:1.0.0"`
+		EngineVersion string   `json:"engine_version,omitempty" doc:"Engine image; default ORCH_ENGINE_IMAGE. Only images ORCH_ENGINE_IMAGE_ALLOWLIST allows (by default any pinned tag of ORCH_ENGINE_IMAGE's repository)" example:"enginefleet/engine:1.0.0"`
 	}
 }
 
@@ -193,7 +193,7 @@ type upgradeInput struct {
 	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
 	Body   struct {
 		_             struct{} `additionalProperties:"true"` // products may send fields we do not read
-		EngineVersion string   `json:"engine_version" minLength:"1" doc:"The image to recreate the engine on"`
+		EngineVersion string   `json:"engine_version" minLength:"1" doc:"The image to recreate the engine on (ORCH_ENGINE_IMAGE_ALLOWLIST applies)"`
 	}
 }
 
@@ -358,6 +358,9 @@ func (s *Server) registerEngines() {
 		Description: "Per-user canaries. If the new version does not become healthy the engine is rolled back to the old image.",
 		Errors:      errs(400, 401, 404, 409, 502, 504),
 	}), func(ctx context.Context, in *upgradeInput) (*opOutput, error) {
+		if err := s.allowImage(in.Body.EngineVersion); err != nil {
+			return nil, toHTTP(ctx, err)
+		}
 		return s.runOp(ctx, in.UserID, in.Prefer, opRequest{kind: orch.OpUpgrade, check: mustRun,
 			payload: schema.OpPayload{Image: in.Body.EngineVersion}})
 	})

@@ -39,6 +39,14 @@ func (s *Server) engineKey(e orch.Engine) (string, error) {
 	return k, nil
 }
 
+// allowImage refuses an engine_version outside ORCH_ENGINE_IMAGE_ALLOWLIST.
+func (s *Server) allowImage(image string) error {
+	if !s.cfg.Images.Allows(image) {
+		return orch.Errorf(orch.CodeInvalidRequest, "engine_version %q is not an image this orchestrator runs: ask the operator to allow it", image)
+	}
+	return nil
+}
+
 func (s *Server) inTx(ctx context.Context, fn func(q *schema.Queries, tx pgx.Tx) error) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return fn(schema.New(tx), tx) })
 }
@@ -106,6 +114,9 @@ type provisionResult struct {
 func (s *Server) provision(ctx context.Context, p orch.Product, userID, image string, join bool) (provisionResult, error) {
 	if image == "" {
 		image = s.cfg.DefaultImage
+	}
+	if err := s.allowImage(image); err != nil {
+		return provisionResult{}, err
 	}
 	var res provisionResult
 	err := s.inTx(ctx, func(q *schema.Queries, tx pgx.Tx) error {

@@ -38,3 +38,30 @@ func TestAsyncRotateKeyJoinAnswersTheKeyInForce(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, keys.Hash(got[0]), p.KeyHash, "the key answered is the one the operation puts in force")
 }
+
+// A product may only ask for images ORCH_ENGINE_IMAGE_ALLOWLIST allows
+// (default: pinned tags of the default image's repository): engines run
+// with the operator's passthrough secrets.
+func TestEngineVersionAllowlist(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, "", testConfig())
+	pid, key := h.register("acme", nil)
+	h.insertEngine(pid, "ann", 20001, orch.StateRunning)
+	async := platform(key)
+	async["Prefer"] = "respond-async"
+	for _, img := range []string{"evil/engine:1", "enginefleet/engine", "/bin/sh", "enginefleet/engine-x:1"} {
+		status, body, _ := h.do("POST", "/engines/provision", map[string]any{"user_id": "bob", "engine_version": img}, async)
+		require.Equal(t, http.StatusBadRequest, status, "%s: %v", img, body)
+		require.Equal(t, "INVALID_REQUEST", body["error"].(map[string]any)["code"])
+		status, body, _ = h.do("POST", "/engines/ann/upgrade", map[string]any{"engine_version": img}, async)
+		require.Equal(t, http.StatusBadRequest, status, "%s: %v", img, body)
+	}
+	var n int
+	require.NoError(t, h.Pool.QueryRow(t.Context(), `SELECT count(*) FROM engines WHERE user_id = 'bob'`).Scan(&n))
+	require.Zero(t, n, "nothing written for a refused image")
+
+	status, body, _ := h.do("POST", "/engines/provision", map[string]any{"user_id": "bob", "engine_version": "enginefleet/engine:2.0"}, async)
+	require.Equal(t, http.StatusAccepted, status, "%v", body)
+	status, body, _ = h.do("POST", "/engines/ann/upgrade", map[string]any{"engine_version": "enginefleet/engine@sha256:0123"}, async)
+	require.Equal(t, http.StatusAccepted, status, "%v", body)
+}

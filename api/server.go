@@ -32,6 +32,7 @@ import (
 type Config struct {
 	AdminKey      string
 	DefaultImage  string        // ORCH_ENGINE_IMAGE
+	Images        *orch.Images  // ORCH_ENGINE_IMAGE_ALLOWLIST (nil = DefaultImage's repository)
 	PortMin       int           // ORCH_PORT_MIN
 	PortMax       int           // ORCH_PORT_MAX
 	Node          string        // engine host this replica provisions on ("local")
@@ -68,6 +69,10 @@ func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyr
 	}
 	if cfg.Version == "" {
 		cfg.Version = "dev"
+	}
+	if cfg.Images == nil {
+		im, _ := orch.ParseImages(cfg.DefaultImage, "") // cannot fail without a list
+		cfg.Images = &im
 	}
 	s := &Server{cfg: cfg, pool: pool, river: rc, keyring: kr, log: log, mux: http.NewServeMux()}
 	s.products = newProductCache(pool)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/go-co-op/gocron/v2"
 
+	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/keys"
 )
 
@@ -27,6 +29,7 @@ type Config struct {
 	LogFormat        string
 	Node             string
 	EngineImage      string
+	Images           orch.Images // ORCH_ENGINE_IMAGE_ALLOWLIST
 	Backend          string
 	EngineBinary     string
 	EnvPassthrough   []string
@@ -61,7 +64,12 @@ type Config struct {
 
 	WorkerConcurrency int
 	ShutdownTimeout   time.Duration
+
+	// Warnings are logged at start: settings that work but should not.
+	Warnings []string
 }
+
+var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 // envVar documents one variable; .env.example and the README are written from this list.
 type envVar struct {
@@ -79,6 +87,7 @@ var envVars = []envVar{
 	{"ORCH_LOG_FORMAT", "json", "json (production) or text (a terminal)"},
 	{"ORCH_NODE", "local", "name of the engine host this process provisions on / works for"},
 	{"ORCH_ENGINE_IMAGE", "enginefleet/engine:dev", "default engine image (pin a version, not latest)"},
+	{"ORCH_ENGINE_IMAGE_ALLOWLIST", "", "images products may ask for as engine_version: comma-separated repositories (any pinned tag) or exact references; empty = ORCH_ENGINE_IMAGE's repository; * = any (trusted products only)"},
 	{"ORCH_ENGINE_BACKEND", "docker", "docker (production) or subprocess (development, no Docker)"},
 	{"ORCH_ENGINE_BINARY", "", "subprocess backend: path of the engine binary"},
 	{"ORCH_ENGINE_ENV_PASSTHROUGH", "", "comma-separated variable names copied from this process's environment into every engine"},
@@ -168,7 +177,8 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	}
 	c.AdminKey = required("ORCH_ADMIN_KEY")
 	if c.AdminKey != "" && len(c.AdminKey) < 16 {
-		bad("ORCH_ADMIN_KEY", "must be at least 16 characters")
+		// The contract takes any opaque string: warn, do not refuse.
+		c.Warnings = append(c.Warnings, "ORCH_ADMIN_KEY is shorter than 16 characters: easy to guess; `orchestrator keys generate` prints a strong one")
 	}
 	c.ListenAddr = get("ORCH_LISTEN_ADDR")
 	c.MetricsAddr = get("ORCH_METRICS_ADDR")
@@ -191,6 +201,11 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.EngineImage == "" {
 		bad("ORCH_ENGINE_IMAGE", "must not be empty")
 	}
+	if im, err := orch.ParseImages(c.EngineImage, get("ORCH_ENGINE_IMAGE_ALLOWLIST")); err != nil {
+		bad("ORCH_ENGINE_IMAGE_ALLOWLIST", "%v", err)
+	} else {
+		c.Images = im
+	}
 	c.Backend = get("ORCH_ENGINE_BACKEND")
 	if !oneOf(c.Backend, "docker", "subprocess") {
 		bad("ORCH_ENGINE_BACKEND", "must be docker or subprocess, got %q", c.Backend)
@@ -200,6 +215,13 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		bad("ORCH_ENGINE_BINARY", "is required with the subprocess backend")
 	}
 	c.EnvPassthrough = splitList(get("ORCH_ENGINE_ENV_PASSTHROUGH"))
+	for _, n := range c.EnvPassthrough {
+		// The orchestrator's own settings (its keys, the database URL)
+		// must never reach an engine.
+		if strings.HasPrefix(n, "ORCH_") || strings.HasPrefix(n, "DOCKER_") || !envName.MatchString(n) {
+			bad("ORCH_ENGINE_ENV_PASSTHROUGH", "%q cannot be passed to engines (not a variable name, or the orchestrator's own)", n)
+		}
+	}
 	c.Network = get("ORCH_ENGINE_NETWORK")
 	c.PortMin = intv("ORCH_PORT_MIN", 1024, 65535)
 	c.PortMax = intv("ORCH_PORT_MAX", 1024, 65535)

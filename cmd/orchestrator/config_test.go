@@ -64,3 +64,50 @@ func TestConfigSecretsFromFiles(t *testing.T) {
 	require.Equal(t, strings.Repeat("b", 32), c.AdminKey)
 	require.Equal(t, "postgresql://u:p@db:5432/orch", c.DatabaseURL)
 }
+
+func TestConfigEngineSafety(t *testing.T) {
+	base := map[string]string{
+		"ORCH_DATABASE_URL": "postgresql://u:p@localhost:5432/db",
+		"ORCH_MASTER_KEY":   keys.GenerateMasterKey(),
+		"ORCH_ADMIN_KEY":    "tiny-k3y",
+		"ORCH_ENGINE_IMAGE": "reg.example.com/engine:1.0",
+	}
+	c, err := loadConfig(envOf(base))
+	require.NoError(t, err, "the contract takes any admin key")
+	require.Len(t, c.Warnings, 1)
+	require.Contains(t, c.Warnings[0], "ORCH_ADMIN_KEY")
+	require.NotContains(t, c.Warnings[0], "tiny-k3y", "the warning does not echo the key")
+	require.True(t, c.Images.Allows("reg.example.com/engine:2.0"), "the default image's repository")
+	require.False(t, c.Images.Allows("evil/engine:1"))
+
+	with := func(k, v string) map[string]string {
+		m := map[string]string{}
+		for a, b := range base {
+			m[a] = b
+		}
+		m[k] = v
+		return m
+	}
+	for _, n := range []string{"ORCH_MASTER_KEY", "ORCH_DATABASE_URL", "DOCKER_HOST", "BAD-NAME"} {
+		_, err := loadConfig(envOf(with("ORCH_ENGINE_ENV_PASSTHROUGH", "OPENAI_API_KEY,"+n)))
+		require.Error(t, err, n)
+		require.Contains(t, err.Error(), "ORCH_ENGINE_ENV_PASSTHROUGH", n)
+	}
+	c, err = loadConfig(envOf(with("ORCH_ENGINE_ENV_PASSTHROUGH", "OPENAI_API_KEY,LLM_API_KEY")))
+	require.NoError(t, err)
+	require.Equal(t, []string{"OPENAI_API_KEY", "LLM_API_KEY"}, c.EnvPassthrough)
+
+	_, err = loadConfig(envOf(with("ORCH_ENGINE_IMAGE_ALLOWLIST", "team/*")))
+	require.ErrorContains(t, err, "ORCH_ENGINE_IMAGE_ALLOWLIST")
+	c, err = loadConfig(envOf(with("ORCH_ENGINE_IMAGE_ALLOWLIST", "enginefleet/canary")))
+	require.NoError(t, err)
+	require.True(t, c.Images.Allows("enginefleet/canary:3"))
+	require.True(t, c.Images.Allows("reg.example.com/engine:1.0"), "the default image itself")
+	require.False(t, c.Images.Allows("reg.example.com/engine:2.0"), "an explicit list replaces the default repository")
+}
+
+func TestRedactURL(t *testing.T) {
+	require.Equal(t, "dial u:***@h failed", redactURL("dial u:s3cret@h failed", "postgresql://u:s3cret@h/db"))
+	require.Equal(t, "dial failed", redactURL("dial failed", "postgresql://u:@h/db"), "an empty password leaves the text alone")
+	require.Equal(t, "dial failed", redactURL("dial failed", "postgresql://u@h/db"))
+}

@@ -161,6 +161,9 @@ func withDB(ctx context.Context, getenv func(string) string, migrate bool, fn fu
 		return err
 	}
 	log := newLogger(cfg, os.Stdout)
+	for _, w := range cfg.Warnings {
+		log.Warn(w)
+	}
 	pcfg, err := pgxpool.ParseConfig(cfg.DatabaseURL)
 	if err != nil {
 		return fmt.Errorf("ORCH_DATABASE_URL: %w", err)
@@ -199,7 +202,7 @@ func redactURL(s, dbURL string) string {
 	if i := strings.Index(dbURL, "://"); i >= 0 {
 		if j := strings.Index(dbURL[i+3:], "@"); j >= 0 {
 			userinfo := dbURL[i+3 : i+3+j]
-			if k := strings.Index(userinfo, ":"); k >= 0 {
+			if k := strings.Index(userinfo, ":"); k >= 0 && k+1 < len(userinfo) {
 				return strings.ReplaceAll(s, userinfo[k+1:], "***")
 			}
 		}

@@ -154,7 +154,7 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 }
 
 func apiConfig(cfg Config) api.Config {
-	return api.Config{AdminKey: cfg.AdminKey, DefaultImage: cfg.EngineImage, PortMin: cfg.PortMin, PortMax: cfg.PortMax,
+	return api.Config{AdminKey: cfg.AdminKey, DefaultImage: cfg.EngineImage, Images: &cfg.Images, PortMin: cfg.PortMin, PortMax: cfg.PortMax,
 		Node: cfg.Node, BootTimeout: cfg.BootTimeout, URLTemplate: cfg.URLTemplate, KeyOverlap: cfg.KeyOverlap, Version: version}
 }
 

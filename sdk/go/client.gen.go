@@ -617,7 +617,7 @@ type ProvisionBody struct {
 
 // ProvisionInputBody defines model for ProvisionInputBody.
 type ProvisionInputBody struct {
-	// EngineVersion Engine image; default ORCH_ENGINE_IMAGE
+	// EngineVersion Engine image; default ORCH_ENGINE_IMAGE. Only images ORCH_ENGINE_IMAGE_ALLOWLIST allows (by default any pinned tag of ORCH_ENGINE_IMAGE's repository)
 	//
 	// Example: enginefleet/engine:1.0.0
 	EngineVersion *string `json:"engine_version,omitempty"`
@@ -715,7 +715,7 @@ type TakeBackupBodyStatus string
 
 // UpgradeInputBody defines model for UpgradeInputBody.
 type UpgradeInputBody struct {
-	// EngineVersion The image to recreate the engine on
+	// EngineVersion The image to recreate the engine on (ORCH_ENGINE_IMAGE_ALLOWLIST applies)
 	EngineVersion        string                 `json:"engine_version"`
 	AdditionalProperties map[string]interface{} `json:"-"`
 }
