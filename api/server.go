@@ -81,7 +81,7 @@ func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyr
 	s.api.UseMiddleware(s.authMiddleware, s.validateUserPath) // key first: no key, no hints
 	s.register()
 	s.mountAdminUI()
-	fixErrorResponses(s.api.OpenAPI())
+	fixResponses(s.api.OpenAPI())
 	// Anything huma does not route gets the envelope too.
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeEnvelope(w, r, http.StatusNotFound, orch.CodeNotFound, "no such route: "+r.Method+" "+r.URL.Path)
@@ -234,9 +234,12 @@ func document(version string) *huma.OpenAPI {
 	return New(Config{Version: version}, nil, nil, nil, slog.New(slog.DiscardHandler)).api.OpenAPI()
 }
 
-// fixErrorResponses makes the document say what the server does: huma
-// documents validation failures as 422, the contract answers 400.
-func fixErrorResponses(doc *huma.OpenAPI) {
+// fixResponses makes the document say what the server does, where huma's
+// generation cannot: validation failures are 400 (huma says 422); an
+// operation that takes Prefer: respond-async also answers 202 with the same
+// body plus operation_id; 429 and 503 carry Retry-After.
+func fixResponses(doc *huma.OpenAPI) {
+	retryAfter := &huma.Param{Description: "Seconds to wait before retrying", Schema: &huma.Schema{Type: "integer"}}
 	for _, item := range doc.Paths {
 		for _, op := range []*huma.Operation{item.Get, item.Post, item.Put, item.Delete, item.Patch} {
 			if op == nil || op.Responses == nil {
@@ -249,8 +252,33 @@ func fixErrorResponses(doc *huma.OpenAPI) {
 					op.Responses["400"] = r
 				}
 			}
+			for _, code := range []string{"429", "503"} {
+				if r, ok := op.Responses[code]; ok {
+					if r.Headers == nil {
+						r.Headers = map[string]*huma.Param{}
+					}
+					r.Headers["Retry-After"] = retryAfter
+				}
+			}
+			ok := op.Responses["200"]
+			if _, has := op.Responses["202"]; has || ok == nil || !takesPrefer(op) {
+				continue
+			}
+			op.Responses["202"] = &huma.Response{
+				Description: "Accepted (Prefer: respond-async): the work goes on; follow operation_id at GET /operations/{operation_id}",
+				Content:     ok.Content,
+			}
 		}
 	}
+}
+
+func takesPrefer(op *huma.Operation) bool {
+	for _, p := range op.Parameters {
+		if p.In == "header" && p.Name == "Prefer" {
+			return true
+		}
+	}
+	return false
 }
 
 // OpenAPI30YAML renders the document downgraded to OpenAPI 3.0.3, for code

@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/pb33f/libopenapi"
 	validator "github.com/pb33f/libopenapi-validator"
@@ -72,6 +73,13 @@ func TestResponsesMatchOpenAPI(t *testing.T) {
 	f.call("GET", "/status", key, nil)
 	f.call("GET", "/metrics", key, nil)
 	f.call("GET", "/engines", "bad-key", nil)
+	// 202s (Prefer: respond-async) are documented too.
+	r := f.call("POST", "/engines/provision", key, map[string]any{"user_id": "later"}, "Prefer", "respond-async")
+	require.Equal(t, http.StatusAccepted, r.Status, "%v", r.Body)
+	require.Eventually(t, func() bool {
+		return f.call("GET", "/operations/"+r.str("operation_id"), key, nil).str("status") == "succeeded"
+	}, 30*time.Second, 50*time.Millisecond)
+	require.Equal(t, http.StatusAccepted, f.call("POST", "/engines/later/stop", key, nil, "Prefer", "respond-async").Status)
 	for _, e := range vt.errs {
 		t.Error(e)
 	}

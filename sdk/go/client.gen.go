@@ -3611,6 +3611,11 @@ type ClientWithResponsesInterface interface {
 	FleetStatusWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*FleetStatusResponse, error)
 }
 
+// ListAuditResponse503Headers the declared response headers of an HTTP 503 response for ListAudit
+type ListAuditResponse503Headers struct {
+	RetryAfter *int
+}
+
 type ListAuditResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3624,6 +3629,8 @@ type ListAuditResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *ListAuditResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3680,6 +3687,11 @@ func (r ListAuditResponse) ContentType() string {
 	return ""
 }
 
+// ListAuditExportsResponse503Headers the declared response headers of an HTTP 503 response for ListAuditExports
+type ListAuditExportsResponse503Headers struct {
+	RetryAfter *int
+}
+
 type ListAuditExportsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3693,6 +3705,8 @@ type ListAuditExportsResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *ListAuditExportsResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3749,6 +3763,11 @@ func (r ListAuditExportsResponse) ContentType() string {
 	return ""
 }
 
+// CreateAuditExportResponse503Headers the declared response headers of an HTTP 503 response for CreateAuditExport
+type CreateAuditExportResponse503Headers struct {
+	RetryAfter *int
+}
+
 type CreateAuditExportResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3764,6 +3783,8 @@ type CreateAuditExportResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *CreateAuditExportResponse503Headers
 }
 
 // GetJSON202 returns the response for an HTTP 202 `application/json` response
@@ -3825,6 +3846,11 @@ func (r CreateAuditExportResponse) ContentType() string {
 	return ""
 }
 
+// GetAuditExportResponse503Headers the declared response headers of an HTTP 503 response for GetAuditExport
+type GetAuditExportResponse503Headers struct {
+	RetryAfter *int
+}
+
 type GetAuditExportResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3840,6 +3866,8 @@ type GetAuditExportResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *GetAuditExportResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3901,6 +3929,11 @@ func (r GetAuditExportResponse) ContentType() string {
 	return ""
 }
 
+// ListEnginesResponse503Headers the declared response headers of an HTTP 503 response for ListEngines
+type ListEnginesResponse503Headers struct {
+	RetryAfter *int
+}
+
 type ListEnginesResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -3914,6 +3947,8 @@ type ListEnginesResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *ListEnginesResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -3970,11 +4005,23 @@ func (r ListEnginesResponse) ContentType() string {
 	return ""
 }
 
+// ProvisionEngineResponse429Headers the declared response headers of an HTTP 429 response for ProvisionEngine
+type ProvisionEngineResponse429Headers struct {
+	RetryAfter *int
+}
+
+// ProvisionEngineResponse503Headers the declared response headers of an HTTP 503 response for ProvisionEngine
+type ProvisionEngineResponse503Headers struct {
+	RetryAfter *int
+}
+
 type ProvisionEngineResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *ProvisionBody
+	// JSON202 the response for an HTTP 202 `application/json` response
+	JSON202 *ProvisionBody
 	// JSON400 the response for an HTTP 400 `application/json` response
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
@@ -3991,11 +4038,20 @@ type ProvisionEngineResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *ProvisionEngineResponse429Headers
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *ProvisionEngineResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
 func (r ProvisionEngineResponse) GetJSON200() *ProvisionBody {
 	return r.JSON200
+}
+
+// GetJSON202 returns the response for an HTTP 202 `application/json` response
+func (r ProvisionEngineResponse) GetJSON202() *ProvisionBody {
+	return r.JSON202
 }
 
 // GetJSON400 returns the response for an HTTP 400 `application/json` response
@@ -4067,11 +4123,18 @@ func (r ProvisionEngineResponse) ContentType() string {
 	return ""
 }
 
+// DestroyEngineResponse503Headers the declared response headers of an HTTP 503 response for DestroyEngine
+type DestroyEngineResponse503Headers struct {
+	RetryAfter *int
+}
+
 type DestroyEngineResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *OpBody
+	// JSON202 the response for an HTTP 202 `application/json` response
+	JSON202 *OpBody
 	// JSON400 the response for an HTTP 400 `application/json` response
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
@@ -4086,11 +4149,18 @@ type DestroyEngineResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *DestroyEngineResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
 func (r DestroyEngineResponse) GetJSON200() *OpBody {
 	return r.JSON200
+}
+
+// GetJSON202 returns the response for an HTTP 202 `application/json` response
+func (r DestroyEngineResponse) GetJSON202() *OpBody {
+	return r.JSON202
 }
 
 // GetJSON400 returns the response for an HTTP 400 `application/json` response
@@ -4157,6 +4227,11 @@ func (r DestroyEngineResponse) ContentType() string {
 	return ""
 }
 
+// GetEngineResponse503Headers the declared response headers of an HTTP 503 response for GetEngine
+type GetEngineResponse503Headers struct {
+	RetryAfter *int
+}
+
 type GetEngineResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -4172,6 +4247,8 @@ type GetEngineResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *GetEngineResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -4239,11 +4316,23 @@ type AdmitEngineResponse200Headers struct {
 	XRateLimitRemaining *string
 }
 
+// AdmitEngineResponse429Headers the declared response headers of an HTTP 429 response for AdmitEngine
+type AdmitEngineResponse429Headers struct {
+	RetryAfter *int
+}
+
+// AdmitEngineResponse503Headers the declared response headers of an HTTP 503 response for AdmitEngine
+type AdmitEngineResponse503Headers struct {
+	RetryAfter *int
+}
+
 type AdmitEngineResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *AdmitBody
+	// JSON202 the response for an HTTP 202 `application/json` response
+	JSON202 *AdmitBody
 	// JSON400 the response for an HTTP 400 `application/json` response
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
@@ -4262,11 +4351,20 @@ type AdmitEngineResponse struct {
 	JSON504 *ErrorResponse
 	// Headers200 the parsed response headers for an HTTP 200 response
 	Headers200 *AdmitEngineResponse200Headers
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *AdmitEngineResponse429Headers
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *AdmitEngineResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
 func (r AdmitEngineResponse) GetJSON200() *AdmitBody {
 	return r.JSON200
+}
+
+// GetJSON202 returns the response for an HTTP 202 `application/json` response
+func (r AdmitEngineResponse) GetJSON202() *AdmitBody {
+	return r.JSON202
 }
 
 // GetJSON400 returns the response for an HTTP 400 `application/json` response
@@ -4338,6 +4436,11 @@ func (r AdmitEngineResponse) ContentType() string {
 	return ""
 }
 
+// ListBackupsResponse503Headers the declared response headers of an HTTP 503 response for ListBackups
+type ListBackupsResponse503Headers struct {
+	RetryAfter *int
+}
+
 type ListBackupsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -4351,6 +4454,8 @@ type ListBackupsResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *ListBackupsResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -4407,11 +4512,18 @@ func (r ListBackupsResponse) ContentType() string {
 	return ""
 }
 
+// TakeBackupResponse503Headers the declared response headers of an HTTP 503 response for TakeBackup
+type TakeBackupResponse503Headers struct {
+	RetryAfter *int
+}
+
 type TakeBackupResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *TakeBackupBody
+	// JSON202 the response for an HTTP 202 `application/json` response
+	JSON202 *TakeBackupBody
 	// JSON400 the response for an HTTP 400 `application/json` response
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
@@ -4428,11 +4540,18 @@ type TakeBackupResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *TakeBackupResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
 func (r TakeBackupResponse) GetJSON200() *TakeBackupBody {
 	return r.JSON200
+}
+
+// GetJSON202 returns the response for an HTTP 202 `application/json` response
+func (r TakeBackupResponse) GetJSON202() *TakeBackupBody {
+	return r.JSON202
 }
 
 // GetJSON400 returns the response for an HTTP 400 `application/json` response
@@ -4504,11 +4623,18 @@ func (r TakeBackupResponse) ContentType() string {
 	return ""
 }
 
+// RestartEngineResponse503Headers the declared response headers of an HTTP 503 response for RestartEngine
+type RestartEngineResponse503Headers struct {
+	RetryAfter *int
+}
+
 type RestartEngineResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *OpBody
+	// JSON202 the response for an HTTP 202 `application/json` response
+	JSON202 *OpBody
 	// JSON400 the response for an HTTP 400 `application/json` response
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
@@ -4525,11 +4651,18 @@ type RestartEngineResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *RestartEngineResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
 func (r RestartEngineResponse) GetJSON200() *OpBody {
 	return r.JSON200
+}
+
+// GetJSON202 returns the response for an HTTP 202 `application/json` response
+func (r RestartEngineResponse) GetJSON202() *OpBody {
+	return r.JSON202
 }
 
 // GetJSON400 returns the response for an HTTP 400 `application/json` response
@@ -4601,11 +4734,18 @@ func (r RestartEngineResponse) ContentType() string {
 	return ""
 }
 
+// RestoreBackupResponse503Headers the declared response headers of an HTTP 503 response for RestoreBackup
+type RestoreBackupResponse503Headers struct {
+	RetryAfter *int
+}
+
 type RestoreBackupResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *OpBody
+	// JSON202 the response for an HTTP 202 `application/json` response
+	JSON202 *OpBody
 	// JSON400 the response for an HTTP 400 `application/json` response
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
@@ -4622,11 +4762,18 @@ type RestoreBackupResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *RestoreBackupResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
 func (r RestoreBackupResponse) GetJSON200() *OpBody {
 	return r.JSON200
+}
+
+// GetJSON202 returns the response for an HTTP 202 `application/json` response
+func (r RestoreBackupResponse) GetJSON202() *OpBody {
+	return r.JSON202
 }
 
 // GetJSON400 returns the response for an HTTP 400 `application/json` response
@@ -4698,11 +4845,18 @@ func (r RestoreBackupResponse) ContentType() string {
 	return ""
 }
 
+// RotateEngineKeyResponse503Headers the declared response headers of an HTTP 503 response for RotateEngineKey
+type RotateEngineKeyResponse503Headers struct {
+	RetryAfter *int
+}
+
 type RotateEngineKeyResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *RotateOutputBody
+	// JSON202 the response for an HTTP 202 `application/json` response
+	JSON202 *RotateOutputBody
 	// JSON400 the response for an HTTP 400 `application/json` response
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
@@ -4719,11 +4873,18 @@ type RotateEngineKeyResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *RotateEngineKeyResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
 func (r RotateEngineKeyResponse) GetJSON200() *RotateOutputBody {
 	return r.JSON200
+}
+
+// GetJSON202 returns the response for an HTTP 202 `application/json` response
+func (r RotateEngineKeyResponse) GetJSON202() *RotateOutputBody {
+	return r.JSON202
 }
 
 // GetJSON400 returns the response for an HTTP 400 `application/json` response
@@ -4795,11 +4956,18 @@ func (r RotateEngineKeyResponse) ContentType() string {
 	return ""
 }
 
+// StartEngineResponse503Headers the declared response headers of an HTTP 503 response for StartEngine
+type StartEngineResponse503Headers struct {
+	RetryAfter *int
+}
+
 type StartEngineResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *OpBody
+	// JSON202 the response for an HTTP 202 `application/json` response
+	JSON202 *OpBody
 	// JSON400 the response for an HTTP 400 `application/json` response
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
@@ -4816,11 +4984,18 @@ type StartEngineResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *StartEngineResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
 func (r StartEngineResponse) GetJSON200() *OpBody {
 	return r.JSON200
+}
+
+// GetJSON202 returns the response for an HTTP 202 `application/json` response
+func (r StartEngineResponse) GetJSON202() *OpBody {
+	return r.JSON202
 }
 
 // GetJSON400 returns the response for an HTTP 400 `application/json` response
@@ -4892,11 +5067,18 @@ func (r StartEngineResponse) ContentType() string {
 	return ""
 }
 
+// StopEngineResponse503Headers the declared response headers of an HTTP 503 response for StopEngine
+type StopEngineResponse503Headers struct {
+	RetryAfter *int
+}
+
 type StopEngineResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *OpBody
+	// JSON202 the response for an HTTP 202 `application/json` response
+	JSON202 *OpBody
 	// JSON400 the response for an HTTP 400 `application/json` response
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
@@ -4913,11 +5095,18 @@ type StopEngineResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *StopEngineResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
 func (r StopEngineResponse) GetJSON200() *OpBody {
 	return r.JSON200
+}
+
+// GetJSON202 returns the response for an HTTP 202 `application/json` response
+func (r StopEngineResponse) GetJSON202() *OpBody {
+	return r.JSON202
 }
 
 // GetJSON400 returns the response for an HTTP 400 `application/json` response
@@ -4989,11 +5178,18 @@ func (r StopEngineResponse) ContentType() string {
 	return ""
 }
 
+// UpgradeEngineResponse503Headers the declared response headers of an HTTP 503 response for UpgradeEngine
+type UpgradeEngineResponse503Headers struct {
+	RetryAfter *int
+}
+
 type UpgradeEngineResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *OpBody
+	// JSON202 the response for an HTTP 202 `application/json` response
+	JSON202 *OpBody
 	// JSON400 the response for an HTTP 400 `application/json` response
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
@@ -5010,11 +5206,18 @@ type UpgradeEngineResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *UpgradeEngineResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
 func (r UpgradeEngineResponse) GetJSON200() *OpBody {
 	return r.JSON200
+}
+
+// GetJSON202 returns the response for an HTTP 202 `application/json` response
+func (r UpgradeEngineResponse) GetJSON202() *OpBody {
+	return r.JSON202
 }
 
 // GetJSON400 returns the response for an HTTP 400 `application/json` response
@@ -5086,11 +5289,18 @@ func (r UpgradeEngineResponse) ContentType() string {
 	return ""
 }
 
+// HealthResponse503Headers the declared response headers of an HTTP 503 response for Health
+type HealthResponse503Headers struct {
+	RetryAfter *int
+}
+
 type HealthResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *HealthOutputBody
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *HealthResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -5127,6 +5337,11 @@ func (r HealthResponse) ContentType() string {
 	return ""
 }
 
+// FleetMetricsResponse503Headers the declared response headers of an HTTP 503 response for FleetMetrics
+type FleetMetricsResponse503Headers struct {
+	RetryAfter *int
+}
+
 type FleetMetricsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -5138,6 +5353,8 @@ type FleetMetricsResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *FleetMetricsResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -5189,6 +5406,11 @@ func (r FleetMetricsResponse) ContentType() string {
 	return ""
 }
 
+// GetOperationResponse503Headers the declared response headers of an HTTP 503 response for GetOperation
+type GetOperationResponse503Headers struct {
+	RetryAfter *int
+}
+
 type GetOperationResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -5204,6 +5426,8 @@ type GetOperationResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *GetOperationResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -5265,6 +5489,11 @@ func (r GetOperationResponse) ContentType() string {
 	return ""
 }
 
+// ListProductsResponse503Headers the declared response headers of an HTTP 503 response for ListProducts
+type ListProductsResponse503Headers struct {
+	RetryAfter *int
+}
+
 type ListProductsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -5278,6 +5507,8 @@ type ListProductsResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *ListProductsResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -5334,6 +5565,11 @@ func (r ListProductsResponse) ContentType() string {
 	return ""
 }
 
+// RegisterProductResponse503Headers the declared response headers of an HTTP 503 response for RegisterProduct
+type RegisterProductResponse503Headers struct {
+	RetryAfter *int
+}
+
 type RegisterProductResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -5349,6 +5585,8 @@ type RegisterProductResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *RegisterProductResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -5410,6 +5648,11 @@ func (r RegisterProductResponse) ContentType() string {
 	return ""
 }
 
+// GetProductResponse503Headers the declared response headers of an HTTP 503 response for GetProduct
+type GetProductResponse503Headers struct {
+	RetryAfter *int
+}
+
 type GetProductResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -5425,6 +5668,8 @@ type GetProductResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *GetProductResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -5486,6 +5731,11 @@ func (r GetProductResponse) ContentType() string {
 	return ""
 }
 
+// UpdateProductPolicyResponse503Headers the declared response headers of an HTTP 503 response for UpdateProductPolicy
+type UpdateProductPolicyResponse503Headers struct {
+	RetryAfter *int
+}
+
 type UpdateProductPolicyResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -5501,6 +5751,8 @@ type UpdateProductPolicyResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *UpdateProductPolicyResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -5562,6 +5814,11 @@ func (r UpdateProductPolicyResponse) ContentType() string {
 	return ""
 }
 
+// RotatePlatformKeyResponse503Headers the declared response headers of an HTTP 503 response for RotatePlatformKey
+type RotatePlatformKeyResponse503Headers struct {
+	RetryAfter *int
+}
+
 type RotatePlatformKeyResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -5577,6 +5834,8 @@ type RotatePlatformKeyResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *RotatePlatformKeyResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -5638,6 +5897,11 @@ func (r RotatePlatformKeyResponse) ContentType() string {
 	return ""
 }
 
+// FleetStatusResponse503Headers the declared response headers of an HTTP 503 response for FleetStatus
+type FleetStatusResponse503Headers struct {
+	RetryAfter *int
+}
+
 type FleetStatusResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -5649,6 +5913,8 @@ type FleetStatusResponse struct {
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *FleetStatusResponse503Headers
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
@@ -6237,6 +6503,19 @@ func ParseListAuditResponse(rsp *http.Response) (*ListAuditResponse, error) {
 
 	}
 
+	switch {
+	case rsp.StatusCode == 503:
+		var headers ListAuditResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
 	return response, nil
 }
 
@@ -6289,6 +6568,19 @@ func ParseListAuditExportsResponse(rsp *http.Response) (*ListAuditExportsRespons
 		}
 		response.JSON503 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers ListAuditExportsResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -6352,6 +6644,19 @@ func ParseCreateAuditExportResponse(rsp *http.Response) (*CreateAuditExportRespo
 
 	}
 
+	switch {
+	case rsp.StatusCode == 503:
+		var headers CreateAuditExportResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
 	return response, nil
 }
 
@@ -6413,6 +6718,19 @@ func ParseGetAuditExportResponse(rsp *http.Response) (*GetAuditExportResponse, e
 
 	}
 
+	switch {
+	case rsp.StatusCode == 503:
+		var headers GetAuditExportResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
 	return response, nil
 }
 
@@ -6467,6 +6785,19 @@ func ParseListEnginesResponse(rsp *http.Response) (*ListEnginesResponse, error) 
 
 	}
 
+	switch {
+	case rsp.StatusCode == 503:
+		var headers ListEnginesResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
 	return response, nil
 }
 
@@ -6490,6 +6821,13 @@ func ParseProvisionEngineResponse(rsp *http.Response) (*ProvisionEngineResponse,
 			return nil, err
 		}
 		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 202:
+		var dest ProvisionBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON202 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
 		var dest ErrorResponse
@@ -6549,6 +6887,29 @@ func ParseProvisionEngineResponse(rsp *http.Response) (*ProvisionEngineResponse,
 
 	}
 
+	switch {
+	case rsp.StatusCode == 429:
+		var headers ProvisionEngineResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
+	case rsp.StatusCode == 503:
+		var headers ProvisionEngineResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
 	return response, nil
 }
 
@@ -6572,6 +6933,13 @@ func ParseDestroyEngineResponse(rsp *http.Response) (*DestroyEngineResponse, err
 			return nil, err
 		}
 		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 202:
+		var dest OpBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON202 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
 		var dest ErrorResponse
@@ -6622,6 +6990,19 @@ func ParseDestroyEngineResponse(rsp *http.Response) (*DestroyEngineResponse, err
 		}
 		response.JSON504 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers DestroyEngineResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -6685,6 +7066,19 @@ func ParseGetEngineResponse(rsp *http.Response) (*GetEngineResponse, error) {
 
 	}
 
+	switch {
+	case rsp.StatusCode == 503:
+		var headers GetEngineResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
 	return response, nil
 }
 
@@ -6708,6 +7102,13 @@ func ParseAdmitEngineResponse(rsp *http.Response) (*AdmitEngineResponse, error) 
 			return nil, err
 		}
 		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 202:
+		var dest AdmitBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON202 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
 		var dest ErrorResponse
@@ -6785,6 +7186,26 @@ func ParseAdmitEngineResponse(rsp *http.Response) (*AdmitEngineResponse, error) 
 			headers.XRateLimitRemaining = &value
 		}
 		response.Headers200 = &headers
+	case rsp.StatusCode == 429:
+		var headers AdmitEngineResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
+	case rsp.StatusCode == 503:
+		var headers AdmitEngineResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -6841,6 +7262,19 @@ func ParseListBackupsResponse(rsp *http.Response) (*ListBackupsResponse, error) 
 
 	}
 
+	switch {
+	case rsp.StatusCode == 503:
+		var headers ListBackupsResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
 	return response, nil
 }
 
@@ -6864,6 +7298,13 @@ func ParseTakeBackupResponse(rsp *http.Response) (*TakeBackupResponse, error) {
 			return nil, err
 		}
 		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 202:
+		var dest TakeBackupBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON202 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
 		var dest ErrorResponse
@@ -6921,6 +7362,19 @@ func ParseTakeBackupResponse(rsp *http.Response) (*TakeBackupResponse, error) {
 		}
 		response.JSON504 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers TakeBackupResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -6947,6 +7401,13 @@ func ParseRestartEngineResponse(rsp *http.Response) (*RestartEngineResponse, err
 		}
 		response.JSON200 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 202:
+		var dest OpBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON202 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7003,6 +7464,19 @@ func ParseRestartEngineResponse(rsp *http.Response) (*RestartEngineResponse, err
 		}
 		response.JSON504 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers RestartEngineResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -7029,6 +7503,13 @@ func ParseRestoreBackupResponse(rsp *http.Response) (*RestoreBackupResponse, err
 		}
 		response.JSON200 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 202:
+		var dest OpBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON202 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7085,6 +7566,19 @@ func ParseRestoreBackupResponse(rsp *http.Response) (*RestoreBackupResponse, err
 		}
 		response.JSON504 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers RestoreBackupResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -7111,6 +7605,13 @@ func ParseRotateEngineKeyResponse(rsp *http.Response) (*RotateEngineKeyResponse,
 		}
 		response.JSON200 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 202:
+		var dest RotateOutputBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON202 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7167,6 +7668,19 @@ func ParseRotateEngineKeyResponse(rsp *http.Response) (*RotateEngineKeyResponse,
 		}
 		response.JSON504 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers RotateEngineKeyResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -7193,6 +7707,13 @@ func ParseStartEngineResponse(rsp *http.Response) (*StartEngineResponse, error) 
 		}
 		response.JSON200 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 202:
+		var dest OpBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON202 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7249,6 +7770,19 @@ func ParseStartEngineResponse(rsp *http.Response) (*StartEngineResponse, error) 
 		}
 		response.JSON504 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers StartEngineResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -7275,6 +7809,13 @@ func ParseStopEngineResponse(rsp *http.Response) (*StopEngineResponse, error) {
 		}
 		response.JSON200 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 202:
+		var dest OpBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON202 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7331,6 +7872,19 @@ func ParseStopEngineResponse(rsp *http.Response) (*StopEngineResponse, error) {
 		}
 		response.JSON504 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers StopEngineResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -7357,6 +7911,13 @@ func ParseUpgradeEngineResponse(rsp *http.Response) (*UpgradeEngineResponse, err
 		}
 		response.JSON200 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 202:
+		var dest OpBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON202 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7413,6 +7974,19 @@ func ParseUpgradeEngineResponse(rsp *http.Response) (*UpgradeEngineResponse, err
 		}
 		response.JSON504 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers UpgradeEngineResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -7442,6 +8016,19 @@ func ParseHealthResponse(rsp *http.Response) (*HealthResponse, error) {
 	case rsp.StatusCode == 503:
 		break // No content-type
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers HealthResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -7489,6 +8076,19 @@ func ParseFleetMetricsResponse(rsp *http.Response) (*FleetMetricsResponse, error
 		}
 		response.JSON503 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers FleetMetricsResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -7552,6 +8152,19 @@ func ParseGetOperationResponse(rsp *http.Response) (*GetOperationResponse, error
 
 	}
 
+	switch {
+	case rsp.StatusCode == 503:
+		var headers GetOperationResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
 	return response, nil
 }
 
@@ -7604,6 +8217,19 @@ func ParseListProductsResponse(rsp *http.Response) (*ListProductsResponse, error
 		}
 		response.JSON503 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers ListProductsResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -7667,6 +8293,19 @@ func ParseRegisterProductResponse(rsp *http.Response) (*RegisterProductResponse,
 
 	}
 
+	switch {
+	case rsp.StatusCode == 503:
+		var headers RegisterProductResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
 	return response, nil
 }
 
@@ -7726,6 +8365,19 @@ func ParseGetProductResponse(rsp *http.Response) (*GetProductResponse, error) {
 		}
 		response.JSON503 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers GetProductResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -7789,6 +8441,19 @@ func ParseUpdateProductPolicyResponse(rsp *http.Response) (*UpdateProductPolicyR
 
 	}
 
+	switch {
+	case rsp.StatusCode == 503:
+		var headers UpdateProductPolicyResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
 	return response, nil
 }
 
@@ -7850,6 +8515,19 @@ func ParseRotatePlatformKeyResponse(rsp *http.Response) (*RotatePlatformKeyRespo
 
 	}
 
+	switch {
+	case rsp.StatusCode == 503:
+		var headers RotatePlatformKeyResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
 	return response, nil
 }
 
@@ -7895,6 +8573,19 @@ func ParseFleetStatusResponse(rsp *http.Response) (*FleetStatusResponse, error) 
 		}
 		response.JSON503 = &dest
 
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers FleetStatusResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
 	}
 
 	return response, nil
