@@ -63,17 +63,20 @@ func TestMetricsFromAuditLog(t *testing.T) {
 	ctx := context.Background()
 	pid, key := seedProduct(t, h, "mine")
 	other, _ := seedProduct(t, h, "other")
-	ins := func(product, action, ago string, dur *int) {
-		_, err := h.Pool.Exec(ctx, `INSERT INTO audit_log (product_id, action, actor, "timestamp", duration_ms)
-			VALUES ($1, $2, 'system', now() - $3::interval, $4)`, product, action, ago, dur)
+	insMeta := func(product, action, ago string, dur *int, meta string) {
+		_, err := h.Pool.Exec(ctx, `INSERT INTO audit_log (product_id, action, actor, "timestamp", duration_ms, metadata)
+			VALUES ($1, $2, 'system', now() - $3::interval, $4, $5::jsonb)`, product, action, ago, dur, meta)
 		require.NoError(t, err)
 	}
+	ins := func(product, action, ago string, dur *int) { insMeta(product, action, ago, dur, "{}") }
 	d := func(n int) *int { return &n }
 	ins(pid, "provision", "10 minutes", d(400))
 	ins(pid, "provision", "20 minutes", d(600))
 	ins(pid, "provision", "2 hours", d(10000)) // outside the hour: total only
 	ins(pid, "destroy", "3 hours", nil)
 	ins(pid, "health_failed", "5 minutes", nil)
+	insMeta(pid, "health_check", "6 minutes", nil, `{"reason": "crash", "recovered_by": "runtime"}`) // Docker restarted it
+	insMeta(pid, "health_check", "7 minutes", nil, `{"sampled": true}`)                              // a sampled probe: no crash
 	ins(pid, "auto_restart_start", "4 minutes", nil)
 	ins(pid, "restart", "3 minutes", nil)
 	ins(pid, "restart", "90 minutes", nil)
@@ -82,6 +85,6 @@ func TestMetricsFromAuditLog(t *testing.T) {
 
 	status, body, _ := h.do("GET", "/metrics", nil, platform(key))
 	require.Equal(t, 200, status)
-	require.Equal(t, map[string]any{"provisions_1h": 2.0, "crashes_1h": 1.0, "restarts_1h": 2.0, "avg_boot_ms": 500.0,
+	require.Equal(t, map[string]any{"provisions_1h": 2.0, "crashes_1h": 2.0, "restarts_1h": 2.0, "avg_boot_ms": 500.0,
 		"total_provisions": 3.0, "total_destroys": 1.0}, body)
 }

@@ -22,12 +22,14 @@ func (q *Queries) ProductMetrics(ctx context.Context, productID string) (Metrics
 	var m Metrics
 	err := q.db.QueryRow(ctx, `
 		WITH hour AS (
-			SELECT action, duration_ms FROM audit_log
+			SELECT action, duration_ms, metadata->>'reason' AS reason FROM audit_log
 			WHERE product_id = $1 AND "timestamp" > now() - interval '1 hour'
-			  AND action IN ('provision', 'health_failed', 'restart', 'auto_restart_start'))
+			  AND action IN ('provision', 'health_failed', 'health_check', 'restart', 'auto_restart_start'))
 		SELECT
 			count(*) FILTER (WHERE action = 'provision'),
-			count(*) FILTER (WHERE action = 'health_failed'),
+			-- A crash is an engine marked failed, or one that died and
+			-- was brought back by Docker's restart policy at once.
+			count(*) FILTER (WHERE action = 'health_failed' OR (action = 'health_check' AND reason = 'crash')),
 			count(*) FILTER (WHERE action IN ('restart', 'auto_restart_start')),
 			coalesce(avg(duration_ms) FILTER (WHERE action = 'provision'), 0)::float8,
 			coalesce((SELECT n FROM audit_totals WHERE product_id = $1 AND action = 'provision'), 0),
