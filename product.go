@@ -80,14 +80,15 @@ func ValidateSlug(s string) error {
 	return nil
 }
 
-var userIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$`)
+var userIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._@:|+=~-]{0,127}$`)
 
 // ValidateUserID checks a product's user id: 1-128 characters from a
-// conservative set (letters, digits, and . _ @ : -), not starting with a
+// conservative set (letters, digits, and . _ @ : | + = ~ -: e-mail
+// addresses and ids like auth0|123 fit), not starting with a
 // punctuation character.
 func ValidateUserID(s string) error {
 	if !userIDRE.MatchString(s) {
-		return Errorf(CodeInvalidRequest, "user_id must be 1-128 characters of [A-Za-z0-9._@:-], starting with a letter or digit")
+		return Errorf(CodeInvalidRequest, "user_id must be 1-128 characters of [A-Za-z0-9._@:|+=~-], starting with a letter or digit")
 	}
 	return nil
 }

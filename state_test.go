@@ -72,7 +72,8 @@ func TestValidateUserID(t *testing.T) {
 	for i := range long {
 		long[i] = 'a'
 	}
-	for in, ok := range map[string]bool{"alice": true, "user-42": true, "a@b.c": true, "x:y_z": true,
+	for in, ok := range map[string]bool{"alice": true, "user-42": true, "a@b.c": true, "x:y_z": true, "auth0|123": true, "a+tag@b.c": true, "k=v~1": true,
+		"a%b": false, "a?b": false, "a#b": false, "a\\b": false,
 		"": false, "-lead": false, "a b": false, "a/b": false, string(long): false, string(long[:128]): true, "ü": false} {
 		if (ValidateUserID(in) == nil) != ok {
 			t.Errorf("ValidateUserID(%q) ok = %v, want %v", in, !ok, ok)

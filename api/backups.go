@@ -39,7 +39,7 @@ func toBackupBody(b schema.Backup) BackupBody {
 }
 
 type listBackupsInput struct {
-	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
+	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:|+=~-]"`
 	Limit  int    `query:"limit" default:"100" minimum:"1" maximum:"1000"`
 	Offset int    `query:"offset" default:"0" minimum:"0"`
 }
@@ -66,7 +66,7 @@ type takeBackupOutput struct {
 }
 
 type restoreInput struct {
-	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
+	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:|+=~-]"`
 	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
 	Body   struct {
 		BackupID string `json:"backup_id" format:"uuid" doc:"A backup of this user, taken by this engine or an earlier one (destroyed since)"`

@@ -60,7 +60,7 @@ func (s *Server) toSummary(e orch.Engine) EngineSummary {
 // userPath is the {user_id} path parameter, validated by hand so a bad id
 // is INVALID_REQUEST with our message.
 type userPath struct {
-	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
+	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:|+=~-]"`
 }
 
 // wantsAsync reports whether a Prefer header asks for respond-async.
@@ -117,7 +117,7 @@ type provisionOutput struct {
 // ---- admit ----
 
 type admitInput struct {
-	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
+	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:|+=~-]"`
 	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
 	Body   *struct {
 		_             struct{} `additionalProperties:"true"` // products may send fields we do not read
@@ -189,7 +189,7 @@ type rotateOutput struct {
 }
 
 type upgradeInput struct {
-	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
+	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:|+=~-]"`
 	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
 	Body   struct {
 		_             struct{} `additionalProperties:"true"` // products may send fields we do not read
@@ -198,7 +198,7 @@ type upgradeInput struct {
 }
 
 type userOpInput struct {
-	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:-]"`
+	UserID string `path:"user_id" doc:"The product's own user id: 1-128 characters of [A-Za-z0-9._@:|+=~-]"`
 	Prefer string `header:"Prefer" doc:"respond-async: answer 202 with an operation_id at once instead of waiting"`
 }
 

@@ -2,6 +2,7 @@ package api_test
 
 import (
 	"net/http"
+	"net/url"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -64,4 +65,20 @@ func TestEngineVersionAllowlist(t *testing.T) {
 	require.Equal(t, http.StatusAccepted, status, "%v", body)
 	status, body, _ = h.do("POST", "/engines/ann/upgrade", map[string]any{"engine_version": "enginefleet/engine@sha256:0123"}, async)
 	require.Equal(t, http.StatusAccepted, status, "%v", body)
+}
+
+// Real-world user ids (an Auth0 subject, a tagged e-mail address) work on
+// every route, escaped or not.
+func TestUserIDsWithPunctuation(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, "", testConfig())
+	pid, key := h.register("acme", nil)
+	for i, id := range []string{"auth0|5f7c8ec7c33c6c004bbafe82", "ann+work@example.com"} {
+		h.insertEngine(pid, id, 20001+i, orch.StateRunning)
+		for _, path := range []string{"/engines/" + id, "/engines/" + url.PathEscape(id)} {
+			status, body, _ := h.do("GET", path, nil, platform(key))
+			require.Equal(t, http.StatusOK, status, "%s: %v", path, body)
+			require.Equal(t, id, body["user_id"])
+		}
+	}
 }
