@@ -312,6 +312,8 @@ func (s *Server) wait(ctx context.Context, productID, opID string, timeout time.
 		case <-ch:
 		case <-timer.C:
 			return op, orch.Errorf(orch.CodeBootTimeout, "the operation did not finish within %s; follow it with GET /operations/%s", timeout, opID)
+		case <-s.stopWaits:
+			return op, withRetryAfter(orch.Errorf(orch.CodeUnavailable, "this replica is shutting down; the operation goes on: follow it with GET /operations/%s", opID), 1)
 		case <-ctx.Done():
 			return op, ctx.Err()
 		}

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"regexp"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -56,10 +57,14 @@ type Server struct {
 	mux      *http.ServeMux
 	products *productCache
 	waiters  *waiters
-	activity activity
-	rates    rateLimiter // admit rate limits shared with every replica (ratelimit.go)
-	migrated atomic.Bool
-	adminUI  *adminUI // River UI at /admin/jobs (adminui.go)
+	// stopWaits is closed when a draining process can wait no longer
+	// (StopWaiting): requests waiting for an operation answer at once.
+	stopWaits    chan struct{}
+	stopWaitsOne sync.Once
+	activity     activity
+	rates        rateLimiter // admit rate limits shared with every replica (ratelimit.go)
+	migrated     atomic.Bool
+	adminUI      *adminUI // River UI at /admin/jobs (adminui.go)
 }
 
 // New builds the API. river may be an insert-only client (no workers).
@@ -77,6 +82,7 @@ func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyr
 	s := &Server{cfg: cfg, pool: pool, river: rc, keyring: kr, log: log, mux: http.NewServeMux()}
 	s.products = newProductCache(pool)
 	s.waiters = newWaiters()
+	s.stopWaits = make(chan struct{})
 	s.api = humago.New(s.mux, humaConfig(cfg.Version))
 	s.api.UseMiddleware(s.authMiddleware, s.validateUserPath) // key first: no key, no hints
 	s.register()
@@ -103,6 +109,11 @@ func humaConfig(version string) huma.Config {
 	}
 	return c
 }
+
+// StopWaiting answers every request still waiting for an operation with
+// 503 SERVICE_UNAVAILABLE naming the operation to follow, instead of
+// letting the end of a drain cut it off. The operations go on.
+func (s *Server) StopWaiting() { s.stopWaitsOne.Do(func() { close(s.stopWaits) }) }
 
 // API exposes the huma API (for the OpenAPI document).
 func (s *Server) API() huma.API { return s.api }

@@ -83,6 +83,7 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 
 	var wg sync.WaitGroup
 	var httpSrv *http.Server
+	var apiSrv *api.Server
 	errc := make(chan error, 1)
 	bg, cancelBG := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelBG()
@@ -95,10 +96,10 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 	if r.api {
 		acfg := apiConfig(cfg)
 		acfg.Metrics = m
-		srv := api.New(acfg, pool, rc, kr, log)
+		apiSrv = api.New(acfg, pool, rc, kr, log)
 		wg.Add(1)
-		go func() { defer wg.Done(); srv.Run(bg) }()
-		httpSrv = &http.Server{Addr: cfg.ListenAddr, Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		go func() { defer wg.Done(); apiSrv.Run(bg) }()
+		httpSrv = &http.Server{Addr: cfg.ListenAddr, Handler: apiSrv.Handler(), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			log.Info("api listening", "addr", cfg.ListenAddr)
 			if err := httpSrv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -135,6 +136,11 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 	drain, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	if httpSrv != nil {
+		// A request waiting for a long boot could outlast the budget:
+		// shortly before it ends, answer it (503 + the operation to
+		// follow) rather than cut its connection.
+		answer := time.AfterFunc(max(cfg.ShutdownTimeout-3*time.Second, cfg.ShutdownTimeout/2), apiSrv.StopWaiting)
+		defer answer.Stop()
 		if err := httpSrv.Shutdown(drain); err != nil {
 			log.Warn("api drain incomplete", "error", err)
 		}
