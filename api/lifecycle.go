@@ -311,7 +311,14 @@ func (s *Server) wait(ctx context.Context, productID, opID string, timeout time.
 		case <-retry:
 		case <-ch:
 		case <-timer.C:
-			return op, orch.Errorf(orch.CodeBootTimeout, "the operation did not finish within %s; follow it with GET /operations/%s", timeout, opID)
+			// BOOT_TIMEOUT is the contract's code for an engine that did
+			// not come up; other operations merely took too long.
+			code := orch.CodeBackendTimeout
+			switch op.Kind {
+			case orch.OpProvision, orch.OpStart, orch.OpWake, orch.OpRestart, orch.OpUpgrade, orch.OpRestore:
+				code = orch.CodeBootTimeout
+			}
+			return op, orch.Errorf(code, "the operation did not finish within %s; follow it with GET /operations/%s", timeout, opID)
 		case <-s.stopWaits:
 			return op, withRetryAfter(orch.Errorf(orch.CodeUnavailable, "this replica is shutting down; the operation goes on: follow it with GET /operations/%s", opID), 1)
 		case <-ctx.Done():
