@@ -199,21 +199,18 @@ func (q *Queries) AuditExportByID(ctx context.Context, id string) (AuditExport, 
 
 // ListAuditExports returns up to limit exports, newest request first.
 func (q *Queries) ListAuditExports(ctx context.Context, limit int) ([]AuditExport, error) {
-	rows, err := q.db.Query(ctx, `SELECT `+exportCols+` FROM audit_exports ORDER BY created_at DESC, id LIMIT $1`, limit)
+	return q.exports(ctx, "list audit exports", `ORDER BY created_at DESC, id LIMIT $1`, limit)
+}
+
+// exports runs SELECT exportCols FROM audit_exports with the rest of a query.
+func (q *Queries) exports(ctx context.Context, what, rest string, args ...any) ([]AuditExport, error) {
+	rows, err := q.db.Query(ctx, `SELECT `+exportCols+` FROM audit_exports `+rest, args...)
 	if err != nil {
-		return nil, fmt.Errorf("list audit exports: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	defer rows.Close()
-	var out []AuditExport
-	for rows.Next() {
-		x, err := scanExport(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, x)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("list audit exports: %w", err)
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (AuditExport, error) { return scanExport(r) })
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	return out, nil
 }
@@ -289,21 +286,7 @@ func (q *Queries) SetExportStatus(ctx context.Context, id string, status orch.Op
 // PurgeCandidates lists the written exports, in chain order, holding rows
 // older than cutoff that are not all purged yet.
 func (q *Queries) PurgeCandidates(ctx context.Context, cutoff time.Time) ([]AuditExport, error) {
-	rows, err := q.db.Query(ctx, `SELECT `+exportCols+` FROM audit_exports
-		WHERE status = 'succeeded' AND purged_at IS NULL AND from_ts < $1 ORDER BY seq`, cutoff)
-	if err != nil {
-		return nil, fmt.Errorf("purge candidates: %w", err)
-	}
-	defer rows.Close()
-	var out []AuditExport
-	for rows.Next() {
-		x, err := scanExport(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, x)
-	}
-	return out, rows.Err()
+	return q.exports(ctx, "purge candidates", `WHERE status = 'succeeded' AND purged_at IS NULL AND from_ts < $1 ORDER BY seq`, cutoff)
 }
 
 // RecordPurge adds n purged rows to an export; done marks it fully purged
