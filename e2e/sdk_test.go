@@ -5,8 +5,11 @@ import (
 	"net/http"
 	"os/exec"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
+
+	orch "github.com/enginefleet/orchestrator"
 
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	enginefleet "github.com/enginefleet/orchestrator/sdk/go"
@@ -85,6 +88,19 @@ func TestSDK(t *testing.T) {
 	badAdmin, _ := enginefleet.New(f.URL, enginefleet.WithAdminKey("nope"))
 	_, err = badAdmin.RegisterProduct(ctx, "x", "x")
 	require.Equal(t, "INVALID_ADMIN_KEY", enginefleet.Code(err))
+
+	// A denial that asks the caller to wait says how long.
+	one := 1
+	_, limitedKey := f.product("limited", orch.Policy{RateLimitRPM: &one})
+	lc, err := enginefleet.New(f.URL, enginefleet.WithPlatformKey(limitedKey))
+	require.NoError(t, err)
+	_, _, err = lc.Admit(ctx, "zed", enginefleet.AdmitOptions{})
+	require.NoError(t, err)
+	_, _, err = lc.Admit(ctx, "zed", enginefleet.AdmitOptions{})
+	require.Equal(t, "RATE_LIMITED", enginefleet.Code(err))
+	require.ErrorAs(t, err, &e)
+	require.Greater(t, e.RetryAfter, time.Duration(0))
+	require.LessOrEqual(t, e.RetryAfter, time.Minute)
 }
 
 // The example program runs against a live orchestrator.

@@ -12,6 +12,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
+	"time"
 )
 
 // Orchestrator talks to one orchestrator with one key (a product's
@@ -69,6 +71,9 @@ type Error struct {
 	Code      string // e.g. ENGINE_NOT_FOUND, QUOTA_EXCEEDED
 	Message   string
 	RequestID string
+	// RetryAfter is how long the orchestrator asked to wait before trying
+	// again (RATE_LIMITED, QUOTA_EXCEEDED, SERVICE_UNAVAILABLE), else 0.
+	RetryAfter time.Duration
 }
 
 func (e *Error) Error() string {
@@ -97,6 +102,9 @@ func check(res *http.Response, body []byte, err error) error {
 		return &Error{Status: res.StatusCode, Code: "UNKNOWN", Message: http.StatusText(res.StatusCode)}
 	}
 	e := &Error{Status: res.StatusCode, Code: env.Error.Code, Message: env.Error.Message}
+	if secs, err := strconv.Atoi(res.Header.Get("Retry-After")); err == nil && secs >= 0 {
+		e.RetryAfter = time.Duration(secs) * time.Second
+	}
 	if env.Error.RequestId != nil {
 		e.RequestID = *env.Error.RequestId
 	}
