@@ -10,7 +10,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
-
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	enginefleet "github.com/enginefleet/orchestrator/sdk/go"
 )
