@@ -113,14 +113,14 @@ func TestPostgresOutage(t *testing.T) {
 	require.Equal(t, http.StatusOK, r.Status, "%v", r.Body)
 	t.Logf("synchronous provision after the outage: %s", time.Since(start).Round(time.Millisecond))
 
-	// A rotation with no overlap refuses the old key at once: the API's
-	// cache heard the NOTIFY.
+	// A rotation with no overlap refuses the old key: the API's cache hears
+	// the NOTIFY, or flushes when its listener reconnects (backoff ≤ 5 s).
 	rot := do(t, "POST", apiP.url()+"/products/"+productID(t, apiP, key)+"/rotate-platform-key",
 		map[string]any{"overlap_seconds": 0}, map[string]string{"X-Admin-Key": adminKey})
 	require.Equal(t, http.StatusOK, rot.Status, "%v", rot.Body)
 	require.Eventually(t, func() bool {
 		return call("GET", "/engines", key, nil).code() == "INVALID_PLATFORM_KEY"
-	}, time.Second, 20*time.Millisecond, "the rotated-out key is refused within a second")
+	}, 6*time.Second, 20*time.Millisecond, "the rotated-out key is refused")
 	require.Equal(t, http.StatusOK, call("GET", "/engines", rot.str("platform_api_key"), nil).Status)
 
 	// The scheduler leads again: health sweeps are enqueued after the outage.
