@@ -37,7 +37,8 @@ engine-image: build
 	docker build -q -f deploy/engine.Dockerfile -t enginefleet/engine:$(VERSION) $(BUILD)/ctx-engine
 
 orchestrator-image: build
-	@rm -rf $(BUILD)/ctx-orch && mkdir -p $(BUILD)/ctx-orch && cp $(BUILD)/orchestrator $(BUILD)/ctx-orch/orchestrator
+	@rm -rf $(BUILD)/ctx-orch && mkdir -p $(BUILD)/ctx-orch/var/lib/enginefleet/backups $(BUILD)/ctx-orch/var/lib/enginefleet/audit-exports && \
+	cp $(BUILD)/orchestrator $(BUILD)/ctx-orch/orchestrator
 	docker build -q -f deploy/orchestrator.Dockerfile -t enginefleet/orchestrator:$(VERSION) $(BUILD)/ctx-orch
 
 lint: ## gofmt + go vet

@@ -54,6 +54,13 @@ func TestComposeConfig(t *testing.T) {
 	if n := strings.Count(cfg, "/var/run/docker.sock:/var/run/docker.sock"); n != 2 {
 		t.Errorf("docker.sock mounted %d times; want only on the two workers", n)
 	}
+	// Workers write backups and audit exports: both on volumes.
+	for _, dir := range []string{"/var/lib/enginefleet/backups", "/var/lib/enginefleet/audit-exports"} {
+		// docker-compose 1.x prints short volume syntax, compose v2 long.
+		if n := strings.Count(cfg, ":"+dir+":") + strings.Count(cfg, "target: "+dir+"\n"); n != 2 {
+			t.Errorf("%s mounted %d times; want on the two workers", dir, n)
+		}
+	}
 	if strings.Contains(cfg, "ORCH_MASTER_KEY:") || strings.Contains(cfg, "ORCH_ADMIN_KEY:") {
 		t.Error("secrets must come from *_FILE variables, not inline")
 	}
