@@ -1,6 +1,7 @@
 package orchestrator
 
 import (
+	"errors"
 	"context"
 	"io"
 	"time"
@@ -56,6 +57,11 @@ type VolumeInfo struct {
 	Name      string
 	CreatedAt time.Time
 }
+
+// ErrImageUnavailable is wrapped by Ensure when the engine image is neither
+// present nor obtainable: retrying will not help, someone must publish the
+// image (or fix the engine_version).
+var ErrImageUnavailable = errors.New("engine image unavailable")
 
 // RuntimeEvent is a runtime change observed by the backend (crash, OOM).
 type RuntimeEvent struct {

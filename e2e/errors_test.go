@@ -229,3 +229,31 @@ func TestEngineDiesWhileBooting(t *testing.T) {
 	require.Less(t, time.Since(start), 20*time.Second, "well before the 60 s boot timeout")
 	require.Equal(t, "running", f.call("GET", "/engines/phoenix", key, nil).str("status"))
 }
+
+// An upgrade to an image that is not there fails at once with a message
+// naming it (no retries: publishing the image is someone's job), and the
+// engine keeps running its old image.
+func TestUpgradeToMissingImageDocker(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, fleetOpts{backend: "docker"})
+	_, key := f.product("acme", orch.Policy{})
+	e := f.provisionUser(key, "ann")
+	missing := "enginefleet/engine:missing-" + randHex(4)
+
+	start := time.Now()
+	r := f.call("POST", "/engines/ann/upgrade", key, map[string]any{"engine_version": missing})
+	took := time.Since(start)
+	require.Equal(t, http.StatusBadGateway, r.Status, "%v", r.Body)
+	require.Equal(t, "BACKEND_FAILED", r.code())
+	require.Contains(t, r.Body["error"].(map[string]any)["message"], missing)
+	require.Less(t, took, 5*time.Second, "not retried")
+	t.Logf("upgrade to a missing image answered in %s: %v", took.Round(time.Millisecond), r.Body["error"])
+
+	var attempts int
+	require.NoError(t, f.Pool.QueryRow(t.Context(), `SELECT max(attempt) FROM river_job WHERE kind = 'engine_upgrade'`).Scan(&attempts))
+	require.Equal(t, 1, attempts)
+	g := f.call("GET", "/engines/ann", key, nil)
+	require.Equal(t, "running", g.str("status"))
+	require.Equal(t, f.Image, g.str("engine_version"))
+	require.Equal(t, http.StatusOK, engineCall(t, "GET", e.URL+"/health", "", nil).Status)
+}

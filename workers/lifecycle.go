@@ -102,9 +102,10 @@ func (w *Workers) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecyc
 }
 
 // retryable reports whether an error may go away on retry (backend
-// trouble), as opposed to a decided outcome like BOOT_TIMEOUT.
+// trouble), as opposed to a decided outcome like BOOT_TIMEOUT or an image
+// that is not there.
 func retryable(err error) bool {
-	return orch.ErrorCode(err) == orch.CodeBackendFailed
+	return orch.ErrorCode(err) == orch.CodeBackendFailed && !errors.Is(err, orch.ErrImageUnavailable)
 }
 
 // commit applies an outcome in one transaction: state change, audit row,

@@ -181,6 +181,10 @@ var errBootTimeout = orch.Errorf(orch.CodeBootTimeout, "engine did not become he
 func (w *Workers) bootAndWait(ctx context.Context, e orch.Engine, spec orch.EngineSpec) (time.Duration, error) {
 	start := time.Now()
 	if err := w.backend.Ensure(ctx, spec); err != nil {
+		if errors.Is(err, orch.ErrImageUnavailable) {
+			return 0, &orch.Error{Code: orch.CodeBackendFailed, Err: err,
+				Message: fmt.Sprintf("image %s is not available on node %s (not present, and it could not be pulled)", spec.Image, w.cfg.Node)}
+		}
 		return 0, backendErr("create engine", err)
 	}
 	if err := w.backend.Start(ctx, e.ID); err != nil {

@@ -245,6 +245,7 @@ func TestEnsureMissingImage(t *testing.T) {
 	err := b.Ensure(ctx, e.spec)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "not found locally and pull failed")
+	assert.ErrorIs(t, err, orchestrator.ErrImageUnavailable, "workers must not retry it")
 	info, err := b.Inspect(ctx, e.spec.EngineID)
 	require.NoError(t, err)
 	assert.Equal(t, orchestrator.RuntimeMissing, info.State)

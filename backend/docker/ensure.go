@@ -257,7 +257,7 @@ func (b *Backend) ensureImage(ctx context.Context, image string) error {
 		resp.Close()
 	}
 	if err != nil {
-		return fmt.Errorf("image %s not found locally and pull failed: %w", image, err)
+		return fmt.Errorf("image %s not found locally and pull failed: %w: %w", image, orchestrator.ErrImageUnavailable, err)
 	}
 	return nil
 }

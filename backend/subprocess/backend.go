@@ -214,10 +214,10 @@ func (b *Backend) resolveBinary(image string) (string, error) {
 		return filepath.Clean(image), nil
 	}
 	if b.cfg.EngineBinary == "" {
-		return "", fmt.Errorf("image %q is not an executable path and no engine binary is configured", image)
+		return "", fmt.Errorf("image %q is not an executable path and no engine binary is configured: %w", image, orchestrator.ErrImageUnavailable)
 	}
 	if !isExecutable(b.cfg.EngineBinary) {
-		return "", fmt.Errorf("engine binary %s is not an executable file", b.cfg.EngineBinary)
+		return "", fmt.Errorf("engine binary %s is not an executable file: %w", b.cfg.EngineBinary, orchestrator.ErrImageUnavailable)
 	}
 	return b.cfg.EngineBinary, nil
 }
