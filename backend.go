@@ -1,8 +1,8 @@
 package orchestrator
 
 import (
-	"errors"
 	"context"
+	"errors"
 	"io"
 	"time"
 )
