@@ -38,6 +38,7 @@ const (
 	CodeBackupCorrupt       Code = "BACKUP_CORRUPT"
 	CodeExportNotFound      Code = "EXPORT_NOT_FOUND"
 	CodeInvalidState        Code = "INVALID_STATE"
+	CodeMethodNotAllowed    Code = "METHOD_NOT_ALLOWED"
 )
 
 // Error is a domain error carrying a stable code and a message safe to

@@ -154,7 +154,7 @@ type admitOutput struct {
 type getEngineOutput struct{ Body EngineDetail }
 
 type listInput struct {
-	Status string `query:"status" enum:"provisioning,running,sleeping,stopped,failed,destroying," doc:"Only engines in this state"`
+	Status string `query:"status" enum:"provisioning,running,sleeping,stopped,failed,destroying" doc:"Only engines in this state"`
 	Limit  int    `query:"limit" default:"100" minimum:"1" maximum:"1000"`
 	Offset int    `query:"offset" default:"0" minimum:"0"`
 }

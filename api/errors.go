@@ -25,6 +25,8 @@ func statusOf(c orch.Code) int {
 	case orch.CodeProductNotFound, orch.CodeEngineNotFound, orch.CodeOperationNotFound,
 		orch.CodeBackupNotFound, orch.CodeExportNotFound, orch.CodeNotFound:
 		return http.StatusNotFound
+	case orch.CodeMethodNotAllowed:
+		return http.StatusMethodNotAllowed
 	case orch.CodeProductSlugExists, orch.CodeEngineAlreadyExists, orch.CodeEngineAlreadyRunning,
 		orch.CodeEngineNotRunning, orch.CodeOperationInProgress, orch.CodeInvalidState:
 		return http.StatusConflict

@@ -42,6 +42,18 @@ func TestUnknownRouteEnvelope(t *testing.T) {
 	status, body, _ := h.do("GET", "/nope", nil, nil)
 	require.Equal(t, http.StatusNotFound, status)
 	require.Equal(t, "NOT_FOUND", errCode(body))
+
+	// A known path under a method it does not serve: 405 with Allow.
+	status, body, hdr := h.do("PUT", "/engines", nil, nil)
+	require.Equal(t, http.StatusMethodNotAllowed, status, "%v", body)
+	require.Equal(t, "METHOD_NOT_ALLOWED", errCode(body))
+	require.Equal(t, "GET", hdr.Get("Allow"))
+	status, _, hdr = h.do("GET", "/engines/ann/admit", nil, nil)
+	require.Equal(t, http.StatusMethodNotAllowed, status)
+	require.Equal(t, "POST", hdr.Get("Allow"))
+	status, _, hdr = h.do("PATCH", "/engines/ann", nil, nil)
+	require.Equal(t, http.StatusMethodNotAllowed, status)
+	require.Equal(t, "GET, DELETE", hdr.Get("Allow"))
 }
 
 // The served OpenAPI document is the generated one, without a key.

@@ -88,8 +88,14 @@ func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyr
 	s.register()
 	s.mountAdminUI()
 	fixResponses(s.api.OpenAPI())
-	// Anything huma does not route gets the envelope too.
+	// Anything huma does not route gets the envelope too: 405 when the
+	// path exists under other methods, else 404.
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		if allow := s.allowedMethods(r); len(allow) > 0 {
+			w.Header().Set("Allow", strings.Join(allow, ", "))
+			writeEnvelope(w, r, http.StatusMethodNotAllowed, orch.CodeMethodNotAllowed, r.Method+" is not allowed on "+r.URL.Path)
+			return
+		}
 		writeEnvelope(w, r, http.StatusNotFound, orch.CodeNotFound, "no such route: "+r.Method+" "+r.URL.Path)
 	})
 	return s
@@ -217,6 +223,18 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 		}()
 		next.ServeHTTP(rec, r2)
 	})
+}
+
+// allowedMethods lists the methods some route serves at r's path.
+func (s *Server) allowedMethods(r *http.Request) []string {
+	var allow []string
+	for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodDelete, http.MethodPatch} {
+		probe := &http.Request{Method: m, URL: r.URL, Host: r.Host, Header: http.Header{}}
+		if _, pattern := s.mux.Handler(probe); pattern != "" && pattern != "/" {
+			allow = append(allow, m)
+		}
+	}
+	return allow
 }
 
 // routeOf is a mux pattern without its method ("POST /engines/{user_id}/admit"

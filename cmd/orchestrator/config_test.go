@@ -111,3 +111,13 @@ func TestRedactURL(t *testing.T) {
 	require.Equal(t, "dial failed", redactURL("dial failed", "postgresql://u:@h/db"), "an empty password leaves the text alone")
 	require.Equal(t, "dial failed", redactURL("dial failed", "postgresql://u@h/db"))
 }
+
+func TestHelp(t *testing.T) {
+	for _, arg := range []string{"help", "-h", "--help"} {
+		var stdout, stderr strings.Builder
+		require.NoError(t, run([]string{arg}, &stdout, &stderr, envOf(nil)), arg)
+		require.Contains(t, stdout.String(), "usage: orchestrator", arg)
+	}
+	var stdout, stderr strings.Builder
+	require.Error(t, run([]string{"frobnicate"}, &stdout, &stderr, envOf(nil)))
+}

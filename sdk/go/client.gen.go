@@ -276,7 +276,6 @@ func (e TakeBackupBodyStatus) Valid() bool {
 // Defines values for ListEnginesParamsStatus.
 const (
 	ListEnginesParamsStatusDestroying   ListEnginesParamsStatus = "destroying"
-	ListEnginesParamsStatusEmpty        ListEnginesParamsStatus = ""
 	ListEnginesParamsStatusFailed       ListEnginesParamsStatus = "failed"
 	ListEnginesParamsStatusProvisioning ListEnginesParamsStatus = "provisioning"
 	ListEnginesParamsStatusRunning      ListEnginesParamsStatus = "running"
@@ -288,8 +287,6 @@ const (
 func (e ListEnginesParamsStatus) Valid() bool {
 	switch e {
 	case ListEnginesParamsStatusDestroying:
-		return true
-	case ListEnginesParamsStatusEmpty:
 		return true
 	case ListEnginesParamsStatusFailed:
 		return true
