@@ -12,6 +12,8 @@ if [ -z "${ORCH_DATABASE_URL:-}" ]; then
   psql "$base" -qtAc "SELECT 1 FROM pg_database WHERE datname = 'orchestrator'" | grep -q 1 \
     || psql "$base" -qc "CREATE DATABASE orchestrator" >/dev/null
   export ORCH_DATABASE_URL="${base/\/postgres\?/\/orchestrator?}"
+  # For the CLI beside this fleet: set -a; . ./.env; . .data/run.env; set +a
+  echo "ORCH_DATABASE_URL='$ORCH_DATABASE_URL'" >.data/run.env
 fi
 
 if [ ! -f .env ]; then
@@ -59,6 +61,9 @@ first steps:
        -d '{"slug":"demo","display_name":"Demo"}'
   curl -s -XPOST localhost:${addr##*:}/engines/alice/admit -H "X-Platform-Key: <platform_api_key from above>" \\
        -H 'Content-Type: application/json' -d '{"auto_provision":true}'
+
+the CLI on this fleet (backups, audit verify, keys):
+  set -a; . ./.env; . .data/run.env; set +a; $bin help
 
 MSG
 exec $bin serve --roles=api,worker,scheduler
