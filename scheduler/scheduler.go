@@ -21,6 +21,7 @@ import (
 	"log/slog"
 	"os"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/go-co-op/gocron/v2"
@@ -88,6 +89,9 @@ type Scheduler struct {
 	log       *slog.Logger
 	schedules []Schedule
 	elector   *Elector
+
+	mu    sync.Mutex
+	fired map[string]time.Time // the latest tick this replica enqueued, per schedule
 }
 
 // New validates the schedules and builds a replica. rc only inserts (it
@@ -164,8 +168,17 @@ func (s *Scheduler) Run(ctx context.Context) error {
 			def = gocron.CronJob(sch.Cron, false)
 		}
 		task := gocron.NewTask(func(ctx context.Context) {
-			tick := sch.tickOf(time.Now())
-			if err := s.fire(ctx, sch, []time.Time{tick}, tick); err != nil && ctx.Err() == nil {
+			now := time.Now()
+			tick := sch.tickOf(now)
+			ticks := []time.Time{tick}
+			if last, ok := s.lastFired(sch.Name); ok && sch.Every > 0 {
+				// A run that starts late (a stalled process, a busy
+				// database) must not skip the periods it slept through.
+				if ticks = s.missed(sch, map[string]time.Time{sch.Name: last}, now); len(ticks) == 0 {
+					return
+				}
+			}
+			if err := s.fire(ctx, sch, ticks, tick); err != nil && ctx.Err() == nil {
 				s.log.Warn("schedule tick", "schedule", sch.Name, "tick", tick, "error", err)
 			}
 		})
@@ -264,8 +277,23 @@ func (s *Scheduler) fire(ctx context.Context, sch Schedule, ticks []time.Time, c
 	if err != nil {
 		return fmt.Errorf("enqueue %s: %w", sch.Name, err)
 	}
+	s.mu.Lock()
+	if s.fired == nil {
+		s.fired = map[string]time.Time{}
+	}
+	if t := ticks[len(ticks)-1]; t.After(s.fired[sch.Name]) {
+		s.fired[sch.Name] = t
+	}
+	s.mu.Unlock()
 	s.log.Debug("schedule tick", "schedule", sch.Name, "ticks", len(ticks), "inserted", inserted, "duplicates", skipped)
 	return nil
+}
+
+func (s *Scheduler) lastFired(name string) (time.Time, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t, ok := s.fired[name]
+	return t, ok
 }
 
 // errNoSchedule is returned by Fire for an unknown schedule.
