@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 // SIGTERM with a request and a job in flight: both complete, then the
@@ -24,7 +26,7 @@ func TestGracefulDrain(t *testing.T) {
 	go func() {
 		done <- do(t, "POST", p.url()+"/engines/provision", map[string]any{"user_id": "drain"}, map[string]string{"X-Platform-Key": key})
 	}()
-	time.Sleep(700 * time.Millisecond) // the request waits, the job waits for the engine's boot
+	waitJobRunning(t, pf.dbURL, "engine_provision") // the request waits, the job waits for the engine's boot
 	stopped := make(chan error, 1)
 	go func() { stopped <- p.stop(t) }()
 
@@ -53,7 +55,7 @@ func TestDrainAnswersLongWaits(t *testing.T) {
 	go func() {
 		done <- do(t, "POST", apiP.url()+"/engines/provision", map[string]any{"user_id": "slow"}, map[string]string{"X-Platform-Key": key})
 	}()
-	time.Sleep(700 * time.Millisecond)
+	waitJobRunning(t, pf.dbURL, "engine_provision")
 	stopped := make(chan error, 1)
 	sigterm := time.Now()
 	go func() { stopped <- apiP.stop(t) }()
@@ -72,4 +74,15 @@ func TestDrainAnswersLongWaits(t *testing.T) {
 	require.Eventually(t, func() bool {
 		return do(t, "GET", p2.url()+"/engines/slow", nil, map[string]string{"X-Platform-Key": key}).str("status") == "running"
 	}, 20*time.Second, 100*time.Millisecond)
+}
+
+// waitJobRunning waits until a job of kind is being worked.
+func waitJobRunning(t *testing.T, dbURL, kind string) {
+	t.Helper()
+	pool := testenv.Pool(t, dbURL)
+	require.Eventually(t, func() bool {
+		var n int
+		require.NoError(t, pool.QueryRow(t.Context(), `SELECT count(*) FROM river_job WHERE kind = $1 AND state = 'running'`, kind).Scan(&n))
+		return n > 0
+	}, 15*time.Second, 10*time.Millisecond, "a %s job runs", kind)
 }

@@ -195,9 +195,9 @@ func TestUnhealthyEngineFailsAndAutoRestartGivesUp(t *testing.T) {
 	js := f.restartJobs(e.ID)
 	require.Len(t, js, 2)
 	failedAt := find(rows, orch.ActionHealthFailed, 0).At
-	require.InDelta(t, 1.0, js[0].ScheduledAt.Sub(failedAt).Seconds(), 0.3, "attempt 1 after BASE")
+	require.InDelta(t, 1.0, js[0].ScheduledAt.Sub(failedAt).Seconds(), 0.5, "attempt 1 after BASE")
 	attempt1Failed := find(rows, orch.ActionAutoRestartFailed, 0).At
-	require.InDelta(t, 2.0, js[1].ScheduledAt.Sub(attempt1Failed).Seconds(), 0.3, "attempt 2 after 2·BASE")
+	require.InDelta(t, 2.0, js[1].ScheduledAt.Sub(attempt1Failed).Seconds(), 0.5, "attempt 2 after 2·BASE")
 	require.Eventually(t, func() bool {
 		st := states(f.restartJobs(e.ID))
 		return len(st) == 2 && st[0] == "completed" && st[1] == "completed"
@@ -352,7 +352,11 @@ func TestDockerKillDetectedAndRestarted(t *testing.T) {
 	require.Len(t, m.Body["memories"], 1, "brain intact")
 
 	// A container that is gone altogether is recreated on its volume.
-	time.Sleep(300 * time.Millisecond) // the last job releases its lease
+	require.Eventually(t, func() bool { // the last job releases its lease
+		var free bool
+		err := f.Pool.QueryRow(context.Background(), `SELECT lease_job_id IS NULL FROM engines WHERE id = $1`, e.ID).Scan(&free)
+		return err == nil && free
+	}, 10*time.Second, 10*time.Millisecond)
 	before := len(f.audit(e.ID))
 	_, err = cli.ContainerRemove(context.Background(), orch.ContainerName(e.ID), client.ContainerRemoveOptions{Force: true})
 	require.NoError(t, err)
@@ -495,7 +499,7 @@ func fakeEngines(t testing.TB, n, hang int, hangFor time.Duration) []int {
 // queue), and ten engines whose probe times out do not delay the others.
 func TestSweep200Engines(t *testing.T) {
 	t.Parallel()
-	const interval = 3 * time.Second
+	const interval = 5 * time.Second
 	f := newFleet(t, fleetOpts{healthInterval: interval, probeTimeout: time.Second, maxFailures: 3})
 	pid, _ := f.product("acme", orch.Policy{})
 	ports := fakeEngines(t, 200, 10, 10*time.Second)
@@ -514,12 +518,13 @@ func TestSweep200Engines(t *testing.T) {
 		count(*) FILTER (WHERE health_failures = 1) FROM engines`, start).Scan(&fresh, &failing))
 	require.Equal(t, 190, fresh)
 	require.Equal(t, 10, failing)
-	// The healthy engines were not held up by the hanging ones: their
-	// health was recorded well before the probe timeout of the others.
+	// The healthy engines were not held up by the hanging ones: probes run
+	// in parallel, so ten hanging engines delay a batch's commit by one
+	// probe timeout (1 s), not ten.
 	var healthyDone time.Time
 	require.NoError(t, f.Pool.QueryRow(context.Background(), `SELECT max(last_health_at) FROM engines WHERE id = ANY($1::uuid[])`,
 		ids[10:]).Scan(&healthyDone))
-	require.Less(t, healthyDone.Sub(start), 2*time.Second)
+	require.Less(t, healthyDone.Sub(start), 4*time.Second)
 }
 
 // insertEngines records running engines at ports for product (no backend

@@ -118,11 +118,17 @@ func TestPrometheusMetricsAfterScriptedSequence(t *testing.T) {
 	r = f.call("DELETE", "/engines/u2", key, nil)
 	require.Equal(t, http.StatusOK, r.Status, "%v", r.Body)
 
-	time.Sleep(100 * time.Millisecond) // past the collector's cache
+	// Workers record a job's metrics after committing its outcome (which
+	// is what answered the request): scrape until the last job's are in.
 	after := scrapeMetrics(t, metricsURL)
 	delta := func(name string, labels map[string]string) float64 {
 		return after.get(name, labels) - before.get(name, labels)
 	}
+	require.Eventually(t, func() bool {
+		after = scrapeMetrics(t, metricsURL)
+		return delta("orchestrator_job_duration_seconds", map[string]string{"kind": "engine_destroy", "outcome": "completed"}) >= 1 &&
+			delta("orchestrator_http_request_duration_seconds", map[string]string{"method": "DELETE", "route": "/engines/{user_id}", "code": "200"}) >= 1
+	}, 10*time.Second, 50*time.Millisecond)
 	for _, c := range []struct {
 		name   string
 		labels map[string]string
@@ -215,7 +221,11 @@ func TestServeMetricsListener(t *testing.T) {
 	require.Equal(t, http.StatusOK, r.Status, "%v", r.Body)
 	engineKey := r.str("engine", "api_key")
 	require.NotEmpty(t, engineKey)
-	s = scrapeMetrics(t, metricsURL+"/metrics")
+	require.Eventually(t, func() bool { // recorded just after the answer
+		s = scrapeMetrics(t, metricsURL+"/metrics")
+		return s.get("orchestrator_admit_duration_seconds", map[string]string{"outcome": "cold"}) == 1 &&
+			s.get("orchestrator_engine_provisions_total", map[string]string{"outcome": "succeeded"}) == 1
+	}, 10*time.Second, 50*time.Millisecond)
 	require.Equal(t, 1.0, s.get("orchestrator_admit_duration_seconds", map[string]string{"outcome": "cold"}))
 	require.Equal(t, 1.0, s.get("orchestrator_engine_provisions_total", map[string]string{"outcome": "succeeded"}))
 	require.Equal(t, 1.0, s.get("orchestrator_engine_boot_duration_seconds", map[string]string{"operation": "provision"}))

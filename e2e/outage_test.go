@@ -53,12 +53,18 @@ func TestPostgresOutage(t *testing.T) {
 		ops = append(ops, r.str("operation_id"))
 	}
 
-	// A synchronous call in flight rides the outage out.
+	// A synchronous call in flight rides the outage out: cut once its
+	// engine row is committed (checked around the proxy).
+	pool := testenv.Pool(t, pf.dbURL)
 	syncDone := make(chan resp, 1)
 	go func() {
 		syncDone <- call("POST", "/engines/provision", key, map[string]any{"user_id": "riding"})
 	}()
-	time.Sleep(50 * time.Millisecond)
+	require.Eventually(t, func() bool {
+		var n int
+		require.NoError(t, pool.QueryRow(t.Context(), `SELECT count(*) FROM engines WHERE user_id = 'riding'`).Scan(&n))
+		return n == 1
+	}, 10*time.Second, 5*time.Millisecond)
 
 	px.Cut()
 	cutAt := time.Now()
@@ -124,7 +130,6 @@ func TestPostgresOutage(t *testing.T) {
 	require.Equal(t, http.StatusOK, call("GET", "/engines", rot.str("platform_api_key"), nil).Status)
 
 	// The scheduler leads again: health sweeps are enqueued after the outage.
-	pool := testenv.Pool(t, pf.dbURL)
 	require.Eventually(t, func() bool {
 		var n int
 		require.NoError(t, pool.QueryRow(t.Context(), `SELECT count(*) FROM river_job WHERE kind = 'health_sweep' AND created_at > $1`, restoredAt).Scan(&n))

@@ -20,7 +20,7 @@ import (
 // past the grace period, and left alone before it.
 func TestReconcileDriftDocker(t *testing.T) {
 	t.Parallel()
-	f := newFleet(t, fleetOpts{backend: "docker", orphanGrace: 2 * time.Second})
+	f := newFleet(t, fleetOpts{backend: "docker", orphanGrace: 5 * time.Second}) // container times are whole seconds
 	cli := testenv.RequireDocker(t)
 	ctx := context.Background()
 	_, key := f.product("acme", orch.Policy{})
@@ -46,7 +46,7 @@ func TestReconcileDriftDocker(t *testing.T) {
 	require.Equal(t, http.StatusOK, m.Status)
 	require.Len(t, m.Body["memories"], 1, "recreated on the same volume")
 
-	time.Sleep(2500 * time.Millisecond)
+	time.Sleep(6 * time.Second)
 	n, err = f.Workers.Reconcile(ctx, 2)
 	require.NoError(t, err)
 	require.Equal(t, 1, n)
