@@ -6,10 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"fmt"
 	"io"
-	"math/big"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -90,31 +87,8 @@ func randHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// freeRange finds n consecutive ports that nothing listens on, in a random
-// place so parallel tests (and packages) rarely pick the same one.
-func freeRange(t testing.TB, n int) int {
-	t.Helper()
-	for try := 0; try < 50; try++ {
-		// Below Linux's ephemeral range (32768-60999), where outgoing
-		// connections could take an engine's port before it binds.
-		b, _ := rand.Int(rand.Reader, big.NewInt(int64(32000-10000-n)))
-		base := 10000 + int(b.Int64())
-		ok := true
-		for p := base; p < base+n && ok; p++ {
-			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
-			if err != nil {
-				ok = false
-				continue
-			}
-			l.Close()
-		}
-		if ok {
-			return base
-		}
-	}
-	t.Fatal("no free port range")
-	return 0
-}
+// freeRange reserves n consecutive free ports for the test.
+func freeRange(t testing.TB, n int) int { return testenv.PortRange(t, n) }
 
 func newFleet(t *testing.T, o fleetOpts) *fleet { return newFleetTB(t, o) }
 
