@@ -234,7 +234,7 @@ func TestAdoptedEngineDeathIsPolled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(100 * time.Millisecond) // let the watcher see it alive
+	time.Sleep(pollInterval + 200*time.Millisecond) // the watcher has scanned it alive, however late it started
 	rec := pidOf(t, b2, spec.EngineID)
 	if err := syscall.Kill(rec.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -605,7 +605,7 @@ func TestEngineSurvivesOrchestratorExit(t *testing.T) {
 	ctx, cancel := context.WithCancel(ctxT(t))
 	defer cancel()
 	events, _ := b.Events(ctx)
-	time.Sleep(50 * time.Millisecond)
+	time.Sleep(pollInterval + 200*time.Millisecond) // the watcher has scanned it alive
 
 	// Adopted: Pause/Unpause and Stop work on it.
 	if err := b.Pause(ctx, spec.EngineID); err != nil {
