@@ -90,7 +90,7 @@ func TestWorkerKilledMidProvisionDocker(t *testing.T) {
 	kr, err := keys.NewKeyring(master, nil)
 	require.NoError(t, err)
 
-	be, err := docker.New(docker.Config{Network: "enginefleet_e2e_net", Node: node}, testenv.Quiet())
+	be, err := docker.New(docker.Config{Network: e2eNetwork, Node: node}, testenv.Quiet())
 	require.NoError(t, err)
 	f := &fleet{t: t, Pool: pool, Backend: be, Node: node}
 	t.Cleanup(f.removeEngines)
@@ -111,7 +111,7 @@ func TestWorkerKilledMidProvisionDocker(t *testing.T) {
 	env := append(os.Environ(),
 		"ORCH_DATABASE_URL="+dbURL, "ORCH_MASTER_KEY="+master, "ORCH_ADMIN_KEY="+adminKey,
 		"ORCH_ENGINE_BACKEND=docker", "ORCH_ENGINE_IMAGE="+image, "ORCH_NODE="+node,
-		"ORCH_ENGINE_NETWORK=enginefleet_e2e_net", "ORCH_BOOT_TIMEOUT_S=10",
+		"ORCH_ENGINE_NETWORK="+e2eNetwork, "ORCH_BOOT_TIMEOUT_S=10",
 		fmt.Sprintf("ORCH_PORT_MIN=%d", portMin), fmt.Sprintf("ORCH_PORT_MAX=%d", portMin+19),
 		"ORCH_METRICS_ADDR=off", "ORCH_LOG_LEVEL=debug")
 	logPath := filepath.Join(t.TempDir(), "worker.log")

@@ -123,7 +123,7 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 		if f.Image == "" {
 			f.Image = testenv.EngineImage(t, "e2e-1")
 		}
-		b, err := docker.New(docker.Config{Network: "enginefleet_e2e_net", Node: f.Node}, log)
+		b, err := docker.New(docker.Config{Network: e2eNetwork, Node: f.Node}, log)
 		require.NoError(t, err)
 		f.Backend = b
 	default:

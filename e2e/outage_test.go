@@ -180,7 +180,7 @@ func TestDockerOutage(t *testing.T) {
 	image := testenv.EngineImage(t, "e2e-1")
 	pf := newProcFleet(t)
 	node := "e2e-dockerout-" + randHex(4)
-	be, err := docker.New(docker.Config{Network: "enginefleet_e2e_net", Node: node}, testenv.Quiet())
+	be, err := docker.New(docker.Config{Network: e2eNetwork, Node: node}, testenv.Quiet())
 	require.NoError(t, err)
 	f := &fleet{t: t, Backend: be, Node: node}
 	t.Cleanup(f.removeEngines)
@@ -191,7 +191,7 @@ func TestDockerOutage(t *testing.T) {
 	}
 	px := testenv.NewProxy(t, "unix", sock)
 	pf.env = append(pf.env, "ORCH_ENGINE_BACKEND=docker", "ORCH_ENGINE_IMAGE="+image, "ORCH_NODE="+node,
-		"ORCH_ENGINE_NETWORK=enginefleet_e2e_net", "DOCKER_HOST=tcp://"+px.Addr(),
+		"ORCH_ENGINE_NETWORK="+e2eNetwork, "DOCKER_HOST=tcp://"+px.Addr(),
 		"ORCH_RESTART_MAX_ATTEMPTS=3", "ORCH_RESTART_BACKOFF_BASE_S=1")
 	apiP, workerP := pf.start("api"), pf.start("worker")
 	key := pf.register(apiP, "acme")

@@ -22,6 +22,7 @@ import (
 
 	orchestrator "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/backend/docker"
+	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 const engineVersion = "backend-docker-test"
@@ -174,7 +175,7 @@ func TestEnsureConcurrent(t *testing.T) {
 	ctx := t.Context()
 	// A network of its own, created by racing "processes" (backends).
 	netName := testNetwork + "_" + randHex(4)
-	t.Cleanup(func() { removeNetworkIfEmpty(netName) })
+	t.Cleanup(func() { testenv.RemoveNetworkIfEmpty(netName) })
 	first := newBackend(t, func(c *docker.Config) { c.Network = netName })
 	backends := []*docker.Backend{first}
 	for range 3 {
@@ -221,7 +222,7 @@ func TestDuplicateNetworks(t *testing.T) {
 	// Docker before API 1.44 lets two networks share a name (two
 	// orchestrator processes racing at first boot may do that).
 	netName := testNetwork + "_dup_" + randHex(4)
-	t.Cleanup(func() { removeNetworkIfEmpty(netName) })
+	t.Cleanup(func() { testenv.RemoveNetworkIfEmpty(netName) })
 	cli := rawClient(t)
 	for range 2 {
 		_, err := cli.NetworkCreate(ctx, netName, client.NetworkCreateOptions{
@@ -622,7 +623,7 @@ func TestPrepareCreatesNetwork(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
 	netName := testNetwork + "_prep_" + randHex(4)
-	t.Cleanup(func() { removeNetworkIfEmpty(netName) })
+	t.Cleanup(func() { testenv.RemoveNetworkIfEmpty(netName) })
 	b := newBackend(t, func(c *docker.Config) { c.Network = netName })
 	require.NoError(t, b.Prepare(ctx))
 	require.NoError(t, b.Prepare(ctx))

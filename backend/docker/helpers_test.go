@@ -38,7 +38,7 @@ const (
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	removeNetworkIfEmpty(testNetwork)
+	testenv.RemoveNetworkIfEmpty(testNetwork)
 	os.Exit(code)
 }
 
@@ -113,7 +113,7 @@ func removeStale(t *testing.T) {
 	require.NoError(t, err)
 	for _, n := range nets.Items {
 		if strings.HasPrefix(n.Name, testNetwork) && time.Since(n.Created) > staleAfter {
-			removeNetworkIfEmpty(n.Name)
+			testenv.RemoveNetworkIfEmpty(n.Name)
 		}
 	}
 	vs, err := cli.VolumeList(ctx, client.VolumeListOptions{Filters: make(client.Filters).Add("label", orchestrator.LabelManaged)})
@@ -124,31 +124,6 @@ func removeStale(t *testing.T) {
 			t.Logf("removing stale test volume %s", v.Name)
 			_, _ = cli.VolumeRemove(ctx, v.Name, client.VolumeRemoveOptions{})
 		}
-	}
-}
-
-// removeNetworkIfEmpty removes a test network no container uses any more.
-func removeNetworkIfEmpty(name string) {
-	cli, err := client.New(client.FromEnv)
-	if err != nil {
-		return
-	}
-	defer cli.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	nets, err := cli.NetworkList(ctx, client.NetworkListOptions{Filters: make(client.Filters).Add("name", name)})
-	if err != nil {
-		return
-	}
-	for _, n := range nets.Items {
-		if n.Name != name {
-			continue
-		}
-		users, err := cli.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: make(client.Filters).Add("network", n.ID)})
-		if err != nil || len(users.Items) > 0 {
-			continue
-		}
-		_, _ = cli.NetworkRemove(ctx, n.ID, client.NetworkRemoveOptions{})
 	}
 }
 

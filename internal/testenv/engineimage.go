@@ -438,3 +438,30 @@ func shortID(id string) string {
 	}
 	return id
 }
+
+// RemoveNetworkIfEmpty removes a test network (every one of that name: an
+// old daemon allows duplicates) that no container uses any more; for a
+// package's TestMain, so runs leave no network behind.
+func RemoveNetworkIfEmpty(name string) {
+	cli, err := client.New(client.FromEnv)
+	if err != nil {
+		return
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	nets, err := cli.NetworkList(ctx, client.NetworkListOptions{Filters: make(client.Filters).Add("name", name)})
+	if err != nil {
+		return
+	}
+	for _, n := range nets.Items {
+		if n.Name != name {
+			continue
+		}
+		users, err := cli.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: make(client.Filters).Add("network", n.ID)})
+		if err != nil || len(users.Items) > 0 {
+			continue
+		}
+		_, _ = cli.NetworkRemove(ctx, n.ID, client.NetworkRemoveOptions{})
+	}
+}

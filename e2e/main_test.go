@@ -1,0 +1,18 @@
+package e2e_test
+
+import (
+	"os"
+	"testing"
+
+	"github.com/enginefleet/orchestrator/internal/testenv"
+)
+
+// e2eNetwork is the engines' network of the Docker fleets; it goes when the
+// package's tests are done.
+const e2eNetwork = "enginefleet_e2e_net"
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	testenv.RemoveNetworkIfEmpty(e2eNetwork)
+	os.Exit(code)
+}
