@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 // deploy/compose.yaml is a valid compose file (checked by the compose tool
@@ -14,10 +16,7 @@ func TestComposeConfig(t *testing.T) {
 	tool, args := "docker-compose", []string{}
 	if _, err := exec.LookPath(tool); err != nil {
 		if exec.Command("docker", "compose", "version").Run() != nil {
-			if os.Getenv("CI") == "true" {
-				t.Fatal("no compose tool (docker-compose or docker compose) on this machine")
-			}
-			t.Skip("no compose tool")
+			testenv.Unavailable(t, "no compose tool (docker-compose or docker compose)")
 		}
 		tool, args = "docker", []string{"compose"}
 	}

@@ -8,18 +8,15 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 // The orchestrator image runs as uid 65532, and compose.yaml mounts fresh
 // named volumes at its backup and audit export directories: they must
 // inherit the image's ownership, or every backup fails with EACCES.
 func TestOrchestratorImageVolumesWritable(t *testing.T) {
-	if exec.Command("docker", "version").Run() != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("no Docker daemon")
-		}
-		t.Skip("no Docker daemon")
-	}
+	testenv.RequireDocker(t)
 	b := make([]byte, 4)
 	rand.Read(b) //nolint:errcheck
 	suffix := hex.EncodeToString(b)
@@ -43,10 +40,7 @@ func TestOrchestratorImageVolumesWritable(t *testing.T) {
 		mp := run("docker", "volume", "inspect", "-f", "{{.Mountpoint}}", vol)
 		fi, err := os.Stat(mp)
 		if err != nil {
-			if os.Getenv("CI") == "true" {
-				t.Fatalf("volume mountpoint: %v", err)
-			}
-			t.Skipf("volume mountpoint not visible from here (%v)", err)
+			testenv.Unavailable(t, "the volume's mountpoint is not visible from here: %v", err)
 		}
 		st := fi.Sys().(*syscall.Stat_t)
 		if st.Uid != 65532 || st.Gid != 65532 {
