@@ -190,42 +190,6 @@ func EncodeManifest(m Manifest) ([]byte, error) {
 	return append(b, '\n'), nil
 }
 
-// WriteFileAtomic writes data to dir/name through a temporary file in dir,
-// fsynced and renamed, then fsyncs dir: the final name never holds a
-// partial file.
-func WriteFileAtomic(dir, name string, data []byte) error {
-	f, err := os.CreateTemp(dir, ".tmp-"+name+"-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, filepath.Join(dir, name))
-	}
-	if err != nil {
-		os.Remove(tmp) //nolint:errcheck
-		return err
-	}
-	return SyncDir(dir)
-}
-
-// SyncDir fsyncs a directory, making renames and links in it durable.
-func SyncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
 // Problem kinds Verify reports.
 const (
 	Altered   = "altered"

@@ -14,6 +14,7 @@ import (
 	"github.com/riverqueue/river"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/atomicfile"
 	"github.com/enginefleet/orchestrator/auditlog"
 	"github.com/enginefleet/orchestrator/jobs"
 	"github.com/enginefleet/orchestrator/schema"
@@ -249,7 +250,7 @@ func (w *Workers) writeExportFiles(ctx context.Context, q *schema.Queries, ex sc
 	if err != nil {
 		return m, fmt.Errorf("encode manifest: %w", err)
 	}
-	if err := auditlog.WriteFileAtomic(dir, auditlog.ManifestName(m.File), b); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, auditlog.ManifestName(m.File)), b); err != nil {
 		return m, fmt.Errorf("write manifest: %w", err)
 	}
 	return m, nil

@@ -21,7 +21,7 @@ import (
 	"github.com/riverqueue/river"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/auditlog"
+	"github.com/enginefleet/orchestrator/atomicfile"
 	"github.com/enginefleet/orchestrator/jobs"
 	"github.com/enginefleet/orchestrator/schema"
 )
@@ -287,7 +287,7 @@ func (w *Workers) WriteBackup(ctx context.Context, e orch.Engine, backupID strin
 	if err != nil {
 		return f, err
 	}
-	if err := auditlog.SyncDir(dir); err != nil {
+	if err := atomicfile.SyncDir(dir); err != nil {
 		os.Remove(filepath.Join(dir, name)) //nolint:errcheck
 		return f, fmt.Errorf("fsync backup directory: %w", err)
 	}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/atomicfile"
 )
 
 // Config configures the subprocess backend. cmd/orchestrator fills it from
@@ -346,7 +347,7 @@ func (b *Backend) Stop(ctx context.Context, id string, grace time.Duration) erro
 		return fmt.Errorf("stop engine %s: %w", id, err)
 	}
 	now := time.Now().UTC()
-	if err := writeFileAtomic(b.path(id, fileStopped), []byte(now.Format(time.RFC3339Nano)+"\n")); err != nil {
+	if err := atomicfile.Write(b.path(id, fileStopped), []byte(now.Format(time.RFC3339Nano)+"\n")); err != nil {
 		return fmt.Errorf("stop engine %s: %w", id, err)
 	}
 	if err := b.removeFiles(id, filePid, filePaused); err != nil {
@@ -624,7 +625,7 @@ func (b *Backend) Pause(ctx context.Context, id string) error {
 	}
 	// Marker first: a crash right after SIGSTOP still leaves a record that
 	// Unpause (or Start) acts on.
-	if err := writeFileAtomic(b.path(id, filePaused), []byte(time.Now().UTC().Format(time.RFC3339Nano)+"\n")); err != nil {
+	if err := atomicfile.Write(b.path(id, filePaused), []byte(time.Now().UTC().Format(time.RFC3339Nano)+"\n")); err != nil {
 		return fmt.Errorf("pause engine %s: %w", id, err)
 	}
 	if err := signalGroup(rec.PID, syscall.SIGSTOP); err != nil {

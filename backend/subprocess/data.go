@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/atomicfile"
 )
 
 // ErrUnsafeArchive is wrapped by CopyDataIn's error (code BACKUP_CORRUPT)
@@ -57,7 +58,7 @@ func (b *Backend) removeTemps(id string) error {
 	}
 	var errs []error
 	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), prefixIn) || strings.HasPrefix(e.Name(), tmpPrefix) {
+		if strings.HasPrefix(e.Name(), prefixIn) || strings.HasPrefix(e.Name(), atomicfile.TempPrefix) {
 			errs = append(errs, os.RemoveAll(b.path(id, e.Name())))
 		}
 	}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/atomicfile"
 )
 
 // Names inside an engine directory.
@@ -30,7 +31,6 @@ const (
 	prefixIn    = "data.in-" // contents being extracted
 	enginesDir  = "engines"
 	dbFileName  = "brain.sqlite"
-	tmpPrefix   = ".tmp-"
 	maxLogBytes = 10 << 20 // engine.log is rotated at Start beyond this
 )
 
@@ -119,31 +119,7 @@ func writeJSON(path string, v any) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(path, append(data, '\n'))
-}
-
-// writeFileAtomic writes data to a temporary file, syncs it and renames it
-// over path, so readers see the old or the new contents, never a mix.
-func writeFileAtomic(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), tmpPrefix+filepath.Base(path)+"-")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-	}
-	return err
+	return atomicfile.Write(path, append(data, '\n'))
 }
 
 // removeFiles removes the named files of an engine; missing ones are fine.

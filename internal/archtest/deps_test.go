@@ -43,6 +43,8 @@ func layer(path string) (string, int) {
 	switch top {
 	case "":
 		return "root", 0
+	case "atomicfile":
+		return "atomicfile", 0 // standard library only, below everything
 	case "keys":
 		return "keys", 1
 	case "jobs":
