@@ -116,11 +116,7 @@ func (s *Server) registerBackups() {
 			return &takeBackupOutput{Status: http.StatusAccepted, Body: TakeBackupBody{BackupID: backupID, EngineID: e.ID,
 				Status: string(orch.OpPending), OperationID: opID}}, nil
 		}
-		op, err := s.wait(ctx, p.ID, opID, backupWait)
-		if err == nil {
-			err = opError(op)
-		}
-		if err != nil {
+		if err := s.wait(ctx, p.ID, opID, backupWait); err != nil {
 			return nil, toHTTP(ctx, err)
 		}
 		b, err := schema.New(s.pool).BackupByID(ctx, backupID)
@@ -146,11 +142,7 @@ func (s *Server) registerBackups() {
 		if wantsAsync(in.Prefer) {
 			return &opOutput{Status: http.StatusAccepted, Body: OpBody{EngineID: e.ID, Status: string(e.Status), URL: s.engineURL(e), OperationID: opID}}, nil
 		}
-		op, err := s.wait(ctx, p.ID, opID, s.restoreWait())
-		if err == nil {
-			err = opError(op)
-		}
-		if err != nil {
+		if err := s.wait(ctx, p.ID, opID, s.restoreWait()); err != nil {
 			return nil, toHTTP(ctx, err)
 		}
 		if e, err = schema.New(s.pool).EngineByID(ctx, e.ID); err != nil {

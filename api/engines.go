@@ -434,11 +434,7 @@ func (s *Server) awaitEngine(ctx context.Context, p orch.Product, e orch.Engine,
 	if opID == "" {
 		return e, nil
 	}
-	op, err := s.wait(ctx, p.ID, opID, s.waitTimeout(kind))
-	if err != nil {
-		return e, err
-	}
-	if err := opError(op); err != nil {
+	if err := s.wait(ctx, p.ID, opID, s.waitTimeout(kind)); err != nil {
 		return e, err
 	}
 	if kind == orch.OpDestroy {

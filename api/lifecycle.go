@@ -286,8 +286,9 @@ func (s *Server) cancelAutoRestart(ctx context.Context, q *schema.Queries, tx pg
 }
 
 // wait blocks until the operation finishes or timeout, woken by NOTIFY on
-// the operation (no polling), and returns its final state.
-func (s *Server) wait(ctx context.Context, productID, opID string, timeout time.Duration) (orch.Operation, error) {
+// the operation (no polling); a failed operation is returned as its error
+// code.
+func (s *Server) wait(ctx context.Context, productID, opID string, timeout time.Duration) error {
 	ch, cancel := s.waiters.subscribe(opID)
 	defer cancel()
 	timer := time.NewTimer(timeout)
@@ -303,9 +304,9 @@ func (s *Server) wait(ctx context.Context, productID, opID string, timeout time.
 			// sent meanwhile are lost, so look again shortly.
 			retry = time.After(500 * time.Millisecond)
 		case err != nil:
-			return op, err
+			return err
 		case op.Status.Done():
-			return op, nil
+			return opError(op)
 		}
 		select {
 		case <-retry:
@@ -318,11 +319,11 @@ func (s *Server) wait(ctx context.Context, productID, opID string, timeout time.
 			case orch.OpProvision, orch.OpStart, orch.OpWake, orch.OpRestart, orch.OpUpgrade, orch.OpRestore:
 				code = orch.CodeBootTimeout
 			}
-			return op, orch.Errorf(code, "the operation did not finish within %s; follow it with GET /operations/%s", timeout, opID)
+			return orch.Errorf(code, "the operation did not finish within %s; follow it with GET /operations/%s", timeout, opID)
 		case <-s.stopWaits:
-			return op, withRetryAfter(orch.Errorf(orch.CodeUnavailable, "this replica is shutting down; the operation goes on: follow it with GET /operations/%s", opID), 1)
+			return withRetryAfter(orch.Errorf(orch.CodeUnavailable, "this replica is shutting down; the operation goes on: follow it with GET /operations/%s", opID), 1)
 		case <-ctx.Done():
-			return op, ctx.Err()
+			return ctx.Err()
 		}
 	}
 }

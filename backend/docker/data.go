@@ -267,40 +267,22 @@ func (b *Backend) removeHelper(ctx context.Context, id string) {
 // stripDataDir copies the tar docker made of /data (entries "data/...")
 // to w with paths relative to the volume root; the root entry is dropped.
 func stripDataDir(r io.Reader, w io.Writer, dir string) error {
-	tr := tar.NewReader(r)
-	tw := tar.NewWriter(w)
 	prefix := dir + "/"
-	for {
-		hdr, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("read archive: %w", err)
-		}
+	return rewriteTar(r, tar.NewWriter(w), func(hdr *tar.Header) (*tar.Header, error) {
 		name := strings.TrimPrefix(hdr.Name, "./")
 		if name == dir || name == prefix {
-			continue
+			return nil, nil
 		}
 		if !strings.HasPrefix(name, prefix) {
-			return fmt.Errorf("read archive: unexpected entry %q outside %s", hdr.Name, dir)
+			return nil, fmt.Errorf("read archive: unexpected entry %q outside %s", hdr.Name, dir)
 		}
 		out := cleanHeader(hdr)
 		out.Name = strings.TrimPrefix(name, prefix)
 		if hdr.Typeflag == tar.TypeLink {
 			out.Linkname = strings.TrimPrefix(strings.TrimPrefix(hdr.Linkname, "./"), prefix)
 		}
-		if err := tw.WriteHeader(out); err != nil {
-			return fmt.Errorf("write archive: %w", err)
-		}
-		if _, err := io.Copy(tw, tr); err != nil {
-			return fmt.Errorf("copy archive: %w", err)
-		}
-	}
-	if err := tw.Close(); err != nil {
-		return fmt.Errorf("write archive: %w", err)
-	}
-	return nil
+		return out, nil
+	})
 }
 
 // rebaseTar copies the tar r (paths relative to the volume root) to w with
@@ -309,7 +291,6 @@ func stripDataDir(r io.Reader, w io.Writer, dir string) error {
 // copyUIDGID), so this is what makes the files the engine's. Entries that
 // would land outside dir, and device files, are rejected.
 func rebaseTar(r io.Reader, w io.Writer, dir string, uid, gid int) error {
-	tr := tar.NewReader(r)
 	tw := tar.NewWriter(w)
 	if err := tw.WriteHeader(&tar.Header{
 		Typeflag: tar.TypeDir,
@@ -321,24 +302,17 @@ func rebaseTar(r io.Reader, w io.Writer, dir string, uid, gid int) error {
 	}); err != nil {
 		return fmt.Errorf("write archive: %w", err)
 	}
-	for {
-		hdr, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("read archive: %w", err)
-		}
+	return rewriteTar(r, tw, func(hdr *tar.Header) (*tar.Header, error) {
 		name, ok := safeName(hdr.Name)
 		if !ok {
-			return fmt.Errorf("read archive: unsafe path %q", hdr.Name)
+			return nil, fmt.Errorf("read archive: unsafe path %q", hdr.Name)
 		}
 		if name == "." {
-			continue // the root entry was written above
+			return nil, nil // the root entry was written above
 		}
 		switch hdr.Typeflag {
 		case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
-			return fmt.Errorf("read archive: device or fifo %q not allowed", hdr.Name)
+			return nil, fmt.Errorf("read archive: device or fifo %q not allowed", hdr.Name)
 		}
 		out := cleanHeader(hdr)
 		out.Name = dir + "/" + name
@@ -348,12 +322,35 @@ func rebaseTar(r io.Reader, w io.Writer, dir string, uid, gid int) error {
 		if hdr.Typeflag == tar.TypeLink {
 			link, ok := safeName(hdr.Linkname)
 			if !ok || link == "." {
-				return fmt.Errorf("read archive: unsafe hard link %q", hdr.Linkname)
+				return nil, fmt.Errorf("read archive: unsafe hard link %q", hdr.Linkname)
 			}
 			out.Linkname = dir + "/" + link
 		}
 		out.Uid, out.Gid = uid, gid
 		out.Uname, out.Gname = "", ""
+		return out, nil
+	})
+}
+
+// rewriteTar copies every entry of r to tw as rewrite says (nil header:
+// leave the entry out), then closes tw.
+func rewriteTar(r io.Reader, tw *tar.Writer, rewrite func(*tar.Header) (*tar.Header, error)) error {
+	tr := tar.NewReader(r)
+	for {
+		hdr, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("read archive: %w", err)
+		}
+		out, err := rewrite(hdr)
+		if err != nil {
+			return err
+		}
+		if out == nil {
+			continue
+		}
 		if err := tw.WriteHeader(out); err != nil {
 			return fmt.Errorf("write archive: %w", err)
 		}
