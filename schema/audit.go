@@ -205,14 +205,7 @@ func (q *Queries) ListAuditExports(ctx context.Context, limit int) ([]AuditExpor
 // exports runs SELECT exportCols FROM audit_exports with the rest of a query.
 func (q *Queries) exports(ctx context.Context, what, rest string, args ...any) ([]AuditExport, error) {
 	rows, err := q.db.Query(ctx, `SELECT `+exportCols+` FROM audit_exports `+rest, args...)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", what, err)
-	}
-	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (AuditExport, error) { return scanExport(r) })
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", what, err)
-	}
-	return out, nil
+	return collect(rows, err, what, scanExport)
 }
 
 // AuditExportByTick returns the scheduled export of a tick; EXPORT_NOT_FOUND if none.

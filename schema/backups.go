@@ -53,22 +53,7 @@ func scanBackup(row pgx.Row) (Backup, error) {
 }
 
 func collectBackups(rows pgx.Rows, err error) ([]Backup, error) {
-	if err != nil {
-		return nil, fmt.Errorf("query backups: %w", err)
-	}
-	defer rows.Close()
-	var out []Backup
-	for rows.Next() {
-		b, err := scanBackup(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, b)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("query backups: %w", err)
-	}
-	return out, nil
+	return collect(rows, err, "query backups", scanBackup)
 }
 
 // ErrBackupExists is returned by InsertBackup when the engine already has

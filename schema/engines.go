@@ -36,22 +36,7 @@ func scanEngine(row pgx.Row) (orch.Engine, error) {
 }
 
 func collectEngines(rows pgx.Rows, err error) ([]orch.Engine, error) {
-	if err != nil {
-		return nil, fmt.Errorf("query engines: %w", err)
-	}
-	defer rows.Close()
-	var out []orch.Engine
-	for rows.Next() {
-		e, err := scanEngine(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, e)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("query engines: %w", err)
-	}
-	return out, nil
+	return collect(rows, err, "query engines", scanEngine)
 }
 
 // EngineByUser returns a product's engine for user; ENGINE_NOT_FOUND if none.

@@ -54,20 +54,9 @@ func (q *Queries) GetProduct(ctx context.Context, id string) (orch.Product, erro
 // ListProducts returns products ordered by creation, and the total count.
 func (q *Queries) ListProducts(ctx context.Context, limit, offset int) ([]orch.Product, int, error) {
 	rows, err := q.db.Query(ctx, `SELECT `+productCols+` FROM products ORDER BY created_at, id LIMIT $1 OFFSET $2`, limit, offset)
+	out, err := collect(rows, err, "list products", scanProduct)
 	if err != nil {
-		return nil, 0, fmt.Errorf("list products: %w", err)
-	}
-	defer rows.Close()
-	var out []orch.Product
-	for rows.Next() {
-		p, err := scanProduct(rows)
-		if err != nil {
-			return nil, 0, err
-		}
-		out = append(out, p)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, 0, fmt.Errorf("list products: %w", err)
+		return nil, 0, err
 	}
 	var total int
 	if err := q.db.QueryRow(ctx, `SELECT count(*) FROM products`).Scan(&total); err != nil {
