@@ -156,6 +156,10 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 		cancel()
 	})
 
+	lctx, stopLiveness := context.WithCancel(context.Background())
+	liveness := make(chan struct{})
+	go func() { defer close(liveness); w.RunLiveness(lctx, f.River) }()
+	t.Cleanup(func() { stopLiveness(); <-liveness }) // runs before River stops: cleanups are LIFO
 	if o.events {
 		go w.WatchEvents(ctx, f.River)
 	}

@@ -64,13 +64,14 @@ type proc struct {
 
 func freePort(t *testing.T) int { return testenv.FreePort(t) }
 
-// start runs `orchestrator serve --roles=<roles>`; API roles get a free port.
-func (pf *procFleet) start(roles string) *proc {
+// start runs `orchestrator serve --roles=<roles>` with extra environment;
+// API roles get a free port.
+func (pf *procFleet) start(roles string, extraEnv ...string) *proc {
 	pf.t.Helper()
 	lf, err := os.OpenFile(pf.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	require.NoError(pf.t, err)
 	p := &proc{done: make(chan error, 1)}
-	env := pf.env
+	env := append(append([]string{}, pf.env...), extraEnv...)
 	if roles == "api" || roles == "api,worker" {
 		p.addr = fmt.Sprintf("127.0.0.1:%d", freePort(pf.t))
 		env = append(env, "ORCH_LISTEN_ADDR="+p.addr)

@@ -222,30 +222,6 @@ func (q *Queries) TouchActivity(ctx context.Context, id string) error {
 	return nil
 }
 
-// AcquireLease gives job exclusive work on an engine until `until`,
-// unless another live job holds it. ENGINE_NOT_FOUND if the row is gone.
-func (q *Queries) AcquireLease(ctx context.Context, engineID string, jobID int64, until time.Time) (bool, error) {
-	var exists, got bool
-	err := q.db.QueryRow(ctx, `WITH u AS (UPDATE engines SET lease_job_id = $2, lease_until = $3
-			WHERE id = $1 AND (lease_job_id IS NULL OR lease_job_id = $2 OR lease_until < now()) RETURNING 1)
-		SELECT EXISTS (SELECT 1 FROM engines WHERE id = $1), EXISTS (SELECT 1 FROM u)`, engineID, jobID, until).Scan(&exists, &got)
-	if err != nil {
-		return false, fmt.Errorf("acquire engine lease: %w", err)
-	}
-	if !exists {
-		return false, orch.Errorf(orch.CodeEngineNotFound, "engine not found")
-	}
-	return got, nil
-}
-
-// ReleaseLease gives up job's lease on an engine (if it still holds it).
-func (q *Queries) ReleaseLease(ctx context.Context, engineID string, jobID int64) error {
-	if _, err := q.db.Exec(ctx, `UPDATE engines SET lease_job_id = NULL, lease_until = NULL WHERE id = $1 AND lease_job_id = $2`, engineID, jobID); err != nil {
-		return fmt.Errorf("release engine lease: %w", err)
-	}
-	return nil
-}
-
 // StatusCounts returns a product's engine count per status.
 func (q *Queries) StatusCounts(ctx context.Context, productID string) (map[orch.State]int, error) {
 	rows, err := q.db.Query(ctx, `SELECT status, count(*) FROM engines WHERE product_id = $1 GROUP BY status`, productID)

@@ -122,9 +122,10 @@ func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) erro
 			return nil
 		}
 	}
-	got, err := q.AcquireLease(ctx, a.EngineID, j.ID, time.Now().Add(w.jobTimeout()))
+	lease := w.leaseOf(j.JobRow)
+	got, err := q.AcquireLease(ctx, a.EngineID, lease, leaseUntil(ctx, w.jobTimeout()))
 	if orch.IsCode(err, orch.CodeEngineNotFound) {
-		w.finishOrphanOp(ctx, a.OperationID, err)
+		w.finishOrphanOp(ctx, a.OperationID)
 		w.logJob(j.Kind, a.EngineID, j.Attempt, start, "engine_gone", nil)
 		return nil
 	}
@@ -134,7 +135,7 @@ func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) erro
 	if !got {
 		return river.JobSnooze(leaseWait)
 	}
-	defer q.ReleaseLease(context.WithoutCancel(ctx), a.EngineID, j.ID) //nolint:errcheck
+	defer w.releaseLease(ctx, a.EngineID, lease)
 
 	e, err := q.EngineByID(ctx, a.EngineID)
 	if err != nil {

@@ -3,6 +3,7 @@ package workers
 import (
 	"context"
 	"errors"
+	"fmt"
 	"hash/fnv"
 	"sync"
 	"time"
@@ -13,6 +14,7 @@ import (
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -349,26 +351,17 @@ func (w *Workers) scheduleAutoRestart(ctx context.Context, q *schema.Queries, tx
 	if rc == nil {
 		return errors.New("schedule auto-restart: no river client")
 	}
-	op := orch.Operation{ID: uuid.NewString(), ProductID: e.ProductID, EngineID: e.ID, UserID: e.UserID,
-		Kind: orch.OpRestart, Actor: orch.ActorSystem, Status: orch.OpPending}
-	if err := q.InsertOperation(ctx, op, schema.OpPayload{}); err != nil {
-		return err
-	}
 	var opts *river.InsertOpts
 	delay := Backoff(w.cfg.RestartBackoffBase, w.cfg.RestartBackoffMax, attempt)
 	if delay > 0 {
 		opts = &river.InsertOpts{ScheduledAt: time.Now().Add(delay)}
 	}
-	res, err := rc.InsertTx(ctx, tx, jobs.Restart{Lifecycle: jobs.Lifecycle{EngineID: e.ID, OperationID: op.ID, Node: e.Node},
-		Auto: true, Attempt: attempt}, opts)
+	op := orch.Operation{ID: uuid.NewString(), ProductID: e.ProductID, EngineID: e.ID, UserID: e.UserID,
+		Kind: orch.OpRestart, Actor: orch.ActorSystem, Status: orch.OpPending, Deadline: lifecycle.Deadline(opts, w.cfg.BootTimeout)}
+	err := lifecycle.Enqueue(ctx, tx, rc, op, schema.OpPayload{},
+		jobs.Restart{Lifecycle: jobs.Lifecycle{EngineID: e.ID, OperationID: op.ID, Node: e.Node}, Auto: true, Attempt: attempt}, opts)
 	if err != nil {
-		return err
-	}
-	if res.UniqueSkippedAsDuplicate {
-		return errors.New("schedule auto-restart: a restart job is already in flight for this engine")
-	}
-	if err := q.SetOperationJob(ctx, op.ID, res.Job.ID); err != nil {
-		return err
+		return fmt.Errorf("schedule auto-restart: %w", err)
 	}
 	_, err = q.SetEngineState(ctx, e, schema.EngineChange{Status: orch.StateFailed, OperationID: &op.ID})
 	return err

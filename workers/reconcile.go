@@ -30,7 +30,7 @@ func (r *reconcileWorker) Timeout(*river.Job[jobs.Reconcile]) time.Duration { re
 
 func (r *reconcileWorker) Work(ctx context.Context, j *river.Job[jobs.Reconcile]) error {
 	start := time.Now()
-	n, err := r.w.Reconcile(ctx, j.ID)
+	n, err := r.w.Reconcile(ctx, schema.Lease{Job: -j.ID, Attempt: j.Attempt, Owner: r.w.session.id})
 	outcome := "succeeded"
 	if err != nil {
 		outcome = "failed"
@@ -41,8 +41,8 @@ func (r *reconcileWorker) Work(ctx context.Context, j *river.Job[jobs.Reconcile]
 }
 
 // Reconcile runs one reconcile pass on this node and returns how many
-// repairs it made. leaseID identifies the pass in engine leases.
-func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
+// repairs it made. lease identifies the pass in engine leases.
+func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error) {
 	rts, vols, err := w.backend.List(ctx)
 	if err != nil {
 		return 0, backendErr("list engines", err)
@@ -102,7 +102,7 @@ func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
 			if e.StateDeadline == nil || time.Now().Before(*e.StateDeadline) {
 				continue
 			}
-			if fixed := w.finishStuck(ctx, e, leaseID); fixed != "" {
+			if fixed := w.finishStuck(ctx, e, lease); fixed != "" {
 				audit(e, fixed, map[string]any{"status": string(e.Status)})
 			}
 			continue
@@ -111,12 +111,12 @@ func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
 			continue
 		}
 		// Missing container for an engine that should run: recreate it.
-		got, err := q.AcquireLease(ctx, e.ID, -leaseID, time.Now().Add(w.jobTimeout()))
+		got, err := q.AcquireLease(ctx, e.ID, lease, leaseUntil(ctx, w.jobTimeout()))
 		if err != nil || !got {
 			continue
 		}
 		_, err = w.bootAndWait(ctx, e, w.currentSpec(e))
-		q.ReleaseLease(context.WithoutCancel(ctx), e.ID, -leaseID) //nolint:errcheck
+		w.releaseLease(ctx, e.ID, lease)
 		meta := map[string]any{}
 		if err != nil {
 			meta["error"] = errMessage(err)
@@ -128,13 +128,13 @@ func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
 
 // finishStuck completes a transitional state whose deadline passed and
 // whose job is gone (its lease lapsed). Returns the repair made, or "".
-func (w *Workers) finishStuck(ctx context.Context, e orch.Engine, leaseID int64) string {
+func (w *Workers) finishStuck(ctx context.Context, e orch.Engine, lease schema.Lease) string {
 	q := schema.New(w.pool)
-	got, err := q.AcquireLease(ctx, e.ID, -leaseID, time.Now().Add(w.jobTimeout()))
+	got, err := q.AcquireLease(ctx, e.ID, lease, leaseUntil(ctx, w.jobTimeout()))
 	if err != nil || !got {
 		return ""
 	}
-	defer q.ReleaseLease(context.WithoutCancel(ctx), e.ID, -leaseID) //nolint:errcheck
+	defer w.releaseLease(ctx, e.ID, lease)
 	switch e.Status {
 	case orch.StateDestroying:
 		if w.backend.RemoveContainer(ctx, e.ID) != nil || w.backend.RemoveVolume(ctx, e.ID) != nil {

@@ -72,6 +72,7 @@ type Workers struct {
 	log     *slog.Logger
 	http    *http.Client
 	fleet   fleetState
+	session *session // liveness.go
 }
 
 // New builds the workers.
@@ -100,13 +101,20 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, kr *keys.Keyring,
 	tr.MaxIdleConnsPerHost = 2
 	tr.IdleConnTimeout = 30 * time.Second
 	return &Workers{cfg: cfg, pool: pool, backend: backend, keyring: kr, log: log, http: &http.Client{Transport: tr},
-		fleet: newFleetState(cfg)}
+		fleet: newFleetState(cfg), session: newSession(cfg.Node)}
 }
 
 // jobTimeout bounds one lifecycle job: stop grace plus boot plus slack.
 // It is above the boot timeout, as River's default 1 minute is not.
 func (w *Workers) jobTimeout() time.Duration {
 	return w.cfg.StopGrace + 2*w.cfg.BootTimeout + 30*time.Second
+}
+
+// restoreTimeout bounds a restore job: a whole restore plus a rollback's
+// boot, all inside the job's own time (restore.go), so no attempt's work
+// outlives its lease and overlaps its retry.
+func (w *Workers) restoreTimeout() time.Duration {
+	return w.jobTimeout() + w.cfg.BootTimeout + time.Minute
 }
 
 // Register adds every worker to ws.
@@ -129,6 +137,7 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 	ws := river.NewWorkers()
 	w.Register(ws)
 	return &river.Config{
+		ID:     w.session.id, // river_job.attempted_by names this process's liveness session
 		Logger: log,
 		Queues: map[string]river.QueueConfig{
 			jobs.NodeQueue(w.cfg.Node):   {MaxWorkers: w.cfg.Concurrency},
@@ -141,8 +150,11 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 		FetchCooldown:     2 * time.Millisecond,
 		FetchPollInterval: 200 * time.Millisecond,
 		JobTimeout:        w.jobTimeout(),
-		// A job whose worker was killed is retried soon after its timeout.
-		RescueStuckJobsAfter: w.jobTimeout() + 30*time.Second,
+		// A job whose worker process died is re-queued within seconds by
+		// the liveness rescuer (liveness.go); River's own rescue is the
+		// last resort for a live process stuck past every job's timeout
+		// (restore's is the longest) and its lease's slack.
+		RescueStuckJobsAfter: w.restoreTimeout() + time.Minute,
 	}
 }
 
@@ -237,10 +249,13 @@ func backendErr(what string, err error) error {
 	return &orch.Error{Code: orch.CodeBackendFailed, Message: what + " failed", Err: err}
 }
 
-// observeJob times every job this process works, by kind and outcome.
+// observeJob times every job this process works, by kind and outcome, and
+// lists it in the liveness heartbeat while it runs.
 func (w *Workers) observeJob(ctx context.Context, job *rivertype.JobRow, doInner func(context.Context) error) error {
 	start := time.Now()
+	w.session.started(job.ID)
 	err := doInner(ctx)
+	w.session.finished(job.ID)
 	outcome := "completed"
 	var snooze *river.JobSnoozeError
 	var cancel *river.JobCancelError

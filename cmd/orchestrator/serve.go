@@ -113,8 +113,11 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 	upkeep, stopUpkeep := context.WithCancel(bg)
 	defer stopUpkeep()
 	if r.worker {
-		wg.Add(1)
+		wg.Add(2)
 		go func() { defer wg.Done(); w.WatchEvents(upkeep, rc) }()
+		// Liveness lasts until River has stopped (bg ends after that):
+		// while it runs, this process's jobs are its own.
+		go func() { defer wg.Done(); w.RunLiveness(bg, rc) }()
 	}
 	if r.scheduler {
 		sch, err := scheduler.New(scheduler.Config{}, pool, rc, log, scheduler.Fleet(fleetConfig(cfg))...)
