@@ -35,7 +35,7 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 	if err != nil {
 		return err
 	}
-	if err := checkKeyring(ctx, pool, kr); err != nil {
+	if err := untilReachable(ctx, log, "check keyring", func() error { return checkKeyring(ctx, pool, kr) }); err != nil {
 		return err
 	}
 
@@ -69,7 +69,7 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 		// River stops when its Start context ends, cancelling running jobs:
 		// give it one that outlives SIGTERM, and stop it ourselves (soft,
 		// then hard) once the API has drained.
-		if err := rc.Start(context.WithoutCancel(ctx)); err != nil {
+		if err := untilReachable(ctx, log, "start river", func() error { return rc.Start(context.WithoutCancel(ctx)) }); err != nil {
 			return fmt.Errorf("start river: %w", err)
 		}
 		log.Info("worker started", "node", cfg.Node, "backend", be.Name())
