@@ -61,9 +61,13 @@ func TestChaos(t *testing.T) {
 	var stop atomic.Bool
 	var mu sync.Mutex
 	answers := map[string]int{} // "action status code" → count
+	var unavailable []time.Time // when a 503 was answered
 	record := func(action string, r resp) {
 		mu.Lock()
 		answers[fmt.Sprintf("%s %d %s", action, r.Status, r.code())]++
+		if r.Status == http.StatusServiceUnavailable {
+			unavailable = append(unavailable, time.Now())
+		}
 		mu.Unlock()
 	}
 	hc := &http.Client{Timeout: 3 * time.Minute}
@@ -99,7 +103,7 @@ func TestChaos(t *testing.T) {
 	// Postgres once, half-way.
 	kills := 0
 	deadline := time.Now().Add(traffic)
-	restarted := false
+	var restartedAt time.Time
 	for time.Now().Before(deadline) {
 		time.Sleep(time.Duration(3000+rand.IntN(3000)) * time.Millisecond)
 		wmu.Lock()
@@ -109,10 +113,10 @@ func TestChaos(t *testing.T) {
 		workers[i] = pf.start("worker", metricsAddr())
 		wmu.Unlock()
 		kills++
-		if !restarted && time.Until(deadline) < traffic/2 {
+		if restartedAt.IsZero() && time.Until(deadline) < traffic/2 {
+			restartedAt = time.Now()
 			require.NoError(t, pg.Restart())
-			restarted = true
-			t.Logf("postgres restarted after %d kills", kills)
+			t.Logf("postgres restarted after %d kills (took %s)", kills, time.Since(restartedAt).Round(time.Millisecond))
 		}
 	}
 	stop.Store(true)
@@ -129,6 +133,14 @@ func TestChaos(t *testing.T) {
 	require.GreaterOrEqual(t, kills, 20)
 	for k := range answers {
 		require.NotContains(t, k, " 500 ", "no internal error: %s", k)
+	}
+	// 503 only while Postgres restarts (and the pool reconnects).
+	for _, at := range unavailable {
+		require.WithinRange(t, at, restartedAt, restartedAt.Add(30*time.Second), "503 SERVICE_UNAVAILABLE outside the restart")
+	}
+	if len(unavailable) > 0 {
+		t.Logf("503 answered from %s to %s after the restart began", unavailable[0].Sub(restartedAt).Round(time.Millisecond),
+			unavailable[len(unavailable)-1].Sub(restartedAt).Round(time.Millisecond))
 	}
 
 	ctx := ctxT(t, 5*time.Minute)
