@@ -48,6 +48,10 @@ const (
 	// LabelImage is the image reference the container was created from
 	// (docker reports an image id once the tag moves).
 	LabelImage = "orchestrator.image"
+	// LabelUser is the uid:gid the engine container runs as: Ensure checks
+	// the brain volume's ownership when a container replaces one that ran
+	// as another user (or carries no such label: made by an older build).
+	LabelUser = "orchestrator.user"
 )
 
 // Roles of managed containers (LabelRole).
@@ -64,6 +68,22 @@ const (
 	stopTimeout = 30 // seconds docker waits on `docker stop` without -t
 )
 
+// Resource limits cmd/orchestrator applies to every engine unless the
+// operator says otherwise (ORCH_ENGINE_MEMORY_MB, ORCH_ENGINE_CPUS,
+// ORCH_ENGINE_PIDS). Measured on the reference engine: a few MB idle, 25 MB
+// holding 5,000 memories, 53 MB while it also streams 16 answers and two
+// whole-brain exports at once, 10 threads. 512 MB is ten times that, room
+// for real engines (a model client, a bigger SQLite cache), while one
+// runaway engine is capped at a small slice of a host. One CPU keeps a busy
+// engine from starving its neighbours (Go sizes GOMAXPROCS to it); 256
+// processes/threads is 25× what the engine uses and stops a fork or thread
+// bomb long before the host's limit. docs/production.md has sizing.
+const (
+	DefaultMemoryMB = 512
+	DefaultCPUs     = 1.0
+	DefaultPids     = 256
+)
+
 // Defaults applied by New.
 const (
 	DefaultNetwork      = "engine_net"
@@ -71,6 +91,9 @@ const (
 	DefaultReplaceGrace = 10 * time.Second
 	DefaultPullTimeout  = 5 * time.Minute
 	DefaultTmpfsSize    = "64m"
+	// DefaultUser is the uid:gid engines run as: the reference image's own
+	// user (65532, "nonroot"), never root.
+	DefaultUser = "65532:65532"
 	// helperMaxAge is how old a helper container must be before List
 	// removes it as leaked (a crash between create and remove).
 	helperMaxAge = 15 * time.Minute
@@ -95,11 +118,18 @@ type Config struct {
 	// /catalog (ORCH_CATALOG_MOUNT_PATH); "" mounts nothing.
 	CatalogMountPath string
 	// MemoryMB, CPUs and PidsLimit limit each engine when > 0
-	// (ORCH_ENGINE_MEMORY_MB, ORCH_ENGINE_CPUS, ORCH_ENGINE_PIDS). Swap is
-	// disabled when a memory limit is set.
+	// (ORCH_ENGINE_MEMORY_MB, ORCH_ENGINE_CPUS, ORCH_ENGINE_PIDS); 0 means
+	// no limit here, the production defaults are DefaultMemoryMB,
+	// DefaultCPUs and DefaultPids. Swap is disabled when a memory limit is
+	// set.
 	MemoryMB  int64
 	CPUs      float64
 	PidsLimit int64
+	// User is the numeric "uid:gid" (or "uid", gid = uid) engines run as
+	// (ORCH_ENGINE_USER), whatever the image says; default DefaultUser.
+	// Root (uid 0) is refused. Brain volumes are made this user's: see
+	// Ensure.
+	User string
 	// Node is this engine host's name, put on every object and used to
 	// select what List and Events report; default "local".
 	Node string
@@ -137,7 +167,40 @@ func (c Config) withDefaults() Config {
 	if c.PullTimeout <= 0 {
 		c.PullTimeout = DefaultPullTimeout
 	}
+	if c.User == "" {
+		c.User = DefaultUser
+	}
+	if uid, gid, err := ParseUser(c.User); err == nil {
+		c.User = strconv.Itoa(uid) + ":" + strconv.Itoa(gid) // one spelling: it enters the spec hash and a label
+	}
 	return c
+}
+
+// ParseUser parses a numeric "uid:gid" or "uid" (gid = uid) engine user.
+// Names are refused (a FROM scratch image has no /etc/passwd to resolve
+// them, and the brain volume's owner must be known), and so is root.
+func ParseUser(s string) (uid, gid int, err error) {
+	us, gs, hasGID := strings.Cut(strings.TrimSpace(s), ":")
+	uid, err = strconv.Atoi(us)
+	if err != nil || uid < 0 {
+		return 0, 0, fmt.Errorf("engine user %q is not a numeric uid[:gid]", s)
+	}
+	gid = uid
+	if hasGID {
+		if gid, err = strconv.Atoi(gs); err != nil || gid < 0 {
+			return 0, 0, fmt.Errorf("engine user %q is not a numeric uid[:gid]", s)
+		}
+	}
+	if uid == 0 {
+		return 0, 0, fmt.Errorf("engine user %q is root: engines never run as root", s)
+	}
+	return uid, gid, nil
+}
+
+// owner is the uid and gid of Config.User (validated by New).
+func (c Config) owner() (uid, gid int) {
+	uid, gid, _ = ParseUser(c.User)
+	return uid, gid
 }
 
 func (c Config) validate() error {
@@ -156,6 +219,9 @@ func (c Config) validate() error {
 	}
 	if strings.ContainsAny(c.Node, ",=") {
 		problems = append(problems, "node name contains ',' or '='")
+	}
+	if _, _, err := ParseUser(c.User); err != nil {
+		problems = append(problems, err.Error())
 	}
 	if len(problems) > 0 {
 		return fmt.Errorf("invalid docker backend config: %s", strings.Join(problems, "; "))

@@ -67,6 +67,14 @@ func TestLifecycle(t *testing.T) {
 	assert.Equal(t, []string{"ALL"}, c.HostConfig.CapDrop)
 	assert.Contains(t, c.HostConfig.SecurityOpt, "no-new-privileges:true")
 	assert.Equal(t, container.RestartPolicyUnlessStopped, c.HostConfig.RestartPolicy.Name)
+	// Limits, and a user that is not left to the image.
+	assert.Equal(t, docker.DefaultUser, c.Config.User)
+	assert.Equal(t, docker.DefaultUser, c.Config.Labels[docker.LabelUser])
+	assert.EqualValues(t, docker.DefaultMemoryMB<<20, c.HostConfig.Memory)
+	assert.Equal(t, c.HostConfig.Memory, c.HostConfig.MemorySwap, "no swap")
+	assert.EqualValues(t, docker.DefaultCPUs*1e9, c.HostConfig.NanoCPUs)
+	require.NotNil(t, c.HostConfig.PidsLimit)
+	assert.EqualValues(t, docker.DefaultPids, *c.HostConfig.PidsLimit)
 	assert.Contains(t, c.HostConfig.Tmpfs, "/tmp")
 	bindings := c.HostConfig.PortBindings[network.MustParsePort("8000/tcp")]
 	require.Len(t, bindings, 1)
@@ -637,4 +645,65 @@ func TestPrepareCreatesNetwork(t *testing.T) {
 		}
 	}
 	assert.Equal(t, 1, found)
+}
+
+// An engine runs as the configured user, never the image's, and a brain
+// whose files belong to someone else (an older build left the user to the
+// image, and an image running as root wrote it) is made that user's when a
+// container is created on it: the engine keeps its memories and can write.
+func TestEngineUserOwnsItsVolume(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	image := engineImage(t)
+
+	t.Run("legacy root-owned brain", func(t *testing.T) {
+		t.Parallel()
+		b := newBackend(t)
+		e := newEngine(t, b, image)
+		id := e.spec.EngineID
+		require.NoError(t, b.Ensure(ctx, e.spec))
+		require.NoError(t, b.Start(ctx, id))
+		e.waitHealthy(t)
+		e.addMemory(t, "written before the upgrade")
+		before := e.export(t)
+		require.NoError(t, b.Stop(ctx, id, 10*time.Second))
+		// As an older version would leave it: files root's, no container
+		// of this version.
+		chownVolume(t, id, image, 0, 0)
+		require.NoError(t, b.RemoveContainer(ctx, id))
+
+		require.NoError(t, b.Ensure(ctx, e.spec))
+		for name, owner := range volumeOwners(t, id) {
+			assert.Equal(t, docker.DefaultUser, owner, "owner of %s", name)
+		}
+		require.NoError(t, b.Start(ctx, id))
+		e.waitHealthy(t)
+		assert.Equal(t, string(before), string(e.export(t)), "the brain is kept")
+		e.addMemory(t, "and writable by the engine's user")
+	})
+
+	t.Run("configured user, fresh volume", func(t *testing.T) {
+		t.Parallel()
+		// The image's /data belongs to 65532: a fresh volume copied from it
+		// is made the configured user's.
+		b := newBackend(t, func(c *docker.Config) { c.User = "4242" })
+		e := newEngine(t, b, image)
+		require.NoError(t, b.Ensure(ctx, e.spec))
+		raw, err := rawClient(t).ContainerInspect(ctx, orchestrator.ContainerName(e.spec.EngineID), client.ContainerInspectOptions{})
+		require.NoError(t, err)
+		assert.Equal(t, "4242:4242", raw.Container.Config.User)
+		require.NoError(t, b.Start(ctx, e.spec.EngineID))
+		e.waitHealthy(t)
+		e.addMemory(t, "written as 4242")
+		owners := volumeOwners(t, e.spec.EngineID)
+		assert.Contains(t, owners, "data/brain.sqlite")
+		for name, owner := range owners {
+			assert.Equal(t, "4242:4242", owner, "owner of %s", name)
+		}
+	})
+
+	_, err := docker.New(docker.Config{User: "0:0"}, nil)
+	assert.ErrorContains(t, err, "root")
+	_, err = docker.New(docker.Config{User: "nonroot"}, nil)
+	assert.ErrorContains(t, err, "numeric")
 }

@@ -24,7 +24,7 @@ import (
 
 // specHashVersion changes whenever the way Ensure builds a container
 // changes, so containers made by an older build are replaced.
-const specHashVersion = 1
+const specHashVersion = 2 // 2: engines run as Config.User
 
 // ensureAttempts bounds the adopt-or-replace loop when other callers keep
 // winning the name.
@@ -32,8 +32,12 @@ const ensureAttempts = 8
 
 // Ensure creates the network, the volume and the container for spec (SPEC
 // §8), without starting it. A container with the engine's name is adopted
-// when it was made from the same spec (same image, env, port, limits,
-// mounts and network) and replaced otherwise; the volume is kept. An image
+// when it was made from the same spec (same image, env, port, limits, user,
+// mounts and network) and replaced otherwise; the volume is kept. When it
+// creates a container (unless it replaces one that ran as the same user)
+// it checks that every file of the volume belongs to Config.User and, if
+// one does not, rewrites the owners (a brain an older build's engine wrote
+// as root keeps working). An image
 // missing locally is pulled; there is no registry in most setups, so a
 // missing image usually fails with "image X not found locally and pull
 // failed".
@@ -76,6 +80,24 @@ func (b *Backend) Ensure(ctx context.Context, spec orchestrator.EngineSpec) erro
 		res, err := b.cli.ContainerCreate(ctx, b.containerOptions(spec, hash, netID))
 		if err == nil {
 			log.Info("created container", "container_id", shortID(res.ID), "image", spec.Image)
+			// The volume may hold files of another user: a fresh one
+			// copied from an image whose /data is not the engine user's,
+			// or a brain written by an engine that ran as someone else
+			// (an older build left the user to the image). A container
+			// replacing one that ran as this user needs no look.
+			if found && cur.Config != nil && cur.Config.Labels[LabelUser] == b.cfg.User {
+				return nil
+			}
+			if err := b.ensureOwner(ctx, spec.EngineID, spec.Image, res.ID); err != nil {
+				// Remove what was created, so the retry looks again
+				// (it would adopt this container without a look).
+				cctx, cancel := cleanupCtx(ctx)
+				defer cancel()
+				if rerr := b.removeContainerRef(cctx, res.ID); rerr != nil {
+					log.Warn("remove container after ownership failure", "container_id", shortID(res.ID), "error", rerr)
+				}
+				return fmt.Errorf("ensure engine: %w", err)
+			}
 			return nil
 		}
 		switch {
@@ -152,10 +174,11 @@ func (b *Backend) specHash(spec orchestrator.EngineSpec) string {
 		CPUs      float64
 		Pids      int64
 		Tmpfs     string
+		User      string
 	}{
 		specHashVersion, spec.Image, envList(spec.Env), spec.HostPort, spec.ProductID,
 		b.cfg.Node, b.cfg.Network, b.cfg.CatalogMountPath,
-		b.cfg.MemoryMB, b.cfg.CPUs, b.cfg.PidsLimit, b.cfg.TmpfsSize,
+		b.cfg.MemoryMB, b.cfg.CPUs, b.cfg.PidsLimit, b.cfg.TmpfsSize, b.cfg.User,
 	}
 	j, _ := json.Marshal(in) // plain types: cannot fail
 	sum := sha256.Sum256(j)
@@ -179,6 +202,7 @@ func (b *Backend) containerOptions(spec orchestrator.EngineSpec, hash, netID str
 	labels[LabelSpecHash] = hash
 	labels[LabelHostPort] = strconv.Itoa(spec.HostPort)
 	labels[LabelImage] = spec.Image
+	labels[LabelUser] = b.cfg.User
 	timeout := stopTimeout
 
 	mounts := []mount.Mount{{
@@ -224,6 +248,7 @@ func (b *Backend) containerOptions(spec orchestrator.EngineSpec, hash, netID str
 		Name: orchestrator.ContainerName(spec.EngineID),
 		Config: &container.Config{
 			Image:        spec.Image,
+			User:         b.cfg.User, // never left to the image: it might say root
 			Env:          envList(spec.Env),
 			Labels:       labels,
 			ExposedPorts: network.PortSet{port: {}},

@@ -189,7 +189,7 @@ func newBackend(ctx context.Context, cfg Config, log *slog.Logger) (orch.Backend
 			CatalogMountPath: cfg.CatalogMountPath, Node: cfg.Node}, log)
 	default:
 		b, err := docker.New(docker.Config{Host: cfg.DockerHost, Network: cfg.Network, CatalogMountPath: cfg.CatalogMountPath,
-			MemoryMB: cfg.MemoryMB, CPUs: cfg.CPUs, PidsLimit: cfg.Pids, Node: cfg.Node, HelperImage: cfg.EngineImage}, log)
+			MemoryMB: cfg.MemoryMB, CPUs: cfg.CPUs, PidsLimit: cfg.Pids, User: cfg.EngineUser, Node: cfg.Node, HelperImage: cfg.EngineImage}, log)
 		if err != nil {
 			return nil, fmt.Errorf("docker backend (is the Docker socket reachable? DOCKER_HOST=%q): %w", cfg.DockerHost, err)
 		}
