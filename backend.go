@@ -49,6 +49,10 @@ type RuntimeInfo struct {
 	ExitCode  int
 	OOMKilled bool
 	CreatedAt time.Time
+	// Unisolated is true for a container on a network where containers
+	// can reach each other (made by an older version): reconcile recreates
+	// a running one, which puts it on the engines' isolated network.
+	Unisolated bool
 }
 
 // VolumeInfo describes one managed brain volume (or data directory).

@@ -19,6 +19,9 @@ import (
 //     is the worst thing to lose and an operator must decide;
 //   - an engine that should run (running, sleeping in mark mode) whose
 //     container is gone is recreated on its volume and started;
+//   - a running engine on a network where engines can reach each other
+//     (an older version's) is recreated on the isolated one, a few per
+//     pass (isolation.go);
 //   - a row stuck in a transitional state past its deadline, with no live
 //     job on it, is finished: provisioning → failed, destroying → destroyed.
 type reconcileWorker struct {
@@ -97,7 +100,17 @@ func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
 		}
 	}
 
+	isolateLeft := isolateBatch
 	for _, e := range rows {
+		if rt, ok := present[e.ID]; ok && rt.Unisolated && isolateLeft > 0 && !e.Status.Transitional() {
+			isolateLeft--
+			if moved, err := w.isolate(ctx, e, rt, leaseID); moved { // isolation.go
+				audit(e, "moved_to_isolated_network", nil)
+			} else if err != nil {
+				audit(e, "move_to_isolated_network_failed", map[string]any{"error": errMessage(err)})
+			}
+			continue
+		}
 		if e.Status.Transitional() {
 			if e.StateDeadline == nil || time.Now().Before(*e.StateDeadline) {
 				continue

@@ -112,7 +112,8 @@ type Config struct {
 	// DOCKER_CERT_PATH from the environment like the docker CLI.
 	Host string
 	// Network is the bridge network engines join (ORCH_ENGINE_NETWORK);
-	// default engine_net. Created, labelled, when missing.
+	// default engine_net. Created, labelled, with inter-container traffic
+	// off when missing; see network.go for one that allows it.
 	Network string
 	// CatalogMountPath is a host directory bind-mounted read-only at
 	// /catalog (ORCH_CATALOG_MOUNT_PATH); "" mounts nothing.
@@ -241,6 +242,8 @@ type Backend struct {
 	// netID is the settled network (guarded by netMu).
 	netMu sync.Mutex
 	netID string
+	// warnOpen spaces the warnings about an open engines' network.
+	warnOpen rateGate
 }
 
 var _ orchestrator.Backend = (*Backend)(nil)
@@ -268,9 +271,10 @@ func New(cfg Config, log *slog.Logger) (*Backend, error) {
 		return nil, fmt.Errorf("docker client: %w", err)
 	}
 	return &Backend{
-		cfg: cfg,
-		cli: cli,
-		log: log.With("backend", "docker", "node", cfg.Node),
+		cfg:      cfg,
+		cli:      cli,
+		log:      log.With("backend", "docker", "node", cfg.Node),
+		warnOpen: rateGate{period: legacyWarnEvery},
 	}, nil
 }
 
@@ -313,6 +317,9 @@ func (b *Backend) baseLabels(engineID, productID string) map[string]string {
 	}
 	return l
 }
+
+// networkLabels are the labels of the engines' network.
+func (b *Backend) networkLabels() map[string]string { return b.nodeLabels() }
 
 // nodeLabels are the labels on every object of this node: Config.Labels,
 // managed and node.

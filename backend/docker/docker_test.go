@@ -234,8 +234,9 @@ func TestDuplicateNetworks(t *testing.T) {
 	cli := rawClient(t)
 	for range 2 {
 		_, err := cli.NetworkCreate(ctx, netName, client.NetworkCreateOptions{
-			Driver: "bridge",
-			Labels: map[string]string{testLabel: "true"},
+			Driver:  "bridge",
+			Options: map[string]string{docker.OptionICC: "false"},
+			Labels:  map[string]string{testLabel: "true"},
 		})
 		require.NoError(t, err)
 	}
@@ -244,6 +245,7 @@ func TestDuplicateNetworks(t *testing.T) {
 	require.NoError(t, b.Ensure(ctx, e.spec))
 	require.NoError(t, b.Start(ctx, e.spec.EngineID))
 	e.waitHealthy(t)
+	assert.Equal(t, netName, engineNetwork(t, e.spec.EngineID).Name, "one of the duplicates, not a new network")
 }
 
 func TestEnsureMissingImage(t *testing.T) {
@@ -642,6 +644,7 @@ func TestPrepareCreatesNetwork(t *testing.T) {
 		if n.Name == netName {
 			found++
 			assert.Equal(t, b.Config().Node, n.Labels[orchestrator.LabelNode])
+			assert.Equal(t, "false", n.Options[docker.OptionICC], "engines cannot reach each other")
 		}
 	}
 	assert.Equal(t, 1, found)

@@ -43,6 +43,7 @@ const (
 func TestMain(m *testing.M) {
 	code := m.Run()
 	testenv.RemoveNetworkIfEmpty(testNetwork)
+	testenv.RemoveNetworkIfEmpty(testNetwork + docker.IsolatedSuffix)
 	os.Exit(code)
 }
 

@@ -185,12 +185,17 @@ func hostPort(pm network.PortMap) int {
 
 // List returns this node's managed engine containers (any state) and brain
 // volumes. Helper containers are not listed; leaked ones older than 15
-// minutes are removed on the way. From a list, ExitCode comes from docker's
+// minutes are removed on the way. A container attached to a network that
+// lets containers reach each other is Unisolated. From a list, ExitCode comes from docker's
 // status text and OOMKilled is not known (Inspect has both).
 func (b *Backend) List(ctx context.Context) ([]orchestrator.RuntimeInfo, []orchestrator.VolumeInfo, error) {
 	cres, err := b.cli.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: b.managedFilters()})
 	if err != nil {
 		return nil, nil, fmt.Errorf("list containers: %w", err)
+	}
+	isolatedNet, err := b.isolation(ctx)
+	if err != nil {
+		return nil, nil, err
 	}
 	var runtimes []orchestrator.RuntimeInfo
 	for _, c := range cres.Items {
@@ -202,7 +207,9 @@ func (b *Backend) List(ctx context.Context) ([]orchestrator.RuntimeInfo, []orche
 		if id == "" {
 			continue
 		}
-		runtimes = append(runtimes, runtimeFromSummary(id, c))
+		rt := runtimeFromSummary(id, c)
+		rt.Unisolated = isolatedNet.unisolated(c)
+		runtimes = append(runtimes, rt)
 	}
 
 	vres, err := b.cli.VolumeList(ctx, client.VolumeListOptions{Filters: b.managedFilters()})
