@@ -37,7 +37,8 @@ import (
 //  4. if 3 fails, the safety copy is put back the same way and the engine
 //     is brought back as it was: the previous brain stays in place. The
 //     safety copy is deleted once the operation has an outcome, and kept
-//     (named in the audit row) only if even putting it back failed.
+//     only if even putting it back failed (the audit row says it was kept;
+//     the error log line names it).
 //
 // A retry after a worker died mid-way reuses a complete safety copy rather
 // than copying the half-restored volume. Audited as restore (with
@@ -123,7 +124,8 @@ func (w *Workers) restore(ctx context.Context, e orch.Engine, op orch.Operation,
 // engine back as it was (running or just created), even if the job's time
 // is up. out is the failed restore's outcome; it gains rolled_back. If even
 // that fails the safety copy is kept (it is the user's previous brain),
-// named in the audit row, and the engine is marked failed.
+// named in an error log line (the audit row says safety_copy_kept), and
+// the engine is marked failed.
 func (w *Workers) rollBack(ctx context.Context, e orch.Engine, safety string, wantRunning bool, out outcome, last bool) outcome {
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.StopGrace+w.cfg.BootTimeout+time.Minute)
 	defer cancel()
@@ -137,8 +139,11 @@ func (w *Workers) rollBack(ctx context.Context, e orch.Engine, safety string, wa
 	}
 	out.meta["rolled_back"] = rbErr == nil
 	if rbErr != nil {
-		out.meta["safety_copy"] = safety
-		out.meta["rollback_error"] = rbErr.Error()
+		// Products get stable words; the safety copy's path and the
+		// error's detail are for the operator, in this log line.
+		out.meta["safety_copy_kept"] = true
+		out.meta["rollback_error_code"] = string(orch.ErrorCode(rbErr))
+		out.meta["rollback_error"] = publicError(rbErr)
 		w.log.Error("restore rollback failed: previous brain kept in the safety copy", "engine_id", e.ID,
 			"safety_copy", safety, "error", rbErr)
 		out.change = &schema.EngineChange{Status: orch.StateFailed, LastError: ptr("restore failed and its rollback failed")}
