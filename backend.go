@@ -14,6 +14,10 @@ const (
 	LabelEngineID  = "orchestrator.engine_id"  // engine uuid
 	LabelProductID = "orchestrator.product_id" // product uuid
 	LabelNode      = "orchestrator.node"       // node name
+	// LabelFleet is the id of the fleet (one per database) that made the
+	// object: deployments sharing a host only ever consider their own.
+	// Objects of older versions have none.
+	LabelFleet = "orchestrator.fleet"
 )
 
 // EngineSpec is everything a backend needs to run one engine (SPEC §8).
@@ -53,6 +57,11 @@ type RuntimeInfo struct {
 	// can reach each other (made by an older version): reconcile recreates
 	// a running one, which puts it on the engines' isolated network.
 	Unisolated bool
+	// NoFleet is true for a container without a fleet label (made by an
+	// older version), which may be another deployment's: reconcile adopts
+	// it when this fleet's database has its engine row and never removes
+	// it otherwise.
+	NoFleet bool
 }
 
 // VolumeInfo describes one managed brain volume (or data directory).
@@ -60,6 +69,7 @@ type VolumeInfo struct {
 	EngineID  string
 	Name      string
 	CreatedAt time.Time
+	NoFleet   bool // no fleet label: see RuntimeInfo.NoFleet
 }
 
 // ErrImageUnavailable is wrapped by Ensure when the engine image is neither
@@ -97,7 +107,8 @@ type Backend interface {
 	RemoveVolume(ctx context.Context, engineID string) error
 	// Inspect reports the engine's runtime; RuntimeMissing when there is none.
 	Inspect(ctx context.Context, engineID string) (RuntimeInfo, error)
-	// List returns every managed runtime and volume on this node.
+	// List returns every managed runtime and volume on this node that
+	// belongs to this fleet or to none (NoFleet), never another fleet's.
 	List(ctx context.Context) ([]RuntimeInfo, []VolumeInfo, error)
 	// Pause and Unpause freeze the engine's processes (consistent backups).
 	Pause(ctx context.Context, engineID string) error

@@ -13,10 +13,14 @@ import (
 )
 
 // reconcileWorker repairs drift between the rows and the backend:
-//   - a labelled container with no row, older than the grace period, is
-//     removed (a provision killed before its row committed, a row deleted
-//     by hand). Orphan volumes are only reported, never deleted: a brain
-//     is the worst thing to lose and an operator must decide;
+//   - a labelled container of this fleet with no row, older than the grace
+//     period, is removed (a provision killed before its row committed, a
+//     row deleted by hand). The backend lists only this fleet's objects
+//     and those of no fleet (an older version's): one of the latter is
+//     adopted when this database has its row and otherwise only reported,
+//     as it may be another deployment's on a shared host. Orphan volumes
+//     are only reported, never deleted: a brain is the worst thing to lose
+//     and an operator must decide;
 //   - an engine that should run (running, sleeping in mark mode) whose
 //     container is gone is recreated on its volume and started;
 //   - a running engine on a network where engines can reach each other
@@ -82,6 +86,13 @@ func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
 			continue
 		}
 		if time.Since(rt.CreatedAt) < w.cfg.OrphanGrace {
+			continue
+		}
+		if rt.NoFleet {
+			// Made by an older version, before fleets were labelled: it
+			// may be another deployment's on this host. Never removed.
+			w.log.Warn("container kept: no fleet label and no engine row here; it may be another deployment's, remove it by hand once you are sure",
+				"engine_id", rt.EngineID, "container", rt.Name)
 			continue
 		}
 		// Re-check: a provision may have committed its row since we listed.

@@ -134,6 +134,13 @@ type Config struct {
 	// Node is this engine host's name, put on every object and used to
 	// select what List and Events report; default "local".
 	Node string
+	// Fleet is this deployment's fleet id (its database's, see
+	// schema.FleetID), put on every container and volume as
+	// orchestrator.fleet. List, Events and Ensure ignore other fleets'
+	// objects; objects with no fleet label (an older version's) are
+	// listed as NoFleet. "" labels nothing and considers unlabelled
+	// objects only.
+	Fleet string
 	// TmpfsSize is the size of the tmpfs at /tmp (docker syntax, "64m");
 	// default 64m. It counts against the memory limit.
 	TmpfsSize string
@@ -308,9 +315,13 @@ func (b *Backend) Name() string { return "docker" }
 // Config returns the effective configuration (defaults applied).
 func (b *Backend) Config() Config { return b.cfg }
 
-// baseLabels are the labels on every object made for engineID.
+// baseLabels are the labels on every container and volume made for
+// engineID.
 func (b *Backend) baseLabels(engineID, productID string) map[string]string {
 	l := b.nodeLabels()
+	if b.cfg.Fleet != "" {
+		l[orchestrator.LabelFleet] = b.cfg.Fleet
+	}
 	l[orchestrator.LabelEngineID] = engineID
 	if productID != "" {
 		l[orchestrator.LabelProductID] = productID
@@ -318,8 +329,23 @@ func (b *Backend) baseLabels(engineID, productID string) map[string]string {
 	return l
 }
 
-// networkLabels are the labels of the engines' network.
+// networkLabels are the labels of the engines' network, which every fleet
+// of the node shares (so: no fleet label).
 func (b *Backend) networkLabels() map[string]string { return b.nodeLabels() }
+
+// ours reports whether an object with these labels is this fleet's to
+// consider (its own, or made before fleets were labelled), and whether it
+// is one of the latter.
+func (b *Backend) ours(labels map[string]string) (ours, noFleet bool) {
+	f := labels[orchestrator.LabelFleet]
+	switch {
+	case f == b.cfg.Fleet:
+		return true, false
+	case f == "":
+		return true, true
+	}
+	return false, false
+}
 
 // nodeLabels are the labels on every object of this node: Config.Labels,
 // managed and node.

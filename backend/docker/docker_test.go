@@ -710,3 +710,53 @@ func TestEngineUserOwnsItsVolume(t *testing.T) {
 	_, err = docker.New(docker.Config{User: "nonroot"}, nil)
 	assert.ErrorContains(t, err, "numeric")
 }
+
+// Two fleets on one node: each lists its own engines (and those of no
+// fleet, an older version's), never the other's, and Ensure refuses to
+// touch the other's container even under the same engine id.
+func TestFleetsOnOneNode(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	image := engineImage(t)
+	a := newBackend(t, func(c *docker.Config) { c.Fleet = "fleet-a-" + randHex(4) })
+	b := newBackend(t, func(c *docker.Config) { c.Node = a.Config().Node; c.Fleet = "fleet-b-" + randHex(4) })
+	older := newBackend(t, func(c *docker.Config) { c.Node = a.Config().Node }) // labels no fleet
+	ea, eb, eo := newEngine(t, a, image), newEngine(t, b, image), newEngine(t, older, image)
+	require.NoError(t, a.Ensure(ctx, ea.spec))
+	require.NoError(t, b.Ensure(ctx, eb.spec))
+	require.NoError(t, older.Ensure(ctx, eo.spec))
+
+	listed := func(be *docker.Backend) (map[string]bool, map[string]bool) {
+		rts, vols, err := be.List(ctx)
+		require.NoError(t, err)
+		cs, vs := map[string]bool{}, map[string]bool{}
+		for _, r := range rts {
+			cs[r.EngineID] = r.NoFleet
+		}
+		for _, v := range vols {
+			vs[v.EngineID] = v.NoFleet
+		}
+		return cs, vs
+	}
+	cs, vs := listed(a)
+	want := map[string]bool{ea.spec.EngineID: false, eo.spec.EngineID: true}
+	assert.Equal(t, want, cs)
+	assert.Equal(t, want, vs)
+	cs, _ = listed(b)
+	assert.Equal(t, map[string]bool{eb.spec.EngineID: false, eo.spec.EngineID: true}, cs)
+
+	cli := rawClient(t)
+	raw, err := cli.ContainerInspect(ctx, orchestrator.ContainerName(ea.spec.EngineID), client.ContainerInspectOptions{})
+	require.NoError(t, err)
+	assert.Equal(t, a.Config().Fleet, raw.Container.Config.Labels[orchestrator.LabelFleet])
+	before := containerID(t, cli, ea.spec.EngineID)
+	err = b.Ensure(ctx, ea.spec)
+	require.ErrorContains(t, err, "another fleet")
+	assert.Equal(t, before, containerID(t, cli, ea.spec.EngineID), "left alone")
+
+	// An older version's container of a's engine is a's to replace.
+	require.NoError(t, a.Ensure(ctx, eo.spec))
+	raw, err = cli.ContainerInspect(ctx, orchestrator.ContainerName(eo.spec.EngineID), client.ContainerInspectOptions{})
+	require.NoError(t, err)
+	assert.Equal(t, a.Config().Fleet, raw.Container.Config.Labels[orchestrator.LabelFleet])
+}

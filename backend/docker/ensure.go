@@ -64,6 +64,11 @@ func (b *Backend) Ensure(ctx context.Context, spec orchestrator.EngineSpec) erro
 		if err != nil {
 			return fmt.Errorf("inspect container: %w", err)
 		}
+		if found && cur.Config != nil {
+			if mine, _ := b.ours(cur.Config.Labels); !mine {
+				return fmt.Errorf("ensure engine: container %s belongs to another fleet (%s): left alone", name, cur.Config.Labels[orchestrator.LabelFleet])
+			}
+		}
 		if found {
 			reason := b.mismatch(cur, spec.EngineID, hash, netID)
 			if reason == "" {
@@ -147,6 +152,8 @@ func (b *Backend) mismatch(c container.InspectResponse, engineID, hash, netID st
 	switch {
 	case labels[orchestrator.LabelManaged] != "true" || labels[orchestrator.LabelEngineID] != engineID:
 		return "not labelled as this engine's"
+	case labels[orchestrator.LabelFleet] != b.cfg.Fleet:
+		return "made before fleets were labelled" // another fleet's: refused by Ensure
 	case labels[LabelSpecHash] != hash:
 		return "spec changed"
 	case c.HostConfig == nil || string(c.HostConfig.NetworkMode) != netID:
@@ -192,10 +199,11 @@ func (b *Backend) specHash(spec orchestrator.EngineSpec) string {
 		Pids      int64
 		Tmpfs     string
 		User      string
+		Fleet     string
 	}{
 		specHashVersion, spec.Image, envList(spec.Env), spec.HostPort, spec.ProductID,
 		b.cfg.Node, b.cfg.Network, b.cfg.CatalogMountPath,
-		b.cfg.MemoryMB, b.cfg.CPUs, b.cfg.PidsLimit, b.cfg.TmpfsSize, b.cfg.User,
+		b.cfg.MemoryMB, b.cfg.CPUs, b.cfg.PidsLimit, b.cfg.TmpfsSize, b.cfg.User, b.cfg.Fleet,
 	}
 	j, _ := json.Marshal(in) // plain types: cannot fail
 	sum := sha256.Sum256(j)

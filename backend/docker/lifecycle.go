@@ -113,7 +113,7 @@ func (b *Backend) RemoveVolume(ctx context.Context, engineID string) error {
 		return fmt.Errorf("remove volume: list users: %w", lerr)
 	}
 	for _, c := range res.Items {
-		if c.Labels[orchestrator.LabelManaged] != "true" || c.Labels[orchestrator.LabelEngineID] != engineID {
+		if mine, _ := b.ours(c.Labels); !mine || c.Labels[orchestrator.LabelManaged] != "true" || c.Labels[orchestrator.LabelEngineID] != engineID {
 			return fmt.Errorf("remove volume: in use by container %s, not managed for this engine", strings.TrimPrefix(firstName(c.Names), "/"))
 		}
 		if err := b.removeContainerRef(ctx, c.ID); err != nil {
@@ -184,7 +184,8 @@ func hostPort(pm network.PortMap) int {
 }
 
 // List returns this node's managed engine containers (any state) and brain
-// volumes. Helper containers are not listed; leaked ones older than 15
+// volumes of this fleet, and those with no fleet label (NoFleet); another
+// fleet's are left out. Helper containers are not listed; leaked ones older than 15
 // minutes are removed on the way. A container attached to a network that
 // lets containers reach each other is Unisolated. From a list, ExitCode comes from docker's
 // status text and OOMKilled is not known (Inspect has both).
@@ -199,6 +200,10 @@ func (b *Backend) List(ctx context.Context) ([]orchestrator.RuntimeInfo, []orche
 	}
 	var runtimes []orchestrator.RuntimeInfo
 	for _, c := range cres.Items {
+		mine, noFleet := b.ours(c.Labels)
+		if !mine {
+			continue // another fleet's, on a host it shares with us
+		}
 		if c.Labels[LabelRole] == RoleHelper {
 			b.reapHelper(ctx, c)
 			continue
@@ -209,6 +214,7 @@ func (b *Backend) List(ctx context.Context) ([]orchestrator.RuntimeInfo, []orche
 		}
 		rt := runtimeFromSummary(id, c)
 		rt.Unisolated = isolatedNet.unisolated(c)
+		rt.NoFleet = noFleet
 		runtimes = append(runtimes, rt)
 	}
 
@@ -219,10 +225,11 @@ func (b *Backend) List(ctx context.Context) ([]orchestrator.RuntimeInfo, []orche
 	var volumes []orchestrator.VolumeInfo
 	for _, v := range vres.Items {
 		id := v.Labels[orchestrator.LabelEngineID]
-		if id == "" {
+		mine, noFleet := b.ours(v.Labels)
+		if id == "" || !mine {
 			continue
 		}
-		vi := orchestrator.VolumeInfo{EngineID: id, Name: v.Name}
+		vi := orchestrator.VolumeInfo{EngineID: id, Name: v.Name, NoFleet: noFleet}
 		if t, err := time.Parse(time.RFC3339, v.CreatedAt); err == nil {
 			vi.CreatedAt = t
 		}
