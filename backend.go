@@ -77,6 +77,11 @@ type VolumeInfo struct {
 // image (or fix the engine_version).
 var ErrImageUnavailable = errors.New("engine image unavailable")
 
+// ErrPortUnavailable is wrapped by Start when the host refuses the engine's
+// host port (another program listens there, or a container this deployment
+// does not know publishes it): the workers move the engine to a free port.
+var ErrPortUnavailable = errors.New("host port unavailable")
+
 // RuntimeEvent is a runtime change observed by the backend (crash, OOM).
 type RuntimeEvent struct {
 	EngineID string
@@ -97,6 +102,7 @@ type Backend interface {
 	// not start it. The volume is never removed by Ensure.
 	Ensure(ctx context.Context, spec EngineSpec) error
 	// Start starts the engine's container; starting a running one is a no-op.
+	// A host port the host refuses is ErrPortUnavailable in the chain.
 	Start(ctx context.Context, engineID string) error
 	// Stop sends SIGTERM and waits up to grace, then SIGKILL. Stopping a
 	// stopped or missing one is a no-op.

@@ -147,6 +147,7 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	w := workers.New(workers.Config{Metrics: o.metrics, BackupDir: f.Backups, AuditExportDir: f.Exports, AuditRetention: 30 * 24 * time.Hour,
 		AuditExportSettle: 50 * time.Millisecond, Node: f.Node, DefaultImage: f.Image, BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout,
 		EnvPassthrough: o.engineEnv, KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, OrphanGrace: o.orphanGrace,
+		PortMin: f.PortMin, PortMax: f.PortMax,
 		HealthInterval: o.healthInterval, HealthMaxFailures: o.maxFailures, RestartBackoffBase: o.backoffBase,
 		RestartBackoffMax: o.backoffMax, RestartMaxAttempts: o.maxAttempts, IdleAfter: o.idleAfter, SleepMode: o.sleepMode},
 		f.Pool, f.Backend, f.Keyring, log)

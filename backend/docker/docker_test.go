@@ -5,8 +5,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"maps"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -759,4 +761,29 @@ func TestFleetsOnOneNode(t *testing.T) {
 	raw, err = cli.ContainerInspect(ctx, orchestrator.ContainerName(eo.spec.EngineID), client.ContainerInspectOptions{})
 	require.NoError(t, err)
 	assert.Equal(t, a.Config().Fleet, raw.Container.Config.Labels[orchestrator.LabelFleet])
+}
+
+// A host port the host refuses is ErrPortUnavailable from Start, whether a
+// container publishes it (another deployment's, or one this database does
+// not know) or another program listens there.
+func TestStartOnRefusedPort(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	image := engineImage(t)
+	b := newBackend(t)
+	holder, second := newEngine(t, b, image), newEngine(t, b, image)
+	second.spec.HostPort = holder.spec.HostPort
+	require.NoError(t, b.Ensure(ctx, holder.spec))
+	require.NoError(t, b.Start(ctx, holder.spec.EngineID))
+	require.NoError(t, b.Ensure(ctx, second.spec))
+	err := b.Start(ctx, second.spec.EngineID)
+	require.ErrorIs(t, err, orchestrator.ErrPortUnavailable, "a container holds it")
+
+	third := newEngine(t, b, image)
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", third.spec.HostPort))
+	require.NoError(t, err)
+	defer ln.Close()
+	require.NoError(t, b.Ensure(ctx, third.spec))
+	err = b.Start(ctx, third.spec.EngineID)
+	require.ErrorIs(t, err, orchestrator.ErrPortUnavailable, "a program holds it")
 }

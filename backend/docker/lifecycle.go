@@ -18,7 +18,8 @@ import (
 
 // Start starts the engine's container. Running is a no-op, paused is
 // unpaused, restarting (docker's restart policy is bringing it back) is left
-// to docker. A missing container is an error with ErrNotFound in its chain.
+// to docker. A missing container is an error with ErrNotFound in its chain,
+// a host port taken on the host one with orchestrator.ErrPortUnavailable.
 func (b *Backend) Start(ctx context.Context, engineID string) error {
 	if err := validID(engineID); err != nil {
 		return fmt.Errorf("start container: %w", err)
@@ -40,10 +41,21 @@ func (b *Backend) Start(ctx context.Context, engineID string) error {
 		return nil
 	}
 	if _, err := b.cli.ContainerStart(ctx, c.ID, client.ContainerStartOptions{}); err != nil {
+		if portRefused(err) {
+			return fmt.Errorf("start container: %w: %w", orchestrator.ErrPortUnavailable, err)
+		}
 		return fmt.Errorf("start container: %w", err)
 	}
 	b.log.Info("started container", "engine_id", engineID)
 	return nil
+}
+
+// portRefused reports whether a start failed on the published host port:
+// another container publishes it ("port is already allocated") or another
+// program listens there (the proxy's bind: "address already in use").
+func portRefused(err error) bool {
+	msg := err.Error()
+	return strings.Contains(msg, "port is already allocated") || strings.Contains(msg, "address already in use")
 }
 
 // Stop sends SIGTERM, waits up to grace and then SIGKILLs (docker stop).

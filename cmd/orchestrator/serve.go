@@ -171,7 +171,7 @@ func apiConfig(cfg Config) api.Config {
 func workerConfig(cfg Config) workers.Config {
 	return workers.Config{Node: cfg.Node, DefaultImage: cfg.EngineImage, BootTimeout: cfg.BootTimeout,
 		ProbeTimeout: cfg.HealthTimeout, ProbeURLTemplate: cfg.ProbeURLTemplate, EnvPassthrough: passthroughEnv(cfg.EnvPassthrough),
-		KeyOverlap: cfg.KeyOverlap, Concurrency: cfg.WorkerConcurrency,
+		KeyOverlap: cfg.KeyOverlap, Concurrency: cfg.WorkerConcurrency, PortMin: cfg.PortMin, PortMax: cfg.PortMax,
 		HealthInterval: cfg.HealthInterval, HealthMaxFailures: cfg.HealthMaxFailures,
 		RestartBackoffBase: cfg.RestartBackoffBase, RestartBackoffMax: cfg.RestartBackoffMax, RestartMaxAttempts: cfg.RestartMaxAttempts,
 		IdleAfter: cfg.IdleAfter, SleepMode: cfg.SleepMode,
