@@ -17,6 +17,8 @@ import (
 // isolated engines' network: recreated on its volume, healthy, audited.
 func TestReconcileIsolatesEnginesDocker(t *testing.T) {
 	t.Parallel()
+	open := "enginefleet_e2e_open_" + randHex(4)
+	t.Cleanup(func() { testenv.RemoveNetworkIfEmpty(open) }) // after the fleet's engines are gone
 	f := newFleet(t, fleetOpts{backend: "docker"})
 	cli := testenv.RequireDocker(t)
 	ctx := context.Background()
@@ -26,10 +28,8 @@ func TestReconcileIsolatesEnginesDocker(t *testing.T) {
 	id, url, ekey := r.str("engine_id"), r.str("url"), r.str("api_key")
 	require.Equal(t, http.StatusCreated, engineCall(t, "POST", url+"/memories", ekey, map[string]any{"content": "kept across the move"}).Status)
 
-	open := "enginefleet_e2e_open_" + randHex(4)
 	n, err := cli.NetworkCreate(ctx, open, client.NetworkCreateOptions{Driver: "bridge", Labels: map[string]string{testenv.LabelTest: "true"}})
 	require.NoError(t, err)
-	t.Cleanup(func() { testenv.RemoveNetworkIfEmpty(open) })
 	_, err = cli.NetworkConnect(ctx, n.ID, client.NetworkConnectOptions{Container: orch.ContainerName(id)})
 	require.NoError(t, err)
 	rts, _, err := f.Backend.List(ctx)

@@ -41,10 +41,11 @@ func (w *Workers) startMovingPort(ctx context.Context, e orch.Engine, spec orch.
 		}
 		to, merr := w.movePort(ctx, e, spec.HostPort, err)
 		if merr != nil {
-			w.log.Warn("move engine off a refused port", "engine_id", e.ID, "port", spec.HostPort, "error", merr)
-			if orch.IsCode(merr, orch.CodePortExhaustion) {
-				return e, spec, merr
-			}
+			// No other port free (nothing was blocked): the start fails as
+			// it did, and its retry finds the port free once its holder
+			// is gone, or a free port by then.
+			w.log.Warn("engine's port refused and it cannot move", "engine_id", e.ID, "port", spec.HostPort,
+				"error", err, "move_error", merr)
 			return e, spec, backendErr("start engine", err)
 		}
 		e.Port, spec.HostPort = to, to

@@ -251,6 +251,11 @@ type Backend struct {
 	netID string
 	// warnOpen spaces the warnings about an open engines' network.
 	warnOpen rateGate
+	// The last look at open networks of the engines' name (guarded by
+	// netMu): which ones, when, and whether one was still there.
+	openKey   string
+	openAt    time.Time
+	openInUse bool
 }
 
 var _ orchestrator.Backend = (*Backend)(nil)

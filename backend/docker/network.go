@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -153,7 +154,10 @@ func (b *Backend) isolatedNetworks(ctx context.Context) (string, []network.Summa
 				b.cfg.Network, sibling, sibling)
 		}
 	}
-	inUse := b.retireOpen(ctx, open)
+	inUse := false
+	if len(open) > 0 {
+		inUse = b.retireOpenCached(ctx, open)
+	}
 	switch {
 	case len(own) > 0:
 		return b.cfg.Network, own, nil
@@ -163,6 +167,27 @@ func (b *Backend) isolatedNetworks(ctx context.Context) (string, []network.Summa
 		return sibling, nil, nil
 	}
 	return b.cfg.Network, nil, nil
+}
+
+// openRecheck is how long the outcome of retireOpen is reused: it lists
+// every container of the host, and Ensure asks on every call.
+const openRecheck = 30 * time.Second
+
+// retireOpenCached is retireOpen, run at most every openRecheck while the
+// same open networks are there (called under netMu).
+func (b *Backend) retireOpenCached(ctx context.Context, open []network.Summary) bool {
+	ids := make([]string, len(open))
+	for i, n := range open {
+		ids[i] = n.ID
+	}
+	slices.Sort(ids)
+	key := strings.Join(ids, ",")
+	if b.openKey == key && time.Since(b.openAt) < openRecheck {
+		return b.openInUse
+	}
+	b.openInUse = b.retireOpen(ctx, open)
+	b.openKey, b.openAt = key, time.Now()
+	return b.openInUse
 }
 
 // retireOpen deals with networks of the engines' name that let containers
