@@ -21,20 +21,21 @@ const isolateBatch = 20
 // network, on the same volume, and the engine must come back healthy. It
 // takes the engine's lease, so no lifecycle job works it meanwhile, and
 // reports whether it moved it; a failure is logged and tried again next
-// pass. The row's state is not changed.
-func (w *Workers) isolate(ctx context.Context, e orch.Engine, rt orch.RuntimeInfo, leaseID int64) (bool, error) {
+// pass (a crashed engine is the health sweep's). The row's state is not
+// changed.
+func (w *Workers) isolate(ctx context.Context, e orch.Engine, rt orch.RuntimeInfo, leaseID int64) bool {
 	if rt.State != orch.RuntimeRunning || (e.Status != orch.StateRunning && e.Status != orch.StateSleeping) {
-		return false, nil // a stopped engine moves when it next starts
+		return false // a stopped engine moves when it next starts
 	}
 	q := schema.New(w.pool)
 	got, err := q.AcquireLease(ctx, e.ID, -leaseID, time.Now().Add(w.jobTimeout()))
 	if err != nil || !got {
-		return false, err
+		return false
 	}
 	defer q.ReleaseLease(context.WithoutCancel(ctx), e.ID, -leaseID) //nolint:errcheck
 	if _, err := w.bootAndWait(ctx, e, w.currentSpec(e)); err != nil {
 		w.log.Warn("move engine to the isolated network", "engine_id", e.ID, "error", err)
-		return false, err
+		return false
 	}
-	return true, nil
+	return true
 }

@@ -115,10 +115,8 @@ func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
 	for _, e := range rows {
 		if rt, ok := present[e.ID]; ok && rt.Unisolated && isolateLeft > 0 && !e.Status.Transitional() {
 			isolateLeft--
-			if moved, err := w.isolate(ctx, e, rt, leaseID); moved { // isolation.go
+			if w.isolate(ctx, e, rt, leaseID) { // isolation.go
 				audit(e, "moved_to_isolated_network", nil)
-			} else if err != nil {
-				audit(e, "move_to_isolated_network_failed", map[string]any{"error": errMessage(err)})
 			}
 			continue
 		}
