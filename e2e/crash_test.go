@@ -90,7 +90,7 @@ func TestWorkerKilledMidProvisionDocker(t *testing.T) {
 	kr, err := keys.NewKeyring(master, nil)
 	require.NoError(t, err)
 
-	be, err := docker.New(docker.Config{Network: e2eNetwork, Node: node}, testenv.Quiet())
+	be, err := docker.New(docker.Config{Network: e2eNetwork, Node: node, Fleet: fleetID(t, pool)}, testenv.Quiet())
 	require.NoError(t, err)
 	f := &fleet{t: t, Pool: pool, Backend: be, Node: node}
 	t.Cleanup(f.removeEngines)

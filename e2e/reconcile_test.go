@@ -37,7 +37,7 @@ func TestReconcileDriftDocker(t *testing.T) {
 	stranger := uuid.NewString()
 	_, err = cli.ContainerCreate(ctx, client.ContainerCreateOptions{Name: "engine-" + stranger, Image: f.Image,
 		Config: &container.Config{Labels: map[string]string{orch.LabelManaged: "true", orch.LabelEngineID: stranger,
-			orch.LabelNode: f.Node, "orchestrator.test": "true"}}})
+			orch.LabelNode: f.Node, orch.LabelFleet: f.Fleet, "orchestrator.test": "true"}}})
 	require.NoError(t, err)
 
 	n, err := f.Workers.Reconcile(ctx, schema.Lease{Job: -1})

@@ -83,17 +83,19 @@ func (q *Queries) CountEngines(ctx context.Context, productID string) (int, erro
 	return n, nil
 }
 
-// FreePort returns the lowest port in [min, max] no engine on node holds,
-// under a transaction-scoped lock per node so concurrent provisions on any
-// replica pick different ports (the unique (node, port) constraint is the
-// final guarantee). PORT_EXHAUSTION when none is free.
+// FreePort returns the lowest port in [min, max] no engine on node holds
+// and the node has not refused lately (port_blocks, see ports.go), under a
+// transaction-scoped lock per node (LockPorts) so concurrent provisions on
+// any replica pick different ports (the unique (node, port) constraint is
+// the final guarantee). PORT_EXHAUSTION when none is free.
 func (q *Queries) FreePort(ctx context.Context, node string, min, max int) (int, error) {
-	if _, err := q.db.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('orch_ports:' || $1))`, node); err != nil {
-		return 0, fmt.Errorf("lock port range: %w", err)
+	if err := q.LockPorts(ctx, node); err != nil {
+		return 0, err
 	}
 	var port *int
 	err := q.db.QueryRow(ctx, `SELECT min(p) FROM generate_series($2::int, $3::int) AS p
-		WHERE NOT EXISTS (SELECT 1 FROM engines WHERE node = $1 AND port = p)`, node, min, max).Scan(&port)
+		WHERE NOT EXISTS (SELECT 1 FROM engines WHERE node = $1 AND port = p)
+		  AND NOT EXISTS (SELECT 1 FROM port_blocks b WHERE b.node = $1 AND b.port = p AND b.blocked_until > now())`, node, min, max).Scan(&port)
 	if err != nil {
 		return 0, fmt.Errorf("find free port: %w", err)
 	}

@@ -217,7 +217,7 @@ func (w *Workers) SweepBatch(ctx context.Context, rc *river.Client[pgx.Tx], b jo
 			r := byID[c.ID]
 			audits = append(audits, orch.AuditEntry{ProductID: r.e.ProductID, UserID: r.e.UserID, EngineID: r.e.ID,
 				Action: orch.ActionHealthCheck, Actor: orch.ActorSystem, DurationMS: ptr(r.dur.Milliseconds()),
-				Metadata: map[string]any{"ok": false, "error": r.err.Error(), "failures": c.Failures,
+				Metadata: map[string]any{"ok": false, "error": publicError(r.err), "failures": c.Failures,
 					"max_failures": w.cfg.HealthMaxFailures}})
 		}
 		return q.InsertAudits(ctx, audits)
@@ -230,7 +230,7 @@ func (w *Workers) SweepBatch(ctx context.Context, rc *river.Client[pgx.Tx], b jo
 			continue
 		}
 		ok, err := w.failEngine(ctx, rc, c.ID, w.cfg.HealthMaxFailures, map[string]any{
-			"reason": "health", "failures": c.Failures, "error": errs[c.ID].Error()})
+			"reason": "health", "failures": c.Failures, "error": publicError(errs[c.ID])}, errs[c.ID])
 		if err != nil {
 			w.log.Warn("mark engine failed", "engine_id", c.ID, "error", err)
 			continue
@@ -296,7 +296,8 @@ func (w *Workers) sampled(id string, tick time.Time) bool {
 // with meta) and schedules auto-restart attempt 1, in one transaction.
 // minFailures > 0 re-checks the failure count under the row lock. It
 // reports whether the engine went failed (false: it changed meanwhile).
-func (w *Workers) failEngine(ctx context.Context, rc *river.Client[pgx.Tx], engineID string, minFailures int, meta map[string]any) (bool, error) {
+// The audit row gets meta (stable words); the log line gets cause whole.
+func (w *Workers) failEngine(ctx context.Context, rc *river.Client[pgx.Tx], engineID string, minFailures int, meta map[string]any, cause error) (bool, error) {
 	var done bool
 	err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
 		q := schema.New(tx)
@@ -339,7 +340,7 @@ func (w *Workers) failEngine(ctx context.Context, rc *river.Client[pgx.Tx], engi
 	if done {
 		reason, _ := meta["reason"].(string)
 		w.cfg.Metrics.EngineCrashed(reason) // orchestrator_engine_crashes_total{reason}
-		w.log.Warn("engine failed", "engine_id", engineID, "reason", meta["reason"], "error", meta["error"])
+		w.log.Warn("engine failed", "engine_id", engineID, "reason", meta["reason"], "error", cause)
 	}
 	return done, err
 }

@@ -13,12 +13,19 @@ import (
 )
 
 // reconcileWorker repairs drift between the rows and the backend:
-//   - a labelled container with no row, older than the grace period, is
-//     removed (a provision killed before its row committed, a row deleted
-//     by hand). Orphan volumes are only reported, never deleted: a brain
-//     is the worst thing to lose and an operator must decide;
+//   - a labelled container of this fleet with no row, older than the grace
+//     period, is removed (a provision killed before its row committed, a
+//     row deleted by hand). The backend lists only this fleet's objects
+//     and those of no fleet (an older version's): one of the latter is
+//     adopted when this database has its row and otherwise only reported,
+//     as it may be another deployment's on a shared host. Orphan volumes
+//     are only reported, never deleted: a brain is the worst thing to lose
+//     and an operator must decide;
 //   - an engine that should run (running, sleeping in mark mode) whose
 //     container is gone is recreated on its volume and started;
+//   - a running engine on a network where engines can reach each other
+//     (an older version's) is recreated on the isolated one, a few per
+//     pass (isolation.go);
 //   - a row stuck in a transitional state past its deadline, with no live
 //     job on it, is finished: provisioning → failed, destroying → destroyed.
 type reconcileWorker struct {
@@ -81,6 +88,13 @@ func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error
 		if time.Since(rt.CreatedAt) < w.cfg.OrphanGrace {
 			continue
 		}
+		if rt.NoFleet {
+			// Made by an older version, before fleets were labelled: it
+			// may be another deployment's on this host. Never removed.
+			w.log.Warn("container kept: no fleet label and no engine row here; it may be another deployment's, remove it by hand once you are sure",
+				"engine_id", rt.EngineID, "container", rt.Name)
+			continue
+		}
 		// Re-check: a provision may have committed its row since we listed.
 		if _, err := q.EngineByID(ctx, rt.EngineID); err == nil {
 			continue
@@ -97,7 +111,15 @@ func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error
 		}
 	}
 
+	isolateLeft := isolateBatch
 	for _, e := range rows {
+		if rt, ok := present[e.ID]; ok && rt.Unisolated && isolateLeft > 0 && !e.Status.Transitional() {
+			isolateLeft--
+			if w.isolate(ctx, e, rt, lease) { // isolation.go
+				audit(e, "moved_to_isolated_network", nil)
+			}
+			continue
+		}
 		if e.Status.Transitional() {
 			if e.StateDeadline == nil || time.Now().Before(*e.StateDeadline) {
 				continue

@@ -37,8 +37,8 @@ import (
 //  4. if 3 fails, the safety copy is put back the same way and the engine
 //     is brought back as it was: the previous brain stays in place. The
 //     safety copy is deleted once the operation has an outcome, and kept
-//     (its location logged for the operator) only if even putting it back
-//     failed.
+//     only if even putting it back failed (the audit row says it was kept;
+//     the error log line names it).
 //
 // Steps 1-3 must end a rollback's worth of time before the job's own
 // deadline, so that step 4 too runs inside the attempt (and its engine
@@ -137,8 +137,9 @@ func (w *Workers) rollbackReserve() time.Duration { return w.cfg.BootTimeout + t
 // engine back as it was (running or just created), within the job's time
 // (ctx is the job's context: the reserve restore kept is for this). out is
 // the failed restore's outcome; it gains rolled_back. If even that fails
-// the safety copy is kept (it is the user's previous brain) and the engine
-// is marked failed; a retry resumes from it.
+// the safety copy is kept (it is the user's previous brain), named in an
+// error log line (the audit row says safety_copy_kept), and the engine is
+// marked failed; a retry resumes from it.
 func (w *Workers) rollBack(ctx context.Context, e orch.Engine, safety string, wantRunning bool, out outcome, last bool) outcome {
 	rctx := ctx
 	rbErr := w.copyTarIn(rctx, e, safety)
@@ -151,6 +152,11 @@ func (w *Workers) rollBack(ctx context.Context, e orch.Engine, safety string, wa
 	}
 	out.meta["rolled_back"] = rbErr == nil
 	if rbErr != nil {
+		// Products get stable words; the safety copy's path and the
+		// error's detail are for the operator, in this log line.
+		out.meta["safety_copy_kept"] = true
+		out.meta["rollback_error_code"] = string(orch.ErrorCode(rbErr))
+		out.meta["rollback_error"] = publicError(rbErr)
 		w.log.Error("restore rollback failed: previous brain kept in the safety copy", "engine_id", e.ID,
 			"safety_copy", safety, "error", rbErr)
 		out.change = &schema.EngineChange{Status: orch.StateFailed, LastError: ptr("restore failed and its rollback failed")}

@@ -39,6 +39,8 @@ type Config struct {
 	StopGrace        time.Duration // SIGTERM → SIGKILL (30 s)
 	Concurrency      int
 	OrphanGrace      time.Duration // reconcile removes an unknown labelled container after this (10 min)
+	PortMin, PortMax int           // the node's engine ports (ORCH_PORT_MIN/MAX): where a refused port's engine moves (0 = never moved)
+	PortBlockTTL     time.Duration // how long a port the host refused is skipped (1 h)
 
 	Metrics *metrics.Metrics // job durations, lifecycle counters, boot times (nil = none)
 
@@ -94,6 +96,9 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, kr *keys.Keyring,
 	}
 	if cfg.OrphanGrace == 0 {
 		cfg.OrphanGrace = 10 * time.Minute
+	}
+	if cfg.PortBlockTTL <= 0 {
+		cfg.PortBlockTTL = DefaultPortBlockTTL
 	}
 	cfg = backupDefaults(cfg)
 	cfg = fleetDefaults(cfg)
@@ -189,7 +194,9 @@ func (w *Workers) probeURL(e orch.Engine) string {
 var errBootTimeout = orch.Errorf(orch.CodeBootTimeout, "engine did not become healthy in time")
 
 // bootAndWait ensures the container for spec, starts it and waits until its
-// /health is ok or the boot timeout passes. Returns the boot duration.
+// /health is ok or the boot timeout passes. Returns the boot duration. A
+// host port the host refuses moves the engine to a free port first (its
+// row changes; see ports.go).
 func (w *Workers) bootAndWait(ctx context.Context, e orch.Engine, spec orch.EngineSpec) (time.Duration, error) {
 	start := time.Now()
 	if err := w.backend.Ensure(ctx, spec); err != nil {
@@ -199,8 +206,9 @@ func (w *Workers) bootAndWait(ctx context.Context, e orch.Engine, spec orch.Engi
 		}
 		return 0, backendErr("create engine", err)
 	}
-	if err := w.backend.Start(ctx, e.ID); err != nil {
-		return 0, backendErr("start engine", err)
+	e, _, err := w.startMovingPort(ctx, e, spec) // ports.go: a refused host port moves the engine
+	if err != nil {
+		return 0, err
 	}
 	if err := w.waitHealthy(ctx, e, start.Add(w.cfg.BootTimeout)); err != nil {
 		return time.Since(start), err
