@@ -194,6 +194,10 @@ func (e *Env) start(ctx context.Context, logf func(string, ...any)) error {
 		"--enable-priority-and-fairness=false",
 		"--profiling=false",
 		"--allow-privileged=false",
+		// New nodes would be tainted not-ready until the node lifecycle
+		// controller (not run: kwok and the agent register nodes Ready and
+		// nothing here watches heartbeats) lifts it.
+		"--disable-admission-plugins=TaintNodesByCondition",
 	); err != nil {
 		return err
 	}
@@ -623,4 +627,23 @@ func reapStale(root string, logf func(string, ...any)) {
 		logf("kubeenv: removing %s left by an earlier run", dir)
 		os.RemoveAll(dir)
 	}
+}
+
+// RSS is the resident memory of the control plane's processes (not the
+// agent's engines), in bytes.
+func (e *Env) RSS() int64 {
+	var total int64
+	for _, p := range e.procs {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+				kb, _ := strconv.ParseInt(f[1], 10, 64)
+				total += kb << 10
+			}
+		}
+	}
+	return total
 }

@@ -1,0 +1,90 @@
+package kubeenv_test
+
+import (
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/enginefleet/orchestrator/internal/kubeenv"
+)
+
+func TestMain(m *testing.M) { os.Exit(kubeenv.Run(m)) }
+
+// The control plane answers through its kubeconfig, its kwok nodes are
+// Ready, the scheduler places a pod on one and kwok runs it, and the PV
+// controller binds the pod's claim to the provisioner's volume on that
+// node.
+func TestControlPlane(t *testing.T) {
+	env := kubeenv.Require(t)
+	ctx := t.Context()
+	rc, err := clientcmd.BuildConfigFromFlags("", env.Kubeconfig)
+	require.NoError(t, err)
+	cli, err := kubernetes.NewForConfig(rc)
+	require.NoError(t, err)
+	v, err := cli.Discovery().ServerVersion()
+	require.NoError(t, err)
+	assert.Equal(t, "v1.37.2", v.GitVersion)
+	nodes, err := cli.CoreV1().Nodes().List(ctx, metav1.ListOptions{LabelSelector: kubeenv.LabelNodeKind + "=kwok"})
+	require.NoError(t, err)
+	assert.Len(t, nodes.Items, kubeenv.FakeNodes)
+
+	ns := env.Namespace(t)
+	sc := kubeenv.StorageClass
+	_, err = cli.CoreV1().PersistentVolumeClaims(ns).Create(ctx, &corev1.PersistentVolumeClaim{
+		ObjectMeta: metav1.ObjectMeta{Name: "data"},
+		Spec: corev1.PersistentVolumeClaimSpec{
+			StorageClassName: &sc,
+			AccessModes:      []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			Resources:        corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}},
+		},
+	}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	yes, no := true, false
+	_, err = cli.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "p"},
+		Spec: corev1.PodSpec{
+			Tolerations:     []corev1.Toleration{{Key: kubeenv.KwokTaintKey, Operator: corev1.TolerationOpExists}},
+			NodeSelector:    map[string]string{kubeenv.LabelNodeKind: "kwok"},
+			SecurityContext: &corev1.PodSecurityContext{RunAsNonRoot: &yes, SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault}},
+			Containers: []corev1.Container{{
+				Name: "c", Image: "example/none:1",
+				SecurityContext: &corev1.SecurityContext{AllowPrivilegeEscalation: &no, Capabilities: &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}}},
+				VolumeMounts:    []corev1.VolumeMount{{Name: "data", MountPath: "/data"}},
+			}},
+			Volumes: []corev1.Volume{{Name: "data", VolumeSource: corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "data"}}}},
+		},
+	}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	var pod *corev1.Pod
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		pod, err = cli.CoreV1().Pods(ns).Get(ctx, "p", metav1.GetOptions{})
+		require.NoError(t, err)
+		if pod.Status.Phase == corev1.PodRunning {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "pod not running: %+v", pod.Status)
+		time.Sleep(100 * time.Millisecond)
+	}
+	assert.True(t, strings.HasPrefix(pod.Spec.NodeName, "kwok-node-"))
+	claim, err := cli.CoreV1().PersistentVolumeClaims(ns).Get(ctx, "data", metav1.GetOptions{})
+	require.NoError(t, err)
+	assert.Equal(t, corev1.ClaimBound, claim.Status.Phase)
+	pv, err := cli.CoreV1().PersistentVolumes().Get(ctx, claim.Spec.VolumeName, metav1.GetOptions{})
+	require.NoError(t, err)
+	assert.Equal(t, []string{pod.Spec.NodeName}, pv.Spec.NodeAffinity.Required.NodeSelectorTerms[0].MatchExpressions[0].Values)
+	dir, err := env.VolumeDir(ctx, ns, "data")
+	require.NoError(t, err)
+	assert.DirExists(t, dir)
+
+	t.Logf("control plane resident memory: %d MB", env.RSS()>>20)
+}
