@@ -549,8 +549,9 @@ func TestAgentRunsEngine(t *testing.T) {
 		info, err = b.Inspect(ctx, id)
 		return err == nil && info.State == orchestrator.RuntimeRunning
 	})
-	assert.Equal(t, 137, info.ExitCode, "last exit code")
-	assert.True(t, info.OOMKilled)
+	// Like Docker's, Inspect of a running engine reports the current run:
+	// the crash is in the pod's status.
+	assert.False(t, info.OOMKilled)
 	p, err := f.env.Client.CoreV1().Pods(f.ns).Get(ctx, name, metav1.GetOptions{})
 	require.NoError(t, err)
 	require.Len(t, p.Status.ContainerStatuses, 1)
