@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -599,4 +600,41 @@ func contains(s []string, v string) bool {
 		}
 	}
 	return false
+}
+
+// Racing Ensures from several backends (worker processes) of one node end
+// with one engine: one Secret, one claim, no error.
+func TestEnsureConcurrent(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	f := newBackend(t)
+	backends := []*kubernetes.Backend{f.b}
+	for range 3 {
+		backends = append(backends, f.backend(t, onKwok, func(c *kubernetes.Config) { c.Node = f.b.Config().Node }))
+	}
+	e := newEngine(t, f.b, kwokImage)
+	var wg sync.WaitGroup
+	errs := make([]error, 8)
+	for i := range errs {
+		wg.Go(func() { errs[i] = backends[i%len(backends)].Ensure(ctx, e.spec) })
+	}
+	wg.Wait()
+	for _, err := range errs {
+		require.NoError(t, err)
+	}
+	runtimes, vols, err := f.b.List(ctx)
+	require.NoError(t, err)
+	assert.Len(t, runtimes, 1)
+	assert.Len(t, vols, 1)
+	errs = make([]error, 4)
+	for i := range errs {
+		wg.Go(func() { errs[i] = backends[i].Start(ctx, e.spec.EngineID) })
+	}
+	wg.Wait()
+	for _, err := range errs {
+		require.NoError(t, err)
+	}
+	pods, err := f.env.Client.CoreV1().Pods(f.ns).List(ctx, metav1.ListOptions{})
+	require.NoError(t, err)
+	assert.Len(t, pods.Items, 1)
 }
