@@ -47,6 +47,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -519,7 +520,7 @@ func startProc(dir, name, path string, args, env []string, workDir string) (*pro
 	cmd.Env = env
 	cmd.Dir = workDir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	if err := spawnOnLockedThread(cmd); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
@@ -575,6 +576,34 @@ func (e *Env) deadProc() *proc {
 		}
 	}
 	return nil
+}
+
+// Pdeathsig fires when the thread that started the child exits, not the
+// process (golang/go#27505), so every child is started from one goroutine
+// locked to its thread for the life of the process.
+var (
+	spawnOnce sync.Once
+	spawnReq  chan spawnCall
+)
+
+type spawnCall struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+func spawnOnLockedThread(cmd *exec.Cmd) error {
+	spawnOnce.Do(func() {
+		spawnReq = make(chan spawnCall)
+		go func() {
+			runtime.LockOSThread() // never unlocked: the thread lives as long as the process
+			for c := range spawnReq {
+				c.done <- c.cmd.Start()
+			}
+		}()
+	})
+	done := make(chan error, 1)
+	spawnReq <- spawnCall{cmd, done}
+	return <-done
 }
 
 var pidMu sync.Mutex
