@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"syscall"
@@ -20,6 +21,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 
 	orchestrator "github.com/enginefleet/orchestrator"
@@ -637,4 +639,68 @@ func TestEnsureConcurrent(t *testing.T) {
 	pods, err := f.env.Client.CoreV1().Pods(f.ns).List(ctx, metav1.ListOptions{})
 	require.NoError(t, err)
 	assert.Len(t, pods.Items, 1)
+}
+
+// The Role in deploy/kubernetes/orchestrator-rbac.yaml is enough for the
+// whole lifecycle (and the doc stays true).
+func TestDocumentedRoleSuffices(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	f := newBackend(t)
+	cli := f.env.Client
+	raw, err := os.ReadFile("../../deploy/kubernetes/orchestrator-rbac.yaml")
+	require.NoError(t, err)
+	var role *rbacv1.Role
+	for _, doc := range strings.Split(string(raw), "\n---\n") {
+		obj, _, err := scheme.Codecs.UniversalDeserializer().Decode([]byte(doc), nil, nil)
+		require.NoError(t, err)
+		if r, ok := obj.(*rbacv1.Role); ok {
+			role = r
+		}
+	}
+	require.NotNil(t, role)
+	role.Namespace = f.ns
+	_, err = cli.RbacV1().Roles(f.ns).Create(ctx, role, metav1.CreateOptions{})
+	require.NoError(t, err)
+	_, err = cli.CoreV1().ServiceAccounts(f.ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "orchestrator"}}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	_, err = cli.RbacV1().RoleBindings(f.ns).Create(ctx, &rbacv1.RoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "orchestrator"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: role.Name},
+		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Name: "orchestrator", Namespace: f.ns}},
+	}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	tok, err := cli.CoreV1().ServiceAccounts(f.ns).CreateToken(ctx, "orchestrator", &authenticationv1.TokenRequest{}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	b := f.backend(t, onKwok, func(c *kubernetes.Config) {
+		c.RESTConfig = &rest.Config{Host: f.env.Config.Host, BearerToken: tok.Status.Token,
+			TLSClientConfig: rest.TLSClientConfig{CAData: f.env.Config.CAData}}
+	})
+	eventually(t, 10*time.Second, "role binding effective", func() bool { return b.Ping(ctx) == nil })
+
+	e := newEngine(t, b, kwokImage)
+	id := e.spec.EngineID
+	require.NoError(t, b.Ensure(ctx, e.spec))
+	require.NoError(t, b.Start(ctx, id))
+	changed := e.spec
+	changed.Image = kwokImage + "-2"
+	require.NoError(t, b.Ensure(ctx, changed))
+	require.NoError(t, b.Start(ctx, id))
+	require.NoError(t, b.Stop(ctx, id, time.Second))
+	_, _, err = b.List(ctx)
+	require.NoError(t, err)
+	require.NoError(t, b.RemoveContainer(ctx, id))
+	require.NoError(t, b.RemoveVolume(ctx, id))
+
+	// Start's diagnosis of a claim that never binds reads events.
+	nb := f.backend(t, onKwok, func(c *kubernetes.Config) {
+		c.RESTConfig = b.Config().RESTConfig
+		c.StorageClass = "no-such-class"
+		c.StartTimeout = 3 * time.Second
+	})
+	stuck := newEngine(t, nb, kwokImage)
+	require.NoError(t, nb.Ensure(ctx, stuck.spec))
+	err = nb.Start(ctx, stuck.spec.EngineID)
+	assert.ErrorIs(t, err, kubernetes.ErrVolumeNotBound)
+	assert.NotErrorIs(t, err, kubernetes.ErrForbidden)
 }

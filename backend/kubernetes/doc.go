@@ -71,6 +71,15 @@
 // backend go through the engine's own GET /memory/export and
 // POST /memory/import.
 //
+// # Permissions
+//
+// The orchestrator's service account needs, in the engines' namespace only,
+// the Role in deploy/kubernetes/orchestrator-rbac.yaml: pods and claims
+// (get, list, watch, create, delete), secrets (the same and update),
+// services (get, create, delete), networkpolicies (get, create, update,
+// delete) and events (list). A test runs the whole lifecycle with exactly
+// that Role.
+//
 // # Errors
 //
 // Errors name what was being done and wrap one of ErrUnreachable (the API
