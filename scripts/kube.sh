@@ -5,7 +5,7 @@
 # tests; nothing here is needed to run the orchestrator.
 #
 # The binaries go to $ORCH_KUBE_CACHE/<versions>/bin (default cache:
-# ~/.cache/enginefleet/kube), which survives between runs: a second run finds
+# ${XDG_CACHE_HOME:-~/.cache}/enginefleet/kube), which survives between runs: a second run finds
 # the binaries and a matching stamp and does nothing. The scratch modules the
 # build needs live beside bin/ (src/), never in the project's go.mod.
 # Cold (empty Go caches) about 20 minutes on 2 cores; relinking with warm Go
@@ -23,7 +23,7 @@ KWOK_VERSION=v0.8.0
 GO=${GO:-go}
 command -v "$GO" >/dev/null 2>&1 || GO=/usr/local/go/bin/go
 
-cache=${ORCH_KUBE_CACHE:-$HOME/.cache/enginefleet/kube}
+cache=${ORCH_KUBE_CACHE:-${XDG_CACHE_HOME:-${HOME:?set HOME or ORCH_KUBE_CACHE}/.cache}/enginefleet/kube}
 set_id="etcd-$ETCD_VERSION.k8s-$K8S_VERSION.kwok-$KWOK_VERSION"
 root="$cache/$set_id"
 bin="$root/bin"

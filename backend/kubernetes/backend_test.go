@@ -518,7 +518,21 @@ func TestAgentRunsEngine(t *testing.T) {
 	e.do(t, http.MethodPost, "/memories", map[string]any{"content": "kept on the claim"})
 
 	// Stop (SIGTERM: a clean exit) and Start again: same brain.
+	drain(events)
 	require.NoError(t, b.Stop(ctx, id, 10*time.Second))
+	var stopKinds []string
+	stopTimeout := time.After(10 * time.Second)
+	for !contains(stopKinds, "stop") {
+		select {
+		case ev := <-events:
+			require.Equal(t, id, ev.EngineID)
+			stopKinds = append(stopKinds, ev.Kind)
+			assert.Equal(t, 0, ev.ExitCode, "%s after SIGTERM", ev.Kind)
+		case <-stopTimeout:
+			t.Fatalf("no stop event; got %v", stopKinds)
+		}
+	}
+	assert.Equal(t, []string{"die", "stop"}, stopKinds)
 	info, err := b.Inspect(ctx, id)
 	require.NoError(t, err)
 	assert.Equal(t, orchestrator.RuntimeExited, info.State)
