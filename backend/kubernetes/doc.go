@@ -62,7 +62,9 @@
 //
 // Reads (Inspect, List, Events) are served from informer caches of this
 // node's pods, secrets and claims; every write waits until the caches have
-// seen it, so a process reads its own writes.
+// seen it, so a process reads its own writes. The decisions of Ensure,
+// Start and Stop read the API live, since another worker process may have
+// acted a moment ago.
 //
 // # Not on Kubernetes
 //

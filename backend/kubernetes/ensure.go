@@ -47,8 +47,13 @@ func (b *Backend) Ensure(ctx context.Context, spec orchestrator.EngineSpec) erro
 	hash := b.specHash(spec)
 
 	// A pod of another spec goes first: its container would pick up the
-	// new Secret on its next restart.
-	if pod, err := b.pods.Pods(b.cfg.Namespace).Get(orchestrator.ContainerName(id)); err == nil {
+	// new Secret on its next restart. Read live: another process may have
+	// made the pod a moment ago.
+	pod, err := b.client.CoreV1().Pods(b.cfg.Namespace).Get(ctx, orchestrator.ContainerName(id), metav1.GetOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return classify("get pod", err)
+	}
+	if err == nil {
 		if pod.Annotations[AnnotationSpecHash] != hash {
 			log.Info("replacing pod", "reason", "spec changed")
 			if err := b.deletePod(ctx, pod, b.cfg.ReplaceGrace); err != nil {

@@ -29,12 +29,19 @@ func (b *Backend) Start(ctx context.Context, engineID string) error {
 	if err := b.connect(ctx); err != nil {
 		return err
 	}
+	// Live reads: another process may have just ensured or started it.
 	name := orchestrator.ContainerName(engineID)
-	rec, err := b.secrets.Secrets(b.cfg.Namespace).Get(name)
-	if err != nil {
+	rec, err := b.client.CoreV1().Secrets(b.cfg.Namespace).Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
 		return fmt.Errorf("start engine %s: %w", name, ErrNotFound)
 	}
-	pod, err := b.pods.Pods(b.cfg.Namespace).Get(name)
+	if err != nil {
+		return classify("start engine: get secret", err)
+	}
+	pod, err := b.client.CoreV1().Pods(b.cfg.Namespace).Get(ctx, name, metav1.GetOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return classify("start engine: get pod", err)
+	}
 	if err == nil {
 		switch {
 		case pod.DeletionTimestamp != nil, pod.Status.Phase == corev1.PodSucceeded, pod.Status.Phase == corev1.PodFailed:
@@ -224,7 +231,10 @@ func (b *Backend) Stop(ctx context.Context, engineID string, grace time.Duration
 		return err
 	}
 	name := orchestrator.ContainerName(engineID)
-	pod, err := b.pods.Pods(b.cfg.Namespace).Get(name)
+	pod, err := b.client.CoreV1().Pods(b.cfg.Namespace).Get(ctx, name, metav1.GetOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return classify("stop engine: get pod", err)
+	}
 	if err != nil {
 		if rec, rerr := b.secrets.Secrets(b.cfg.Namespace).Get(name); rerr == nil && rec.Annotations[AnnotationState] == "started" {
 			return b.setRecordState(ctx, engineID, "stopped", nil)
