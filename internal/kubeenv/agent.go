@@ -778,8 +778,8 @@ func (a *Agent) mounts(ctx context.Context, pod *corev1.Pod, c corev1.Container,
 	return out, nil
 }
 
-// Pids returns the pids of the engine processes the agent runs, by
-// namespace/name, for tests that kill one behind the agent's back.
+// Pid is the pid of the engine process the agent runs for a pod (0 when
+// none runs), for tests that kill one behind the agent's back.
 func (a *Agent) Pid(namespace, name string) int {
 	a.mu.Lock()
 	defer a.mu.Unlock()

@@ -175,7 +175,7 @@ func (e *Env) start(ctx context.Context, logf func(string, ...any)) error {
 	); err != nil {
 		return err
 	}
-	if err := e.waitHTTP(ctx, "etcd", etcdURL+"/health", nil); err != nil {
+	if err := e.waitHTTP(ctx, "etcd", etcdURL+"/health"); err != nil {
 		return err
 	}
 
@@ -366,10 +366,8 @@ func (e *Env) poll(ctx context.Context, timeout time.Duration, what string, f fu
 	}
 }
 
-func (e *Env) waitHTTP(ctx context.Context, what, url string, c *http.Client) error {
-	if c == nil {
-		c = &http.Client{Timeout: 2 * time.Second}
-	}
+func (e *Env) waitHTTP(ctx context.Context, what, url string) error {
+	c := &http.Client{Timeout: 2 * time.Second}
 	return e.poll(ctx, time.Minute, what+" ready", func() (bool, error) {
 		resp, err := c.Get(url)
 		if err != nil {

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -91,7 +92,6 @@ var (
 	sharedMu  sync.Mutex
 	shared    *Env
 	sharedErr error
-	sharedLog strings.Builder
 )
 
 // Run runs a test package's tests (call it from TestMain) and then stops
@@ -119,11 +119,18 @@ func Require(t testing.TB) *Env {
 		// The build may take minutes: bounded by the test binary's own
 		// -timeout, not here.
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Minute)
+		// Progress goes to the test that starts the control plane; what the
+		// provisioner says later, when that test may be over, to stderr.
+		var starting atomic.Bool
+		starting.Store(true)
 		shared, sharedErr = Start(ctx, Options{Logf: func(f string, a ...any) {
-			line := fmt.Sprintf(f, a...)
-			sharedLog.WriteString(line + "\n")
-			t.Log(line)
+			if starting.Load() {
+				t.Log(fmt.Sprintf(f, a...))
+				return
+			}
+			fmt.Fprintf(os.Stderr, f+"\n", a...)
 		}})
+		starting.Store(false)
 		cancel()
 	}
 	if sharedErr != nil {
