@@ -718,3 +718,52 @@ func TestDocumentedRoleSuffices(t *testing.T) {
 	assert.ErrorIs(t, err, kubernetes.ErrVolumeNotBound)
 	assert.NotErrorIs(t, err, kubernetes.ErrForbidden)
 }
+
+// Limits, pull secrets and the read-only catalog come from the Config; a
+// change of them replaces the pod.
+func TestPodFromConfig(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	f := newBackend(t, func(c *kubernetes.Config) {
+		c.MemoryMB, c.CPUs = 256, 0.5
+		c.ImagePullSecrets = []string{"regcred"}
+		c.CatalogKind, c.CatalogName = kubernetes.CatalogConfigMap, "catalog"
+	})
+	_, err := f.env.Client.CoreV1().ConfigMaps(f.ns).Create(ctx, &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: "catalog"}, Data: map[string]string{"items.json": "[]"},
+	}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	e := newEngine(t, f.b, kwokImage)
+	require.NoError(t, f.b.Ensure(ctx, e.spec))
+	require.NoError(t, f.b.Start(ctx, e.spec.EngineID))
+	pod, err := f.env.Client.CoreV1().Pods(f.ns).Get(ctx, orchestrator.ContainerName(e.spec.EngineID), metav1.GetOptions{})
+	require.NoError(t, err)
+	c := pod.Spec.Containers[0]
+	assert.Equal(t, resource.MustParse("256Mi"), c.Resources.Limits[corev1.ResourceMemory])
+	assert.Equal(t, resource.MustParse("256Mi"), c.Resources.Requests[corev1.ResourceMemory])
+	assert.Equal(t, resource.MustParse("500m"), c.Resources.Limits[corev1.ResourceCPU])
+	assert.Equal(t, []corev1.LocalObjectReference{{Name: "regcred"}}, pod.Spec.ImagePullSecrets)
+	assert.Contains(t, c.VolumeMounts, corev1.VolumeMount{Name: "catalog", MountPath: "/catalog", ReadOnly: true})
+	var catalog *corev1.Volume
+	for i := range pod.Spec.Volumes {
+		if pod.Spec.Volumes[i].Name == "catalog" {
+			catalog = &pod.Spec.Volumes[i]
+		}
+	}
+	require.NotNil(t, catalog)
+	require.NotNil(t, catalog.ConfigMap)
+	assert.Equal(t, "catalog", catalog.ConfigMap.Name)
+
+	// Another limit: the same engine's pod is replaced on the next Ensure.
+	bigger := f.backend(t, onKwok, func(c *kubernetes.Config) {
+		*c = f.b.Config()
+		c.MemoryMB = 512
+	})
+	require.NoError(t, bigger.Ensure(ctx, e.spec))
+	_, err = f.env.Client.CoreV1().Pods(f.ns).Get(ctx, pod.Name, metav1.GetOptions{})
+	assert.True(t, isNotFound(err), "a changed limit replaces the pod")
+	require.NoError(t, bigger.Start(ctx, e.spec.EngineID))
+	pod, err = f.env.Client.CoreV1().Pods(f.ns).Get(ctx, pod.Name, metav1.GetOptions{})
+	require.NoError(t, err)
+	assert.Equal(t, resource.MustParse("512Mi"), pod.Spec.Containers[0].Resources.Limits[corev1.ResourceMemory])
+}
