@@ -5,7 +5,7 @@ GO ?= go
 BUILD := .build
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: run test bench gen image lint build engine-image orchestrator-image pg-stop clean
+.PHONY: run test bench gen image lint build engine-image orchestrator-image pg-stop clean kube
 
 build: ## static binaries in .build/
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BUILD)/orchestrator ./cmd/orchestrator
@@ -44,6 +44,9 @@ orchestrator-image: build
 lint: ## gofmt + go vet
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
+
+kube: ## the kubernetes backend's test control plane (etcd, kube-apiserver, scheduler, controller-manager, kwok), built once into ~/.cache
+	@scripts/kube.sh
 
 pg-stop: ## stop the throwaway Postgres
 	@scripts/pg.sh stop
