@@ -7,12 +7,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/enginefleet/orchestrator/backend/subprocess"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/keys"
 )
@@ -48,12 +50,27 @@ func newProcFleet(t *testing.T, extraEnv ...string) *procFleet {
 			t.Logf("orchestrator logs:\n%s", b)
 		}
 	})
-	t.Cleanup(func() {
-		// Engines are processes in their own groups: stop them.
-		out, _ := exec.Command("pkill", "-f", filepath.Join(data, "engines")).CombinedOutput()
-		_ = out
-	})
+	t.Cleanup(func() { pf.stopEngines(env) })
 	return pf
+}
+
+// stopEngines stops the engine processes the fleet's workers started: they
+// run in process groups of their own and outlive the orchestrator, so the
+// subprocess backend on the fleet's data root removes them (their command
+// line names no path a pattern could match).
+func (pf *procFleet) stopEngines(env []string) {
+	node := ""
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "ORCH_NODE="); ok {
+			node = v // the last one wins, as for the processes
+		}
+	}
+	b, err := subprocess.New(subprocess.Config{DataRoot: filepath.Join(pf.dataDir, "engines"), EngineBinary: testenv.EngineBinary(pf.t),
+		Node: node}, testenv.Quiet())
+	if err != nil {
+		return
+	}
+	(&fleet{Backend: b}).removeEngines()
 }
 
 type proc struct {
