@@ -14,7 +14,7 @@ build: ## static binaries in .build/
 run: build ## a whole local fleet: Postgres under .data/, migrations, all roles in the foreground
 	@scripts/run.sh
 
-test: ## the whole suite against a throwaway Postgres (or ORCH_TEST_DATABASE_URL)
+test: kube ## the whole suite against a throwaway Postgres (or ORCH_TEST_DATABASE_URL) and a cached Kubernetes control plane
 	@mkdir -p .data && url="$${ORCH_TEST_DATABASE_URL:-$$(scripts/pg.sh)}" && \
 	ORCH_TEST_DATABASE_URL="$$url" $(GO) test -count=1 -timeout 45m -p 2 ./... 2>&1 | tee .data/test.log; \
 	exit $${PIPESTATUS[0]}
