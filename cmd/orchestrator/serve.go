@@ -55,8 +55,11 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 	var rc *river.Client[pgx.Tx]
 	var w *workers.Workers
 	if r.worker {
-		fleetID, err := schema.New(pool).FleetID(ctx)
-		if err != nil {
+		var fleetID string
+		if err := untilReachable(ctx, log, "read fleet id", func() (err error) {
+			fleetID, err = schema.New(pool).FleetID(ctx)
+			return err
+		}); err != nil {
 			return err
 		}
 		be, err := newBackend(ctx, cfg, fleetID, log)
