@@ -25,7 +25,8 @@ bench: ## benchmarks side by side with their baselines, printed as a table
 	ORCH_TEST_DATABASE_URL="$$url" $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m $$($(GO) list ./... | grep -v '/api$$'); \
 	} 2>&1 | grep -E '^(Benchmark|ok|FAIL|---)' | tee .data/bench.log
 
-gen: ## regenerate openapi.yaml, its 3.0 rendering and the Go SDK
+gen: ## regenerate the sqlc queries, openapi.yaml, its 3.0 rendering and the Go SDK
+	cd schema && $(GO) tool sqlc generate
 	$(GO) test ./api -run OpenAPIGolden -update >/dev/null
 	cd sdk/go && $(GO) tool oapi-codegen -config oapi-codegen.yaml openapi-3.0.yaml
 
@@ -41,9 +42,10 @@ orchestrator-image: build
 	cp $(BUILD)/orchestrator $(BUILD)/ctx-orch/orchestrator
 	docker build -q -f deploy/orchestrator.Dockerfile -t enginefleet/orchestrator:$(VERSION) $(BUILD)/ctx-orch
 
-lint: ## gofmt + go vet
+lint: ## gofmt + go vet + generated queries up to date
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
+	cd schema && $(GO) tool sqlc diff
 
 kube: ## the kubernetes backend's test control plane (etcd, kube-apiserver, scheduler, controller-manager, kwok), built once into ~/.cache
 	@scripts/kube.sh
