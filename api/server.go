@@ -8,6 +8,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -249,10 +250,18 @@ func routeOf(pattern string) string {
 	return pattern
 }
 
+// writeEnvelope writes the contract's error envelope from outside huma
+// (unknown routes, the admin UI's guard, panics). It is encoded with
+// encoding/json, never by hand: the message may carry a client's path,
+// whose control bytes, quotes and invalid UTF-8 must still make valid JSON.
 func writeEnvelope(w http.ResponseWriter, r *http.Request, status int, code orch.Code, msg string) {
+	b, err := json.Marshal(ErrorBody{Error: ErrorDetail{Code: string(code), Message: msg, RequestID: requestID(r.Context())}})
+	if err != nil { // cannot happen: three strings
+		b = []byte(`{"error":{"code":"INTERNAL_ERROR","message":"internal error"}}`)
+	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
-	fmt.Fprintf(w, `{"error":{"code":%q,"message":%q,"request_id":%q}}`, code, msg, requestID(r.Context()))
+	w.Write(b) //nolint:errcheck
 }
 
 // OpenAPIYAML renders the OpenAPI document of the API (no database needed).
