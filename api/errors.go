@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"net/netip"
 	"strconv"
 
 	"github.com/danielgtaylor/huma/v2"
@@ -84,7 +85,14 @@ const (
 	ctxRequestID ctxKey = iota
 	ctxProduct
 	ctxLogAttrs
+	ctxClient
 )
+
+// clientFrom is the address the request is throttled under (clientAddr).
+func clientFrom(ctx context.Context) netip.Addr {
+	a, _ := ctx.Value(ctxClient).(netip.Addr)
+	return a
+}
 
 func requestID(ctx context.Context) string {
 	s, _ := ctx.Value(ctxRequestID).(string)

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"regexp"
 	"strings"
 	"sync"
@@ -32,32 +33,43 @@ import (
 
 // Config is what the API needs; cmd/orchestrator fills it from the environment.
 type Config struct {
-	AdminKey      string
-	DefaultImage  string        // ORCH_ENGINE_IMAGE
-	Images        *orch.Images  // ORCH_ENGINE_IMAGE_ALLOWLIST (nil = DefaultImage's repository)
-	PortMin       int           // ORCH_PORT_MIN
-	PortMax       int           // ORCH_PORT_MAX
-	Node          string        // engine host this replica provisions on ("local")
-	BootTimeout   time.Duration // ORCH_BOOT_TIMEOUT_S: how long a synchronous call waits
-	URLTemplate   string        // ORCH_ENGINE_URL_TEMPLATE, e.g. http://127.0.0.1:{port}
-	KeyOverlap    time.Duration // engine key rotation overlap
-	Version       string
-	ProductsCache time.Duration // negative-cache lifetime for unknown platform keys
+	AdminKey     string
+	DefaultImage string        // ORCH_ENGINE_IMAGE
+	Images       *orch.Images  // ORCH_ENGINE_IMAGE_ALLOWLIST (nil = DefaultImage's repository)
+	PortMin      int           // ORCH_PORT_MIN
+	PortMax      int           // ORCH_PORT_MAX
+	Node         string        // engine host this replica provisions on ("local")
+	BootTimeout  time.Duration // ORCH_BOOT_TIMEOUT_S: how long a synchronous call waits
+	URLTemplate  string        // ORCH_ENGINE_URL_TEMPLATE, e.g. http://127.0.0.1:{port}
+	KeyOverlap   time.Duration // engine key rotation overlap
+	Version      string
+
+	// ProductTTL is how long a cached platform key is trusted before the
+	// database is asked again (0 = DefaultProductTTL).
+	ProductTTL time.Duration
+	// AuthFailuresPerSecond is how many failed authentications a client
+	// may make per second in the long run (burst 4×) before it is answered
+	// 429 RATE_LIMITED (0 = DefaultAuthFailuresPerSecond, < 0 = no limit).
+	AuthFailuresPerSecond float64
+	// TrustedProxies are the proxies whose X-Forwarded-For names the
+	// client (ORCH_TRUSTED_PROXIES); none = the peer is the client.
+	TrustedProxies []netip.Prefix
 
 	Metrics *metrics.Metrics // admit and request latency (nil = none)
 }
 
 // Server is one API replica.
 type Server struct {
-	cfg      Config
-	pool     *pgxpool.Pool
-	river    *river.Client[pgx.Tx]
-	keyring  *keys.Keyring
-	log      *slog.Logger
-	api      huma.API
-	mux      *http.ServeMux
-	products *productCache
-	waiters  *waiters
+	cfg       Config
+	pool      *pgxpool.Pool
+	river     *river.Client[pgx.Tx]
+	keyring   *keys.Keyring
+	log       *slog.Logger
+	api       huma.API
+	mux       *http.ServeMux
+	products  *productCache
+	authFails *authThrottle // failed authentications per client (throttle.go)
+	waiters   *waiters
 	// stopWaits is closed when a draining process can wait no longer
 	// (StopWaiting): requests waiting for an operation answer at once.
 	stopWaits    chan struct{}
@@ -81,7 +93,8 @@ func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyr
 		cfg.Images = &im
 	}
 	s := &Server{cfg: cfg, pool: pool, river: rc, keyring: kr, log: log, mux: http.NewServeMux()}
-	s.products = newProductCache(pool)
+	s.products = newProductCache(pool, cfg.ProductTTL)
+	s.authFails = newAuthThrottle(cfg.AuthFailuresPerSecond)
 	s.waiters = newWaiters()
 	s.stopWaits = make(chan struct{})
 	s.api = humago.New(s.mux, humaConfig(cfg.Version))
@@ -194,6 +207,7 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 		la := &logAttrs{}
 		ctx := context.WithValue(r.Context(), ctxRequestID, rid)
 		ctx = context.WithValue(ctx, ctxLogAttrs, la)
+		ctx = context.WithValue(ctx, ctxClient, clientAddr(r, s.cfg.TrustedProxies))
 		rec := &statusRecorder{ResponseWriter: w}
 		r2 := r.WithContext(ctx) // the mux records the matched pattern on it
 		defer func() {
@@ -248,6 +262,16 @@ func routeOf(pattern string) string {
 		return ""
 	}
 	return pattern
+}
+
+// writeError writes err as the contract's envelope (status, code and
+// headers as toHTTP makes them) from outside huma.
+func writeError(w http.ResponseWriter, r *http.Request, err error) {
+	ae := toHTTP(r.Context(), err).(*ErrorResponse)
+	for k, v := range ae.GetHeaders() {
+		w.Header()[k] = v
+	}
+	writeEnvelope(w, r, ae.status, orch.Code(ae.ErrorBody.Error.Code), ae.ErrorBody.Error.Message)
 }
 
 // writeEnvelope writes the contract's error envelope from outside huma

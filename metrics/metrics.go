@@ -73,6 +73,7 @@ type Metrics struct {
 	requests      *prometheus.HistogramVec
 	leader        atomic.Uint64               // math.Float64bits of the set value
 	leaderFn      atomic.Pointer[func() bool] // when set, read at scrape time instead
+	apiGuards
 }
 
 // New builds the metrics and registers them, with the Go runtime and
@@ -122,6 +123,7 @@ func New(cfg Config) *Metrics {
 	for _, r := range []string{"health", "crash"} {
 		m.crashes.WithLabelValues(r)
 	}
+	m.registerAPIGuards()
 	if cfg.Source != nil {
 		m.reg.MustRegister(newFleetCollector(cfg))
 	}
