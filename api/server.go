@@ -75,7 +75,8 @@ type Server struct {
 	stopWaits    chan struct{}
 	stopWaitsOne sync.Once
 	activity     activity
-	rates        rateLimiter // admit rate limits shared with every replica (ratelimit.go)
+	denied       *deniedAudit // admit_denied rows, aggregated (denied.go)
+	rates        rateLimiter  // admit rate limits shared with every replica (ratelimit.go)
 	migrated     atomic.Bool
 	adminUI      *adminUI // River UI at /admin/jobs (adminui.go)
 }
@@ -96,6 +97,7 @@ func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyr
 	s.products = newProductCache(pool, cfg.ProductTTL)
 	s.authFails = newAuthThrottle(cfg.AuthFailuresPerSecond)
 	s.waiters = newWaiters()
+	s.denied = newDeniedAudit(pool, log, cfg.Metrics)
 	s.stopWaits = make(chan struct{})
 	s.api = humago.New(s.mux, humaConfig(cfg.Version))
 	s.api.UseMiddleware(s.authMiddleware, s.validateUserPath) // key first: no key, no hints
@@ -153,8 +155,13 @@ func (s *Server) Handler() http.Handler {
 	return s.withRequestLog(s.mux)
 }
 
-// Run starts the server's background work (the NOTIFY listener) until ctx ends.
+// Run starts the server's background work (the NOTIFY listener, the
+// admit_denied writer) until ctx ends; it returns once the writer has
+// written what was pending.
 func (s *Server) Run(ctx context.Context) {
+	denied := make(chan struct{})
+	go func() { defer close(denied); s.denied.run(ctx) }()
+	defer func() { <-denied }()
 	s.startAdminUI(ctx)
 	l := &listener{pool: s.pool, log: s.log, handlers: map[string]func(string){
 		schema.ChannelProducts: s.products.invalidate,
