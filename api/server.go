@@ -78,7 +78,8 @@ type Server struct {
 	denied       *deniedAudit // admit_denied rows, aggregated (denied.go)
 	rates        rateLimiter  // admit rate limits shared with every replica (ratelimit.go)
 	migrated     atomic.Bool
-	adminUI      *adminUI // River UI at /admin/jobs (adminui.go)
+	adminUI      *adminUI      // River UI at /admin/jobs (adminui.go)
+	writeTimeout time.Duration // WriteTimeout (tests shorten it)
 }
 
 // New builds the API. river may be an insert-only client (no workers).
@@ -93,7 +94,7 @@ func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyr
 		im, _ := orch.ParseImages(cfg.DefaultImage, "") // cannot fail without a list
 		cfg.Images = &im
 	}
-	s := &Server{cfg: cfg, pool: pool, river: rc, keyring: kr, log: log, mux: http.NewServeMux()}
+	s := &Server{cfg: cfg, pool: pool, river: rc, keyring: kr, log: log, mux: http.NewServeMux(), writeTimeout: WriteTimeout}
 	s.products = newProductCache(pool, cfg.ProductTTL)
 	s.authFails = newAuthThrottle(cfg.AuthFailuresPerSecond)
 	s.waiters = newWaiters()
@@ -180,22 +181,30 @@ type logAttrs struct {
 	err     error
 }
 
+// statusRecorder records the status for the access log, and gives the
+// response WriteTimeout to be written from the moment it starts: a client
+// that does not read it cannot hold the handler forever, and a handler
+// that waits long before answering is not cut.
 type statusRecorder struct {
 	http.ResponseWriter
-	status int
+	status       int
+	writeTimeout time.Duration
+}
+
+func (r *statusRecorder) start(code int) {
+	if r.status == 0 {
+		r.status = code
+		http.NewResponseController(r.ResponseWriter).SetWriteDeadline(time.Now().Add(r.writeTimeout)) //nolint:errcheck // unsupported: no deadline
+	}
 }
 
 func (r *statusRecorder) WriteHeader(code int) {
-	if r.status == 0 {
-		r.status = code
-	}
+	r.start(code)
 	r.ResponseWriter.WriteHeader(code)
 }
 
 func (r *statusRecorder) Write(b []byte) (int, error) {
-	if r.status == 0 {
-		r.status = http.StatusOK
-	}
+	r.start(http.StatusOK)
 	return r.ResponseWriter.Write(b)
 }
 
@@ -215,7 +224,10 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 		ctx := context.WithValue(r.Context(), ctxRequestID, rid)
 		ctx = context.WithValue(ctx, ctxLogAttrs, la)
 		ctx = context.WithValue(ctx, ctxClient, clientAddr(r, s.cfg.TrustedProxies))
-		rec := &statusRecorder{ResponseWriter: w}
+		// A kept-alive connection may carry the previous response's write
+		// deadline: this request's response sets its own when it starts.
+		http.NewResponseController(w).SetWriteDeadline(time.Time{}) //nolint:errcheck
+		rec := &statusRecorder{ResponseWriter: w, writeTimeout: s.writeTimeout}
 		r2 := r.WithContext(ctx) // the mux records the matched pattern on it
 		defer func() {
 			if p := recover(); p != nil {
@@ -243,7 +255,9 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 			}
 			s.log.Log(ctx, level, "request", attrs...)
 		}()
-		next.ServeHTTP(rec, r2)
+		if limitBody(rec, r2) {
+			next.ServeHTTP(rec, r2)
+		}
 	})
 }
 

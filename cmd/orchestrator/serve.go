@@ -99,7 +99,7 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 		apiSrv = api.New(acfg, pool, rc, kr, log)
 		wg.Add(1)
 		go func() { defer wg.Done(); apiSrv.Run(bg) }()
-		httpSrv = &http.Server{Addr: cfg.ListenAddr, Handler: apiSrv.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		httpSrv = apiSrv.HTTPServer(cfg.ListenAddr) // header, body and idle limits (api/httpserver.go)
 		go func() {
 			log.Info("api listening", "addr", cfg.ListenAddr)
 			if err := httpSrv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
