@@ -160,8 +160,13 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 }
 
 func apiConfig(cfg Config) api.Config {
+	authFailures := float64(cfg.AuthFailuresPerSecond)
+	if authFailures == 0 {
+		authFailures = -1 // ORCH_AUTH_FAILURES_PER_S=0: no limit
+	}
 	return api.Config{AdminKey: cfg.AdminKey, DefaultImage: cfg.EngineImage, Images: &cfg.Images, PortMin: cfg.PortMin, PortMax: cfg.PortMax,
-		Node: cfg.Node, BootTimeout: cfg.BootTimeout, URLTemplate: cfg.URLTemplate, KeyOverlap: cfg.KeyOverlap, Version: version}
+		Node: cfg.Node, BootTimeout: cfg.BootTimeout, URLTemplate: cfg.URLTemplate, KeyOverlap: cfg.KeyOverlap, Version: version,
+		AuthFailuresPerSecond: authFailures, TrustedProxies: cfg.TrustedProxies}
 }
 
 func workerConfig(cfg Config) workers.Config {
