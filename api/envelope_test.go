@@ -45,3 +45,27 @@ func TestEnvelopeIsValidJSONForAnyPath(t *testing.T) {
 		}
 	}
 }
+
+// A path that is not clean is answered NOT_FOUND in the envelope, not
+// redirected (with an HTML body, and a GET the client would send next
+// whatever its method).
+func TestUncleanPathEnvelope(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, "", testConfig())
+	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	for _, p := range []string{"//engines", "/engines/../products", "/engines/./x/admit", "/a//b", "/engines/%2e%2e/products"} {
+		req, err := http.NewRequest("POST", h.URL+p, strings.NewReader(`{}`))
+		require.NoError(t, err)
+		resp, err := client.Do(req)
+		require.NoError(t, err)
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		require.Equal(t, http.StatusNotFound, resp.StatusCode, "%s: %s", p, raw)
+		require.Empty(t, resp.Header.Get("Location"))
+		var body struct {
+			Error struct{ Code string } `json:"error"`
+		}
+		require.NoError(t, json.Unmarshal(raw, &body), "%s: %q", p, raw)
+		require.Equal(t, "NOT_FOUND", body.Error.Code)
+	}
+}

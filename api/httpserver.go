@@ -44,6 +44,8 @@ func (s *Server) HTTPServer(addr string) *http.Server {
 		IdleTimeout:       IdleTimeout,
 		MaxHeaderBytes:    MaxHeaderBytes,
 		// WriteTimeout stays 0: per response instead (WriteTimeout above).
+		// "OPTIONS *" reaches the API too, and is answered in its envelope.
+		DisableGeneralOptionsHandler: true,
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/netip"
+	"path"
 	"regexp"
 	"strings"
 	"sync"
@@ -153,7 +154,37 @@ func (s *Server) register() {
 
 // Handler is the root HTTP handler: request ids, recovery, access log.
 func (s *Server) Handler() http.Handler {
-	return s.withRequestLog(s.mux)
+	return s.withRequestLog(http.HandlerFunc(s.route))
+}
+
+// route hands the request to the mux, except a path that is not clean
+// ("//x", "/a/../b"): the mux would answer it with a redirect to the clean
+// path and an HTML body, which clients would follow with a GET whatever
+// the method. It is answered NOT_FOUND in the envelope instead.
+func (s *Server) route(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodConnect {
+		if clean := cleanPath(r.URL.Path); clean != r.URL.Path {
+			writeEnvelope(w, r, http.StatusNotFound, orch.CodeNotFound,
+				"no such route: "+r.Method+" "+r.URL.Path+" (a path must be clean: "+clean+")")
+			return
+		}
+	}
+	s.mux.ServeHTTP(w, r)
+}
+
+// cleanPath is the path ServeMux would redirect to (net/http's cleanPath).
+func cleanPath(p string) string {
+	if p == "" {
+		return "/"
+	}
+	if p[0] != '/' {
+		p = "/" + p
+	}
+	np := path.Clean(p)
+	if p[len(p)-1] == '/' && np != "/" {
+		np += "/"
+	}
+	return np
 }
 
 // Run starts the server's background work (the NOTIFY listener, the
