@@ -6,7 +6,7 @@ BUILD := .build
 LDFLAGS := -s -w -X main.version=$(VERSION)
 FUZZTIME ?= 60s
 
-.PHONY: run test fuzz bench gen image lint build engine-image orchestrator-image pg-stop clean
+.PHONY: run test fuzz loadtest bench gen image lint build engine-image orchestrator-image pg-stop clean
 
 build: ## static binaries in .build/
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BUILD)/orchestrator ./cmd/orchestrator
@@ -25,6 +25,11 @@ fuzz: ## FUZZTIME (60s) of fuzzing the API (FuzzAPI: a real server on a real dat
 	@mkdir -p .data && url="$${ORCH_TEST_DATABASE_URL:-$$(scripts/pg.sh)}" && \
 	ORCH_TEST_DATABASE_URL="$$url" $(GO) test -run '^$$' -fuzz '^FuzzAPI$$' -fuzztime $(FUZZTIME) ./api 2>&1 | tee .data/fuzz.log; \
 	exit $${PIPESTATUS[0]}
+
+loadtest: ## a real `orchestrator serve` flooded with bad platform keys: its RSS must stay flat
+	@mkdir -p .data && url="$${ORCH_TEST_DATABASE_URL:-$$(scripts/pg.sh)}" && \
+	ORCH_TEST_DATABASE_URL="$$url" ORCH_LOADTEST=1 $(GO) test -count=1 -v -run '^TestServeBadAuthFloodRSS$$' -timeout 20m ./cmd/orchestrator 2>&1 | \
+	grep -E '^(---|ok|FAIL|\s+loadtest_test)'; exit $${PIPESTATUS[0]}
 
 bench: ## benchmarks side by side with their baselines, printed as a table
 	@mkdir -p .data && url="$${ORCH_TEST_DATABASE_URL:-$$(scripts/pg.sh)}" && { \
