@@ -78,10 +78,16 @@ func (s *Server) checkAdmin(ctx context.Context, got string) error {
 func (s *Server) checkPlatform(ctx context.Context, key string) (orch.Product, error) {
 	client, now := clientFrom(ctx), time.Now()
 	var h string
+	var known bool
 	if key != "" {
 		h = keys.Hash(key)
+		var p orch.Product
+		var fresh bool
+		if p, fresh, known = s.products.peek(h, now); fresh {
+			return p, nil // the hot path: one read lock
+		}
 	}
-	if h == "" || !s.products.known(h) {
+	if !known {
 		if blocked, retry := s.authFails.blocked(client, now); blocked {
 			return orch.Product{}, s.authThrottled(retry)
 		}
@@ -203,13 +209,17 @@ func (e cachedProduct) fresh(now time.Time, ttl time.Duration) bool {
 
 var errInvalidPlatformKey = orch.Errorf(orch.CodeInvalidPlatformKey, "invalid X-Platform-Key")
 
-// known reports whether the key hash h is, or recently was, a valid key
-// (the auth throttle lets those through).
-func (c *productCache) known(h string) bool {
+// peek returns the product of key hash h when its entry is fresh; known
+// says whether h is, or recently was, a valid key (the auth throttle lets
+// those through).
+func (c *productCache) peek(h string, now time.Time) (p orch.Product, fresh, known bool) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	_, ok := c.byKey[h]
-	return ok
+	e, ok := c.byKey[h]
+	if ok && e.fresh(now, c.ttl) {
+		return e.product, true, true
+	}
+	return orch.Product{}, false, ok
 }
 
 // lookup returns the product whose key hashes to h: INVALID_PLATFORM_KEY
