@@ -3,7 +3,6 @@ package api
 import (
 	"context"
 	"errors"
-	"hash/maphash"
 	"strconv"
 	"strings"
 	"sync"
@@ -376,10 +375,12 @@ const (
 	activityShardSize = 4096
 )
 
-var activitySeed = maphash.MakeSeed()
-
 func (a *activity) due(engineID string, now time.Time) bool {
-	sh := &a.shards[maphash.String(activitySeed, engineID)%activityShards]
+	h := uint32(2166136261) // FNV-1a: engine ids are ours (UUIDs), not a client's
+	for i := 0; i < len(engineID); i++ {
+		h = (h ^ uint32(engineID[i])) * 16777619
+	}
+	sh := &a.shards[h%activityShards]
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	if sh.last.size == 0 {
