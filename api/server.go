@@ -254,7 +254,8 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 		la := &logAttrs{}
 		ctx := context.WithValue(r.Context(), ctxRequestID, rid)
 		ctx = context.WithValue(ctx, ctxLogAttrs, la)
-		ctx = context.WithValue(ctx, ctxClient, clientAddr(r, s.cfg.TrustedProxies))
+		client := clientAddr(r, s.cfg.TrustedProxies)
+		ctx = context.WithValue(ctx, ctxClient, client)
 		// A kept-alive connection may carry the previous response's write
 		// deadline: this request's response sets its own when it starts.
 		http.NewResponseController(w).SetWriteDeadline(time.Time{}) //nolint:errcheck
@@ -273,7 +274,7 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 			}
 			s.cfg.Metrics.ObserveRequest(r.Method, route, status, took)
 			attrs := []any{"method", r.Method, "route", route, "path", r.URL.Path, "status", status,
-				"duration_ms", float64(took.Microseconds()) / 1000, "request_id", rid}
+				"duration_ms", float64(took.Microseconds()) / 1000, "request_id", rid, "client", client.String()}
 			if la.product != "" {
 				attrs = append(attrs, "product", la.product)
 			}
