@@ -6,7 +6,7 @@ BUILD := .build
 LDFLAGS := -s -w -X main.version=$(VERSION)
 FUZZTIME ?= 60s
 
-.PHONY: run test fuzz loadtest bench gen image lint build engine-image orchestrator-image pg-stop clean
+.PHONY: run test fuzz loadtest bench gen image lint build engine-image orchestrator-image pg-stop clean kube
 
 build: ## static binaries in .build/
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BUILD)/orchestrator ./cmd/orchestrator
@@ -15,7 +15,7 @@ build: ## static binaries in .build/
 run: build ## a whole local fleet: Postgres under .data/, migrations, all roles in the foreground
 	@scripts/run.sh
 
-test: ## the whole suite against a throwaway Postgres (or ORCH_TEST_DATABASE_URL), then `make fuzz`
+test: kube ## the whole suite against a throwaway Postgres (or ORCH_TEST_DATABASE_URL) and a cached Kubernetes control plane, then `make fuzz`
 	@mkdir -p .data && url="$${ORCH_TEST_DATABASE_URL:-$$(scripts/pg.sh)}" && \
 	ORCH_TEST_DATABASE_URL="$$url" $(GO) test -count=1 -timeout 45m -p 2 ./... 2>&1 | tee .data/test.log; \
 	rc=$${PIPESTATUS[0]}; [ $$rc -eq 0 ] || exit $$rc; \
@@ -56,6 +56,9 @@ orchestrator-image: build
 lint: ## gofmt + go vet
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
+
+kube: ## the kubernetes backend's test control plane (etcd, kube-apiserver, scheduler, controller-manager, kwok), built once into ~/.cache
+	@scripts/kube.sh
 
 pg-stop: ## stop the throwaway Postgres
 	@scripts/pg.sh stop

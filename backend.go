@@ -14,6 +14,10 @@ const (
 	LabelEngineID  = "orchestrator.engine_id"  // engine uuid
 	LabelProductID = "orchestrator.product_id" // product uuid
 	LabelNode      = "orchestrator.node"       // node name
+	// LabelFleet is the id of the fleet (one per database) that made the
+	// object: deployments sharing a host only ever consider their own.
+	// Objects of older versions have none.
+	LabelFleet = "orchestrator.fleet"
 )
 
 // EngineSpec is everything a backend needs to run one engine (SPEC §8).
@@ -49,6 +53,15 @@ type RuntimeInfo struct {
 	ExitCode  int
 	OOMKilled bool
 	CreatedAt time.Time
+	// Unisolated is true for a container on a network where containers
+	// can reach each other (made by an older version): reconcile recreates
+	// a running one, which puts it on the engines' isolated network.
+	Unisolated bool
+	// NoFleet is true for a container without a fleet label (made by an
+	// older version), which may be another deployment's: reconcile adopts
+	// it when this fleet's database has its engine row and never removes
+	// it otherwise.
+	NoFleet bool
 }
 
 // VolumeInfo describes one managed brain volume (or data directory).
@@ -56,12 +69,18 @@ type VolumeInfo struct {
 	EngineID  string
 	Name      string
 	CreatedAt time.Time
+	NoFleet   bool // no fleet label: see RuntimeInfo.NoFleet
 }
 
 // ErrImageUnavailable is wrapped by Ensure when the engine image is neither
 // present nor obtainable: retrying will not help, someone must publish the
 // image (or fix the engine_version).
 var ErrImageUnavailable = errors.New("engine image unavailable")
+
+// ErrPortUnavailable is wrapped by Start when the host refuses the engine's
+// host port (another program listens there, or a container this deployment
+// does not know publishes it): the workers move the engine to a free port.
+var ErrPortUnavailable = errors.New("host port unavailable")
 
 // RuntimeEvent is a runtime change observed by the backend (crash, OOM).
 type RuntimeEvent struct {
@@ -83,6 +102,7 @@ type Backend interface {
 	// not start it. The volume is never removed by Ensure.
 	Ensure(ctx context.Context, spec EngineSpec) error
 	// Start starts the engine's container; starting a running one is a no-op.
+	// A host port the host refuses is ErrPortUnavailable in the chain.
 	Start(ctx context.Context, engineID string) error
 	// Stop sends SIGTERM and waits up to grace, then SIGKILL. Stopping a
 	// stopped or missing one is a no-op.
@@ -93,7 +113,8 @@ type Backend interface {
 	RemoveVolume(ctx context.Context, engineID string) error
 	// Inspect reports the engine's runtime; RuntimeMissing when there is none.
 	Inspect(ctx context.Context, engineID string) (RuntimeInfo, error)
-	// List returns every managed runtime and volume on this node.
+	// List returns every managed runtime and volume on this node that
+	// belongs to this fleet or to none (NoFleet), never another fleet's.
 	List(ctx context.Context) ([]RuntimeInfo, []VolumeInfo, error)
 	// Pause and Unpause freeze the engine's processes (consistent backups).
 	Pause(ctx context.Context, engineID string) error

@@ -77,6 +77,19 @@ type Operation struct {
 	Status       OpStatus
 	ErrorCode    Code
 	ErrorMessage string
-	CreatedAt    time.Time
-	UpdatedAt    time.Time
+	// Deadline is when the operation must have ended, whatever happens to
+	// its job (see OperationDeadline); the operation sweep ends it then.
+	Deadline  time.Time
+	CreatedAt time.Time
+	UpdatedAt time.Time
+}
+
+// OperationDeadline is the bound on an operation whose job may start at
+// start: room for two full attempts of a job that stops an engine (30 s
+// grace) and boots it twice (upgrade, rotate-key and restore roll back by
+// booting again), their retry delays, and a few minutes of queueing. An
+// operation still unfinished then is failed (destroy is finished), and its
+// job cancelled.
+func OperationDeadline(start time.Time, bootTimeout time.Duration) time.Time {
+	return start.Add(2*(30*time.Second+2*bootTimeout+30*time.Second) + 5*time.Minute)
 }

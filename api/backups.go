@@ -11,6 +11,7 @@ import (
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -179,13 +180,11 @@ func (s *Server) requestBackup(ctx context.Context, p orch.Product, userID strin
 		if !orch.IsCode(err, orch.CodeOperationNotFound) {
 			return err
 		}
-		op := newOp(p, e, orch.OpBackup)
+		op := s.newOp(p, e, orch.OpBackup)
 		backupID = uuid.NewString()
-		if err := q.InsertOperation(ctx, op, schema.OpPayload{BackupID: backupID}); err != nil {
+		if err := lifecycle.Enqueue(ctx, tx, s.river, op, schema.OpPayload{BackupID: backupID},
+			jobs.Backup{EngineID: e.ID, Node: e.Node, BackupID: backupID, OperationID: op.ID}, nil); err != nil {
 			return err
-		}
-		if _, err := s.river.InsertTx(ctx, tx, jobs.Backup{EngineID: e.ID, Node: e.Node, BackupID: backupID, OperationID: op.ID}, nil); err != nil {
-			return &orch.Error{Code: orch.CodeInternal, Message: "could not enqueue the backup", Err: err}
 		}
 		opID = op.ID
 		return nil

@@ -16,6 +16,7 @@ import (
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/jobs"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -77,26 +78,14 @@ func lifecycleArgs(kind orch.OpKind, l jobs.Lifecycle, fromVersion string) river
 }
 
 // enqueue records op and inserts its job within tx.
-func (s *Server) enqueue(ctx context.Context, q *schema.Queries, tx pgx.Tx, e orch.Engine, op orch.Operation, payload schema.OpPayload) error {
-	if err := q.InsertOperation(ctx, op, payload); err != nil {
-		return err
-	}
+func (s *Server) enqueue(ctx context.Context, tx pgx.Tx, e orch.Engine, op orch.Operation, payload schema.OpPayload) error {
 	args := lifecycleArgs(op.Kind, jobs.Lifecycle{EngineID: e.ID, OperationID: op.ID, Node: e.Node}, e.EngineVersion)
-	res, err := s.river.InsertTx(ctx, tx, args, nil)
-	if err != nil {
-		return &orch.Error{Code: orch.CodeInternal, Message: "could not enqueue the operation", Err: err}
-	}
-	if res.UniqueSkippedAsDuplicate {
-		// Cannot happen for a fresh operation id; refuse rather than leave
-		// an operation no job will ever run.
-		return orch.Errorf(orch.CodeOperationInProgress, "an operation is already queued for this engine")
-	}
-	return nil
+	return lifecycle.Enqueue(ctx, tx, s.river, op, payload, args, nil)
 }
 
-func newOp(p orch.Product, e orch.Engine, kind orch.OpKind) orch.Operation {
+func (s *Server) newOp(p orch.Product, e orch.Engine, kind orch.OpKind) orch.Operation {
 	return orch.Operation{ID: uuid.NewString(), ProductID: p.ID, EngineID: e.ID, UserID: e.UserID, Kind: kind,
-		Status: orch.OpPending, Actor: p.Slug}
+		Status: orch.OpPending, Actor: p.Slug, Deadline: lifecycle.Deadline(nil, s.cfg.BootTimeout)}
 }
 
 // provisionResult is what provision hands back: the engine, the operation to
@@ -158,12 +147,12 @@ func (s *Server) provision(ctx context.Context, p orch.Product, userID, image st
 		deadline := time.Now().Add(2*s.cfg.BootTimeout + time.Minute)
 		e := orch.Engine{ID: uuid.NewString(), ProductID: p.ID, UserID: userID, Status: orch.StateProvisioning,
 			Node: s.cfg.Node, Port: port, EngineVersion: image, KeyHash: keys.Hash(key), KeyEnc: enc, StateDeadline: &deadline}
-		op := newOp(p, e, orch.OpProvision)
+		op := s.newOp(p, e, orch.OpProvision)
 		e.OperationID = op.ID
 		if err := q.InsertEngine(ctx, e); err != nil {
 			return err
 		}
-		if err := s.enqueue(ctx, q, tx, e, op, schema.OpPayload{}); err != nil {
+		if err := s.enqueue(ctx, tx, e, op, schema.OpPayload{}); err != nil {
 			return err
 		}
 		res = provisionResult{engine: e, opID: op.ID, key: key}
@@ -221,7 +210,7 @@ func (s *Server) operate(ctx context.Context, p orch.Product, userID string, r o
 				return err
 			}
 		}
-		op := newOp(p, e, r.kind)
+		op := s.newOp(p, e, r.kind)
 		state := r.state
 		if state == "" {
 			state = e.Status
@@ -235,7 +224,7 @@ func (s *Server) operate(ctx context.Context, p orch.Product, userID string, r o
 			return err
 		}
 		opID = op.ID
-		return s.enqueue(ctx, q, tx, e, op, r.payload)
+		return s.enqueue(ctx, tx, e, op, r.payload)
 	})
 	return e, opID, err
 }
@@ -286,13 +275,18 @@ func (s *Server) cancelAutoRestart(ctx context.Context, q *schema.Queries, tx pg
 }
 
 // wait blocks until the operation finishes or timeout, woken by NOTIFY on
-// the operation (no polling); a failed operation is returned as its error
-// code.
+// the operation (a slow poll only as a fallback); a failed operation is
+// returned as its error code.
 func (s *Server) wait(ctx context.Context, productID, opID string, timeout time.Duration) error {
 	ch, cancel := s.waiters.subscribe(opID)
 	defer cancel()
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
+	// NOTIFY wakes the wait; the slow poll is the safety net for a
+	// notification that never arrives (a listener whose connection went
+	// half-open, a NOTIFY lost in a reconnect).
+	poll := time.NewTicker(waitPoll)
+	defer poll.Stop()
 	q := schema.New(s.pool)
 	for {
 		op, err := q.GetOperation(ctx, productID, opID)
@@ -311,6 +305,7 @@ func (s *Server) wait(ctx context.Context, productID, opID string, timeout time.
 		select {
 		case <-retry:
 		case <-ch:
+		case <-poll.C:
 		case <-timer.C:
 			// BOOT_TIMEOUT is the contract's code for an engine that did
 			// not come up; other operations merely took too long.
@@ -327,6 +322,10 @@ func (s *Server) wait(ctx context.Context, productID, opID string, timeout time.
 		}
 	}
 }
+
+// waitPoll is how often a waiting request re-reads its operation without
+// being notified.
+const waitPoll = 2 * time.Second
 
 // waitTimeout is how long a synchronous request waits: the boot timeout,
 // plus slack for the job to be picked up and for a stop's grace period.

@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -19,6 +20,7 @@ type listener struct {
 	handlers    map[string]func(payload string)
 	onReconnect func()
 	ready       chan struct{} // closed once listening the first time (tests)
+	pingEvery   time.Duration // 0 = listenerPing
 }
 
 func (l *listener) run(ctx context.Context) {
@@ -63,8 +65,26 @@ func (l *listener) listenOnce(ctx context.Context, first bool) error {
 	if first && l.ready != nil {
 		close(l.ready)
 	}
+	every := l.pingEvery
+	if every == 0 {
+		every = listenerPing
+	}
 	for {
-		n, err := conn.Conn().WaitForNotification(ctx)
+		wctx, cancel := context.WithTimeout(ctx, every)
+		n, err := conn.Conn().WaitForNotification(wctx)
+		cancel()
+		if err != nil && ctx.Err() == nil && wctx.Err() != nil {
+			// Quiet for a while: make sure the connection still answers.
+			// A half-open one (the server or a middlebox gone without a
+			// FIN) would otherwise wait forever while NOTIFYs are lost.
+			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err = conn.Ping(pctx)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("listener ping: %w", err)
+			}
+			continue
+		}
 		if err != nil {
 			return err
 		}
@@ -73,6 +93,10 @@ func (l *listener) listenOnce(ctx context.Context, first bool) error {
 		}
 	}
 }
+
+// listenerPing is how long the listener waits for a notification before
+// it pings its connection.
+const listenerPing = 15 * time.Second
 
 // waiters lets requests sleep until an operation changes, woken by NOTIFY.
 type waiters struct {

@@ -43,6 +43,7 @@ type fleetOpts struct {
 	keyOverlap  time.Duration
 	image       string // default image (docker: built for the test)
 	orphanGrace time.Duration
+	node        string           // ORCH_NODE (default: one of its own)
 	metrics     *metrics.Metrics // Prometheus metrics of the fleet's API and workers (nil = none)
 
 	// Fleet upkeep (SPEC §6, §7); zero values keep the workers' defaults
@@ -70,6 +71,7 @@ type fleet struct {
 	Backend orch.Backend
 	River   *river.Client[pgx.Tx]
 	Node    string
+	Fleet   string // the database's fleet id (labels the Docker objects)
 	PortMin int
 	PortMax int
 	Image   string
@@ -107,8 +109,12 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 		o.keyOverlap = time.Minute
 	}
 	f := &fleet{t: t, Node: "e2e-" + randHex(4)}
+	if o.node != "" {
+		f.Node = o.node
+	}
 	f.DBURL = testenv.DB(t)
 	f.Pool = testenv.Pool(t, f.DBURL)
+	f.Fleet = fleetID(t, f.Pool)
 	f.PortMin = freeRange(t, o.ports)
 	f.PortMax = f.PortMin + o.ports - 1
 	var err error
@@ -123,7 +129,7 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 		if f.Image == "" {
 			f.Image = testenv.EngineImage(t, "e2e-1")
 		}
-		b, err := docker.New(docker.Config{Network: e2eNetwork, Node: f.Node}, log)
+		b, err := docker.New(docker.Config{Network: e2eNetwork, Node: f.Node, Fleet: f.Fleet}, log)
 		require.NoError(t, err)
 		f.Backend = b
 	default:
@@ -141,6 +147,7 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	w := workers.New(workers.Config{Metrics: o.metrics, BackupDir: f.Backups, AuditExportDir: f.Exports, AuditRetention: 30 * 24 * time.Hour,
 		AuditExportSettle: 50 * time.Millisecond, Node: f.Node, DefaultImage: f.Image, BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout,
 		EnvPassthrough: o.engineEnv, KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, OrphanGrace: o.orphanGrace,
+		PortMin: f.PortMin, PortMax: f.PortMax,
 		HealthInterval: o.healthInterval, HealthMaxFailures: o.maxFailures, RestartBackoffBase: o.backoffBase,
 		RestartBackoffMax: o.backoffMax, RestartMaxAttempts: o.maxAttempts, IdleAfter: o.idleAfter, SleepMode: o.sleepMode},
 		f.Pool, f.Backend, f.Keyring, log)
@@ -156,6 +163,10 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 		cancel()
 	})
 
+	lctx, stopLiveness := context.WithCancel(context.Background())
+	liveness := make(chan struct{})
+	go func() { defer close(liveness); w.RunLiveness(lctx, f.River) }()
+	t.Cleanup(func() { stopLiveness(); <-liveness }) // runs before River stops: cleanups are LIFO
 	if o.events {
 		go w.WatchEvents(ctx, f.River)
 	}
@@ -180,6 +191,14 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	t.Cleanup(ts.Close)
 	f.URL = ts.URL
 	return f
+}
+
+// fleetID is the fleet id of the database behind pool.
+func fleetID(t testing.TB, pool *pgxpool.Pool) string {
+	t.Helper()
+	id, err := schema.New(pool).FleetID(context.Background())
+	require.NoError(t, err)
+	return id
 }
 
 // sweep runs one health sweep of the fleet's node now and waits for it.

@@ -4,6 +4,7 @@ import (
 	"os"
 	"testing"
 
+	"github.com/enginefleet/orchestrator/backend/docker"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
@@ -14,5 +15,7 @@ const e2eNetwork = "enginefleet_e2e_net"
 func TestMain(m *testing.M) {
 	code := m.Run()
 	testenv.RemoveNetworkIfEmpty(e2eNetwork)
+	testenv.RemoveNetworkIfEmpty(e2eNetwork + docker.IsolatedSuffix) // when an older run's open network held the name
+
 	os.Exit(code)
 }

@@ -180,7 +180,7 @@ func TestDockerOutage(t *testing.T) {
 	image := testenv.EngineImage(t, "e2e-1")
 	pf := newProcFleet(t)
 	node := "e2e-dockerout-" + randHex(4)
-	be, err := docker.New(docker.Config{Network: e2eNetwork, Node: node}, testenv.Quiet())
+	be, err := docker.New(docker.Config{Network: e2eNetwork, Node: node, Fleet: fleetID(t, testenv.Pool(t, pf.dbURL))}, testenv.Quiet())
 	require.NoError(t, err)
 	f := &fleet{t: t, Backend: be, Node: node}
 	t.Cleanup(f.removeEngines)

@@ -7,12 +7,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/enginefleet/orchestrator/backend/subprocess"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/keys"
 )
@@ -48,12 +50,27 @@ func newProcFleet(t *testing.T, extraEnv ...string) *procFleet {
 			t.Logf("orchestrator logs:\n%s", b)
 		}
 	})
-	t.Cleanup(func() {
-		// Engines are processes in their own groups: stop them.
-		out, _ := exec.Command("pkill", "-f", filepath.Join(data, "engines")).CombinedOutput()
-		_ = out
-	})
+	t.Cleanup(func() { pf.stopEngines(env) })
 	return pf
+}
+
+// stopEngines stops the engine processes the fleet's workers started: they
+// run in process groups of their own and outlive the orchestrator, so the
+// subprocess backend on the fleet's data root removes them (their command
+// line names no path a pattern could match).
+func (pf *procFleet) stopEngines(env []string) {
+	node := ""
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "ORCH_NODE="); ok {
+			node = v // the last one wins, as for the processes
+		}
+	}
+	b, err := subprocess.New(subprocess.Config{DataRoot: filepath.Join(pf.dataDir, "engines"), EngineBinary: testenv.EngineBinary(pf.t),
+		Node: node}, testenv.Quiet())
+	if err != nil {
+		return
+	}
+	(&fleet{Backend: b}).removeEngines()
 }
 
 type proc struct {
@@ -64,13 +81,14 @@ type proc struct {
 
 func freePort(t *testing.T) int { return testenv.FreePort(t) }
 
-// start runs `orchestrator serve --roles=<roles>`; API roles get a free port.
-func (pf *procFleet) start(roles string) *proc {
+// start runs `orchestrator serve --roles=<roles>` with extra environment;
+// API roles get a free port.
+func (pf *procFleet) start(roles string, extraEnv ...string) *proc {
 	pf.t.Helper()
 	lf, err := os.OpenFile(pf.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	require.NoError(pf.t, err)
 	p := &proc{done: make(chan error, 1)}
-	env := pf.env
+	env := append(append([]string{}, pf.env...), extraEnv...)
 	if roles == "api" || roles == "api,worker" {
 		p.addr = fmt.Sprintf("127.0.0.1:%d", freePort(pf.t))
 		env = append(env, "ORCH_LISTEN_ADDR="+p.addr)

@@ -13,6 +13,7 @@ import (
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/internal/testenv"
+	"github.com/enginefleet/orchestrator/schema"
 )
 
 // Drift: a container removed behind our back is recreated on its volume by
@@ -36,10 +37,10 @@ func TestReconcileDriftDocker(t *testing.T) {
 	stranger := uuid.NewString()
 	_, err = cli.ContainerCreate(ctx, client.ContainerCreateOptions{Name: "engine-" + stranger, Image: f.Image,
 		Config: &container.Config{Labels: map[string]string{orch.LabelManaged: "true", orch.LabelEngineID: stranger,
-			orch.LabelNode: f.Node, "orchestrator.test": "true"}}})
+			orch.LabelNode: f.Node, orch.LabelFleet: f.Fleet, "orchestrator.test": "true"}}})
 	require.NoError(t, err)
 
-	n, err := f.Workers.Reconcile(ctx, 1)
+	n, err := f.Workers.Reconcile(ctx, schema.Lease{Job: -1})
 	require.NoError(t, err)
 	require.Equal(t, 1, n, "only the missing container is repaired; the stranger is inside its grace period")
 	m := engineCall(t, "GET", url+"/memories?q=drift", ekey, nil)
@@ -47,7 +48,7 @@ func TestReconcileDriftDocker(t *testing.T) {
 	require.Len(t, m.Body["memories"], 1, "recreated on the same volume")
 
 	time.Sleep(6 * time.Second)
-	n, err = f.Workers.Reconcile(ctx, 2)
+	n, err = f.Workers.Reconcile(ctx, schema.Lease{Job: -2})
 	require.NoError(t, err)
 	require.Equal(t, 1, n)
 	info, err := f.Backend.Inspect(ctx, stranger)

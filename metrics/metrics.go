@@ -67,6 +67,8 @@ type Metrics struct {
 	restarts      *prometheus.CounterVec
 	crashes       *prometheus.CounterVec
 	probeFailures prometheus.Counter
+	rescued       prometheus.Counter
+	abandoned     *prometheus.CounterVec
 	admit         *prometheus.HistogramVec
 	boot          *prometheus.HistogramVec
 	jobs          *prometheus.HistogramVec
@@ -92,6 +94,11 @@ func New(cfg Config) *Metrics {
 		[]string{"reason"})
 	m.probeFailures = prometheus.NewCounter(prometheus.CounterOpts{Namespace: Namespace, Name: "health_probe_failures_total",
 		Help: "Failed engine health probes of the health sweeps (timeouts, non-2xx, status not ok)."})
+	m.rescued = prometheus.NewCounter(prometheus.CounterOpts{Namespace: Namespace, Name: "jobs_rescued_total",
+		Help: "Running jobs this process re-queued because their worker process died (or lost them)."})
+	m.abandoned = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: "operations_abandoned_total",
+		Help: "Operations this process ended because nothing else would: their job was cancelled, discarded or deleted, or their deadline passed (by reason)."},
+		[]string{"reason"})
 	m.admit = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: Namespace, Name: "admit_duration_seconds",
 		Help:    "POST /engines/{user_id}/admit latency by outcome (warm, cold, wake, denied, error).",
 		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120}}, []string{"outcome"})
@@ -109,7 +116,7 @@ func New(cfg Config) *Metrics {
 	build := prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Name: "build_info",
 		Help: "Always 1; the version label is the running build.", ConstLabels: prometheus.Labels{"version": cfg.Version}})
 	build.Set(1)
-	m.reg.MustRegister(m.provisions, m.destroys, m.restarts, m.crashes, m.probeFailures, m.admit, m.boot, m.jobs,
+	m.reg.MustRegister(m.provisions, m.destroys, m.restarts, m.crashes, m.probeFailures, m.rescued, m.abandoned, m.admit, m.boot, m.jobs,
 		m.requests, leader, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Series that alerts and dashboards rate() exist from the start at 0,
@@ -285,6 +292,22 @@ func (m *Metrics) HealthProbeFailures(n int) {
 		return
 	}
 	m.probeFailures.Add(float64(n))
+}
+
+// JobsRescued adds n jobs re-queued from dead or job-losing workers.
+func (m *Metrics) JobsRescued(n int) {
+	if m == nil || n <= 0 {
+		return
+	}
+	m.rescued.Add(float64(n))
+}
+
+// OperationAbandoned counts one operation ended by the operation sweep.
+func (m *Metrics) OperationAbandoned(reason string) {
+	if m == nil {
+		return
+	}
+	m.abandoned.WithLabelValues(reason).Inc()
 }
 
 // SetSchedulerLeader reports whether this process's scheduler leads.

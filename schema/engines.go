@@ -83,17 +83,19 @@ func (q *Queries) CountEngines(ctx context.Context, productID string) (int, erro
 	return n, nil
 }
 
-// FreePort returns the lowest port in [min, max] no engine on node holds,
-// under a transaction-scoped lock per node so concurrent provisions on any
-// replica pick different ports (the unique (node, port) constraint is the
-// final guarantee). PORT_EXHAUSTION when none is free.
+// FreePort returns the lowest port in [min, max] no engine on node holds
+// and the node has not refused lately (port_blocks, see ports.go), under a
+// transaction-scoped lock per node (LockPorts) so concurrent provisions on
+// any replica pick different ports (the unique (node, port) constraint is
+// the final guarantee). PORT_EXHAUSTION when none is free.
 func (q *Queries) FreePort(ctx context.Context, node string, min, max int) (int, error) {
-	if _, err := q.db.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('orch_ports:' || $1))`, node); err != nil {
-		return 0, fmt.Errorf("lock port range: %w", err)
+	if err := q.LockPorts(ctx, node); err != nil {
+		return 0, err
 	}
 	var port *int
 	err := q.db.QueryRow(ctx, `SELECT min(p) FROM generate_series($2::int, $3::int) AS p
-		WHERE NOT EXISTS (SELECT 1 FROM engines WHERE node = $1 AND port = p)`, node, min, max).Scan(&port)
+		WHERE NOT EXISTS (SELECT 1 FROM engines WHERE node = $1 AND port = p)
+		  AND NOT EXISTS (SELECT 1 FROM port_blocks b WHERE b.node = $1 AND b.port = p AND b.blocked_until > now())`, node, min, max).Scan(&port)
 	if err != nil {
 		return 0, fmt.Errorf("find free port: %w", err)
 	}
@@ -218,30 +220,6 @@ func (q *Queries) DeleteEngine(ctx context.Context, id string) error {
 func (q *Queries) TouchActivity(ctx context.Context, id string) error {
 	if _, err := q.db.Exec(ctx, `UPDATE engines SET last_active_at = now() WHERE id = $1`, id); err != nil {
 		return fmt.Errorf("touch activity: %w", err)
-	}
-	return nil
-}
-
-// AcquireLease gives job exclusive work on an engine until `until`,
-// unless another live job holds it. ENGINE_NOT_FOUND if the row is gone.
-func (q *Queries) AcquireLease(ctx context.Context, engineID string, jobID int64, until time.Time) (bool, error) {
-	var exists, got bool
-	err := q.db.QueryRow(ctx, `WITH u AS (UPDATE engines SET lease_job_id = $2, lease_until = $3
-			WHERE id = $1 AND (lease_job_id IS NULL OR lease_job_id = $2 OR lease_until < now()) RETURNING 1)
-		SELECT EXISTS (SELECT 1 FROM engines WHERE id = $1), EXISTS (SELECT 1 FROM u)`, engineID, jobID, until).Scan(&exists, &got)
-	if err != nil {
-		return false, fmt.Errorf("acquire engine lease: %w", err)
-	}
-	if !exists {
-		return false, orch.Errorf(orch.CodeEngineNotFound, "engine not found")
-	}
-	return got, nil
-}
-
-// ReleaseLease gives up job's lease on an engine (if it still holds it).
-func (q *Queries) ReleaseLease(ctx context.Context, engineID string, jobID int64) error {
-	if _, err := q.db.Exec(ctx, `UPDATE engines SET lease_job_id = NULL, lease_until = NULL WHERE id = $1 AND lease_job_id = $2`, engineID, jobID); err != nil {
-		return fmt.Errorf("release engine lease: %w", err)
 	}
 	return nil
 }

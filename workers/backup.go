@@ -122,9 +122,10 @@ func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) erro
 			return nil
 		}
 	}
-	got, err := q.AcquireLease(ctx, a.EngineID, j.ID, time.Now().Add(w.jobTimeout()))
+	lease := w.leaseOf(j.JobRow)
+	got, err := q.AcquireLease(ctx, a.EngineID, lease, leaseUntil(ctx, w.jobTimeout()))
 	if orch.IsCode(err, orch.CodeEngineNotFound) {
-		w.finishOrphanOp(ctx, a.OperationID, err)
+		w.finishOrphanOp(ctx, a.OperationID)
 		w.logJob(j.Kind, a.EngineID, j.Attempt, start, "engine_gone", nil)
 		return nil
 	}
@@ -134,7 +135,7 @@ func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) erro
 	if !got {
 		return river.JobSnooze(leaseWait)
 	}
-	defer q.ReleaseLease(context.WithoutCancel(ctx), a.EngineID, j.ID) //nolint:errcheck
+	defer w.releaseLease(ctx, a.EngineID, lease)
 
 	e, err := q.EngineByID(ctx, a.EngineID)
 	if err != nil {
@@ -170,7 +171,7 @@ func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) erro
 	if err != nil {
 		last := j.Attempt >= j.MaxAttempts
 		meta := map[string]any{"backup_id": a.BackupID, "trigger": trigger, "attempt": j.Attempt, "will_retry": !last,
-			"error_code": string(orch.ErrorCode(err)), "error": errMessage(err)}
+			"error_code": string(orch.ErrorCode(err)), "error": publicError(err)} // the detail: logJob below
 		if a.Day != "" {
 			meta["day"] = a.Day
 		}
@@ -201,7 +202,7 @@ func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) erro
 			return err
 		}
 		meta := map[string]any{"backup_id": rec.ID, "trigger": trigger, "size_bytes": rec.SizeBytes, "sha256": rec.SHA256,
-			"paused_ms": rec.PausedMS, "path": rec.Path, "engine_version": rec.EngineVersion}
+			"paused_ms": rec.PausedMS, "engine_version": rec.EngineVersion} // the file's path is the operators': logged
 		if op.ID != "" {
 			meta["operation_id"] = op.ID
 		}
@@ -226,7 +227,8 @@ func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) erro
 		return err
 	}
 	w.log.Info("job", "job_kind", j.Kind, "engine_id", e.ID, "attempt", j.Attempt, "outcome", "succeeded",
-		"duration_ms", time.Since(start).Milliseconds(), "paused_ms", f.Paused.Milliseconds(), "size_bytes", f.SizeBytes)
+		"duration_ms", time.Since(start).Milliseconds(), "paused_ms", f.Paused.Milliseconds(), "size_bytes", f.SizeBytes,
+		"backup_id", rec.ID, "path", rec.Path)
 	return nil
 }
 
@@ -464,11 +466,12 @@ func (w *Workers) PruneBackups(ctx context.Context) (pruned, strays int, err err
 				}
 				return tq.InsertAudit(ctx, orch.AuditEntry{ProductID: b.ProductID, UserID: b.UserID, EngineID: b.EngineID,
 					Action: orch.ActionBackup, Actor: orch.ActorSystem, Metadata: map[string]any{"backup_id": b.ID,
-						"pruned": true, "reason": "retention", "created_at": b.CreatedAt.UTC().Format(time.RFC3339), "path": b.Path}})
+						"pruned": true, "reason": "retention", "created_at": b.CreatedAt.UTC().Format(time.RFC3339)}})
 			})
 			if err != nil {
 				return pruned, strays, err
 			}
+			w.log.Info("backup pruned", "backup_id", b.ID, "engine_id", b.EngineID, "path", b.Path)
 			if err := os.Remove(filepath.Join(w.cfg.BackupDir, b.Path)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				w.log.Warn("remove pruned backup", "backup_id", b.ID, "error", err)
 			}

@@ -158,7 +158,7 @@ func TestBackupKilledMidCopy(t *testing.T) {
 
 	op := orch.Operation{ID: uuid.NewString(), ProductID: p.ID, EngineID: e.ID, UserID: e.UserID, Kind: orch.OpBackup, Actor: "acme"}
 	backupID := uuid.NewString()
-	require.NoError(t, q.InsertOperation(ctx, op, schema.OpPayload{BackupID: backupID}))
+	require.NoError(t, q.InsertOperation(ctx, op, schema.OpPayload{BackupID: backupID}, 4242))
 	bw := &backupWorker{w: w}
 	job := func(attempt int) *river.Job[jobs.Backup] {
 		return &river.Job[jobs.Backup]{JobRow: &rivertype.JobRow{ID: 4242, Attempt: attempt, MaxAttempts: 5, Kind: "engine_backup"},

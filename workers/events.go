@@ -176,8 +176,8 @@ func (w *Workers) CheckCrash(ctx context.Context, rc *river.Client[pgx.Tx], ev j
 			Action: orch.ActionHealthCheck, Actor: orch.ActorSystem, Metadata: meta})
 		return CrashRecovered, err
 	}
-	meta["error"] = perr.Error()
-	ok, err := w.failEngine(ctx, rc, e.ID, 0, meta)
+	meta["error"] = publicError(perr)
+	ok, err := w.failEngine(ctx, rc, e.ID, 0, meta, perr)
 	if err != nil || !ok {
 		return CrashIgnored, err
 	}

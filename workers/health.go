@@ -3,6 +3,7 @@ package workers
 import (
 	"context"
 	"errors"
+	"fmt"
 	"hash/fnv"
 	"sync"
 	"time"
@@ -13,6 +14,7 @@ import (
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -215,7 +217,7 @@ func (w *Workers) SweepBatch(ctx context.Context, rc *river.Client[pgx.Tx], b jo
 			r := byID[c.ID]
 			audits = append(audits, orch.AuditEntry{ProductID: r.e.ProductID, UserID: r.e.UserID, EngineID: r.e.ID,
 				Action: orch.ActionHealthCheck, Actor: orch.ActorSystem, DurationMS: ptr(r.dur.Milliseconds()),
-				Metadata: map[string]any{"ok": false, "error": r.err.Error(), "failures": c.Failures,
+				Metadata: map[string]any{"ok": false, "error": publicError(r.err), "failures": c.Failures,
 					"max_failures": w.cfg.HealthMaxFailures}})
 		}
 		return q.InsertAudits(ctx, audits)
@@ -228,7 +230,7 @@ func (w *Workers) SweepBatch(ctx context.Context, rc *river.Client[pgx.Tx], b jo
 			continue
 		}
 		ok, err := w.failEngine(ctx, rc, c.ID, w.cfg.HealthMaxFailures, map[string]any{
-			"reason": "health", "failures": c.Failures, "error": errs[c.ID].Error()})
+			"reason": "health", "failures": c.Failures, "error": publicError(errs[c.ID])}, errs[c.ID])
 		if err != nil {
 			w.log.Warn("mark engine failed", "engine_id", c.ID, "error", err)
 			continue
@@ -294,7 +296,8 @@ func (w *Workers) sampled(id string, tick time.Time) bool {
 // with meta) and schedules auto-restart attempt 1, in one transaction.
 // minFailures > 0 re-checks the failure count under the row lock. It
 // reports whether the engine went failed (false: it changed meanwhile).
-func (w *Workers) failEngine(ctx context.Context, rc *river.Client[pgx.Tx], engineID string, minFailures int, meta map[string]any) (bool, error) {
+// The audit row gets meta (stable words); the log line gets cause whole.
+func (w *Workers) failEngine(ctx context.Context, rc *river.Client[pgx.Tx], engineID string, minFailures int, meta map[string]any, cause error) (bool, error) {
 	var done bool
 	err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
 		q := schema.New(tx)
@@ -337,7 +340,7 @@ func (w *Workers) failEngine(ctx context.Context, rc *river.Client[pgx.Tx], engi
 	if done {
 		reason, _ := meta["reason"].(string)
 		w.cfg.Metrics.EngineCrashed(reason) // orchestrator_engine_crashes_total{reason}
-		w.log.Warn("engine failed", "engine_id", engineID, "reason", meta["reason"], "error", meta["error"])
+		w.log.Warn("engine failed", "engine_id", engineID, "reason", meta["reason"], "error", cause)
 	}
 	return done, err
 }
@@ -349,26 +352,17 @@ func (w *Workers) scheduleAutoRestart(ctx context.Context, q *schema.Queries, tx
 	if rc == nil {
 		return errors.New("schedule auto-restart: no river client")
 	}
-	op := orch.Operation{ID: uuid.NewString(), ProductID: e.ProductID, EngineID: e.ID, UserID: e.UserID,
-		Kind: orch.OpRestart, Actor: orch.ActorSystem, Status: orch.OpPending}
-	if err := q.InsertOperation(ctx, op, schema.OpPayload{}); err != nil {
-		return err
-	}
 	var opts *river.InsertOpts
 	delay := Backoff(w.cfg.RestartBackoffBase, w.cfg.RestartBackoffMax, attempt)
 	if delay > 0 {
 		opts = &river.InsertOpts{ScheduledAt: time.Now().Add(delay)}
 	}
-	res, err := rc.InsertTx(ctx, tx, jobs.Restart{Lifecycle: jobs.Lifecycle{EngineID: e.ID, OperationID: op.ID, Node: e.Node},
-		Auto: true, Attempt: attempt}, opts)
+	op := orch.Operation{ID: uuid.NewString(), ProductID: e.ProductID, EngineID: e.ID, UserID: e.UserID,
+		Kind: orch.OpRestart, Actor: orch.ActorSystem, Status: orch.OpPending, Deadline: lifecycle.Deadline(opts, w.cfg.BootTimeout)}
+	err := lifecycle.Enqueue(ctx, tx, rc, op, schema.OpPayload{},
+		jobs.Restart{Lifecycle: jobs.Lifecycle{EngineID: e.ID, OperationID: op.ID, Node: e.Node}, Auto: true, Attempt: attempt}, opts)
 	if err != nil {
-		return err
-	}
-	if res.UniqueSkippedAsDuplicate {
-		return errors.New("schedule auto-restart: a restart job is already in flight for this engine")
-	}
-	if err := q.SetOperationJob(ctx, op.ID, res.Job.ID); err != nil {
-		return err
+		return fmt.Errorf("schedule auto-restart: %w", err)
 	}
 	_, err = q.SetEngineState(ctx, e, schema.EngineChange{Status: orch.StateFailed, OperationID: &op.ID})
 	return err

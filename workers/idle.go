@@ -11,6 +11,7 @@ import (
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -129,19 +130,17 @@ func (w *Workers) sleepStop(ctx context.Context, rc *river.Client[pgx.Tx], es []
 				return err
 			}
 			op := orch.Operation{ID: uuid.NewString(), ProductID: cur.ProductID, EngineID: cur.ID, UserID: cur.UserID,
-				Kind: orch.OpStop, Actor: orch.ActorSystem, Status: orch.OpPending}
-			if err := q.InsertOperation(ctx, op, schema.OpPayload{}); err != nil {
+				Kind: orch.OpStop, Actor: orch.ActorSystem, Status: orch.OpPending, Deadline: lifecycle.Deadline(nil, w.cfg.BootTimeout)}
+			err = lifecycle.Enqueue(ctx, tx, rc, op, schema.OpPayload{},
+				jobs.Stop{Lifecycle: jobs.Lifecycle{EngineID: cur.ID, OperationID: op.ID, Node: cur.Node}, Sleep: true}, nil)
+			if orch.IsCode(err, orch.CodeOperationInProgress) {
+				return errSkip
+			}
+			if err != nil {
 				return err
 			}
 			if _, err := q.SetEngineState(ctx, cur, schema.EngineChange{Status: cur.Status, OperationID: &op.ID}); err != nil {
 				return err
-			}
-			res, err := rc.InsertTx(ctx, tx, jobs.Stop{Lifecycle: jobs.Lifecycle{EngineID: cur.ID, OperationID: op.ID, Node: cur.Node}, Sleep: true}, nil)
-			if err != nil {
-				return err
-			}
-			if res.UniqueSkippedAsDuplicate {
-				return errSkip
 			}
 			queued = true
 			return nil

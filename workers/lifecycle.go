@@ -34,15 +34,39 @@ type step func(ctx context.Context, e orch.Engine, op orch.Operation, p schema.O
 // leaseWait is how long a job snoozes while another job works its engine.
 const leaseWait = 200 * time.Millisecond
 
+// errLeaseLost: the attempt no longer holds its engine's lease (it was
+// presumed dead and its job re-queued): its outcome must not be committed.
+var errLeaseLost = errors.New("engine lease lost to another attempt; outcome not committed")
+
+// leaseOf is the engine lease of a job's attempt in this process.
+func (w *Workers) leaseOf(job *rivertype.JobRow) schema.Lease {
+	return schema.Lease{Job: job.ID, Attempt: job.Attempt, Owner: w.session.id}
+}
+
+// leaseUntil is when an attempt's lease lapses by itself: past the
+// attempt's own deadline (River cancels its context then), so a live
+// attempt never loses its engine to a retry of itself.
+func leaseUntil(ctx context.Context, fallback time.Duration) time.Time {
+	if d, ok := ctx.Deadline(); ok {
+		return d.Add(30 * time.Second)
+	}
+	return time.Now().Add(fallback + 30*time.Second)
+}
+
 // run is the shared skeleton of every lifecycle job: lease, load, mark the
 // operation running, do the step, commit the outcome, release the lease.
+// A step cut off (job timeout, shutdown) or failing transiently commits
+// nothing: River retries the job, here or elsewhere, and the work is
+// idempotent; if that was the last attempt, the operation sweep ends the
+// operation (abandoned.go).
 func (w *Workers) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecycle, do step) error {
 	start := time.Now()
 	q := schema.New(w.pool)
-	got, err := q.AcquireLease(ctx, a.EngineID, job.ID, time.Now().Add(w.jobTimeout()))
+	lease := w.leaseOf(job)
+	got, err := q.AcquireLease(ctx, a.EngineID, lease, leaseUntil(ctx, w.jobTimeout()))
 	if orch.IsCode(err, orch.CodeEngineNotFound) {
 		// Destroyed meanwhile: nothing to do but close the operation.
-		w.finishOrphanOp(ctx, a.OperationID, err)
+		w.finishOrphanOp(ctx, a.OperationID)
 		w.logJob(job.Kind, a.EngineID, job.Attempt, start, "engine_gone", nil)
 		return nil
 	}
@@ -52,7 +76,7 @@ func (w *Workers) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecyc
 	if !got {
 		return river.JobSnooze(leaseWait)
 	}
-	defer q.ReleaseLease(context.WithoutCancel(ctx), a.EngineID, job.ID) //nolint:errcheck
+	defer w.releaseLease(ctx, a.EngineID, lease)
 
 	e, err := q.EngineByID(ctx, a.EngineID)
 	if err != nil {
@@ -68,7 +92,7 @@ func (w *Workers) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecyc
 	if e.OperationID != op.ID {
 		// A later operation (e.g. destroy) superseded this one.
 		err := orch.Errorf(orch.CodeOperationInProgress, "superseded by a later operation on this engine")
-		w.commit(ctx, e, op, outcome{err: err})
+		w.commit(ctx, e, op, lease, outcome{err: err}) //nolint:errcheck
 		w.logJob(job.Kind, e.ID, job.Attempt, start, "superseded", nil)
 		return nil
 	}
@@ -80,8 +104,6 @@ func (w *Workers) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecyc
 	last := job.Attempt >= job.MaxAttempts
 	out := do(ctx, e, op, payload, job.Attempt, last)
 	if ctx.Err() != nil {
-		// Cut off (hard stop or timeout): decide nothing; River retries the
-		// job, here or on another worker, and the work is idempotent.
 		w.logJob(job.Kind, e.ID, job.Attempt, start, "interrupted", ctx.Err())
 		return ctx.Err()
 	}
@@ -90,7 +112,8 @@ func (w *Workers) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecyc
 		w.logJob(job.Kind, e.ID, job.Attempt, start, "retry", out.err)
 		return out.err
 	}
-	if err := w.commit(ctx, e, op, out); err != nil {
+	if err := w.commit(ctx, e, op, lease, out); err != nil {
+		w.logJob(job.Kind, e.ID, job.Attempt, start, "not_committed", err)
 		return err
 	}
 	result := "succeeded"
@@ -109,58 +132,12 @@ func retryable(err error) bool {
 }
 
 // commit applies an outcome in one transaction: state change, audit row,
-// operation result (which notifies waiters).
-func (w *Workers) commit(ctx context.Context, e orch.Engine, op orch.Operation, out outcome) error {
+// operation result (which notifies waiters), provided lease still holds
+// the engine (errLeaseLost otherwise: another attempt took over).
+func (w *Workers) commit(ctx context.Context, e orch.Engine, op orch.Operation, lease schema.Lease, out outcome) error {
 	ctx = context.WithoutCancel(ctx) // a finished step's outcome must land even during shutdown
 	err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
-		q := schema.New(tx)
-		cur, err := q.EngineByIDForUpdate(ctx, e.ID)
-		if err != nil && !orch.IsCode(err, orch.CodeEngineNotFound) {
-			return err
-		}
-		gone := err != nil
-		switch {
-		case gone:
-		case out.delete:
-			if err := q.DeleteEngine(ctx, e.ID); err != nil {
-				return err
-			}
-		case out.change != nil:
-			if cur.OperationID == op.ID || out.change.Status == orch.StateDestroying {
-				if _, err := q.SetEngineState(ctx, cur, *out.change); err != nil {
-					return err
-				}
-			}
-		}
-		if out.action != "" {
-			meta := out.meta
-			if meta == nil {
-				meta = map[string]any{}
-			}
-			meta["operation_id"] = op.ID
-			if out.err != nil {
-				meta["error_code"] = string(orch.ErrorCode(out.err))
-				meta["error"] = errMessage(out.err)
-			}
-			var dur *int64
-			if out.duration > 0 {
-				d := out.duration.Milliseconds()
-				dur = &d
-			}
-			if err := q.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
-				Action: out.action, Actor: actorOf(op), Metadata: meta, DurationMS: dur}); err != nil {
-				return err
-			}
-		}
-		if out.after != nil && !gone && cur.OperationID == op.ID {
-			if err := out.after(ctx, q, tx); err != nil {
-				return err
-			}
-		}
-		if out.err != nil {
-			return q.SetOperation(ctx, op.ID, orch.OpFailed, orch.ErrorCode(out.err), errMessage(out.err))
-		}
-		return q.SetOperation(ctx, op.ID, orch.OpSucceeded, "", "")
+		return w.commitTx(ctx, schema.New(tx), tx, e, op, lease, out)
 	})
 	if err == nil {
 		var boot time.Duration
@@ -170,6 +147,66 @@ func (w *Workers) commit(ctx context.Context, e orch.Engine, op orch.Operation, 
 		w.cfg.Metrics.Lifecycle(out.action, out.err != nil, boot)
 	}
 	return err
+}
+
+// commitTx is commit's transaction body.
+func (w *Workers) commitTx(ctx context.Context, q *schema.Queries, tx pgx.Tx, e orch.Engine, op orch.Operation, lease schema.Lease, out outcome) error {
+	cur, err := q.EngineByIDForUpdate(ctx, e.ID)
+	if err != nil && !orch.IsCode(err, orch.CodeEngineNotFound) {
+		return err
+	}
+	gone := err != nil
+	if !gone {
+		holds, err := q.HoldsLease(ctx, e.ID, lease)
+		if err != nil {
+			return err
+		}
+		if !holds {
+			return errLeaseLost
+		}
+	}
+	switch {
+	case gone:
+	case out.delete:
+		if err := q.DeleteEngine(ctx, e.ID); err != nil {
+			return err
+		}
+	case out.change != nil:
+		if cur.OperationID == op.ID || out.change.Status == orch.StateDestroying {
+			if _, err := q.SetEngineState(ctx, cur, *out.change); err != nil {
+				return err
+			}
+		}
+	}
+	if out.action != "" {
+		meta := out.meta
+		if meta == nil {
+			meta = map[string]any{}
+		}
+		meta["operation_id"] = op.ID
+		if out.err != nil {
+			meta["error_code"] = string(orch.ErrorCode(out.err))
+			meta["error"] = errMessage(out.err)
+		}
+		var dur *int64
+		if out.duration > 0 {
+			d := out.duration.Milliseconds()
+			dur = &d
+		}
+		if err := q.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
+			Action: out.action, Actor: actorOf(op), Metadata: meta, DurationMS: dur}); err != nil {
+			return err
+		}
+	}
+	if out.after != nil && !gone && cur.OperationID == op.ID {
+		if err := out.after(ctx, q, tx); err != nil {
+			return err
+		}
+	}
+	if out.err != nil {
+		return q.SetOperation(ctx, op.ID, orch.OpFailed, orch.ErrorCode(out.err), errMessage(out.err))
+	}
+	return q.SetOperation(ctx, op.ID, orch.OpSucceeded, "", "")
 }
 
 // errMessage is the caller-safe message of an error.
@@ -188,8 +225,9 @@ func actorOf(op orch.Operation) string {
 	return orch.ActorSystem
 }
 
-// finishOrphanOp fails an operation whose engine no longer exists.
-func (w *Workers) finishOrphanOp(ctx context.Context, opID string, cause error) {
+// finishOrphanOp ends an operation whose engine no longer exists: a
+// destroy succeeded, anything else failed.
+func (w *Workers) finishOrphanOp(ctx context.Context, opID string) {
 	if opID == "" {
 		return
 	}
@@ -204,7 +242,6 @@ func (w *Workers) finishOrphanOp(ctx context.Context, opID string, cause error) 
 		return
 	}
 	q.SetOperation(ctx, opID, orch.OpFailed, code, msg) //nolint:errcheck
-	_ = cause
 }
 
 func ptr[T any](v T) *T { return &v }

@@ -13,12 +13,19 @@ import (
 )
 
 // reconcileWorker repairs drift between the rows and the backend:
-//   - a labelled container with no row, older than the grace period, is
-//     removed (a provision killed before its row committed, a row deleted
-//     by hand). Orphan volumes are only reported, never deleted: a brain
-//     is the worst thing to lose and an operator must decide;
+//   - a labelled container of this fleet with no row, older than the grace
+//     period, is removed (a provision killed before its row committed, a
+//     row deleted by hand). The backend lists only this fleet's objects
+//     and those of no fleet (an older version's): one of the latter is
+//     adopted when this database has its row and otherwise only reported,
+//     as it may be another deployment's on a shared host. Orphan volumes
+//     are only reported, never deleted: a brain is the worst thing to lose
+//     and an operator must decide;
 //   - an engine that should run (running, sleeping in mark mode) whose
 //     container is gone is recreated on its volume and started;
+//   - a running engine on a network where engines can reach each other
+//     (an older version's) is recreated on the isolated one, a few per
+//     pass (isolation.go);
 //   - a row stuck in a transitional state past its deadline, with no live
 //     job on it, is finished: provisioning → failed, destroying → destroyed.
 type reconcileWorker struct {
@@ -30,7 +37,7 @@ func (r *reconcileWorker) Timeout(*river.Job[jobs.Reconcile]) time.Duration { re
 
 func (r *reconcileWorker) Work(ctx context.Context, j *river.Job[jobs.Reconcile]) error {
 	start := time.Now()
-	n, err := r.w.Reconcile(ctx, j.ID)
+	n, err := r.w.Reconcile(ctx, schema.Lease{Job: -j.ID, Attempt: j.Attempt, Owner: r.w.session.id})
 	outcome := "succeeded"
 	if err != nil {
 		outcome = "failed"
@@ -41,8 +48,8 @@ func (r *reconcileWorker) Work(ctx context.Context, j *river.Job[jobs.Reconcile]
 }
 
 // Reconcile runs one reconcile pass on this node and returns how many
-// repairs it made. leaseID identifies the pass in engine leases.
-func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
+// repairs it made. lease identifies the pass in engine leases.
+func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error) {
 	rts, vols, err := w.backend.List(ctx)
 	if err != nil {
 		return 0, backendErr("list engines", err)
@@ -81,6 +88,13 @@ func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
 		if time.Since(rt.CreatedAt) < w.cfg.OrphanGrace {
 			continue
 		}
+		if rt.NoFleet {
+			// Made by an older version, before fleets were labelled: it
+			// may be another deployment's on this host. Never removed.
+			w.log.Warn("container kept: no fleet label and no engine row here; it may be another deployment's, remove it by hand once you are sure",
+				"engine_id", rt.EngineID, "container", rt.Name)
+			continue
+		}
 		// Re-check: a provision may have committed its row since we listed.
 		if _, err := q.EngineByID(ctx, rt.EngineID); err == nil {
 			continue
@@ -97,12 +111,20 @@ func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
 		}
 	}
 
+	isolateLeft := isolateBatch
 	for _, e := range rows {
+		if rt, ok := present[e.ID]; ok && rt.Unisolated && isolateLeft > 0 && !e.Status.Transitional() {
+			isolateLeft--
+			if w.isolate(ctx, e, rt, lease) { // isolation.go
+				audit(e, "moved_to_isolated_network", nil)
+			}
+			continue
+		}
 		if e.Status.Transitional() {
 			if e.StateDeadline == nil || time.Now().Before(*e.StateDeadline) {
 				continue
 			}
-			if fixed := w.finishStuck(ctx, e, leaseID); fixed != "" {
+			if fixed := w.finishStuck(ctx, e, lease); fixed != "" {
 				audit(e, fixed, map[string]any{"status": string(e.Status)})
 			}
 			continue
@@ -111,12 +133,12 @@ func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
 			continue
 		}
 		// Missing container for an engine that should run: recreate it.
-		got, err := q.AcquireLease(ctx, e.ID, -leaseID, time.Now().Add(w.jobTimeout()))
+		got, err := q.AcquireLease(ctx, e.ID, lease, leaseUntil(ctx, w.jobTimeout()))
 		if err != nil || !got {
 			continue
 		}
 		_, err = w.bootAndWait(ctx, e, w.currentSpec(e))
-		q.ReleaseLease(context.WithoutCancel(ctx), e.ID, -leaseID) //nolint:errcheck
+		w.releaseLease(ctx, e.ID, lease)
 		meta := map[string]any{}
 		if err != nil {
 			meta["error"] = errMessage(err)
@@ -128,13 +150,13 @@ func (w *Workers) Reconcile(ctx context.Context, leaseID int64) (int, error) {
 
 // finishStuck completes a transitional state whose deadline passed and
 // whose job is gone (its lease lapsed). Returns the repair made, or "".
-func (w *Workers) finishStuck(ctx context.Context, e orch.Engine, leaseID int64) string {
+func (w *Workers) finishStuck(ctx context.Context, e orch.Engine, lease schema.Lease) string {
 	q := schema.New(w.pool)
-	got, err := q.AcquireLease(ctx, e.ID, -leaseID, time.Now().Add(w.jobTimeout()))
+	got, err := q.AcquireLease(ctx, e.ID, lease, leaseUntil(ctx, w.jobTimeout()))
 	if err != nil || !got {
 		return ""
 	}
-	defer q.ReleaseLease(context.WithoutCancel(ctx), e.ID, -leaseID) //nolint:errcheck
+	defer w.releaseLease(ctx, e.ID, lease)
 	switch e.Status {
 	case orch.StateDestroying:
 		if w.backend.RemoveContainer(ctx, e.ID) != nil || w.backend.RemoveVolume(ctx, e.ID) != nil {

@@ -79,20 +79,31 @@ func (w *Workers) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) e
 		}
 		out.change.RestartAttempts = &n
 		out.after = func(ctx context.Context, q *schema.Queries, tx pgx.Tx) error {
-			if n >= maxN {
-				return q.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
-					Action: orch.ActionAutoRestartGaveUp, Actor: orch.ActorSystem,
-					Metadata: map[string]any{"attempts": n, "error_code": string(orch.ErrorCode(out.err)), "error": errMessage(out.err)}})
-			}
 			cur, err := q.EngineByIDForUpdate(ctx, e.ID)
 			if err != nil {
 				return err
 			}
-			if _, err := river.JobCompleteTx[*riverpgxv5.Driver](ctx, tx, j); err != nil {
-				return err
+			if n < maxN {
+				// Complete this attempt's job with the commit, so the next
+				// attempt is never queued beside a job still running.
+				if _, err := river.JobCompleteTx[*riverpgxv5.Driver](ctx, tx, j); err != nil {
+					return err
+				}
 			}
-			return w.scheduleAutoRestart(ctx, q, tx, river.ClientFromContext[pgx.Tx](ctx), cur, n+1)
+			return w.nextAutoRestart(ctx, q, tx, river.ClientFromContext[pgx.Tx](ctx), cur, n, out.err)
 		}
 		return out
 	})
+}
+
+// nextAutoRestart follows failed auto-restart attempt n of a failed engine
+// within tx: attempt n+1 is scheduled, or after ORCH_RESTART_MAX_ATTEMPTS
+// auto_restart_gave_up is audited and the engine stays failed.
+func (w *Workers) nextAutoRestart(ctx context.Context, q *schema.Queries, tx pgx.Tx, rc *river.Client[pgx.Tx], e orch.Engine, n int, cause error) error {
+	if n >= w.cfg.RestartMaxAttempts {
+		return q.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
+			Action: orch.ActionAutoRestartGaveUp, Actor: orch.ActorSystem,
+			Metadata: map[string]any{"attempts": n, "error_code": string(orch.ErrorCode(cause)), "error": errMessage(cause)}})
+	}
+	return w.scheduleAutoRestart(ctx, q, tx, rc, e, n+1)
 }

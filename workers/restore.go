@@ -37,18 +37,22 @@ import (
 //  4. if 3 fails, the safety copy is put back the same way and the engine
 //     is brought back as it was: the previous brain stays in place. The
 //     safety copy is deleted once the operation has an outcome, and kept
-//     (named in the audit row) only if even putting it back failed.
+//     only if even putting it back failed (the audit row says it was kept;
+//     the error log line names it).
 //
-// A retry after a worker died mid-way reuses a complete safety copy rather
-// than copying the half-restored volume. Audited as restore (with
-// rolled_back when step 4 ran).
+// Steps 1-3 must end a rollback's worth of time before the job's own
+// deadline, so that step 4 too runs inside the attempt (and its engine
+// lease): no rollback ever outlives its attempt and races the retry that
+// depends on the safety copy. A retry after a worker died mid-way reuses a
+// complete safety copy rather than copying the half-restored volume.
+// Audited as restore (with rolled_back when step 4 ran).
 
 type restoreWorker struct {
 	river.WorkerDefaults[jobs.Restore]
 	w *Workers
 }
 
-func (r *restoreWorker) Timeout(*river.Job[jobs.Restore]) time.Duration { return r.w.jobTimeout() }
+func (r *restoreWorker) Timeout(*river.Job[jobs.Restore]) time.Duration { return r.w.restoreTimeout() }
 func (r *restoreWorker) NextRetry(j *river.Job[jobs.Restore]) time.Time {
 	return time.Now().Add(time.Duration(j.Attempt) * time.Second)
 }
@@ -57,8 +61,14 @@ func (r *restoreWorker) Work(ctx context.Context, j *river.Job[jobs.Restore]) er
 	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, r.w.restore)
 }
 
-func (w *Workers) restore(ctx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
+func (w *Workers) restore(jobCtx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
 	start := time.Now()
+	ctx := jobCtx
+	if d, ok := jobCtx.Deadline(); ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(jobCtx, d.Add(-w.rollbackReserve()))
+		defer cancel()
+	}
 	meta := map[string]any{"backup_id": p.BackupID}
 	fail := func(err error) outcome {
 		return outcome{action: orch.ActionRestore, duration: time.Since(start), meta: meta, err: err}
@@ -74,7 +84,7 @@ func (w *Workers) restore(ctx context.Context, e orch.Engine, op orch.Operation,
 	b, err := schema.New(w.pool).UserBackup(ctx, e.ProductID, e.UserID, p.BackupID)
 	if err != nil {
 		if resumed {
-			return w.rollBack(ctx, e, safety, wantRunning, fail(err), last)
+			return w.rollBack(jobCtx, e, safety, wantRunning, fail(err), last)
 		}
 		return fail(err)
 	}
@@ -87,7 +97,7 @@ func (w *Workers) restore(ctx context.Context, e orch.Engine, op orch.Operation,
 	file := filepath.Join(w.cfg.BackupDir, b.Path)
 	if err := verifyBackupFile(file, b); err != nil {
 		if resumed {
-			return w.rollBack(ctx, e, safety, wantRunning, fail(err), last)
+			return w.rollBack(jobCtx, e, safety, wantRunning, fail(err), last)
 		}
 		return fail(err)
 	}
@@ -109,7 +119,7 @@ func (w *Workers) restore(ctx context.Context, e orch.Engine, op orch.Operation,
 	}
 	if rerr != nil {
 		// 4. Put the previous brain back.
-		return w.rollBack(ctx, e, safety, wantRunning, fail(rerr), last)
+		return w.rollBack(jobCtx, e, safety, wantRunning, fail(rerr), last)
 	}
 	os.Remove(safety) //nolint:errcheck
 	ms := d.Milliseconds()
@@ -119,14 +129,19 @@ func (w *Workers) restore(ctx context.Context, e orch.Engine, op orch.Operation,
 		SleepReason: ptr(""), ClearDeadline: true, LastError: ptr("")}}
 }
 
+// rollbackReserve is the time a restore keeps for its rollback (copy the
+// safety copy back, boot) before the job's deadline.
+func (w *Workers) rollbackReserve() time.Duration { return w.cfg.BootTimeout + time.Minute }
+
 // rollBack puts the safety copy back as the engine's brain and brings the
-// engine back as it was (running or just created), even if the job's time
-// is up. out is the failed restore's outcome; it gains rolled_back. If even
-// that fails the safety copy is kept (it is the user's previous brain),
-// named in the audit row, and the engine is marked failed.
+// engine back as it was (running or just created), within the job's time
+// (ctx is the job's context: the reserve restore kept is for this). out is
+// the failed restore's outcome; it gains rolled_back. If even that fails
+// the safety copy is kept (it is the user's previous brain), named in an
+// error log line (the audit row says safety_copy_kept), and the engine is
+// marked failed; a retry resumes from it.
 func (w *Workers) rollBack(ctx context.Context, e orch.Engine, safety string, wantRunning bool, out outcome, last bool) outcome {
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.cfg.StopGrace+w.cfg.BootTimeout+time.Minute)
-	defer cancel()
+	rctx := ctx
 	rbErr := w.copyTarIn(rctx, e, safety)
 	if rbErr == nil {
 		if wantRunning {
@@ -137,8 +152,11 @@ func (w *Workers) rollBack(ctx context.Context, e orch.Engine, safety string, wa
 	}
 	out.meta["rolled_back"] = rbErr == nil
 	if rbErr != nil {
-		out.meta["safety_copy"] = safety
-		out.meta["rollback_error"] = rbErr.Error()
+		// Products get stable words; the safety copy's path and the
+		// error's detail are for the operator, in this log line.
+		out.meta["safety_copy_kept"] = true
+		out.meta["rollback_error_code"] = string(orch.ErrorCode(rbErr))
+		out.meta["rollback_error"] = publicError(rbErr)
 		w.log.Error("restore rollback failed: previous brain kept in the safety copy", "engine_id", e.ID,
 			"safety_copy", safety, "error", rbErr)
 		out.change = &schema.EngineChange{Status: orch.StateFailed, LastError: ptr("restore failed and its rollback failed")}

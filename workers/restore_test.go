@@ -41,7 +41,7 @@ func TestRestoreResumedAfterCrash(t *testing.T) {
 	// a worker killed half-way through it would.
 	crashMidRestore := func() orch.Operation {
 		op := orch.Operation{ID: uuid.NewString(), ProductID: r.p.ID, EngineID: r.e.ID, UserID: r.e.UserID, Kind: orch.OpRestore, Actor: "acme"}
-		require.NoError(t, r.q.InsertOperation(ctx, op, schema.OpPayload{BackupID: backupID}))
+		require.NoError(t, r.q.InsertOperation(ctx, op, schema.OpPayload{BackupID: backupID}, jobID))
 		e, err := r.q.EngineByID(ctx, r.e.ID)
 		require.NoError(t, err)
 		_, err = r.q.SetEngineState(ctx, e, schema.EngineChange{Status: orch.StateRunning, OperationID: &op.ID})

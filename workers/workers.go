@@ -39,6 +39,8 @@ type Config struct {
 	StopGrace        time.Duration // SIGTERM → SIGKILL (30 s)
 	Concurrency      int
 	OrphanGrace      time.Duration // reconcile removes an unknown labelled container after this (10 min)
+	PortMin, PortMax int           // the node's engine ports (ORCH_PORT_MIN/MAX): where a refused port's engine moves (0 = never moved)
+	PortBlockTTL     time.Duration // how long a port the host refused is skipped (1 h)
 
 	Metrics *metrics.Metrics // job durations, lifecycle counters, boot times (nil = none)
 
@@ -72,6 +74,7 @@ type Workers struct {
 	log     *slog.Logger
 	http    *http.Client
 	fleet   fleetState
+	session *session // liveness.go
 }
 
 // New builds the workers.
@@ -94,19 +97,29 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, kr *keys.Keyring,
 	if cfg.OrphanGrace == 0 {
 		cfg.OrphanGrace = 10 * time.Minute
 	}
+	if cfg.PortBlockTTL <= 0 {
+		cfg.PortBlockTTL = DefaultPortBlockTTL
+	}
 	cfg = backupDefaults(cfg)
 	cfg = fleetDefaults(cfg)
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.MaxIdleConnsPerHost = 2
 	tr.IdleConnTimeout = 30 * time.Second
 	return &Workers{cfg: cfg, pool: pool, backend: backend, keyring: kr, log: log, http: &http.Client{Transport: tr},
-		fleet: newFleetState(cfg)}
+		fleet: newFleetState(cfg), session: newSession(cfg.Node)}
 }
 
 // jobTimeout bounds one lifecycle job: stop grace plus boot plus slack.
 // It is above the boot timeout, as River's default 1 minute is not.
 func (w *Workers) jobTimeout() time.Duration {
 	return w.cfg.StopGrace + 2*w.cfg.BootTimeout + 30*time.Second
+}
+
+// restoreTimeout bounds a restore job: a whole restore plus a rollback's
+// boot, all inside the job's own time (restore.go), so no attempt's work
+// outlives its lease and overlaps its retry.
+func (w *Workers) restoreTimeout() time.Duration {
+	return w.jobTimeout() + w.cfg.BootTimeout + time.Minute
 }
 
 // Register adds every worker to ws.
@@ -129,6 +142,7 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 	ws := river.NewWorkers()
 	w.Register(ws)
 	return &river.Config{
+		ID:     w.session.id, // river_job.attempted_by names this process's liveness session
 		Logger: log,
 		Queues: map[string]river.QueueConfig{
 			jobs.NodeQueue(w.cfg.Node):   {MaxWorkers: w.cfg.Concurrency},
@@ -141,8 +155,11 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 		FetchCooldown:     2 * time.Millisecond,
 		FetchPollInterval: 200 * time.Millisecond,
 		JobTimeout:        w.jobTimeout(),
-		// A job whose worker was killed is retried soon after its timeout.
-		RescueStuckJobsAfter: w.jobTimeout() + 30*time.Second,
+		// A job whose worker process died is re-queued within seconds by
+		// the liveness rescuer (liveness.go); River's own rescue is the
+		// last resort for a live process stuck past every job's timeout
+		// (restore's is the longest) and its lease's slack.
+		RescueStuckJobsAfter: w.restoreTimeout() + time.Minute,
 	}
 }
 
@@ -177,7 +194,9 @@ func (w *Workers) probeURL(e orch.Engine) string {
 var errBootTimeout = orch.Errorf(orch.CodeBootTimeout, "engine did not become healthy in time")
 
 // bootAndWait ensures the container for spec, starts it and waits until its
-// /health is ok or the boot timeout passes. Returns the boot duration.
+// /health is ok or the boot timeout passes. Returns the boot duration. A
+// host port the host refuses moves the engine to a free port first (its
+// row changes; see ports.go).
 func (w *Workers) bootAndWait(ctx context.Context, e orch.Engine, spec orch.EngineSpec) (time.Duration, error) {
 	start := time.Now()
 	if err := w.backend.Ensure(ctx, spec); err != nil {
@@ -187,8 +206,9 @@ func (w *Workers) bootAndWait(ctx context.Context, e orch.Engine, spec orch.Engi
 		}
 		return 0, backendErr("create engine", err)
 	}
-	if err := w.backend.Start(ctx, e.ID); err != nil {
-		return 0, backendErr("start engine", err)
+	e, _, err := w.startMovingPort(ctx, e, spec) // ports.go: a refused host port moves the engine
+	if err != nil {
+		return 0, err
 	}
 	if err := w.waitHealthy(ctx, e, start.Add(w.cfg.BootTimeout)); err != nil {
 		return time.Since(start), err
@@ -237,10 +257,13 @@ func backendErr(what string, err error) error {
 	return &orch.Error{Code: orch.CodeBackendFailed, Message: what + " failed", Err: err}
 }
 
-// observeJob times every job this process works, by kind and outcome.
+// observeJob times every job this process works, by kind and outcome, and
+// lists it in the liveness heartbeat while it runs.
 func (w *Workers) observeJob(ctx context.Context, job *rivertype.JobRow, doInner func(context.Context) error) error {
 	start := time.Now()
+	w.session.started(job.ID)
 	err := doInner(ctx)
+	w.session.finished(job.ID)
 	outcome := "completed"
 	var snooze *river.JobSnoozeError
 	var cancel *river.JobCancelError

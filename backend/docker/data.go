@@ -20,8 +20,8 @@ import (
 	orchestrator "github.com/enginefleet/orchestrator"
 )
 
-// EngineUID and EngineGID own every file CopyDataIn writes: the engine runs
-// as 65532 (nonroot) on a read-only root filesystem.
+// EngineUID and EngineGID are DefaultUser's: the reference engine runs as
+// 65532 (nonroot) on a read-only root filesystem.
 const (
 	EngineUID = 65532
 	EngineGID = 65532
@@ -93,7 +93,7 @@ func (b *Backend) CopyDataOut(ctx context.Context, engineID string, w io.Writer)
 // same labels, and extracts r through a helper container created from image
 // (never started, mounting the volume without docker's copy of the image's
 // /data). Every entry, and the volume root (mode 0755), is owned by
-// 65532:65532 afterwards, whatever owners r has. Absolute paths, ".."
+// Config.User afterwards, whatever owners r has. Absolute paths, ".."
 // escapes and device files are rejected; the volume is then left partly
 // restored and a retry starts over.
 func (b *Backend) CopyDataIn(ctx context.Context, engineID, image string, r io.Reader) error {
@@ -125,16 +125,30 @@ func (b *Backend) CopyDataIn(ctx context.Context, engineID, image string, r io.R
 	}
 	defer b.removeHelper(ctx, helper)
 
+	uid, gid := b.cfg.owner()
+	err = b.extractAtRoot(ctx, helper, func(w io.Writer) error {
+		return rebaseTar(r, w, strings.TrimPrefix(DataDir, "/"), uid, gid)
+	})
+	if err != nil {
+		return fmt.Errorf("copy data in: %w", err)
+	}
+	b.log.Info("restored volume", "engine_id", engineID)
+	return nil
+}
+
+// extractAtRoot extracts the tar stream that write produces at "/" of the
+// helper container, whose entries are all under "data/": the "data/" entry
+// itself then sets the volume root's owner (docker ignores a root entry
+// extracted at the directory itself). The daemon applies the archive's
+// owners as they are.
+func (b *Backend) extractAtRoot(ctx context.Context, helper string, write func(io.Writer) error) error {
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
-		err := rebaseTar(r, pw, strings.TrimPrefix(DataDir, "/"), EngineUID, EngineGID)
+		err := write(pw)
 		pw.CloseWithError(err)
 		done <- err
 	}()
-	// Extracted at "/" with every entry under "data/": the "data/" entry
-	// itself then sets the volume root's owner (docker ignores a root
-	// entry extracted at the directory itself).
 	_, cerr := b.cli.CopyToContainer(ctx, helper, client.CopyToContainerOptions{
 		DestinationPath: "/",
 		Content:         pr,
@@ -143,13 +157,12 @@ func (b *Backend) CopyDataIn(ctx context.Context, engineID, image string, r io.R
 	terr := <-done
 	switch {
 	case terr != nil && !errors.Is(terr, errCopyDone) && !errors.Is(terr, io.ErrClosedPipe):
-		return fmt.Errorf("copy data in: %w", terr) // bad or unreadable archive
+		return terr // bad or unreadable archive
 	case cerr != nil:
-		return fmt.Errorf("copy data in: copy to container: %w", cerr)
+		return fmt.Errorf("copy to container: %w", cerr)
 	case terr != nil:
-		return fmt.Errorf("copy data in: archive not fully read by the daemon: %w", terr)
+		return fmt.Errorf("archive not fully read by the daemon: %w", terr)
 	}
-	b.log.Info("restored volume", "engine_id", engineID)
 	return nil
 }
 

@@ -48,6 +48,10 @@ const (
 	// LabelImage is the image reference the container was created from
 	// (docker reports an image id once the tag moves).
 	LabelImage = "orchestrator.image"
+	// LabelUser is the uid:gid the engine container runs as: Ensure checks
+	// the brain volume's ownership when a container replaces one that ran
+	// as another user (or carries no such label: made by an older build).
+	LabelUser = "orchestrator.user"
 )
 
 // Roles of managed containers (LabelRole).
@@ -64,6 +68,22 @@ const (
 	stopTimeout = 30 // seconds docker waits on `docker stop` without -t
 )
 
+// Resource limits cmd/orchestrator applies to every engine unless the
+// operator says otherwise (ORCH_ENGINE_MEMORY_MB, ORCH_ENGINE_CPUS,
+// ORCH_ENGINE_PIDS). Measured on the reference engine: a few MB idle, 25 MB
+// holding 5,000 memories, 53 MB while it also streams 16 answers and two
+// whole-brain exports at once, 10 threads. 512 MB is ten times that, room
+// for real engines (a model client, a bigger SQLite cache), while one
+// runaway engine is capped at a small slice of a host. One CPU keeps a busy
+// engine from starving its neighbours (Go sizes GOMAXPROCS to it); 256
+// processes/threads is 25× what the engine uses and stops a fork or thread
+// bomb long before the host's limit. docs/production.md has sizing.
+const (
+	DefaultMemoryMB = 512
+	DefaultCPUs     = 1.0
+	DefaultPids     = 256
+)
+
 // Defaults applied by New.
 const (
 	DefaultNetwork      = "engine_net"
@@ -71,6 +91,9 @@ const (
 	DefaultReplaceGrace = 10 * time.Second
 	DefaultPullTimeout  = 5 * time.Minute
 	DefaultTmpfsSize    = "64m"
+	// DefaultUser is the uid:gid engines run as: the reference image's own
+	// user (65532, "nonroot"), never root.
+	DefaultUser = "65532:65532"
 	// helperMaxAge is how old a helper container must be before List
 	// removes it as leaked (a crash between create and remove).
 	helperMaxAge = 15 * time.Minute
@@ -89,20 +112,35 @@ type Config struct {
 	// DOCKER_CERT_PATH from the environment like the docker CLI.
 	Host string
 	// Network is the bridge network engines join (ORCH_ENGINE_NETWORK);
-	// default engine_net. Created, labelled, when missing.
+	// default engine_net. Created, labelled, with inter-container traffic
+	// off when missing; see network.go for one that allows it.
 	Network string
 	// CatalogMountPath is a host directory bind-mounted read-only at
 	// /catalog (ORCH_CATALOG_MOUNT_PATH); "" mounts nothing.
 	CatalogMountPath string
 	// MemoryMB, CPUs and PidsLimit limit each engine when > 0
-	// (ORCH_ENGINE_MEMORY_MB, ORCH_ENGINE_CPUS, ORCH_ENGINE_PIDS). Swap is
-	// disabled when a memory limit is set.
+	// (ORCH_ENGINE_MEMORY_MB, ORCH_ENGINE_CPUS, ORCH_ENGINE_PIDS); 0 means
+	// no limit here, the production defaults are DefaultMemoryMB,
+	// DefaultCPUs and DefaultPids. Swap is disabled when a memory limit is
+	// set.
 	MemoryMB  int64
 	CPUs      float64
 	PidsLimit int64
+	// User is the numeric "uid:gid" (or "uid", gid = uid) engines run as
+	// (ORCH_ENGINE_USER), whatever the image says; default DefaultUser.
+	// Root (uid 0) is refused. Brain volumes are made this user's: see
+	// Ensure.
+	User string
 	// Node is this engine host's name, put on every object and used to
 	// select what List and Events report; default "local".
 	Node string
+	// Fleet is this deployment's fleet id (its database's, see
+	// schema.FleetID), put on every container and volume as
+	// orchestrator.fleet. List, Events and Ensure ignore other fleets'
+	// objects; objects with no fleet label (an older version's) are
+	// listed as NoFleet. "" labels nothing and considers unlabelled
+	// objects only.
+	Fleet string
 	// TmpfsSize is the size of the tmpfs at /tmp (docker syntax, "64m");
 	// default 64m. It counts against the memory limit.
 	TmpfsSize string
@@ -137,7 +175,40 @@ func (c Config) withDefaults() Config {
 	if c.PullTimeout <= 0 {
 		c.PullTimeout = DefaultPullTimeout
 	}
+	if c.User == "" {
+		c.User = DefaultUser
+	}
+	if uid, gid, err := ParseUser(c.User); err == nil {
+		c.User = strconv.Itoa(uid) + ":" + strconv.Itoa(gid) // one spelling: it enters the spec hash and a label
+	}
 	return c
+}
+
+// ParseUser parses a numeric "uid:gid" or "uid" (gid = uid) engine user.
+// Names are refused (a FROM scratch image has no /etc/passwd to resolve
+// them, and the brain volume's owner must be known), and so is root.
+func ParseUser(s string) (uid, gid int, err error) {
+	us, gs, hasGID := strings.Cut(strings.TrimSpace(s), ":")
+	uid, err = strconv.Atoi(us)
+	if err != nil || uid < 0 {
+		return 0, 0, fmt.Errorf("engine user %q is not a numeric uid[:gid]", s)
+	}
+	gid = uid
+	if hasGID {
+		if gid, err = strconv.Atoi(gs); err != nil || gid < 0 {
+			return 0, 0, fmt.Errorf("engine user %q is not a numeric uid[:gid]", s)
+		}
+	}
+	if uid == 0 {
+		return 0, 0, fmt.Errorf("engine user %q is root: engines never run as root", s)
+	}
+	return uid, gid, nil
+}
+
+// owner is the uid and gid of Config.User (validated by New).
+func (c Config) owner() (uid, gid int) {
+	uid, gid, _ = ParseUser(c.User)
+	return uid, gid
 }
 
 func (c Config) validate() error {
@@ -157,6 +228,9 @@ func (c Config) validate() error {
 	if strings.ContainsAny(c.Node, ",=") {
 		problems = append(problems, "node name contains ',' or '='")
 	}
+	if _, _, err := ParseUser(c.User); err != nil {
+		problems = append(problems, err.Error())
+	}
 	if len(problems) > 0 {
 		return fmt.Errorf("invalid docker backend config: %s", strings.Join(problems, "; "))
 	}
@@ -175,6 +249,13 @@ type Backend struct {
 	// netID is the settled network (guarded by netMu).
 	netMu sync.Mutex
 	netID string
+	// warnOpen spaces the warnings about an open engines' network.
+	warnOpen rateGate
+	// The last look at open networks of the engines' name (guarded by
+	// netMu): which ones, when, and whether one was still there.
+	openKey   string
+	openAt    time.Time
+	openInUse bool
 }
 
 var _ orchestrator.Backend = (*Backend)(nil)
@@ -202,9 +283,10 @@ func New(cfg Config, log *slog.Logger) (*Backend, error) {
 		return nil, fmt.Errorf("docker client: %w", err)
 	}
 	return &Backend{
-		cfg: cfg,
-		cli: cli,
-		log: log.With("backend", "docker", "node", cfg.Node),
+		cfg:      cfg,
+		cli:      cli,
+		log:      log.With("backend", "docker", "node", cfg.Node),
+		warnOpen: rateGate{period: legacyWarnEvery},
 	}, nil
 }
 
@@ -238,14 +320,36 @@ func (b *Backend) Name() string { return "docker" }
 // Config returns the effective configuration (defaults applied).
 func (b *Backend) Config() Config { return b.cfg }
 
-// baseLabels are the labels on every object made for engineID.
+// baseLabels are the labels on every container and volume made for
+// engineID.
 func (b *Backend) baseLabels(engineID, productID string) map[string]string {
 	l := b.nodeLabels()
+	if b.cfg.Fleet != "" {
+		l[orchestrator.LabelFleet] = b.cfg.Fleet
+	}
 	l[orchestrator.LabelEngineID] = engineID
 	if productID != "" {
 		l[orchestrator.LabelProductID] = productID
 	}
 	return l
+}
+
+// networkLabels are the labels of the engines' network, which every fleet
+// of the node shares (so: no fleet label).
+func (b *Backend) networkLabels() map[string]string { return b.nodeLabels() }
+
+// ours reports whether an object with these labels is this fleet's to
+// consider (its own, or made before fleets were labelled), and whether it
+// is one of the latter.
+func (b *Backend) ours(labels map[string]string) (ours, noFleet bool) {
+	f := labels[orchestrator.LabelFleet]
+	switch {
+	case f == b.cfg.Fleet:
+		return true, false
+	case f == "":
+		return true, true
+	}
+	return false, false
 }
 
 // nodeLabels are the labels on every object of this node: Config.Labels,

@@ -5,8 +5,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"maps"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -67,6 +69,14 @@ func TestLifecycle(t *testing.T) {
 	assert.Equal(t, []string{"ALL"}, c.HostConfig.CapDrop)
 	assert.Contains(t, c.HostConfig.SecurityOpt, "no-new-privileges:true")
 	assert.Equal(t, container.RestartPolicyUnlessStopped, c.HostConfig.RestartPolicy.Name)
+	// Limits, and a user that is not left to the image.
+	assert.Equal(t, docker.DefaultUser, c.Config.User)
+	assert.Equal(t, docker.DefaultUser, c.Config.Labels[docker.LabelUser])
+	assert.EqualValues(t, docker.DefaultMemoryMB<<20, c.HostConfig.Memory)
+	assert.Equal(t, c.HostConfig.Memory, c.HostConfig.MemorySwap, "no swap")
+	assert.EqualValues(t, docker.DefaultCPUs*1e9, c.HostConfig.NanoCPUs)
+	require.NotNil(t, c.HostConfig.PidsLimit)
+	assert.EqualValues(t, docker.DefaultPids, *c.HostConfig.PidsLimit)
 	assert.Contains(t, c.HostConfig.Tmpfs, "/tmp")
 	bindings := c.HostConfig.PortBindings[network.MustParsePort("8000/tcp")]
 	require.Len(t, bindings, 1)
@@ -226,8 +236,9 @@ func TestDuplicateNetworks(t *testing.T) {
 	cli := rawClient(t)
 	for range 2 {
 		_, err := cli.NetworkCreate(ctx, netName, client.NetworkCreateOptions{
-			Driver: "bridge",
-			Labels: map[string]string{testLabel: "true"},
+			Driver:  "bridge",
+			Options: map[string]string{docker.OptionICC: "false"},
+			Labels:  map[string]string{testLabel: "true"},
 		})
 		require.NoError(t, err)
 	}
@@ -236,6 +247,7 @@ func TestDuplicateNetworks(t *testing.T) {
 	require.NoError(t, b.Ensure(ctx, e.spec))
 	require.NoError(t, b.Start(ctx, e.spec.EngineID))
 	e.waitHealthy(t)
+	assert.Equal(t, netName, engineNetwork(t, e.spec.EngineID).Name, "one of the duplicates, not a new network")
 }
 
 func TestEnsureMissingImage(t *testing.T) {
@@ -634,7 +646,144 @@ func TestPrepareCreatesNetwork(t *testing.T) {
 		if n.Name == netName {
 			found++
 			assert.Equal(t, b.Config().Node, n.Labels[orchestrator.LabelNode])
+			assert.Equal(t, "false", n.Options[docker.OptionICC], "engines cannot reach each other")
 		}
 	}
 	assert.Equal(t, 1, found)
+}
+
+// An engine runs as the configured user, never the image's, and a brain
+// whose files belong to someone else (an older build left the user to the
+// image, and an image running as root wrote it) is made that user's when a
+// container is created on it: the engine keeps its memories and can write.
+func TestEngineUserOwnsItsVolume(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	image := engineImage(t)
+
+	t.Run("legacy root-owned brain", func(t *testing.T) {
+		t.Parallel()
+		b := newBackend(t)
+		e := newEngine(t, b, image)
+		id := e.spec.EngineID
+		require.NoError(t, b.Ensure(ctx, e.spec))
+		require.NoError(t, b.Start(ctx, id))
+		e.waitHealthy(t)
+		e.addMemory(t, "written before the upgrade")
+		before := e.export(t)
+		require.NoError(t, b.Stop(ctx, id, 10*time.Second))
+		// As an older version would leave it: files root's, no container
+		// of this version.
+		chownVolume(t, id, image, 0, 0)
+		require.NoError(t, b.RemoveContainer(ctx, id))
+
+		require.NoError(t, b.Ensure(ctx, e.spec))
+		for name, owner := range volumeOwners(t, id) {
+			assert.Equal(t, docker.DefaultUser, owner, "owner of %s", name)
+		}
+		require.NoError(t, b.Start(ctx, id))
+		e.waitHealthy(t)
+		assert.Equal(t, string(before), string(e.export(t)), "the brain is kept")
+		e.addMemory(t, "and writable by the engine's user")
+	})
+
+	t.Run("configured user, fresh volume", func(t *testing.T) {
+		t.Parallel()
+		// The image's /data belongs to 65532: a fresh volume copied from it
+		// is made the configured user's.
+		b := newBackend(t, func(c *docker.Config) { c.User = "4242" })
+		e := newEngine(t, b, image)
+		require.NoError(t, b.Ensure(ctx, e.spec))
+		raw, err := rawClient(t).ContainerInspect(ctx, orchestrator.ContainerName(e.spec.EngineID), client.ContainerInspectOptions{})
+		require.NoError(t, err)
+		assert.Equal(t, "4242:4242", raw.Container.Config.User)
+		require.NoError(t, b.Start(ctx, e.spec.EngineID))
+		e.waitHealthy(t)
+		e.addMemory(t, "written as 4242")
+		owners := volumeOwners(t, e.spec.EngineID)
+		assert.Contains(t, owners, "data/brain.sqlite")
+		for name, owner := range owners {
+			assert.Equal(t, "4242:4242", owner, "owner of %s", name)
+		}
+	})
+
+	_, err := docker.New(docker.Config{User: "0:0"}, nil)
+	assert.ErrorContains(t, err, "root")
+	_, err = docker.New(docker.Config{User: "nonroot"}, nil)
+	assert.ErrorContains(t, err, "numeric")
+}
+
+// Two fleets on one node: each lists its own engines (and those of no
+// fleet, an older version's), never the other's, and Ensure refuses to
+// touch the other's container even under the same engine id.
+func TestFleetsOnOneNode(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	image := engineImage(t)
+	a := newBackend(t, func(c *docker.Config) { c.Fleet = "fleet-a-" + randHex(4) })
+	b := newBackend(t, func(c *docker.Config) { c.Node = a.Config().Node; c.Fleet = "fleet-b-" + randHex(4) })
+	older := newBackend(t, func(c *docker.Config) { c.Node = a.Config().Node }) // labels no fleet
+	ea, eb, eo := newEngine(t, a, image), newEngine(t, b, image), newEngine(t, older, image)
+	require.NoError(t, a.Ensure(ctx, ea.spec))
+	require.NoError(t, b.Ensure(ctx, eb.spec))
+	require.NoError(t, older.Ensure(ctx, eo.spec))
+
+	listed := func(be *docker.Backend) (map[string]bool, map[string]bool) {
+		rts, vols, err := be.List(ctx)
+		require.NoError(t, err)
+		cs, vs := map[string]bool{}, map[string]bool{}
+		for _, r := range rts {
+			cs[r.EngineID] = r.NoFleet
+		}
+		for _, v := range vols {
+			vs[v.EngineID] = v.NoFleet
+		}
+		return cs, vs
+	}
+	cs, vs := listed(a)
+	want := map[string]bool{ea.spec.EngineID: false, eo.spec.EngineID: true}
+	assert.Equal(t, want, cs)
+	assert.Equal(t, want, vs)
+	cs, _ = listed(b)
+	assert.Equal(t, map[string]bool{eb.spec.EngineID: false, eo.spec.EngineID: true}, cs)
+
+	cli := rawClient(t)
+	raw, err := cli.ContainerInspect(ctx, orchestrator.ContainerName(ea.spec.EngineID), client.ContainerInspectOptions{})
+	require.NoError(t, err)
+	assert.Equal(t, a.Config().Fleet, raw.Container.Config.Labels[orchestrator.LabelFleet])
+	before := containerID(t, cli, ea.spec.EngineID)
+	err = b.Ensure(ctx, ea.spec)
+	require.ErrorContains(t, err, "another fleet")
+	assert.Equal(t, before, containerID(t, cli, ea.spec.EngineID), "left alone")
+
+	// An older version's container of a's engine is a's to replace.
+	require.NoError(t, a.Ensure(ctx, eo.spec))
+	raw, err = cli.ContainerInspect(ctx, orchestrator.ContainerName(eo.spec.EngineID), client.ContainerInspectOptions{})
+	require.NoError(t, err)
+	assert.Equal(t, a.Config().Fleet, raw.Container.Config.Labels[orchestrator.LabelFleet])
+}
+
+// A host port the host refuses is ErrPortUnavailable from Start, whether a
+// container publishes it (another deployment's, or one this database does
+// not know) or another program listens there.
+func TestStartOnRefusedPort(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	image := engineImage(t)
+	b := newBackend(t)
+	holder, second := newEngine(t, b, image), newEngine(t, b, image)
+	second.spec.HostPort = holder.spec.HostPort
+	require.NoError(t, b.Ensure(ctx, holder.spec))
+	require.NoError(t, b.Start(ctx, holder.spec.EngineID))
+	require.NoError(t, b.Ensure(ctx, second.spec))
+	err := b.Start(ctx, second.spec.EngineID)
+	require.ErrorIs(t, err, orchestrator.ErrPortUnavailable, "a container holds it")
+
+	third := newEngine(t, b, image)
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", third.spec.HostPort))
+	require.NoError(t, err)
+	defer ln.Close()
+	require.NoError(t, b.Ensure(ctx, third.spec))
+	err = b.Start(ctx, third.spec.EngineID)
+	require.ErrorIs(t, err, orchestrator.ErrPortUnavailable, "a program holds it")
 }

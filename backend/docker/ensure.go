@@ -24,7 +24,7 @@ import (
 
 // specHashVersion changes whenever the way Ensure builds a container
 // changes, so containers made by an older build are replaced.
-const specHashVersion = 1
+const specHashVersion = 2 // 2: engines run as Config.User
 
 // ensureAttempts bounds the adopt-or-replace loop when other callers keep
 // winning the name.
@@ -32,8 +32,12 @@ const ensureAttempts = 8
 
 // Ensure creates the network, the volume and the container for spec (SPEC
 // §8), without starting it. A container with the engine's name is adopted
-// when it was made from the same spec (same image, env, port, limits,
-// mounts and network) and replaced otherwise; the volume is kept. An image
+// when it was made from the same spec (same image, env, port, limits, user,
+// mounts and network) and replaced otherwise; the volume is kept. When it
+// creates a container (unless it replaces one that ran as the same user)
+// it checks that every file of the volume belongs to Config.User and, if
+// one does not, rewrites the owners (a brain an older build's engine wrote
+// as root keeps working). An image
 // missing locally is pulled; there is no registry in most setups, so a
 // missing image usually fails with "image X not found locally and pull
 // failed".
@@ -60,6 +64,11 @@ func (b *Backend) Ensure(ctx context.Context, spec orchestrator.EngineSpec) erro
 		if err != nil {
 			return fmt.Errorf("inspect container: %w", err)
 		}
+		if found && cur.Config != nil {
+			if mine, _ := b.ours(cur.Config.Labels); !mine {
+				return fmt.Errorf("ensure engine: container %s belongs to another fleet (%s): left alone", name, cur.Config.Labels[orchestrator.LabelFleet])
+			}
+		}
 		if found {
 			reason := b.mismatch(cur, spec.EngineID, hash, netID)
 			if reason == "" {
@@ -76,6 +85,24 @@ func (b *Backend) Ensure(ctx context.Context, spec orchestrator.EngineSpec) erro
 		res, err := b.cli.ContainerCreate(ctx, b.containerOptions(spec, hash, netID))
 		if err == nil {
 			log.Info("created container", "container_id", shortID(res.ID), "image", spec.Image)
+			// The volume may hold files of another user: a fresh one
+			// copied from an image whose /data is not the engine user's,
+			// or a brain written by an engine that ran as someone else
+			// (an older build left the user to the image). A container
+			// replacing one that ran as this user needs no look.
+			if found && cur.Config != nil && cur.Config.Labels[LabelUser] == b.cfg.User {
+				return nil
+			}
+			if err := b.ensureOwner(ctx, spec.EngineID, spec.Image, res.ID); err != nil {
+				// Remove what was created, so the retry looks again
+				// (it would adopt this container without a look).
+				cctx, cancel := cleanupCtx(ctx)
+				defer cancel()
+				if rerr := b.removeContainerRef(cctx, res.ID); rerr != nil {
+					log.Warn("remove container after ownership failure", "container_id", shortID(res.ID), "error", rerr)
+				}
+				return fmt.Errorf("ensure engine: %w", err)
+			}
 			return nil
 		}
 		switch {
@@ -125,14 +152,33 @@ func (b *Backend) mismatch(c container.InspectResponse, engineID, hash, netID st
 	switch {
 	case labels[orchestrator.LabelManaged] != "true" || labels[orchestrator.LabelEngineID] != engineID:
 		return "not labelled as this engine's"
+	case labels[orchestrator.LabelFleet] != b.cfg.Fleet:
+		return "made before fleets were labelled" // another fleet's: refused by Ensure
 	case labels[LabelSpecHash] != hash:
 		return "spec changed"
 	case c.HostConfig == nil || string(c.HostConfig.NetworkMode) != netID:
 		return "network changed"
+	case onOtherNetwork(c, netID):
+		return "attached to another network"
 	case stateOf(c) == container.StateDead || stateOf(c) == container.StateRemoving:
 		return "container " + string(stateOf(c))
 	}
 	return ""
+}
+
+// onOtherNetwork reports whether c has an endpoint on a network other than
+// netID (connected by hand, or left by an older version): an engine joins
+// one network only.
+func onOtherNetwork(c container.InspectResponse, netID string) bool {
+	if c.NetworkSettings == nil {
+		return false
+	}
+	for _, ep := range c.NetworkSettings.Networks {
+		if ep != nil && ep.NetworkID != "" && ep.NetworkID != netID {
+			return true
+		}
+	}
+	return false
 }
 
 // specHash summarises everything that goes into the container, so that a
@@ -152,10 +198,12 @@ func (b *Backend) specHash(spec orchestrator.EngineSpec) string {
 		CPUs      float64
 		Pids      int64
 		Tmpfs     string
+		User      string
+		Fleet     string
 	}{
 		specHashVersion, spec.Image, envList(spec.Env), spec.HostPort, spec.ProductID,
 		b.cfg.Node, b.cfg.Network, b.cfg.CatalogMountPath,
-		b.cfg.MemoryMB, b.cfg.CPUs, b.cfg.PidsLimit, b.cfg.TmpfsSize,
+		b.cfg.MemoryMB, b.cfg.CPUs, b.cfg.PidsLimit, b.cfg.TmpfsSize, b.cfg.User, b.cfg.Fleet,
 	}
 	j, _ := json.Marshal(in) // plain types: cannot fail
 	sum := sha256.Sum256(j)
@@ -179,6 +227,7 @@ func (b *Backend) containerOptions(spec orchestrator.EngineSpec, hash, netID str
 	labels[LabelSpecHash] = hash
 	labels[LabelHostPort] = strconv.Itoa(spec.HostPort)
 	labels[LabelImage] = spec.Image
+	labels[LabelUser] = b.cfg.User
 	timeout := stopTimeout
 
 	mounts := []mount.Mount{{
@@ -224,6 +273,7 @@ func (b *Backend) containerOptions(spec orchestrator.EngineSpec, hash, netID str
 		Name: orchestrator.ContainerName(spec.EngineID),
 		Config: &container.Config{
 			Image:        spec.Image,
+			User:         b.cfg.User, // never left to the image: it might say root
 			Env:          envList(spec.Env),
 			Labels:       labels,
 			ExposedPorts: network.PortSet{port: {}},
@@ -283,118 +333,6 @@ func (b *Backend) ensureVolume(ctx context.Context, engineID, productID string) 
 	}
 	b.log.Info("created volume", "engine_id", engineID, "volume", name)
 	return nil
-}
-
-// networkSettle bounds how long the daemon takes to create a network. A
-// network stamps its Created time when its creation starts and is listed
-// only when it ends, so a creator that lists right after creating may not
-// yet see a rival that started earlier and will win by age. Once the oldest
-// listed network is this old, every network older than it is listed too.
-const networkSettle = 2 * time.Second
-
-// ensureNetwork returns the id of the engines' bridge network, creating it
-// when missing. Docker (API < 1.44) lets two networks share a name, so
-// concurrent creators (several worker processes at first boot) may all
-// succeed: every caller waits until the winner is settled, picks the same
-// one (oldest, then lowest id) and removes the unused losers. Containers
-// join by id, never by the (possibly ambiguous) name. The settled id is
-// remembered, so only the first call after a network appears pays the wait.
-func (b *Backend) ensureNetwork(ctx context.Context) (string, error) {
-	b.netMu.Lock()
-	defer b.netMu.Unlock()
-
-	nets, err := b.networksNamed(ctx)
-	if err != nil {
-		return "", err
-	}
-	if len(nets) == 0 {
-		res, err := b.cli.NetworkCreate(ctx, b.cfg.Network, client.NetworkCreateOptions{
-			Driver: "bridge",
-			Labels: b.nodeLabels(),
-		})
-		if err != nil && !cerrdefs.IsConflict(err) {
-			return "", fmt.Errorf("create network %s: %w", b.cfg.Network, err)
-		}
-		if res.ID != "" {
-			b.log.Info("created network", "network", b.cfg.Network, "network_id", shortID(res.ID))
-		}
-		if nets, err = b.networksNamed(ctx); err != nil {
-			return "", err
-		}
-		if len(nets) == 0 {
-			return "", fmt.Errorf("create network %s: gone right after creation", b.cfg.Network)
-		}
-	}
-	win := pickNetwork(nets)
-	if win.ID == b.netID {
-		return win.ID, nil
-	}
-	// The daemon is local to this node, so its clock is ours.
-	if wait := networkSettle - time.Since(win.Created); wait > 0 {
-		select {
-		case <-ctx.Done():
-			return "", fmt.Errorf("ensure network %s: %w", b.cfg.Network, ctx.Err())
-		case <-time.After(wait):
-		}
-		if nets, err = b.networksNamed(ctx); err != nil {
-			return "", err
-		}
-		if len(nets) == 0 {
-			return "", fmt.Errorf("ensure network %s: removed while settling", b.cfg.Network)
-		}
-		win = pickNetwork(nets)
-	}
-	b.removeLosers(ctx, nets, win.ID)
-	b.netID = win.ID
-	return win.ID, nil
-}
-
-// removeLosers removes this node's duplicate networks other than the
-// winner. One that containers still use stays (they joined it by id and
-// keep working); networks someone else labelled are never touched.
-func (b *Backend) removeLosers(ctx context.Context, nets []network.Summary, winID string) {
-	for _, n := range nets {
-		if n.ID == winID || n.Labels[orchestrator.LabelManaged] != "true" || n.Labels[orchestrator.LabelNode] != b.cfg.Node {
-			continue
-		}
-		b.log.Info("removing duplicate network", "network", b.cfg.Network, "network_id", shortID(n.ID))
-		if _, err := b.cli.NetworkRemove(ctx, n.ID, client.NetworkRemoveOptions{}); err != nil && !cerrdefs.IsNotFound(err) {
-			b.log.Warn("remove duplicate network", "network_id", shortID(n.ID), "error", err)
-		}
-	}
-}
-
-// networksNamed lists the networks named exactly cfg.Network (docker's name
-// filter also matches substrings).
-func (b *Backend) networksNamed(ctx context.Context) ([]network.Summary, error) {
-	res, err := b.cli.NetworkList(ctx, client.NetworkListOptions{
-		Filters: make(client.Filters).Add("name", b.cfg.Network),
-	})
-	if err != nil {
-		return nil, fmt.Errorf("list networks: %w", err)
-	}
-	var out []network.Summary
-	for _, n := range res.Items {
-		if n.Name == b.cfg.Network {
-			out = append(out, n)
-		}
-	}
-	return out, nil
-}
-
-func pickNetwork(nets []network.Summary) network.Summary {
-	return slices.MinFunc(nets, func(a, b network.Summary) int {
-		if c := a.Created.Compare(b.Created); c != 0 {
-			return c
-		}
-		if a.ID < b.ID {
-			return -1
-		}
-		if a.ID > b.ID {
-			return 1
-		}
-		return 0
-	})
 }
 
 // removeContainerByID removes c, first giving a running container grace

@@ -18,7 +18,8 @@ import (
 var eventActions = []events.Action{events.ActionDie, events.ActionOOM, events.ActionStart, events.ActionStop}
 
 // Events streams die, oom, start and stop events of this node's managed
-// engine containers (filtered by label in the daemon) until ctx ends or the
+// engine containers (filtered by label in the daemon), this fleet's or of
+// no fleet, until ctx ends or the
 // stream breaks; then the channel closes and the caller re-subscribes and
 // reconciles (events in between are not replayed). It fails at once when
 // the daemon cannot be reached.
@@ -47,7 +48,7 @@ func (b *Backend) Events(ctx context.Context) (<-chan orchestrator.RuntimeEvent,
 				return
 			case m := <-res.Messages:
 				ev, ok := toRuntimeEvent(m)
-				if !ok {
+				if mine, _ := b.ours(m.Actor.Attributes); !ok || !mine {
 					continue
 				}
 				select {

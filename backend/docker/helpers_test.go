@@ -1,12 +1,14 @@
 package docker_test
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -19,6 +21,8 @@ import (
 
 	cerrdefs "github.com/containerd/errdefs"
 	"github.com/google/uuid"
+	"github.com/moby/moby/api/types/container"
+	"github.com/moby/moby/api/types/mount"
 	"github.com/moby/moby/client"
 	"github.com/stretchr/testify/require"
 
@@ -39,6 +43,7 @@ const (
 func TestMain(m *testing.M) {
 	code := m.Run()
 	testenv.RemoveNetworkIfEmpty(testNetwork)
+	testenv.RemoveNetworkIfEmpty(testNetwork + docker.IsolatedSuffix)
 	os.Exit(code)
 }
 
@@ -68,11 +73,15 @@ var staleOnce sync.Once
 func newBackend(t *testing.T, mod ...func(*docker.Config)) *docker.Backend {
 	t.Helper()
 	testenv.RequireDocker(t)
+	// Engines run under the limits production gets by default.
 	cfg := docker.Config{
 		Network:      testNetwork,
 		Node:         testNodeStart + randHex(4),
 		ReplaceGrace: 2 * time.Second,
 		Labels:       map[string]string{testLabel: "true"},
+		MemoryMB:     docker.DefaultMemoryMB,
+		CPUs:         docker.DefaultCPUs,
+		PidsLimit:    docker.DefaultPids,
 	}
 	for _, f := range mod {
 		f(&cfg)
@@ -237,4 +246,65 @@ func containerID(t *testing.T, cli *client.Client, engineID string) string {
 	}
 	require.NoError(t, err)
 	return res.Container.ID
+}
+
+// chownVolume rewrites the owner of every file of the engine's volume, and
+// of its root, behind the backend's back (as an engine that ran as another
+// user would have left them), through a helper container of the test's own.
+func chownVolume(t *testing.T, engineID, image string, uid, gid int) {
+	t.Helper()
+	ctx := t.Context()
+	cli := rawClient(t)
+	res, err := cli.ContainerCreate(ctx, client.ContainerCreateOptions{
+		Name: "engine-test-chown-" + randHex(4),
+		Config: &container.Config{Image: image, Entrypoint: []string{"/never-started"},
+			Labels: map[string]string{testLabel: "true"}, NetworkDisabled: true},
+		HostConfig: &container.HostConfig{NetworkMode: "none", Mounts: []mount.Mount{{Type: mount.TypeVolume,
+			Source: orchestrator.VolumeName(engineID), Target: "/data", VolumeOptions: &mount.VolumeOptions{NoCopy: true}}}},
+	})
+	require.NoError(t, err)
+	defer cli.ContainerRemove(context.Background(), res.ID, client.ContainerRemoveOptions{Force: true}) //nolint:errcheck
+	src, err := cli.CopyFromContainer(ctx, res.ID, client.CopyFromContainerOptions{SourcePath: "/data"})
+	require.NoError(t, err)
+	all, err := io.ReadAll(src.Content)
+	src.Content.Close()
+	require.NoError(t, err)
+	var out bytes.Buffer
+	tw := tar.NewWriter(&out)
+	tr := tar.NewReader(bytes.NewReader(all))
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		require.NoError(t, err)
+		h.Uid, h.Gid, h.Uname, h.Gname = uid, gid, "", ""
+		h.Format = tar.FormatUnknown
+		h.PAXRecords = nil
+		require.NoError(t, tw.WriteHeader(h))
+		_, err = io.Copy(tw, tr)
+		require.NoError(t, err)
+	}
+	require.NoError(t, tw.Close())
+	_, err = cli.CopyToContainer(ctx, res.ID, client.CopyToContainerOptions{DestinationPath: "/", Content: &out})
+	require.NoError(t, err)
+}
+
+// volumeOwners maps every entry of the engine's volume (through its
+// container) to its owner "uid:gid".
+func volumeOwners(t *testing.T, engineID string) map[string]string {
+	t.Helper()
+	raw, err := rawClient(t).CopyFromContainer(t.Context(), orchestrator.ContainerName(engineID), client.CopyFromContainerOptions{SourcePath: "/data"})
+	require.NoError(t, err)
+	defer raw.Content.Close()
+	out := map[string]string{}
+	tr := tar.NewReader(raw.Content)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return out
+		}
+		require.NoError(t, err)
+		out[h.Name] = fmt.Sprintf("%d:%d", h.Uid, h.Gid)
+	}
 }

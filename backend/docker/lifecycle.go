@@ -18,7 +18,8 @@ import (
 
 // Start starts the engine's container. Running is a no-op, paused is
 // unpaused, restarting (docker's restart policy is bringing it back) is left
-// to docker. A missing container is an error with ErrNotFound in its chain.
+// to docker. A missing container is an error with ErrNotFound in its chain,
+// a host port taken on the host one with orchestrator.ErrPortUnavailable.
 func (b *Backend) Start(ctx context.Context, engineID string) error {
 	if err := validID(engineID); err != nil {
 		return fmt.Errorf("start container: %w", err)
@@ -40,10 +41,21 @@ func (b *Backend) Start(ctx context.Context, engineID string) error {
 		return nil
 	}
 	if _, err := b.cli.ContainerStart(ctx, c.ID, client.ContainerStartOptions{}); err != nil {
+		if portRefused(err) {
+			return fmt.Errorf("start container: %w: %w", orchestrator.ErrPortUnavailable, err)
+		}
 		return fmt.Errorf("start container: %w", err)
 	}
 	b.log.Info("started container", "engine_id", engineID)
 	return nil
+}
+
+// portRefused reports whether a start failed on the published host port:
+// another container publishes it ("port is already allocated") or another
+// program listens there (the proxy's bind: "address already in use").
+func portRefused(err error) bool {
+	msg := err.Error()
+	return strings.Contains(msg, "port is already allocated") || strings.Contains(msg, "address already in use")
 }
 
 // Stop sends SIGTERM, waits up to grace and then SIGKILLs (docker stop).
@@ -113,7 +125,7 @@ func (b *Backend) RemoveVolume(ctx context.Context, engineID string) error {
 		return fmt.Errorf("remove volume: list users: %w", lerr)
 	}
 	for _, c := range res.Items {
-		if c.Labels[orchestrator.LabelManaged] != "true" || c.Labels[orchestrator.LabelEngineID] != engineID {
+		if mine, _ := b.ours(c.Labels); !mine || c.Labels[orchestrator.LabelManaged] != "true" || c.Labels[orchestrator.LabelEngineID] != engineID {
 			return fmt.Errorf("remove volume: in use by container %s, not managed for this engine", strings.TrimPrefix(firstName(c.Names), "/"))
 		}
 		if err := b.removeContainerRef(ctx, c.ID); err != nil {
@@ -184,16 +196,26 @@ func hostPort(pm network.PortMap) int {
 }
 
 // List returns this node's managed engine containers (any state) and brain
-// volumes. Helper containers are not listed; leaked ones older than 15
-// minutes are removed on the way. From a list, ExitCode comes from docker's
+// volumes of this fleet, and those with no fleet label (NoFleet); another
+// fleet's are left out. Helper containers are not listed; leaked ones older than 15
+// minutes are removed on the way. A container attached to a network that
+// lets containers reach each other is Unisolated. From a list, ExitCode comes from docker's
 // status text and OOMKilled is not known (Inspect has both).
 func (b *Backend) List(ctx context.Context) ([]orchestrator.RuntimeInfo, []orchestrator.VolumeInfo, error) {
 	cres, err := b.cli.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: b.managedFilters()})
 	if err != nil {
 		return nil, nil, fmt.Errorf("list containers: %w", err)
 	}
+	isolatedNet, err := b.isolation(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
 	var runtimes []orchestrator.RuntimeInfo
 	for _, c := range cres.Items {
+		mine, noFleet := b.ours(c.Labels)
+		if !mine {
+			continue // another fleet's, on a host it shares with us
+		}
 		if c.Labels[LabelRole] == RoleHelper {
 			b.reapHelper(ctx, c)
 			continue
@@ -202,7 +224,10 @@ func (b *Backend) List(ctx context.Context) ([]orchestrator.RuntimeInfo, []orche
 		if id == "" {
 			continue
 		}
-		runtimes = append(runtimes, runtimeFromSummary(id, c))
+		rt := runtimeFromSummary(id, c)
+		rt.Unisolated = isolatedNet.unisolated(c)
+		rt.NoFleet = noFleet
+		runtimes = append(runtimes, rt)
 	}
 
 	vres, err := b.cli.VolumeList(ctx, client.VolumeListOptions{Filters: b.managedFilters()})
@@ -212,10 +237,11 @@ func (b *Backend) List(ctx context.Context) ([]orchestrator.RuntimeInfo, []orche
 	var volumes []orchestrator.VolumeInfo
 	for _, v := range vres.Items {
 		id := v.Labels[orchestrator.LabelEngineID]
-		if id == "" {
+		mine, noFleet := b.ours(v.Labels)
+		if id == "" || !mine {
 			continue
 		}
-		vi := orchestrator.VolumeInfo{EngineID: id, Name: v.Name}
+		vi := orchestrator.VolumeInfo{EngineID: id, Name: v.Name, NoFleet: noFleet}
 		if t, err := time.Parse(time.RFC3339, v.CreatedAt); err == nil {
 			vi.CreatedAt = t
 		}

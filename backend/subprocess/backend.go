@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -252,6 +253,17 @@ func (b *Backend) Start(ctx context.Context, id string) error {
 	}
 	if !isExecutable(spec.Binary) {
 		return fmt.Errorf("start engine %s: engine binary %s is not an executable file", id, spec.Binary)
+	}
+
+	// The engine would exit at once on a port another program holds: say
+	// so, so that the workers move it (a race with that program remains,
+	// and ends in a boot timeout like any engine that exits).
+	if ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(spec.HostPort)); err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("start engine %s: %w: %w", id, orchestrator.ErrPortUnavailable, err)
+		}
+	} else {
+		ln.Close()
 	}
 
 	logFile, err := b.openLog(id)

@@ -14,6 +14,7 @@ import (
 	"github.com/go-co-op/gocron/v2"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/backend/docker"
 	"github.com/enginefleet/orchestrator/keys"
 )
 
@@ -44,6 +45,7 @@ type Config struct {
 	MemoryMB         int64
 	CPUs             float64
 	Pids             int64
+	EngineUser       string
 	DockerHost       string
 
 	HealthInterval     time.Duration
@@ -99,16 +101,17 @@ var envVars = []envVar{
 	{"ORCH_ENGINE_BACKEND", "docker", "docker (production) or subprocess (development, no Docker)"},
 	{"ORCH_ENGINE_BINARY", "", "subprocess backend: path of the engine binary"},
 	{"ORCH_ENGINE_ENV_PASSTHROUGH", "", "comma-separated variable names copied from this process's environment into every engine"},
-	{"ORCH_ENGINE_NETWORK", "engine_net", "Docker network engines join (created if missing)"},
+	{"ORCH_ENGINE_NETWORK", "engine_net", "Docker bridge engines join; created if missing with inter-container traffic off (engines cannot reach each other)"},
 	{"ORCH_PORT_MIN", "9001", "first host port for engines"},
 	{"ORCH_PORT_MAX", "9999", "last host port for engines"},
 	{"ORCH_CATALOG_MOUNT_PATH", "", "host directory mounted read-only at /catalog in every engine"},
 	{"ORCH_DATA_ROOT_PATH", ".data/engines", "subprocess backend: where engine data lives"},
 	{"ORCH_ENGINE_URL_TEMPLATE", "http://127.0.0.1:{port}", "URL handed to products; {port}, {container}, {engine_id}, {node} are replaced"},
-	{"ORCH_ENGINE_PROBE_URL_TEMPLATE", "http://127.0.0.1:{port}", "how workers reach an engine's /health (in compose: http://{container}:8000)"},
-	{"ORCH_ENGINE_MEMORY_MB", "0", "per-engine memory limit (0 = none)"},
-	{"ORCH_ENGINE_CPUS", "0", "per-engine CPU limit (0 = none)"},
-	{"ORCH_ENGINE_PIDS", "0", "per-engine process limit (0 = none)"},
+	{"ORCH_ENGINE_PROBE_URL_TEMPLATE", "http://127.0.0.1:{port}", "how workers reach an engine's /health: engines answer on the engine host's 127.0.0.1 only, so workers run in its network namespace"},
+	{"ORCH_ENGINE_MEMORY_MB", strconv.Itoa(docker.DefaultMemoryMB), "per-engine memory limit in MB, /tmp's tmpfs included; swap off (0 = none)"},
+	{"ORCH_ENGINE_CPUS", strconv.FormatFloat(docker.DefaultCPUs, 'f', -1, 64), "per-engine CPU limit, in CPUs (0 = none)"},
+	{"ORCH_ENGINE_PIDS", strconv.Itoa(docker.DefaultPids), "per-engine limit of processes and threads (0 = none)"},
+	{"ORCH_ENGINE_USER", docker.DefaultUser, "numeric uid:gid engines run as, whatever the image says (never root); brain volumes are made theirs"},
 	{"DOCKER_HOST", "", "Docker daemon address (default: the local socket)"},
 	{"ORCH_HEALTH_CHECK_INTERVAL_S", "30", "health sweep period"},
 	{"ORCH_HEALTH_CHECK_TIMEOUT_S", "10", "per-probe timeout"},
@@ -253,6 +256,10 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		c.CPUs = f
 	}
 	c.Pids = int64(intv("ORCH_ENGINE_PIDS", 0, 1<<22))
+	c.EngineUser = get("ORCH_ENGINE_USER")
+	if _, _, err := docker.ParseUser(c.EngineUser); err != nil {
+		bad("ORCH_ENGINE_USER", "%v", err)
+	}
 	c.DockerHost = get("DOCKER_HOST")
 
 	c.HealthInterval = secs("ORCH_HEALTH_CHECK_INTERVAL_S", 1)

@@ -176,3 +176,42 @@ func TestConfigAuthAndProxies(t *testing.T) {
 	require.ErrorContains(t, err, `ORCH_TRUSTED_PROXIES: "proxy.internal" is neither an address nor a CIDR`)
 	require.ErrorContains(t, err, "ORCH_AUTH_FAILURES_PER_S")
 }
+
+// Engines are limited and run as a non-root user unless the operator says
+// otherwise; 0 lifts a limit, root is never accepted.
+func TestConfigEngineLimitsAndUser(t *testing.T) {
+	base := map[string]string{
+		"ORCH_DATABASE_URL": "postgresql://u:p@localhost:5432/db",
+		"ORCH_MASTER_KEY":   keys.GenerateMasterKey(),
+		"ORCH_ADMIN_KEY":    strings.Repeat("a", 32),
+	}
+	c, err := loadConfig(envOf(base))
+	require.NoError(t, err)
+	require.EqualValues(t, 512, c.MemoryMB)
+	require.Equal(t, 1.0, c.CPUs)
+	require.EqualValues(t, 256, c.Pids)
+	require.Equal(t, "65532:65532", c.EngineUser)
+
+	with := func(kv ...string) map[string]string {
+		m := map[string]string{}
+		for k, v := range base {
+			m[k] = v
+		}
+		for i := 0; i+1 < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		return m
+	}
+	c, err = loadConfig(envOf(with("ORCH_ENGINE_MEMORY_MB", "0", "ORCH_ENGINE_CPUS", "0", "ORCH_ENGINE_PIDS", "0", "ORCH_ENGINE_USER", "1000:1001")))
+	require.NoError(t, err)
+	require.Zero(t, c.MemoryMB)
+	require.Zero(t, c.CPUs)
+	require.Zero(t, c.Pids)
+	require.Equal(t, "1000:1001", c.EngineUser)
+
+	for _, user := range []string{"0", "0:0", "root", "nonroot", "1000:staff", "-1"} {
+		_, err := loadConfig(envOf(with("ORCH_ENGINE_USER", user)))
+		require.Error(t, err, user)
+		require.Contains(t, err.Error(), "ORCH_ENGINE_USER", user)
+	}
+}

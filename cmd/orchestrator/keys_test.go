@@ -49,7 +49,7 @@ func seedKeys(t *testing.T, pool *pgxpool.Pool, kr *keys.Keyring, n int) map[str
 	enc, err := kr.Encrypt(key)
 	require.NoError(t, err)
 	op := orch.Operation{ID: uuid.NewString(), ProductID: p.ID, EngineID: last.ID, UserID: last.UserID, Kind: orch.OpRotateKey, Actor: "acme"}
-	require.NoError(t, q.InsertOperation(ctx, op, schema.OpPayload{KeyHash: keys.Hash(key), KeyEnc: enc}))
+	require.NoError(t, q.InsertOperation(ctx, op, schema.OpPayload{KeyHash: keys.Hash(key), KeyEnc: enc}, 0))
 	plain["operation "+op.ID] = key
 	return plain
 }

@@ -198,11 +198,31 @@ func withDB(ctx context.Context, getenv func(string) string, serving *roles, fn 
 		time.Sleep(time.Second)
 	}
 	if serving != nil {
-		if err := schema.MigrateUp(ctx, pool, log); err != nil {
+		if err := untilReachable(ctx, log, "migrate", func() error { return schema.MigrateUp(ctx, pool, log) }); err != nil {
 			return err
 		}
 	}
 	return fn(cfg, pool, log)
+}
+
+// untilReachable runs a start-up step again while Postgres cannot be
+// reached (a restart or failover under a booting process), for up to a
+// minute, so a process started at the wrong moment comes up instead of
+// exiting.
+func untilReachable(ctx context.Context, log *slog.Logger, what string, step func() error) error {
+	deadline := time.Now().Add(time.Minute)
+	for {
+		err := step()
+		if err == nil || !schema.Unreachable(err) || time.Now().After(deadline) || ctx.Err() != nil {
+			return err
+		}
+		log.Warn("postgres not reachable during start-up; retrying", "step", what, "error", err)
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 // redactURL keeps a database password out of error text.

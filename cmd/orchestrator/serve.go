@@ -35,7 +35,7 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 	if err != nil {
 		return err
 	}
-	if err := checkKeyring(ctx, pool, kr); err != nil {
+	if err := untilReachable(ctx, log, "check keyring", func() error { return checkKeyring(ctx, pool, kr) }); err != nil {
 		return err
 	}
 
@@ -55,7 +55,14 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 	var rc *river.Client[pgx.Tx]
 	var w *workers.Workers
 	if r.worker {
-		be, err := newBackend(ctx, cfg, log)
+		var fleetID string
+		if err := untilReachable(ctx, log, "read fleet id", func() (err error) {
+			fleetID, err = schema.New(pool).FleetID(ctx)
+			return err
+		}); err != nil {
+			return err
+		}
+		be, err := newBackend(ctx, cfg, fleetID, log)
 		if err != nil {
 			return err
 		}
@@ -69,10 +76,10 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 		// River stops when its Start context ends, cancelling running jobs:
 		// give it one that outlives SIGTERM, and stop it ourselves (soft,
 		// then hard) once the API has drained.
-		if err := rc.Start(context.WithoutCancel(ctx)); err != nil {
+		if err := untilReachable(ctx, log, "start river", func() error { return rc.Start(context.WithoutCancel(ctx)) }); err != nil {
 			return fmt.Errorf("start river: %w", err)
 		}
-		log.Info("worker started", "node", cfg.Node, "backend", be.Name())
+		log.Info("worker started", "node", cfg.Node, "fleet", fleetID, "backend", be.Name())
 	} else {
 		// Insert-only client: the API enqueues, workers elsewhere run.
 		rc, err = river.NewClient(riverpgxv5.New(pool), &river.Config{Logger: log})
@@ -113,8 +120,11 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 	upkeep, stopUpkeep := context.WithCancel(bg)
 	defer stopUpkeep()
 	if r.worker {
-		wg.Add(1)
+		wg.Add(2)
 		go func() { defer wg.Done(); w.WatchEvents(upkeep, rc) }()
+		// Liveness lasts until River has stopped (bg ends after that):
+		// while it runs, this process's jobs are its own.
+		go func() { defer wg.Done(); w.RunLiveness(bg, rc) }()
 	}
 	if r.scheduler {
 		sch, err := scheduler.New(scheduler.Config{}, pool, rc, log, scheduler.Fleet(fleetConfig(cfg))...)
@@ -172,7 +182,7 @@ func apiConfig(cfg Config) api.Config {
 func workerConfig(cfg Config) workers.Config {
 	return workers.Config{Node: cfg.Node, DefaultImage: cfg.EngineImage, BootTimeout: cfg.BootTimeout,
 		ProbeTimeout: cfg.HealthTimeout, ProbeURLTemplate: cfg.ProbeURLTemplate, EnvPassthrough: passthroughEnv(cfg.EnvPassthrough),
-		KeyOverlap: cfg.KeyOverlap, Concurrency: cfg.WorkerConcurrency,
+		KeyOverlap: cfg.KeyOverlap, Concurrency: cfg.WorkerConcurrency, PortMin: cfg.PortMin, PortMax: cfg.PortMax,
 		HealthInterval: cfg.HealthInterval, HealthMaxFailures: cfg.HealthMaxFailures,
 		RestartBackoffBase: cfg.RestartBackoffBase, RestartBackoffMax: cfg.RestartBackoffMax, RestartMaxAttempts: cfg.RestartMaxAttempts,
 		IdleAfter: cfg.IdleAfter, SleepMode: cfg.SleepMode,
@@ -187,14 +197,16 @@ func fleetConfig(cfg Config) scheduler.FleetConfig {
 		BackupCron: cfg.BackupCron, AuditExportCron: cfg.AuditExportCron}
 }
 
-func newBackend(ctx context.Context, cfg Config, log *slog.Logger) (orch.Backend, error) {
+// newBackend builds the configured backend; fleetID (the database's) labels
+// what the Docker backend creates.
+func newBackend(ctx context.Context, cfg Config, fleetID string, log *slog.Logger) (orch.Backend, error) {
 	switch cfg.Backend {
 	case "subprocess":
 		return subprocess.New(subprocess.Config{DataRoot: cfg.DataRootPath, EngineBinary: cfg.EngineBinary,
 			CatalogMountPath: cfg.CatalogMountPath, Node: cfg.Node}, log)
 	default:
 		b, err := docker.New(docker.Config{Host: cfg.DockerHost, Network: cfg.Network, CatalogMountPath: cfg.CatalogMountPath,
-			MemoryMB: cfg.MemoryMB, CPUs: cfg.CPUs, PidsLimit: cfg.Pids, Node: cfg.Node, HelperImage: cfg.EngineImage}, log)
+			MemoryMB: cfg.MemoryMB, CPUs: cfg.CPUs, PidsLimit: cfg.Pids, User: cfg.EngineUser, Node: cfg.Node, Fleet: fleetID, HelperImage: cfg.EngineImage}, log)
 		if err != nil {
 			return nil, fmt.Errorf("docker backend (is the Docker socket reachable? DOCKER_HOST=%q): %w", cfg.DockerHost, err)
 		}

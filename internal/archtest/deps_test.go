@@ -1,6 +1,7 @@
 // Package archtest checks the architecture's dependency rules
-// (ARCHITECTURE.md §2): cmd → {api, workers, scheduler, schema, backend}
-// → {jobs, metrics} → root; api never imports backend or workers; only backend/docker
+// (docs/architecture.md): cmd → {api, workers, scheduler} → lifecycle →
+// {schema, backend} → {jobs, metrics} → root; api and lifecycle never
+// import backend or workers; only backend/docker
 // imports the Docker SDK; the root package uses the standard library only.
 package archtest
 
@@ -57,8 +58,10 @@ func layer(path string) (string, int) {
 		return "schema", 2
 	case "backend":
 		return "backend", 2
+	case "lifecycle":
+		return "lifecycle", 3 // the request side's core: above schema, below api and workers
 	case "api", "workers", "scheduler":
-		return top, 3
+		return top, 4
 	case "cmd", "e2e", "internal", "sdk", "deploy":
 		return top, 9
 	}
@@ -81,7 +84,7 @@ func TestDependencyDirection(t *testing.T) {
 				continue
 			}
 			iname, il := layer(imp)
-			if name == "api" && (iname == "backend" || iname == "workers" || iname == "scheduler") {
+			if (name == "api" || name == "lifecycle") && (iname == "backend" || iname == "workers" || iname == "scheduler") {
 				t.Errorf("%s imports %s: api never drives a backend", p.ImportPath, imp)
 			}
 			if il >= l && iname != name && l < 9 {

@@ -158,7 +158,20 @@ func newDB(t testing.TB, migrated bool) string {
 		defer c.Close(ctx)
 		c.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)") //nolint:errcheck
 	})
-	return withDB(BaseURL(t), name)
+	url := withDB(BaseURL(t), name)
+	if migrated {
+		// A copy of the template would share its fleet id: each test
+		// database is a deployment of its own.
+		c, err := pgx.Connect(ctx, url)
+		if err != nil {
+			t.Fatalf("connect test database: %v", err)
+		}
+		defer c.Close(ctx)
+		if _, err := c.Exec(ctx, "UPDATE fleet SET id = gen_random_uuid()"); err != nil {
+			t.Fatalf("new fleet id: %v", err)
+		}
+	}
+	return url
 }
 
 // Pool opens a pool on url, closed when the test ends.

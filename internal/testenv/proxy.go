@@ -2,7 +2,6 @@ package testenv
 
 import (
 	"errors"
-	"io"
 	"net"
 	"net/url"
 	"sync"
@@ -17,9 +16,10 @@ type Proxy struct {
 	network, target string
 	ln              net.Listener
 
-	mu    sync.Mutex
-	cut   bool
-	conns map[net.Conn]struct{}
+	mu      sync.Mutex
+	cut     bool
+	conns   map[net.Conn]struct{}
+	stalled map[net.Conn]bool // connections whose bytes are dropped (Stall)
 }
 
 // NewProxy forwards a loopback port to target ("tcp" host:port, or a
@@ -30,7 +30,7 @@ func NewProxy(t testing.TB, network, target string) *Proxy {
 	if err != nil {
 		t.Fatalf("proxy listen: %v", err)
 	}
-	p := &Proxy{network: network, target: target, ln: ln, conns: map[net.Conn]struct{}{}}
+	p := &Proxy{network: network, target: target, ln: ln, conns: map[net.Conn]struct{}{}, stalled: map[net.Conn]bool{}}
 	go p.serve()
 	t.Cleanup(func() {
 		ln.Close()
@@ -61,6 +61,17 @@ func (p *Proxy) Cut() {
 		c.Close()
 	}
 	clear(p.conns)
+}
+
+// Stall makes every open connection half-open, the way a middlebox that
+// forgot it does: bytes sent either way vanish, nothing is closed. New
+// connections work.
+func (p *Proxy) Stall() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for c := range p.conns {
+		p.stalled[c] = true
+	}
 }
 
 // Restore lets connections through again.
@@ -100,8 +111,22 @@ func (p *Proxy) pipe(c net.Conn) {
 	p.mu.Unlock()
 	done := make(chan struct{}, 2)
 	copyHalf := func(dst, src net.Conn) {
-		io.Copy(dst, src) //nolint:errcheck // the other half's close ends it
-		done <- struct{}{}
+		defer func() { done <- struct{}{} }()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			p.mu.Lock()
+			stalled := p.stalled[c]
+			p.mu.Unlock()
+			if n > 0 && !stalled {
+				if _, werr := dst.Write(buf[:n]); werr != nil {
+					return
+				}
+			}
+			if err != nil {
+				return // the other half's close ends it
+			}
+		}
 	}
 	go copyHalf(up, c)
 	go copyHalf(c, up)
@@ -111,5 +136,6 @@ func (p *Proxy) pipe(c net.Conn) {
 	p.mu.Lock()
 	delete(p.conns, c)
 	delete(p.conns, up)
+	delete(p.stalled, c)
 	p.mu.Unlock()
 }

@@ -1,0 +1,59 @@
+// Package lifecycle is the request side of the engine lifecycle, shared by
+// the HTTP API, the CLI and the workers' own system operations: every
+// operation is recorded and its job enqueued here, in the caller's
+// transaction.
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/rivertype"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/schema"
+)
+
+// Inserter is the part of a River client that enqueues within a
+// transaction (an insert-only client is enough).
+type Inserter interface {
+	InsertTx(ctx context.Context, tx pgx.Tx, args river.JobArgs, opts *river.InsertOpts) (*rivertype.JobInsertResult, error)
+}
+
+// Enqueue inserts op's job and records op (pending, worked by that job,
+// ending by its deadline) within tx: commit = the work will happen,
+// rollback = nothing happened. op.Deadline must be set (see
+// orch.OperationDeadline). Errors: OPERATION_IN_PROGRESS when River
+// refuses the job as a duplicate of one in flight, INTERNAL_ERROR when the
+// job cannot be inserted (the transaction must then be rolled back).
+func Enqueue(ctx context.Context, tx pgx.Tx, rc Inserter, op orch.Operation, payload schema.OpPayload, args river.JobArgs, opts *river.InsertOpts) error {
+	if op.Deadline.IsZero() {
+		return errors.New("enqueue operation: no deadline")
+	}
+	if rc == nil {
+		return errors.New("enqueue operation: no river client")
+	}
+	res, err := rc.InsertTx(ctx, tx, args, opts)
+	if err != nil {
+		return &orch.Error{Code: orch.CodeInternal, Message: "could not enqueue the operation", Err: err}
+	}
+	if res.UniqueSkippedAsDuplicate {
+		// Cannot happen for a fresh operation id; refuse rather than leave
+		// an operation no job will ever run.
+		return orch.Errorf(orch.CodeOperationInProgress, "an operation is already queued for this engine")
+	}
+	return schema.New(tx).InsertOperation(ctx, op, payload, res.Job.ID)
+}
+
+// Deadline is the deadline of an operation whose job is inserted now with
+// opts (a scheduled job starts later).
+func Deadline(opts *river.InsertOpts, bootTimeout time.Duration) time.Time {
+	start := time.Now()
+	if opts != nil && opts.ScheduledAt.After(start) {
+		start = opts.ScheduledAt
+	}
+	return orch.OperationDeadline(start, bootTimeout)
+}
