@@ -21,7 +21,8 @@ const (
 	// (workers.RiverConfig; a test keeps the two in step).
 	workerOtherQueues = 22
 	// riverOwnConns: River's own (its listener, a fetch per queue, the
-	// elector, maintenance) and the worker's upkeep (events, liveness).
+	// elector, maintenance) and the worker's upkeep (events; the liveness
+	// session is taken from the pool, then held outside it).
 	riverOwnConns = 10
 	// schedulerConns: enqueueing ticks (the leader lock has its own
 	// connection, outside the pool).
