@@ -596,20 +596,8 @@ func (s *Server) admitAfter(ctx context.Context, out *admitOutput, p orch.Produc
 	return out, nil
 }
 
-// auditDenied records admit_denied, at most once a minute per product,
-// user and reason, so a product polling a missing engine does not write a
-// row per request.
+// auditDenied records admit_denied: queued for the replica's one writer,
+// which aggregates per product and reason (denied.go); it never blocks.
 func (s *Server) auditDenied(p orch.Product, userID string, reason orch.Code) {
-	if !s.activity.due("denied:"+p.ID+":"+userID+":"+string(reason), time.Now()) {
-		return
-	}
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		err := schema.New(s.pool).InsertAudit(ctx, orch.AuditEntry{ProductID: p.ID, UserID: userID, Action: orch.ActionAdmitDenied,
-			Actor: p.Slug, Metadata: map[string]any{"reason": strings.ToLower(string(reason))}})
-		if err != nil {
-			s.log.Warn("audit admit_denied", "error", err)
-		}
-	}()
+	s.denied.add(p, userID, reason)
 }

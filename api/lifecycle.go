@@ -350,31 +350,49 @@ func opError(op orch.Operation) error {
 	return nil
 }
 
-// activity throttles admit's activity writes to one per engine per minute.
+// activity throttles admit's activity writes to one per engine per
+// minute. Bounded without scans: engines are spread over shards by hash,
+// each with its own lock and two generations of "last written" times
+// (generations.go); a shard starts a new generation every activityEvery,
+// so a generation dropped whole only holds times at least that old, whose
+// engines are due anyway. A shard holds at most 2×activityShardSize
+// engines; past that it rotates early, at the cost of an extra write for
+// some engine, never of a lost one.
 type activity struct {
-	mu   sync.Mutex
-	last map[string]time.Time
+	shards [activityShards]activityShard
 }
 
-const activityEvery = time.Minute
+type activityShard struct {
+	mu      sync.Mutex
+	last    generations[string, time.Time]
+	rotated time.Time
+}
+
+const (
+	activityEvery     = time.Minute
+	activityShards    = 16
+	activityShardSize = 4096
+)
 
 func (a *activity) due(engineID string, now time.Time) bool {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.last == nil {
-		a.last = map[string]time.Time{}
+	h := uint32(2166136261) // FNV-1a: engine ids are ours (UUIDs), not a client's
+	for i := 0; i < len(engineID); i++ {
+		h = (h ^ uint32(engineID[i])) * 16777619
 	}
-	if t, ok := a.last[engineID]; ok && now.Sub(t) < activityEvery {
+	sh := &a.shards[h%activityShards]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if sh.last.size == 0 {
+		sh.last = newGenerations[string, time.Time](activityShardSize)
+	}
+	if now.Sub(sh.rotated) >= activityEvery {
+		sh.last.rotate()
+		sh.rotated = now
+	}
+	if t, ok := sh.last.get(engineID); ok && now.Sub(t) < activityEvery {
 		return false
 	}
-	if len(a.last) > 100000 { // bound memory: forget everything old
-		for k, t := range a.last {
-			if now.Sub(t) >= activityEvery {
-				delete(a.last, k)
-			}
-		}
-	}
-	a.last[engineID] = now
+	sh.last.put(engineID, now)
 	return true
 }
 

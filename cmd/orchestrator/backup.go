@@ -47,7 +47,7 @@ func backupCommand(ctx context.Context, args []string, stdout, stderr io.Writer,
 		fmt.Fprintln(stderr, backupUsage)
 		return errors.New("--product, --user and (for restore) --backup are required")
 	}
-	return withDB(ctx, getenv, false, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
+	return withDB(ctx, getenv, nil, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
 		p, err := schema.New(pool).ProductByRef(ctx, *product)
 		if err != nil {
 			return err

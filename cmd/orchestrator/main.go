@@ -69,7 +69,7 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) er
 			return nil
 		}
 		if len(args) > 1 && args[1] == "rotate-master" {
-			return withDB(ctx, getenv, false, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
+			return withDB(ctx, getenv, nil, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
 				return rotateMaster(ctx, cfg, pool, log, stdout)
 			})
 		}
@@ -83,7 +83,7 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) er
 		if len(args) > 1 {
 			sub = args[1]
 		}
-		return withDB(ctx, getenv, false, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
+		return withDB(ctx, getenv, nil, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
 			switch sub {
 			case "up":
 				return schema.MigrateUp(ctx, pool, log)
@@ -116,7 +116,7 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) er
 		if err != nil {
 			return err
 		}
-		return withDB(ctx, getenv, true, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
+		return withDB(ctx, getenv, &set, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
 			return serve(ctx, cfg, set, pool, log)
 		})
 	default:
@@ -157,9 +157,14 @@ func newLogger(cfg Config, w io.Writer) *slog.Logger {
 	return slog.New(slog.NewJSONHandler(w, opts))
 }
 
-// withDB loads the configuration, connects, optionally migrates, and runs fn.
-func withDB(ctx context.Context, getenv func(string) string, migrate bool, fn func(Config, *pgxpool.Pool, *slog.Logger) error) error {
+// withDB loads the configuration, connects with a pool sized for the
+// roles served (nil: a CLI command), migrates when serving, and runs fn.
+func withDB(ctx context.Context, getenv func(string) string, serving *roles, fn func(Config, *pgxpool.Pool, *slog.Logger) error) error {
 	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return err
+	}
+	conns, err := poolSize(cfg, serving)
 	if err != nil {
 		return err
 	}
@@ -171,7 +176,7 @@ func withDB(ctx context.Context, getenv func(string) string, migrate bool, fn fu
 	if err != nil {
 		return fmt.Errorf("ORCH_DATABASE_URL: %w", err)
 	}
-	pcfg.MaxConns = 40
+	pcfg.MaxConns = int32(conns)
 	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
 	if err != nil {
 		return fmt.Errorf("connect to postgres: %w", err)
@@ -192,7 +197,7 @@ func withDB(ctx context.Context, getenv func(string) string, migrate bool, fn fu
 		log.Warn("postgres not reachable yet; retrying", "error", redactURL(err.Error(), cfg.DatabaseURL))
 		time.Sleep(time.Second)
 	}
-	if migrate {
+	if serving != nil {
 		if err := untilReachable(ctx, log, "migrate", func() error { return schema.MigrateUp(ctx, pool, log) }); err != nil {
 			return err
 		}

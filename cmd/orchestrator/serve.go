@@ -106,7 +106,7 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 		apiSrv = api.New(acfg, pool, rc, kr, log)
 		wg.Add(1)
 		go func() { defer wg.Done(); apiSrv.Run(bg) }()
-		httpSrv = &http.Server{Addr: cfg.ListenAddr, Handler: apiSrv.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		httpSrv = apiSrv.HTTPServer(cfg.ListenAddr) // header, body and idle limits (api/httpserver.go)
 		go func() {
 			log.Info("api listening", "addr", cfg.ListenAddr)
 			if err := httpSrv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -170,8 +170,13 @@ func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *sl
 }
 
 func apiConfig(cfg Config) api.Config {
+	authFailures := float64(cfg.AuthFailuresPerSecond)
+	if authFailures == 0 {
+		authFailures = -1 // ORCH_AUTH_FAILURES_PER_S=0: no limit
+	}
 	return api.Config{AdminKey: cfg.AdminKey, DefaultImage: cfg.EngineImage, Images: &cfg.Images, PortMin: cfg.PortMin, PortMax: cfg.PortMax,
-		Node: cfg.Node, BootTimeout: cfg.BootTimeout, URLTemplate: cfg.URLTemplate, KeyOverlap: cfg.KeyOverlap, Version: version}
+		Node: cfg.Node, BootTimeout: cfg.BootTimeout, URLTemplate: cfg.URLTemplate, KeyOverlap: cfg.KeyOverlap, Version: version,
+		AuthFailuresPerSecond: authFailures, TrustedProxies: cfg.TrustedProxies}
 }
 
 func workerConfig(cfg Config) workers.Config {
