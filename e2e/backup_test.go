@@ -31,7 +31,7 @@ import (
 	_ "modernc.org/sqlite"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/engine"
+	"github.com/enginefleet/orchestrator/refengine"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/jobs"
 	"github.com/enginefleet/orchestrator/keys"
@@ -597,7 +597,7 @@ func benchBrain(b *testing.B) string {
 	tmp, err := os.MkdirTemp(os.TempDir(), "enginefleet-bench-brain-*")
 	require.NoError(b, err)
 	ctx := context.Background()
-	br, err := engine.OpenBrain(ctx, filepath.Join(tmp, "brain.sqlite"))
+	br, err := refengine.OpenBrain(ctx, filepath.Join(tmp, "brain.sqlite"))
 	require.NoError(b, err)
 	words := strings.Fields("the quick brown fox jumps over the lazy dog user likes coffee tea morning evening project meeting " +
 		"deadline report family friend travel book music film garden kitchen recipe weather city river mountain ocean Miso cat")
@@ -605,16 +605,16 @@ func benchBrain(b *testing.B) string {
 	for i := 0; i < 2000; i++ {
 		words = append(words, fmt.Sprintf("w%x", rng.Uint32()))
 	}
-	var ms []engine.Memory
+	var ms []refengine.Memory
 	for i := 0; i < 110000; i++ {
 		var sb strings.Builder
 		for sb.Len() < 600 {
 			sb.WriteString(words[rng.IntN(len(words))])
 			sb.WriteByte(' ')
 		}
-		ms = append(ms, engine.Memory{ID: int64(i + 1), Content: sb.String(), Tags: []string{"bench"}, CreatedAt: "2026-01-01T00:00:00Z"})
+		ms = append(ms, refengine.Memory{ID: int64(i + 1), Content: sb.String(), Tags: []string{"bench"}, CreatedAt: "2026-01-01T00:00:00Z"})
 	}
-	_, err = br.Import(ctx, engine.Bundle{Format: engine.BundleFormat, Version: engine.BundleVersion, Memories: ms})
+	_, err = br.Import(ctx, refengine.Bundle{Format: refengine.BundleFormat, Version: refengine.BundleVersion, Memories: ms})
 	require.NoError(b, err)
 	require.NoError(b, br.Close())
 	os.RemoveAll(dir) //nolint:errcheck

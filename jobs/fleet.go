@@ -76,5 +76,5 @@ func (RuntimeEvent) Kind() string { return "engine_runtime_event" }
 
 // InsertOpts: on the engine's node queue, one in flight per engine.
 func (a RuntimeEvent) InsertOpts() river.InsertOpts {
-	return river.InsertOpts{Queue: NodeQueue(a.Node), MaxAttempts: 3, UniqueOpts: uniquePerEngine()}
+	return river.InsertOpts{Queue: NodeQueue(a.Node), MaxAttempts: 3, UniqueOpts: uniqueInFlight()}
 }

@@ -31,7 +31,9 @@ var inFlight = []rivertype.JobState{
 	rivertype.JobStateRetryable, rivertype.JobStateScheduled,
 }
 
-// uniquePerEngine makes at most one in-flight job of a kind per engine.
-func uniquePerEngine() river.UniqueOpts {
+// uniqueInFlight makes at most one in-flight job of a kind with the same
+// unique arguments (the fields tagged river:"unique"): one per operation
+// for the lifecycle jobs, one per engine for runtime events.
+func uniqueInFlight() river.UniqueOpts {
 	return river.UniqueOpts{ByArgs: true, ByState: inFlight}
 }

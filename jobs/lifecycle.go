@@ -17,7 +17,7 @@ type Lifecycle struct {
 }
 
 func (l Lifecycle) opts() river.InsertOpts {
-	return river.InsertOpts{Queue: NodeQueue(l.Node), UniqueOpts: uniquePerEngine(), MaxAttempts: 5}
+	return river.InsertOpts{Queue: NodeQueue(l.Node), UniqueOpts: uniqueInFlight(), MaxAttempts: 5}
 }
 
 // Provision creates and boots a new engine.
@@ -26,7 +26,7 @@ type Provision struct{ Lifecycle }
 // Kind is the permanent wire name.
 func (Provision) Kind() string { return "engine_provision" }
 
-// InsertOpts routes to the engine's node, one in flight per engine.
+// InsertOpts routes to the engine's node, one job in flight per operation.
 func (a Provision) InsertOpts() river.InsertOpts { return a.opts() }
 
 // Start starts a stopped, sleeping or failed engine (also wake).
@@ -38,7 +38,7 @@ type Start struct {
 // Kind is the permanent wire name.
 func (Start) Kind() string { return "engine_start" }
 
-// InsertOpts routes to the engine's node, one in flight per engine.
+// InsertOpts routes to the engine's node, one job in flight per operation.
 func (a Start) InsertOpts() river.InsertOpts { return a.opts() }
 
 // Stop stops an engine, keeping its volume.
@@ -50,7 +50,7 @@ type Stop struct {
 // Kind is the permanent wire name.
 func (Stop) Kind() string { return "engine_stop" }
 
-// InsertOpts routes to the engine's node, one in flight per engine.
+// InsertOpts routes to the engine's node, one job in flight per operation.
 func (a Stop) InsertOpts() river.InsertOpts { return a.opts() }
 
 // Restart stops and starts an engine (manual, or an auto-restart attempt).
@@ -63,7 +63,7 @@ type Restart struct {
 // Kind is the permanent wire name.
 func (Restart) Kind() string { return "engine_restart" }
 
-// InsertOpts routes to the engine's node, one in flight per engine.
+// InsertOpts routes to the engine's node, one job in flight per operation.
 func (a Restart) InsertOpts() river.InsertOpts { return a.opts() }
 
 // RotateKey recreates the container with the new key hash (and the
@@ -73,7 +73,7 @@ type RotateKey struct{ Lifecycle }
 // Kind is the permanent wire name.
 func (RotateKey) Kind() string { return "engine_rotate_key" }
 
-// InsertOpts routes to the engine's node, one in flight per engine.
+// InsertOpts routes to the engine's node, one job in flight per operation.
 func (a RotateKey) InsertOpts() river.InsertOpts { return a.opts() }
 
 // Upgrade recreates the container on a new image, same volume.
@@ -85,7 +85,7 @@ type Upgrade struct {
 // Kind is the permanent wire name.
 func (Upgrade) Kind() string { return "engine_upgrade" }
 
-// InsertOpts routes to the engine's node, one in flight per engine.
+// InsertOpts routes to the engine's node, one job in flight per operation.
 func (a Upgrade) InsertOpts() river.InsertOpts { return a.opts() }
 
 // Destroy removes container, volume, port and row.
@@ -94,5 +94,5 @@ type Destroy struct{ Lifecycle }
 // Kind is the permanent wire name.
 func (Destroy) Kind() string { return "engine_destroy" }
 
-// InsertOpts routes to the engine's node, one in flight per engine.
+// InsertOpts routes to the engine's node, one job in flight per operation.
 func (a Destroy) InsertOpts() river.InsertOpts { return a.opts() }

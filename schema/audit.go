@@ -245,13 +245,6 @@ func (q *Queries) LastScheduledEnd(ctx context.Context) (*time.Time, error) {
 	return t, nil
 }
 
-// SetExportRange fixes a scheduled export's range when its job starts.
-func (q *Queries) SetExportRange(ctx context.Context, id string, from, to time.Time) error {
-	if _, err := q.db.Exec(ctx, `UPDATE audit_exports SET from_ts = $2, to_ts = $3 WHERE id = $1`, id, from, to); err != nil {
-		return fmt.Errorf("set export range: %w", err)
-	}
-	return nil
-}
 
 // FinishAuditExport records a written export: its place in the chain,
 // hash, counts and file.

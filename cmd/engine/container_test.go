@@ -26,7 +26,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/enginefleet/orchestrator/engine"
+	"github.com/enginefleet/orchestrator/refengine"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
@@ -65,7 +65,7 @@ func TestEngineImageInProductionMode(t *testing.T) {
 	// /health answers without a key.
 	status, body := a.do(t, "GET", "/health", "", nil)
 	require.Equal(t, http.StatusOK, status, "%s", body)
-	var h engine.HealthResponse
+	var h refengine.HealthResponse
 	require.NoError(t, json.Unmarshal(body, &h))
 	assert.Equal(t, "ok", h.Status)
 	assert.Equal(t, "test", h.Version)
@@ -76,23 +76,23 @@ func TestEngineImageInProductionMode(t *testing.T) {
 	assert.Equal(t, http.StatusUnauthorized, status, "%s", body)
 	status, body = a.do(t, "GET", "/memories", "wrong-key", nil)
 	assert.Equal(t, http.StatusUnauthorized, status, "%s", body)
-	assert.Contains(t, string(body), engine.CodeInvalidEngineKey)
+	assert.Contains(t, string(body), refengine.CodeInvalidEngineKey)
 	status, body = a.do(t, "GET", "/memories", key, nil)
 	assert.Equal(t, http.StatusOK, status, "%s", body)
 
 	// Memories, with content that stresses the encoding.
 	for i := 0; i < 25; i++ {
-		m := engine.AddMemoryRequest{Content: fmt.Sprintf("memory %d: café 日本 😀 \"q\" <tag> \\ %d", i, i*i), Tags: []string{"n" + strconv.Itoa(i%3)}}
+		m := refengine.AddMemoryRequest{Content: fmt.Sprintf("memory %d: café 日本 😀 \"q\" <tag> \\ %d", i, i*i), Tags: []string{"n" + strconv.Itoa(i%3)}}
 		status, body = a.do(t, "POST", "/memories", key, m)
 		require.Equal(t, http.StatusCreated, status, "%s", body)
 	}
-	status, body = a.do(t, "POST", "/execute", key, engine.ExecuteRequest{Input: "what about memory 7?"})
+	status, body = a.do(t, "POST", "/execute", key, refengine.ExecuteRequest{Input: "what about memory 7?"})
 	require.Equal(t, http.StatusOK, status, "%s", body)
 	assert.Contains(t, string(body), "event: done")
 
 	status, export1 := a.do(t, "GET", "/memory/export", key, nil)
 	require.Equal(t, http.StatusOK, status, "%s", export1)
-	var bundle engine.Bundle
+	var bundle refengine.Bundle
 	require.NoError(t, json.Unmarshal(export1, &bundle))
 	require.Len(t, bundle.Memories, 26)
 
@@ -245,7 +245,7 @@ func (c *engineContainer) do(t *testing.T, method, path, key string, body any) (
 	req, err := http.NewRequest(method, c.url+path, rd)
 	require.NoError(t, err)
 	if key != "" {
-		req.Header.Set(engine.HeaderEngineKey, key)
+		req.Header.Set(refengine.HeaderEngineKey, key)
 	}
 	client := &http.Client{Timeout: 30 * time.Second}
 	resp, err := client.Do(req)

@@ -34,7 +34,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/enginefleet/orchestrator/engine"
+	"github.com/enginefleet/orchestrator/refengine"
 )
 
 // version is stamped by the build (-X main.version=...).
@@ -54,7 +54,7 @@ func run() int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if err := engine.Run(ctx, cfg, log); err != nil {
+	if err := refengine.Run(ctx, cfg, log); err != nil {
 		log.Error("engine stopped", "err", err.Error())
 		return 1
 	}
@@ -64,9 +64,9 @@ func run() int {
 
 // loadConfig reads the engine's configuration from getenv, reporting every
 // problem at once.
-func loadConfig(getenv func(string) string) (engine.Config, slog.Level, error) {
+func loadConfig(getenv func(string) string) (refengine.Config, slog.Level, error) {
 	var errs []error
-	cfg := engine.Config{
+	cfg := refengine.Config{
 		KeyHash:     strings.TrimSpace(getenv("ENGINE_KEY_HASH")),
 		PrevKeyHash: strings.TrimSpace(getenv("ENGINE_KEY_HASH_PREVIOUS")),
 		DBPath:      getenv("SQLITE_DB_PATH"),

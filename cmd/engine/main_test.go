@@ -9,7 +9,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/enginefleet/orchestrator/engine"
+	"github.com/enginefleet/orchestrator/refengine"
 )
 
 const hash = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b" // sha256("secret")
@@ -25,7 +25,7 @@ func TestLoadConfig(t *testing.T) {
 		assert.Equal(t, slog.LevelInfo, level)
 		assert.Equal(t, hash, cfg.KeyHash)
 		assert.Equal(t, "dev", cfg.Version)
-		// Paths and address default inside engine.New, so the zero values stay.
+		// Paths and address default inside refengine.New, so the zero values stay.
 		assert.Equal(t, "", cfg.DBPath)
 		assert.Zero(t, cfg.BootDelay)
 		assert.False(t, cfg.ForceUnhealthy)
@@ -45,7 +45,7 @@ func TestLoadConfig(t *testing.T) {
 		}))
 		require.NoError(t, err)
 		assert.Equal(t, slog.LevelDebug, level)
-		assert.Equal(t, engine.Config{
+		assert.Equal(t, refengine.Config{
 			KeyHash:          hash,
 			PrevKeyHash:      strings.ToUpper(hash),
 			PrevKeyExpiresAt: time.Date(2030, 1, 2, 2, 4, 5, 0, time.UTC),
@@ -78,7 +78,7 @@ func TestLoadConfig(t *testing.T) {
 }
 
 // normalise makes times comparable with ==.
-func normalise(c engine.Config) engine.Config {
+func normalise(c refengine.Config) refengine.Config {
 	c.PrevKeyExpiresAt = c.PrevKeyExpiresAt.UTC()
 	return c
 }

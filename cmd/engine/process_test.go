@@ -16,7 +16,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/enginefleet/orchestrator/engine"
+	"github.com/enginefleet/orchestrator/refengine"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
@@ -68,7 +68,7 @@ func TestProcessDrainsOnSIGTERM(t *testing.T) {
 
 	req, err := http.NewRequest("POST", base+"/execute", strings.NewReader(`{"input":"tell me a long story please"}`))
 	require.NoError(t, err)
-	req.Header.Set(engine.HeaderEngineKey, "secret")
+	req.Header.Set(refengine.HeaderEngineKey, "secret")
 	resp, err := http.DefaultClient.Do(req)
 	require.NoError(t, err)
 	defer resp.Body.Close()

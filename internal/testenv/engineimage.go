@@ -68,7 +68,7 @@ var (
 
 // EngineImage returns "enginefleet/engine:<version>", building it first
 // unless an image with that tag already carries the hash of the current
-// engine sources (the .go files of engine/ and cmd/engine, the Dockerfile,
+// engine sources (the .go files of refengine/ and cmd/engine, the Dockerfile,
 // the rootfs, go.mod/go.sum and the Go version) in its
 // LabelEngineSourceHash label. The binary is built outside Docker
 // (CGO_ENABLED=0, -trimpath, -ldflags "-s -w -X main.version=<version>")
@@ -329,7 +329,7 @@ func buildEngine(ctx context.Context, root, out, version string, release bool) e
 // engineSourceHash hashes everything the engine image is made of.
 func engineSourceHash(root, version string) (string, error) {
 	var files []string
-	for _, dir := range []string{"engine", filepath.Join("cmd", "engine"), filepath.Join("deploy", "engine-rootfs")} {
+	for _, dir := range []string{"refengine", filepath.Join("cmd", "engine"), filepath.Join("deploy", "engine-rootfs")} {
 		err := filepath.WalkDir(filepath.Join(root, dir), func(p string, d fs.DirEntry, err error) error {
 			if err != nil {
 				return err

@@ -1,4 +1,4 @@
-package engine
+package refengine
 
 import (
 	"encoding/hex"

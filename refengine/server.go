@@ -1,4 +1,4 @@
-// Package engine is the reference engine: a single-tenant HTTP server that
+// Package refengine is the reference engine: a single-tenant HTTP server that
 // implements the engine contract (SPEC §8) so the orchestrator can be run
 // and tested end to end without a private engine image.
 //
@@ -19,7 +19,7 @@
 // INVALID_ENGINE_KEY (401), INVALID_REQUEST (400), INVALID_QUERY (400),
 // PAYLOAD_TOO_LARGE (413), NOT_FOUND (404), METHOD_NOT_ALLOWED (405) and
 // INTERNAL_ERROR (500).
-package engine
+package refengine
 
 import (
 	"bufio"
