@@ -31,10 +31,10 @@ import (
 	_ "modernc.org/sqlite"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/refengine"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/jobs"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/refengine"
 	"github.com/enginefleet/orchestrator/scheduler"
 	"github.com/enginefleet/orchestrator/schema"
 )

@@ -245,7 +245,6 @@ func (q *Queries) LastScheduledEnd(ctx context.Context) (*time.Time, error) {
 	return t, nil
 }
 
-
 // FinishAuditExport records a written export: its place in the chain,
 // hash, counts and file.
 func (q *Queries) FinishAuditExport(ctx context.Context, x AuditExport) error {

@@ -26,8 +26,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/enginefleet/orchestrator/refengine"
 	"github.com/enginefleet/orchestrator/internal/testenv"
+	"github.com/enginefleet/orchestrator/refengine"
 )
 
 // Labels of what this test creates in Docker, so a later run can remove

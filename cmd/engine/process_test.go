@@ -16,8 +16,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/enginefleet/orchestrator/refengine"
 	"github.com/enginefleet/orchestrator/internal/testenv"
+	"github.com/enginefleet/orchestrator/refengine"
 )
 
 func freeAddr(t *testing.T) string {
