@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
@@ -16,7 +18,7 @@ import (
 // named volumes at its backup and audit export directories: they must
 // inherit the image's ownership, or every backup fails with EACCES.
 func TestOrchestratorImageVolumesWritable(t *testing.T) {
-	testenv.RequireDocker(t)
+	dockertest.RequireDocker(t)
 	b := make([]byte, 4)
 	rand.Read(b) //nolint:errcheck
 	suffix := hex.EncodeToString(b)

@@ -22,6 +22,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	dclient "github.com/moby/moby/client"
@@ -661,7 +663,7 @@ func BenchmarkBackup100MB(b *testing.B) {
 	e, err := schema.New(f.Pool).EngineByID(ctx, id)
 	require.NoError(b, err)
 
-	cli := testenv.RequireDocker(b)
+	cli := dockertest.RequireDocker(b)
 	vol, err := cli.VolumeInspect(ctx, orch.VolumeName(id), dclient.VolumeInspectOptions{})
 	require.NoError(b, err)
 	mount := vol.Volume.Mountpoint

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
@@ -31,8 +33,8 @@ func TestChaos(t *testing.T) {
 		t.Skip("the chaos drill takes minutes")
 	}
 	t.Parallel()
-	testenv.RequireDocker(t)
-	image := testenv.EngineImage(t, "e2e-1")
+	dockertest.RequireDocker(t)
+	image := dockertest.EngineImage(t, "e2e-1")
 	pg := testenv.OwnPostgres(t)
 	node := "chaos-" + randHex(3)
 	pf := newProcFleet(t, "ORCH_DATABASE_URL="+pg.URL, "ORCH_ENGINE_BACKEND=docker", "ORCH_ENGINE_IMAGE="+image,

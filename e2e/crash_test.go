@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
@@ -80,8 +82,8 @@ func (w *workerProc) kill() {
 // failed, no orphan container or volume exists, no port is held twice.
 func TestWorkerKilledMidProvisionDocker(t *testing.T) {
 	t.Parallel()
-	testenv.RequireDocker(t)
-	image := testenv.EngineImage(t, "e2e-1")
+	dockertest.RequireDocker(t)
+	image := dockertest.EngineImage(t, "e2e-1")
 	dbURL := testenv.DB(t)
 	pool := testenv.Pool(t, dbURL)
 	node := "e2e-crash-" + randHex(4)

@@ -7,21 +7,22 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/moby/moby/client"
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 func TestContractFlowDocker(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t, fleetOpts{backend: "docker"})
-	second := testenv.EngineImage(t, "e2e-2")
+	second := dockertest.EngineImage(t, "e2e-2")
 	contractFlow(t, f, second)
 
 	// Nothing of the engine is left in Docker.
-	cli := testenv.RequireDocker(t)
+	cli := dockertest.RequireDocker(t)
 	ctx := context.Background()
 	cs, err := cli.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: make(client.Filters).Add("label", orch.LabelNode+"="+f.Node)})
 	require.NoError(t, err)

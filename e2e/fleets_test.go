@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/google/uuid"
 	"github.com/moby/moby/api/types/container"
 	"github.com/moby/moby/client"
@@ -29,7 +31,7 @@ func TestTwoFleetsShareADockerHost(t *testing.T) {
 	a := newFleet(t, fleetOpts{backend: "docker", node: node, orphanGrace: grace})
 	b := newFleet(t, fleetOpts{backend: "docker", node: node, orphanGrace: grace})
 	require.NotEqual(t, a.Fleet, b.Fleet, "a fleet id per database")
-	cli := testenv.RequireDocker(t)
+	cli := dockertest.RequireDocker(t)
 	ctx := context.Background()
 
 	provision := func(f *fleet, user string) (id, url, key string) {
@@ -55,7 +57,7 @@ func TestTwoFleetsShareADockerHost(t *testing.T) {
 	stray := uuid.NewString()
 	_, err = cli.ContainerCreate(ctx, client.ContainerCreateOptions{Name: orch.ContainerName(stray), Image: a.Image,
 		Config: &container.Config{Labels: map[string]string{orch.LabelManaged: "true", orch.LabelEngineID: stray,
-			orch.LabelNode: node, testenv.LabelTest: "true"}}})
+			orch.LabelNode: node, dockertest.LabelTest: "true"}}})
 	require.NoError(t, err)
 	t.Cleanup(func() {
 		cli.ContainerRemove(context.Background(), orch.ContainerName(stray), client.ContainerRemoveOptions{Force: true})

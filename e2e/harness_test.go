@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
@@ -128,10 +130,10 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 
 	switch o.backend {
 	case "docker":
-		testenv.RequireDocker(t)
+		dockertest.RequireDocker(t)
 		f.Image = o.image
 		if f.Image == "" {
-			f.Image = testenv.EngineImage(t, "e2e-1")
+			f.Image = dockertest.EngineImage(t, "e2e-1")
 		}
 		b, err := docker.New(docker.Config{Network: e2eNetwork, Node: f.Node, Fleet: f.Fleet}, log)
 		require.NoError(t, err)

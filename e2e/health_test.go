@@ -13,12 +13,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/jackc/pgx/v5"
 	"github.com/moby/moby/client"
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/jobs"
 	"github.com/enginefleet/orchestrator/keys"
 )
@@ -315,7 +316,7 @@ func TestCrashDetectedFromEventsSubprocess(t *testing.T) {
 func TestDockerKillDetectedAndRestarted(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t, fleetOpts{backend: "docker", bootTimeout: 20 * time.Second, maxAttempts: 3, backoffBase: time.Second, events: true})
-	cli := testenv.RequireDocker(t)
+	cli := dockertest.RequireDocker(t)
 	_, key := f.product("acme", orch.Policy{})
 	e := f.provisionUser(key, "dee")
 	require.Equal(t, http.StatusCreated, engineCall(t, "POST", e.URL+"/memories", e.Key, map[string]any{"content": "kept across the crash"}).Status)
@@ -571,7 +572,7 @@ func (f *fleet) waitSweepDone(since time.Time, batches int) {
 func TestDockerSelfCrashRestartedByPolicy(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t, fleetOpts{backend: "docker", bootTimeout: 20 * time.Second, maxAttempts: 3, backoffBase: time.Second, events: true})
-	cli := testenv.RequireDocker(t)
+	cli := dockertest.RequireDocker(t)
 	_, key := f.product("acme", orch.Policy{})
 	e := f.provisionUser(key, "eve")
 	time.Sleep(300 * time.Millisecond)

@@ -5,11 +5,12 @@ import (
 	"net/http"
 	"testing"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/moby/moby/client"
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -19,9 +20,9 @@ import (
 func TestReconcileIsolatesEnginesDocker(t *testing.T) {
 	t.Parallel()
 	open := "enginefleet_e2e_open_" + randHex(4)
-	t.Cleanup(func() { testenv.RemoveNetworkIfEmpty(open) }) // after the fleet's engines are gone
+	t.Cleanup(func() { dockertest.RemoveNetworkIfEmpty(open) }) // after the fleet's engines are gone
 	f := newFleet(t, fleetOpts{backend: "docker"})
-	cli := testenv.RequireDocker(t)
+	cli := dockertest.RequireDocker(t)
 	ctx := context.Background()
 	_, key := f.product("acme", orch.Policy{})
 	r := f.call("POST", "/engines/provision", key, map[string]any{"user_id": "dave"})
@@ -29,7 +30,7 @@ func TestReconcileIsolatesEnginesDocker(t *testing.T) {
 	id, url, ekey := r.str("engine_id"), r.str("url"), r.str("api_key")
 	require.Equal(t, http.StatusCreated, engineCall(t, "POST", url+"/memories", ekey, map[string]any{"content": "kept across the move"}).Status)
 
-	n, err := cli.NetworkCreate(ctx, open, client.NetworkCreateOptions{Driver: "bridge", Labels: map[string]string{testenv.LabelTest: "true"}})
+	n, err := cli.NetworkCreate(ctx, open, client.NetworkCreateOptions{Driver: "bridge", Labels: map[string]string{dockertest.LabelTest: "true"}})
 	require.NoError(t, err)
 	_, err = cli.NetworkConnect(ctx, n.ID, client.NetworkConnectOptions{Container: orch.ContainerName(id)})
 	require.NoError(t, err)

@@ -4,8 +4,9 @@ import (
 	"os"
 	"testing"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/enginefleet/orchestrator/backend/docker"
-	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 // e2eNetwork is the engines' network of the Docker fleets; it goes when the
@@ -14,8 +15,8 @@ const e2eNetwork = "enginefleet_e2e_net"
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	testenv.RemoveNetworkIfEmpty(e2eNetwork)
-	testenv.RemoveNetworkIfEmpty(e2eNetwork + docker.IsolatedSuffix) // when an older run's open network held the name
+	dockertest.RemoveNetworkIfEmpty(e2eNetwork)
+	dockertest.RemoveNetworkIfEmpty(e2eNetwork + docker.IsolatedSuffix) // when an older run's open network held the name
 
 	os.Exit(code)
 }

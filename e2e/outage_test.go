@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/moby/moby/client"
 
 	"github.com/stretchr/testify/assert"
@@ -176,8 +178,8 @@ func hostPort(t *testing.T, dbURL string) string {
 // volume, brain intact.
 func TestDockerOutage(t *testing.T) {
 	t.Parallel()
-	cli := testenv.RequireDocker(t)
-	image := testenv.EngineImage(t, "e2e-1")
+	cli := dockertest.RequireDocker(t)
+	image := dockertest.EngineImage(t, "e2e-1")
 	pf := newProcFleet(t)
 	node := "e2e-dockerout-" + randHex(4)
 	be, err := docker.New(docker.Config{Network: e2eNetwork, Node: node, Fleet: fleetID(t, testenv.Pool(t, pf.dbURL))}, testenv.Quiet())

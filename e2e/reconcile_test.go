@@ -6,13 +6,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/google/uuid"
 	"github.com/moby/moby/api/types/container"
 	"github.com/moby/moby/client"
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -22,7 +23,7 @@ import (
 func TestReconcileDriftDocker(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t, fleetOpts{backend: "docker", orphanGrace: 5 * time.Second}) // container times are whole seconds
-	cli := testenv.RequireDocker(t)
+	cli := dockertest.RequireDocker(t)
 	ctx := context.Background()
 	_, key := f.product("acme", orch.Policy{})
 	r := f.call("POST", "/engines/provision", key, map[string]any{"user_id": "carol"})

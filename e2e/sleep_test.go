@@ -6,11 +6,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/moby/moby/client"
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 // SPEC §7: idle engines sleep (mark: the container keeps running; stop:
@@ -123,7 +124,7 @@ func sleepStopWake(t *testing.T, f *fleet) {
 // and a health poll, and reports the ratio (target ≤ 1.3).
 func BenchmarkWakeFromStopDocker(b *testing.B) {
 	f := newFleetTB(b, fleetOpts{backend: "docker", idleAfter: time.Hour, sleepMode: "stop"})
-	cli := testenv.RequireDocker(b)
+	cli := dockertest.RequireDocker(b)
 	ctx := context.Background()
 	_, key := f.product("acme", orch.Policy{})
 	e := f.provisionUser(key, "bench")

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/moby/moby/api/types/container"
 	"github.com/moby/moby/api/types/mount"
 	"github.com/moby/moby/api/types/network"
@@ -24,7 +26,6 @@ import (
 
 	orchestrator "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/backend/docker"
-	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 const engineVersion = "backend-docker-test"
@@ -185,7 +186,7 @@ func TestEnsureConcurrent(t *testing.T) {
 	ctx := t.Context()
 	// A network of its own, created by racing "processes" (backends).
 	netName := testNetwork + "_" + randHex(4)
-	t.Cleanup(func() { testenv.RemoveNetworkIfEmpty(netName) })
+	t.Cleanup(func() { dockertest.RemoveNetworkIfEmpty(netName) })
 	first := newBackend(t, func(c *docker.Config) { c.Network = netName })
 	backends := []*docker.Backend{first}
 	for range 3 {
@@ -232,7 +233,7 @@ func TestDuplicateNetworks(t *testing.T) {
 	// Docker before API 1.44 lets two networks share a name (two
 	// orchestrator processes racing at first boot may do that).
 	netName := testNetwork + "_dup_" + randHex(4)
-	t.Cleanup(func() { testenv.RemoveNetworkIfEmpty(netName) })
+	t.Cleanup(func() { dockertest.RemoveNetworkIfEmpty(netName) })
 	cli := rawClient(t)
 	for range 2 {
 		_, err := cli.NetworkCreate(ctx, netName, client.NetworkCreateOptions{
@@ -635,7 +636,7 @@ func TestPrepareCreatesNetwork(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
 	netName := testNetwork + "_prep_" + randHex(4)
-	t.Cleanup(func() { testenv.RemoveNetworkIfEmpty(netName) })
+	t.Cleanup(func() { dockertest.RemoveNetworkIfEmpty(netName) })
 	b := newBackend(t, func(c *docker.Config) { c.Network = netName })
 	require.NoError(t, b.Prepare(ctx))
 	require.NoError(t, b.Prepare(ctx))

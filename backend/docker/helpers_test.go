@@ -19,6 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	cerrdefs "github.com/containerd/errdefs"
 	"github.com/google/uuid"
 	"github.com/moby/moby/api/types/container"
@@ -35,15 +37,15 @@ import (
 // carry orchestrator.test=true, so leftovers of crashed runs can be found.
 const (
 	testNetwork   = "enginefleet_test_net"
-	testLabel     = testenv.LabelTest
+	testLabel     = dockertest.LabelTest
 	testNodeStart = "test-"
 	staleAfter    = 10 * time.Minute
 )
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	testenv.RemoveNetworkIfEmpty(testNetwork)
-	testenv.RemoveNetworkIfEmpty(testNetwork + docker.IsolatedSuffix)
+	dockertest.RemoveNetworkIfEmpty(testNetwork)
+	dockertest.RemoveNetworkIfEmpty(testNetwork + docker.IsolatedSuffix)
 	os.Exit(code)
 }
 
@@ -51,13 +53,13 @@ func TestMain(m *testing.M) {
 // behind the backend's back (kill, inspect by id).
 func rawClient(t testing.TB) *client.Client {
 	t.Helper()
-	return testenv.RequireDocker(t)
+	return dockertest.RequireDocker(t)
 }
 
 // engineImage is the reference engine's image, built from this checkout.
 func engineImage(t testing.TB) string {
 	t.Helper()
-	return testenv.EngineImage(t, engineVersion)
+	return dockertest.EngineImage(t, engineVersion)
 }
 
 func randHex(n int) string {
@@ -72,7 +74,7 @@ var staleOnce sync.Once
 // this test's engines.
 func newBackend(t *testing.T, mod ...func(*docker.Config)) *docker.Backend {
 	t.Helper()
-	testenv.RequireDocker(t)
+	dockertest.RequireDocker(t)
 	// Engines run under the limits production gets by default.
 	cfg := docker.Config{
 		Network:      testNetwork,
@@ -122,7 +124,7 @@ func removeStale(t *testing.T) {
 	require.NoError(t, err)
 	for _, n := range nets.Items {
 		if strings.HasPrefix(n.Name, testNetwork) && time.Since(n.Created) > staleAfter {
-			testenv.RemoveNetworkIfEmpty(n.Name)
+			dockertest.RemoveNetworkIfEmpty(n.Name)
 		}
 	}
 	vs, err := cli.VolumeList(ctx, client.VolumeListOptions{Filters: make(client.Filters).Add("label", orchestrator.LabelManaged)})

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/moby/moby/api/types/container"
 	"github.com/moby/moby/api/types/network"
 	"github.com/moby/moby/client"
@@ -14,7 +16,6 @@ import (
 
 	orchestrator "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/backend/docker"
-	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 // engineNetwork is the id of the network the engine's container is on.
@@ -39,8 +40,8 @@ func TestEnginesCannotReachEachOther(t *testing.T) {
 	ctx := t.Context()
 	netName := testNetwork + "_iso_" + randHex(4)
 	t.Cleanup(func() {
-		testenv.RemoveNetworkIfEmpty(netName)
-		testenv.RemoveNetworkIfEmpty(netName + docker.IsolatedSuffix)
+		dockertest.RemoveNetworkIfEmpty(netName)
+		dockertest.RemoveNetworkIfEmpty(netName + docker.IsolatedSuffix)
 	})
 	b := newBackend(t, func(c *docker.Config) { c.Network = netName })
 	image := engineImage(t)
@@ -72,20 +73,20 @@ func TestEnginesCannotReachEachOther(t *testing.T) {
 	}()
 	privatePort := strconv.Itoa(private.Addr().(*net.TCPAddr).Port)
 
-	ipOne := testenv.ContainerIP(t, orchestrator.ContainerName(one.spec.EngineID), n.ID)
-	ipTwo := testenv.ContainerIP(t, orchestrator.ContainerName(two.spec.EngineID), n.ID)
+	ipOne := dockertest.ContainerIP(t, orchestrator.ContainerName(one.spec.EngineID), n.ID)
+	ipTwo := dockertest.ContainerIP(t, orchestrator.ContainerName(two.spec.EngineID), n.ID)
 	targets := []string{
 		ipOne + ":8000", ipTwo + ":8000", // the engines, directly
 		gw + ":" + strconv.Itoa(one.spec.HostPort), gw + ":" + strconv.Itoa(two.spec.HostPort), // their published ports, via the host
 		gw + ":" + privatePort, // the host's loopback-only listener
 	}
-	for addr, verdict := range testenv.RunDialer(t, n.ID, targets...) {
+	for addr, verdict := range dockertest.RunDialer(t, n.ID, targets...) {
 		assert.True(t, strings.HasPrefix(verdict, "blocked"), "a container on the engines' network reaches %s: %s", addr, verdict)
 	}
 
 	// The control: from the host's namespace the same dialer reaches both.
 	hostTargets := []string{"127.0.0.1:" + strconv.Itoa(one.spec.HostPort), "127.0.0.1:" + strconv.Itoa(two.spec.HostPort)}
-	for addr, verdict := range testenv.RunDialer(t, "host", hostTargets...) {
+	for addr, verdict := range dockertest.RunDialer(t, "host", hostTargets...) {
 		assert.Equal(t, "open", verdict, addr)
 	}
 }
@@ -100,8 +101,8 @@ func TestOpenNetworkReplaced(t *testing.T) {
 	ctx := t.Context()
 	netName := testNetwork + "_open_" + randHex(4)
 	t.Cleanup(func() {
-		testenv.RemoveNetworkIfEmpty(netName)
-		testenv.RemoveNetworkIfEmpty(netName + docker.IsolatedSuffix)
+		dockertest.RemoveNetworkIfEmpty(netName)
+		dockertest.RemoveNetworkIfEmpty(netName + docker.IsolatedSuffix)
 	})
 	b := newBackend(t, func(c *docker.Config) { c.Network = netName })
 	cli := rawClient(t)
@@ -160,8 +161,8 @@ func TestOpenNetworkReplaced(t *testing.T) {
 	// Someone else's open network of that name is never removed.
 	foreignName := testNetwork + "_foreign_" + randHex(4)
 	t.Cleanup(func() {
-		testenv.RemoveNetworkIfEmpty(foreignName)
-		testenv.RemoveNetworkIfEmpty(foreignName + docker.IsolatedSuffix)
+		dockertest.RemoveNetworkIfEmpty(foreignName)
+		dockertest.RemoveNetworkIfEmpty(foreignName + docker.IsolatedSuffix)
 	})
 	foreign, err := cli.NetworkCreate(ctx, foreignName, client.NetworkCreateOptions{Driver: "bridge", Labels: map[string]string{testLabel: "true"}})
 	require.NoError(t, err)

@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+
 	"github.com/moby/moby/api/pkg/stdcopy"
 	"github.com/moby/moby/api/types/container"
 	"github.com/moby/moby/api/types/mount"
@@ -26,7 +28,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/refengine"
 )
 
@@ -44,8 +45,8 @@ const (
 // 127.0.0.1) and checks the contract end to end, including a brain moved
 // byte for byte into a second container and a clean SIGTERM stop.
 func TestEngineImageInProductionMode(t *testing.T) {
-	cli := testenv.RequireDocker(t)
-	ref := testenv.EngineImage(t, "test")
+	cli := dockertest.RequireDocker(t)
+	ref := dockertest.EngineImage(t, "test")
 	ctx := context.Background()
 
 	img, err := cli.ImageInspect(ctx, ref)
@@ -153,9 +154,9 @@ type engineContainer struct {
 
 func testLabels() map[string]string {
 	return map[string]string{
-		testenv.LabelTest: "true",
-		labelOwner:        ownerName,
-		labelPID:          strconv.Itoa(os.Getpid()),
+		dockertest.LabelTest: "true",
+		labelOwner:           ownerName,
+		labelPID:             strconv.Itoa(os.Getpid()),
 	}
 }
 

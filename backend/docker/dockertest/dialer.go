@@ -1,9 +1,10 @@
-package testenv
+package dockertest
 
 import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	cerrdefs "github.com/containerd/errdefs"
+	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/moby/moby/api/pkg/stdcopy"
 	"github.com/moby/moby/api/types/build"
 	"github.com/moby/moby/api/types/container"
@@ -75,7 +77,7 @@ func DialerImage(t testing.TB) string {
 	} else if !cerrdefs.IsNotFound(err) {
 		t.Fatalf("inspect image %s: %v", ref, err)
 	}
-	unlock := lockFile(t, "enginefleet-dialer-image.lock")
+	unlock := testenv.LockFile(t, "enginefleet-dialer-image.lock")
 	defer unlock()
 	if _, err := cli.ImageInspect(ctx, ref); err == nil {
 		return ref
@@ -192,4 +194,10 @@ func ContainerIP(t testing.TB, ref, netID string) string {
 	}
 	t.Fatalf("%s has no address on network %s", ref, shortID(netID))
 	return ""
+}
+
+func randName(prefix string) string {
+	b := make([]byte, 6)
+	rand.Read(b) //nolint:errcheck
+	return prefix + hex.EncodeToString(b)
 }
