@@ -86,7 +86,18 @@ func (c *Core) Await(ctx context.Context, productID string, e orch.Engine, opID 
 	if kind == orch.OpDestroy {
 		return e, nil
 	}
-	return schema.New(c.pool).EngineByID(ctx, e.ID)
+	// The outcome is known: ride out a database blip for the engine's row
+	// too (a pooled connection the outage broke fails its first query).
+	for i := 0; ; i++ {
+		got, err := schema.New(c.pool).EngineByID(ctx, e.ID)
+		if !schema.Unreachable(err) || i == 20 || ctx.Err() != nil {
+			return got, err
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
 }
 
 // WaitTimeout is how long a synchronous request waits for an operation of

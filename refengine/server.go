@@ -144,6 +144,11 @@ func (s *Server) Close() error { return s.brain.Close() }
 func Run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	s, err := New(ctx, cfg, log)
 	if err != nil {
+		if ctx.Err() != nil {
+			// SIGTERM while opening the brain: a clean exit, not a crash.
+			log.Info("stopped while starting")
+			return nil
+		}
 		return err
 	}
 	ln, err := net.Listen("tcp", s.cfg.ListenAddr)

@@ -778,12 +778,23 @@ func TestRunClosesBrain(t *testing.T) {
 	dir := t.TempDir()
 	ctx, stop := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	cfg := Config{KeyHash: hashKey(testKey), DBPath: filepath.Join(dir, "brain.sqlite"), ListenAddr: "127.0.0.1:0"}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := l.Addr().String()
+	l.Close()
+	cfg := Config{KeyHash: hashKey(testKey), DBPath: filepath.Join(dir, "brain.sqlite"), ListenAddr: addr}
 	go func() { done <- Run(ctx, cfg, testLogger(t)) }()
-	time.Sleep(200 * time.Millisecond)
+	require.Eventually(t, func() bool { // serving: the brain is open
+		r, err := http.Get("http://" + addr + "/health")
+		if err != nil {
+			return false
+		}
+		r.Body.Close()
+		return r.StatusCode == http.StatusOK
+	}, 30*time.Second, 20*time.Millisecond)
 	stop()
 	require.NoError(t, <-done)
 	// After a clean close the WAL is checkpointed away.
-	_, err := os.Stat(filepath.Join(dir, "brain.sqlite-wal"))
+	_, err = os.Stat(filepath.Join(dir, "brain.sqlite-wal"))
 	assert.True(t, os.IsNotExist(err), "wal file left behind: %v", err)
 }
