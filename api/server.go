@@ -87,6 +87,7 @@ func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyr
 	s.api.UseMiddleware(s.authMiddleware, s.validateUserPath) // key first: no key, no hints
 	s.register()
 	s.mountAdminUI()
+	s.mountConsole() // the operator console at /console (console.go)
 	fixResponses(s.api.OpenAPI())
 	// Anything huma does not route gets the envelope too: 405 when the
 	// path exists under other methods, else 404.
