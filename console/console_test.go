@@ -313,6 +313,25 @@ func TestActionsNeedCSRFAndAreAudited(t *testing.T) {
 	require.Equal(t, 1, n)
 	e.actions.err = nil
 
+	// Restore offers the user's backups and names the one restored.
+	backupID := uuid.NewString()
+	_, err := e.pool.Exec(context.Background(), `INSERT INTO backups (id, engine_id, product_id, user_id, node, path, size_bytes,
+		sha256, engine_version, trigger) VALUES ($1, $2, $3, 'acme-user-00001', 'node-1', 'x/y.tar.gz', 123456, 'abc', 'img:1', 'manual')`,
+		backupID, id, prod.ID)
+	require.NoError(t, err)
+	eng := e.get(c, "/console/engines/"+id)
+	require.Contains(t, eng.body, "/confirm?action=restore&amp;backup="+backupID)
+	require.Contains(t, eng.body, "120.6 KiB")
+	conf = e.get(c, "/console/engines/"+id+"/confirm?action=restore&backup="+backupID)
+	require.Equal(t, http.StatusOK, conf.status, conf.body)
+	p = e.post(c, "/console/engines/"+id+"/actions", url.Values{"action": {"restore"}, "backup_id": {backupID}, "csrf": {token}}, nil)
+	require.Equal(t, http.StatusSeeOther, p.status, p.body)
+	require.Contains(t, e.actions.list()[len(e.actions.list())-1], "restore "+backupID)
+	require.Equal(t, http.StatusNotFound, e.get(c, "/console/engines/"+id+"/confirm?action=restore&backup="+uuid.NewString()).status)
+	bk := e.get(c, "/console/backups")
+	require.Equal(t, http.StatusOK, bk.status, bk.body)
+	require.Contains(t, bk.body, "1 backups, 120.6 KiB")
+
 	// Freeze a product (policy) through the same guard.
 	pol := e.get(c, "/console/products/"+prod.ID+"/policy?preset=freeze")
 	require.Equal(t, http.StatusOK, pol.status, pol.body)
@@ -398,4 +417,14 @@ func TestThousandEngines(t *testing.T) {
 	require.Equal(t, http.StatusOK, p.status, p.body)
 	require.Contains(t, p.body, `data-live="total">1200<`)
 	require.Less(t, time.Since(start), 3*time.Second)
+
+	// Every other page renders at this size too.
+	for _, path := range []string{"/console/products", "/console/operations", "/console/operations?view=failed",
+		"/console/backups", "/console/audit", "/console/audit?action=provision&since=2h", "/console/engines/" + e.engineID(acme.ID, "acme-user-00007")} {
+		p := e.get(c, path)
+		require.Equal(t, http.StatusOK, p.status, "%s: %s", path, p.body)
+	}
+	require.Equal(t, http.StatusBadRequest, e.get(c, "/console/audit?since=yesterday").status)
+	require.Equal(t, http.StatusNotFound, e.get(c, "/console/engines/"+uuid.NewString()).status)
+	require.Equal(t, http.StatusNotFound, e.get(c, "/console/nowhere").status)
 }

@@ -442,7 +442,8 @@ func (q *Queries) ConsoleBackups(ctx context.Context, f ConsoleBackupFilter) ([]
 	if err != nil {
 		return nil, 0, sum, fmt.Errorf("count console backups: %w", err)
 	}
-	rows, err := q.db.Query(ctx, `SELECT `+prefixCols("b", backupCols)+`, p.slug, EXISTS (SELECT 1 FROM engines e WHERE e.id = b.engine_id)
+	rows, err := q.db.Query(ctx, `SELECT b.id::text, b.engine_id::text, b.product_id::text, b.user_id, b.node, b.path, b.size_bytes, b.sha256,
+			b.engine_version, b.trigger, b.day::timestamp, b.paused_ms, b.duration_ms, coalesce(b.operation_id::text, ''), b.created_at, p.slug, EXISTS (SELECT 1 FROM engines e WHERE e.id = b.engine_id)
 		FROM backups b JOIN products p ON p.id = b.product_id
 		WHERE ($1::uuid IS NULL OR b.product_id = $1::uuid) AND ($2 = '' OR b.user_id = $2)
 		ORDER BY b.created_at DESC, b.id LIMIT $3 OFFSET $4`, pid, f.UserID, f.Limit, f.Offset)
@@ -470,15 +471,6 @@ func (q *Queries) ConsoleBackups(ctx context.Context, f ConsoleBackupFilter) ([]
 		return nil, 0, sum, fmt.Errorf("console backup summary: %w", err)
 	}
 	return out, total, sum, nil
-}
-
-// prefixCols qualifies a column list (backupCols) with a table alias.
-func prefixCols(alias, cols string) string {
-	parts := strings.Split(cols, ",")
-	for i, p := range parts {
-		parts[i] = alias + "." + strings.TrimSpace(p)
-	}
-	return strings.Join(parts, ", ")
 }
 
 // ConsoleHeadline is the fleet's headline numbers now, and the last hour
