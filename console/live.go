@@ -42,6 +42,7 @@ type Live struct {
 	} `json:"minutes"`
 	RestartsPerMin float64        `json:"restarts_per_min"` // mean of the last 5 whole minutes
 	Ports          []NodePorts    `json:"ports,omitempty"`
+	PortsUsed      int            `json:"ports_used"` // all nodes together
 	Jobs           map[string]int `json:"jobs,omitempty"`
 	BackupAgeS     *float64       `json:"oldest_backup_age_s,omitempty"`
 	Admit          *AdmitLatency  `json:"admit,omitempty"`
@@ -117,6 +118,7 @@ func (c *Console) loadLive(ctx context.Context, scope string) (Live, error) {
 	size := c.cfg.PortMax - c.cfg.PortMin + 1
 	for node, used := range snap.PortsUsed {
 		l.Ports = append(l.Ports, NodePorts{Node: node, Used: used, Size: size})
+		l.PortsUsed += used
 	}
 	sort.Slice(l.Ports, func(i, j int) bool { return l.Ports[i].Node < l.Ports[j].Node })
 	l.Jobs = map[string]int{"available": 0, "scheduled": 0, "running": 0, "retryable": 0}

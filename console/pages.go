@@ -28,6 +28,7 @@ type overviewData struct {
 	FailedOpN int
 	Images    []schema.ImageCount
 	Products  []schema.ConsoleProduct
+	Recent    []schema.ConsoleAuditEntry
 }
 
 func (c *Console) overview(w http.ResponseWriter, r *http.Request) {
@@ -68,6 +69,10 @@ func (c *Console) overview(w http.ResponseWriter, r *http.Request) {
 	}
 	d.Images = f.Images
 	if d.Products, err = q.ConsoleProducts(ctx, scope); err != nil {
+		c.failErr(w, r, err)
+		return
+	}
+	if d.Recent, err = q.ConsoleAudit(ctx, schema.ConsoleAuditSearch{ProductID: scope, Actions: recentActions, Limit: 12}); err != nil {
 		c.failErr(w, r, err)
 		return
 	}
@@ -242,6 +247,12 @@ var timelineActions = func() []string {
 	}
 	return out
 }()
+
+// recentActions are the overview's "what just happened": the timeline's
+// actions without refused admits, plus the product changes.
+var recentActions = append(slices.DeleteFunc(slices.Clone(timelineActions), func(a string) bool {
+	return a == string(orch.ActionAdmitDenied)
+}), string(orch.ActionPolicyRegister), string(orch.ActionPolicyUpdate), string(orch.ActionPlatformKeyRotated))
 
 var healthActions = []string{string(orch.ActionHealthCheck), string(orch.ActionHealthFailed), string(orch.ActionAutoRestartStart),
 	string(orch.ActionAutoRestartSuccess), string(orch.ActionAutoRestartFailed), string(orch.ActionAutoRestartGaveUp)}

@@ -102,6 +102,34 @@ func (b *browserSession) waitJS(what, expr string, timeout time.Duration) {
 	})
 }
 
+// checkAccessible fails the test when the page has a form control
+// without a label, an image or chart without a text alternative, or a
+// table without header cells.
+func (b *browserSession) checkAccessible(where string) {
+	b.t.Helper()
+	ctx, cancel := context.WithTimeout(b.ctx, 30*time.Second)
+	defer cancel()
+	bad, err := chromedp.Run(ctx, chromedp.Evaluate[[]string](`(() => {
+		const out = [];
+		for (const e of document.querySelectorAll('input:not([type=hidden]), select, textarea')) {
+			if (!e.labels || e.labels.length === 0) out.push('unlabelled ' + e.tagName + '#' + e.id + '[name=' + e.name + ']');
+		}
+		for (const e of document.querySelectorAll('svg[role=img]')) {
+			if (!e.getAttribute('aria-label') && !e.getAttribute('aria-labelledby')) out.push('svg without a text alternative');
+		}
+		for (const e of document.querySelectorAll('table')) {
+			if (!e.querySelector('th')) out.push('table without header cells');
+		}
+		for (const e of document.querySelectorAll('a, button')) {
+			if (!e.textContent.trim() && !e.getAttribute('aria-label')) out.push('nameless ' + e.tagName);
+		}
+		if (!document.documentElement.lang) out.push('no lang');
+		return out;
+	})()`))
+	require.NoError(b.t, err)
+	require.Empty(b.t, bad, "accessibility of %s", where)
+}
+
 func (b *browserSession) text(sel string) string {
 	b.t.Helper()
 	ctx, cancel := context.WithTimeout(b.ctx, 30*time.Second)
@@ -184,6 +212,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	steps := time.Now()
 	b.do("open the console", chromedp.Navigate(f.URL+"/console/engines"), chromedp.WaitVisible(chromedp.CSS("#key")))
 	require.Contains(t, b.location(), "/console/login?next=")
+	b.checkAccessible("login")
 	b.shot("01-login")
 	b.do("log in", chromedp.SendKeys(chromedp.CSS("#key"), adminKey), chromedp.SendKeys(chromedp.CSS("#name"), "e2e on-call"),
 		chromedp.Click(chromedp.CSS("form.stack button[type=submit]")), chromedp.WaitVisible(chromedp.CSS("table.engines")))
@@ -196,6 +225,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	b.do("overview", chromedp.Click(chromedp.CSS(`header.top a[href="/console/"]`)), chromedp.WaitVisible(chromedp.CSS(".tiles")))
 	b.waitJS("charts drawn", `document.querySelectorAll('svg[data-chart] text').length === 4 && document.querySelector('svg[data-track] polyline') !== null`, 20*time.Second)
 	require.Equal(t, "1002", b.text(`[data-live="total"]`))
+	b.checkAccessible("overview")
 	b.shot("03-overview")
 
 	// Find alice's engine by search.
@@ -203,7 +233,11 @@ func TestConsoleInBrowser(t *testing.T) {
 		chromedp.SendKeys(chromedp.CSS("#q"), "ali"), chromedp.Submit(chromedp.CSS("#q")),
 		chromedp.WaitVisible(chromedp.CSS(`table.engines a[href="/console/engines/`+alice.ID+`"]`)))
 	require.Contains(t, b.text(".pager"), "1–1 of 1")
+	b.checkAccessible("engines")
 	b.shot("04-engines-search")
+	// The keyboard: "/" jumps to the search box.
+	b.do("slash", chromedp.Focus(chromedp.CSS("header.top .brand")), chromedp.KeyEvent("/"))
+	b.waitJS("search focused", `document.activeElement && document.activeElement.id === 'q'`, 5*time.Second)
 	b.do("open alice", chromedp.Click(chromedp.CSS(`table.engines a[href="/console/engines/`+alice.ID+`"]`)),
 		chromedp.WaitVisible(chromedp.CSS("[data-engine-state]")))
 	require.Equal(t, "running", b.text("[data-engine-state]"))
@@ -211,6 +245,7 @@ func TestConsoleInBrowser(t *testing.T) {
 
 	// Restart it: confirm, then follow the operation to its end.
 	b.do("restart", chromedp.Click(chromedp.CSS(`nav.actions a[href$="action=restart"]`)), chromedp.WaitVisible(chromedp.CSS("#confirm-action")))
+	b.checkAccessible("confirm")
 	b.shot("06-confirm-restart")
 	b.do("confirm restart", chromedp.Click(chromedp.CSS("#confirm-action")), chromedp.WaitVisible(chromedp.CSS("[data-op-url]")))
 	require.Contains(t, b.location(), "?op=")
@@ -271,6 +306,7 @@ func TestConsoleInBrowser(t *testing.T) {
 		{"16-engine-after", "/console/engines/" + alice.ID, "[data-engine-state]"},
 	} {
 		b.do(pg.name, chromedp.Navigate(f.URL+pg.path), chromedp.WaitVisible(chromedp.CSS(pg.wait)))
+		b.checkAccessible(pg.path)
 		b.shot(pg.name)
 	}
 	require.Contains(t, b.text(".timeline"), "admin_request")

@@ -237,6 +237,11 @@
       if (o.done) {
         done = true;
         root.setAttribute("data-op-done", o.status);
+        if ($("[data-engine-url]") && !$("[data-op-refresh]", root)) {
+          var p = el("p", { "data-op-refresh": "1" });
+          p.appendChild(el("a", { href: location.pathname }, "Reload for the new timeline and backup rows"));
+          root.appendChild(p);
+        }
         return 3600 * 1000; // finished: nothing more to follow
       }
       return 1000;
