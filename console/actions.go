@@ -169,6 +169,7 @@ type policyData struct {
 	Max        string
 	RPM        string
 	Error      string
+	Preset     string // what the preset button does, said before applying
 }
 
 func (c *Console) policyPage(w http.ResponseWriter, r *http.Request) {
@@ -187,8 +188,10 @@ func (c *Console) policyPage(w http.ResponseWriter, r *http.Request) {
 	switch r.URL.Query().Get("preset") {
 	case "freeze":
 		d.Max = "0"
+		d.Preset = "Freeze: max_engines 0. The product's engines keep running; new engines (provision, admit with auto_provision) are refused with QUOTA_EXCEEDED until it is lifted."
 	case "unfreeze":
 		d.Max = intText(p.FrozenFrom)
+		d.Preset = "Unfreeze: max_engines back to what it was before the freeze (empty: no limit)."
 	}
 	c.render(w, r, http.StatusOK, "policy", "Policy · "+p.Slug, "products", d)
 }

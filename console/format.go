@@ -46,13 +46,13 @@ var funcs = template.FuncMap{
 	"states":   func() []orch.State { return orch.States },
 	"pct":      pct,
 	"add":      func(a, b int) int { return a + b },
-	"opTitle":  opTitle,
-	"deref": func(p *int) int {
+	"val": func(p *int) int {
 		if p == nil {
 			return 0
 		}
 		return *p
 	},
+	"opTitle": opTitle,
 }
 
 // ago is a duration before now, short ("3m ago"); title text has the stamp.

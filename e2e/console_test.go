@@ -287,14 +287,50 @@ func TestConsoleInBrowser(t *testing.T) {
 	b.waitJS("restore succeeded", `document.querySelector('[data-op-url]').getAttribute('data-op-done') === 'succeeded'`, 90*time.Second)
 	b.waitJS("running after restore", `document.querySelector('[data-engine-state]').textContent.trim() === 'running'`, 30*time.Second)
 
+	// Rotate its key: the engine comes back with a new key the product
+	// reads from the API; the console never shows it.
+	before := f.call(http.MethodGet, "/engines/alice", key, nil).str("api_key")
+	b.do("rotate key", chromedp.Navigate(f.URL+"/console/engines/"+alice.ID), chromedp.WaitVisible(chromedp.CSS(`nav.actions a[href$="action=rotate_key"]`)),
+		chromedp.Click(chromedp.CSS(`nav.actions a[href$="action=rotate_key"]`)), chromedp.WaitVisible(chromedp.CSS("#confirm-action")),
+		chromedp.Click(chromedp.CSS("#confirm-action")), chromedp.WaitVisible(chromedp.CSS("[data-op-url]")))
+	b.waitJS("rotation succeeded", `document.querySelector('[data-op-url]').getAttribute('data-op-done') === 'succeeded'`, 60*time.Second)
+	after := f.call(http.MethodGet, "/engines/alice", key, nil).str("api_key")
+	require.NotEqual(t, before, after)
+	html, err := chromedp.Run(b.ctx, chromedp.OuterHTML(chromedp.CSS("html")))
+	require.NoError(t, err)
+	require.NotContains(t, html, after, "the console never shows an engine key")
+
 	// Every action is audited with the admin and the operator's name.
 	var n int
 	require.NoError(t, f.Pool.QueryRow(context.Background(), `SELECT count(*) FROM audit_log WHERE action = 'admin_request'
 		AND actor = 'admin' AND engine_id = $1 AND metadata->>'via' = 'console' AND metadata->>'operator' = 'e2e on-call'
 		AND metadata->>'outcome' = 'accepted'`, alice.ID).Scan(&n))
-	require.Equal(t, 5, n)
+	require.Equal(t, 6, n)
 	require.Equal(t, []string{"provision", "admin_request", "restart", "admin_request", "stop", "admin_request", "start",
-		"admin_request", "backup", "admin_request", "restore"}, f.auditActions(alice.ID))
+		"admin_request", "backup", "admin_request", "restore", "admin_request", "rotate_key"}, f.auditActions(alice.ID))
+
+	// Destroy bob's engine: the user id must be typed; the page then
+	// follows the operation of an engine that is going away.
+	bob := f.call(http.MethodGet, "/engines/bob", key, nil).str("engine_id")
+	b.do("destroy", chromedp.Navigate(f.URL+"/console/engines/"+bob+"/confirm?action=destroy"), chromedp.WaitVisible(chromedp.CSS("#confirm")))
+	disabled, err := chromedp.Run(b.ctx, chromedp.Evaluate[bool](`document.querySelector('#confirm-action').disabled`))
+	require.NoError(t, err)
+	require.True(t, disabled, "the destroy button waits for the user id")
+	b.do("type bob", chromedp.SendKeys(chromedp.CSS("#confirm"), "bob"))
+	b.shot("11-confirm-destroy")
+	b.do("confirm destroy", chromedp.Click(chromedp.CSS("#confirm-action")), chromedp.WaitVisible(chromedp.CSS("[data-op-url]")))
+	b.waitJS("destroy succeeded", `document.querySelector('[data-op-url]').getAttribute('data-op-done') === 'succeeded'`, 60*time.Second)
+	require.Equal(t, "ENGINE_NOT_FOUND", f.call(http.MethodGet, "/engines/bob", key, nil).code())
+
+	// Freeze a product (its only cordon), then unfreeze it.
+	b.do("freeze", chromedp.Navigate(f.URL+"/console/products"), chromedp.WaitVisible(chromedp.CSS(`tr#acme a[href$="preset=freeze"]`)),
+		chromedp.Click(chromedp.CSS(`tr#acme a[href$="preset=freeze"]`)), chromedp.WaitVisible(chromedp.CSS("#max")))
+	b.checkAccessible("policy")
+	b.do("apply freeze", chromedp.Click(chromedp.CSS("form.stack button[type=submit]")), chromedp.WaitVisible(chromedp.CSS(`tr#acme`)))
+	require.Equal(t, "QUOTA_EXCEEDED", f.call(http.MethodPost, "/engines/provision", key, map[string]any{"user_id": "carol"}).code())
+	b.do("unfreeze", chromedp.Click(chromedp.CSS(`tr#acme a[href$="preset=unfreeze"]`)), chromedp.WaitVisible(chromedp.CSS("#max")),
+		chromedp.Click(chromedp.CSS("form.stack button[type=submit]")), chromedp.WaitVisible(chromedp.CSS(`tr#acme a[href$="preset=freeze"]`)))
+	require.Equal(t, http.StatusOK, f.call(http.MethodPost, "/engines/provision", key, map[string]any{"user_id": "carol"}).Status)
 
 	// The other main pages render, each a screenshot.
 	for _, pg := range []struct{ name, path, wait string }{

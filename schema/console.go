@@ -197,9 +197,11 @@ type ConsoleProduct struct {
 	orch.Product
 	ByState map[orch.State]int
 	Total   int
-	// FrozenFrom is, for a product whose max_engines is 0, the limit it had
-	// before (from its last policy_update audit row); nil when unknown or
-	// when it had none.
+	// Frozen: max_engines is 0, no new engines.
+	Frozen bool
+	// FrozenFrom is, for a frozen product, the limit it had before (from
+	// its last policy_update audit row); nil when it had none or it is
+	// unknown.
 	FrozenFrom *int
 	Metrics    Metrics // rolling hour and lifetime totals, as GET /metrics
 }
@@ -225,6 +227,7 @@ func (q *Queries) ConsoleProducts(ctx context.Context, productID string) ([]Cons
 			return nil, err
 		}
 		if p.Policy.MaxEngines != nil && *p.Policy.MaxEngines == 0 {
+			c.Frozen = true
 			var prev *int
 			err := q.db.QueryRow(ctx, `SELECT (metadata->'previous'->>'max_engines')::int FROM audit_log
 				WHERE product_id = $1 AND action = 'policy_update' AND (metadata->'policy'->>'max_engines')::int = 0
