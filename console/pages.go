@@ -304,8 +304,8 @@ func newHealthChart(rows []orch.AuditEntry, engineID string, now time.Time) heal
 	x := func(t time.Time) float64 {
 		return math.Round(float64(h.W)*t.Sub(from).Seconds()/(24*3600)*10) / 10
 	}
-	for _, e := range rows {
-		if e.Action == orch.ActionHealthCheck && e.DurationMS != nil && *e.DurationMS > h.MaxMS {
+	for _, e := range rows { // the scale is the passing probes' (failures are drawn at the top)
+		if ok, _ := e.Metadata["ok"].(bool); ok && e.Action == orch.ActionHealthCheck && e.DurationMS != nil && *e.DurationMS > h.MaxMS {
 			h.MaxMS = *e.DurationMS
 		}
 	}
@@ -323,7 +323,7 @@ func newHealthChart(rows []orch.AuditEntry, engineID string, now time.Time) heal
 			if e.DurationMS != nil {
 				ms = *e.DurationMS
 			}
-			y := float64(h.H-10) - float64(h.H-20)*float64(ms)/float64(h.MaxMS)
+			y := float64(h.H-10) - float64(h.H-20)*float64(min(ms, h.MaxMS))/float64(h.MaxMS)
 			if !ok {
 				y = 8
 				h.Fails++

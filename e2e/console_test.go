@@ -197,6 +197,17 @@ func TestConsoleInBrowser(t *testing.T) {
 			now() - (i || ' seconds')::interval, now() - (i || ' minutes')::interval, now() - (i || ' minutes')::interval
 		FROM generate_series(1, 1000) AS i`)
 	require.NoError(t, err)
+	// And a day of health history for one of them: sampled checks every
+	// 10 minutes, failing for the last hour, then marked failed.
+	_, err = f.Pool.Exec(context.Background(), `INSERT INTO audit_log ("timestamp", product_id, user_id, engine_id, action, actor, metadata, duration_ms)
+		SELECT now() - (i * 10 || ' minutes')::interval, e.product_id, e.user_id, e.id, 'health_check', 'system',
+			CASE WHEN i < 6 THEN '{"ok": false, "error": "timeout", "failures": 1}'::jsonb ELSE '{"ok": true, "sampled": true}'::jsonb END,
+			CASE WHEN i < 6 THEN 2000 ELSE 5 + (i * 7) % 40 END
+		FROM engines e, generate_series(1, 144) AS i WHERE e.user_id = 'g-user-0005'
+		UNION ALL
+		SELECT now() - interval '5 minutes', e.product_id, e.user_id, e.id, 'health_failed', 'system', '{"reason": "health", "failures": 3}', NULL
+		FROM engines e WHERE e.user_id = 'g-user-0005'`)
+	require.NoError(t, err)
 	t.Logf("fleet with 2 live and 1,000 seeded engines ready in %s", time.Since(start).Round(time.Millisecond))
 
 	// The detector works: a console.error in the page is seen.
@@ -317,7 +328,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, disabled, "the destroy button waits for the user id")
 	b.do("type bob", chromedp.SendKeys(chromedp.CSS("#confirm"), "bob"))
-	b.shot("11-confirm-destroy")
+	b.shot("10b-confirm-destroy")
 	b.do("confirm destroy", chromedp.Click(chromedp.CSS("#confirm-action")), chromedp.WaitVisible(chromedp.CSS("[data-op-url]")))
 	b.waitJS("destroy succeeded", `document.querySelector('[data-op-url]').getAttribute('data-op-done') === 'succeeded'`, 60*time.Second)
 	require.Equal(t, "ENGINE_NOT_FOUND", f.call(http.MethodGet, "/engines/bob", key, nil).code())
@@ -333,13 +344,16 @@ func TestConsoleInBrowser(t *testing.T) {
 	require.Equal(t, http.StatusOK, f.call(http.MethodPost, "/engines/provision", key, map[string]any{"user_id": "carol"}).Status)
 
 	// The other main pages render, each a screenshot.
+	var failedID string
+	require.NoError(t, f.Pool.QueryRow(context.Background(), `SELECT id::text FROM engines WHERE user_id = 'g-user-0005'`).Scan(&failedID))
 	for _, pg := range []struct{ name, path, wait string }{
 		{"11-operations", "/console/operations?view=failed", "nav.tabs"},
 		{"12-audit", "/console/audit?user=alice", "table"},
 		{"13-backups", "/console/backups", "table"},
 		{"14-products", "/console/products", "table"},
 		{"15-engines-failed", "/console/engines?state=failed&sort=failures", "table.engines"},
-		{"16-engine-after", "/console/engines/" + alice.ID, "[data-engine-state]"},
+		{"16-engine-failed-health", "/console/engines/" + failedID, ".health svg circle.fail"},
+		{"17-engine-after", "/console/engines/" + alice.ID, "[data-engine-state]"},
 	} {
 		b.do(pg.name, chromedp.Navigate(f.URL+pg.path), chromedp.WaitVisible(chromedp.CSS(pg.wait)))
 		b.checkAccessible(pg.path)
