@@ -2,6 +2,7 @@ package console_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -176,8 +177,21 @@ func (e *env) engineID(productID, userID string) string {
 	return eng.ID
 }
 
+func sum(xs []int) int {
+	n := 0
+	for _, x := range xs {
+		n += x
+	}
+	return n
+}
+
 func TestLoginSessionAndHeaders(t *testing.T) {
 	e := newEnv(t)
+	var other *console.Console
+	_, err := e.pool.Exec(context.Background(), `INSERT INTO audit_log ("timestamp", action, actor) VALUES
+		(now() - interval '2 minutes', 'restart', 'admin'), (now() - interval '2 minutes', 'auto_restart_start', 'system'),
+		(now() - interval '3 minutes', 'health_failed', 'system'), (now() - interval '2 hours', 'restart', 'admin')`)
+	require.NoError(t, err)
 	c := e.browser()
 
 	p := e.get(c, "/console/engines?state=failed")
@@ -227,7 +241,7 @@ func TestLoginSessionAndHeaders(t *testing.T) {
 	forged.Jar.SetCookies(u, []*http.Cookie{{Name: ck[0].Name, Value: strings.Replace(ck[0].Value, "a", "b", 1), Path: "/console"}})
 	require.Equal(t, http.StatusSeeOther, e.get(forged, "/console/").status)
 	// Another admin key signs other sessions.
-	other, err := console.New(console.Config{AdminKey: "another-admin-key"}, e.pool, e.actions)
+	other, err = console.New(console.Config{AdminKey: "another-admin-key"}, e.pool, e.actions)
 	require.NoError(t, err)
 	rec := httptest.NewRecorder()
 	req := httptest.NewRequest(http.MethodGet, "/console/", nil)
@@ -241,11 +255,19 @@ func TestLoginSessionAndHeaders(t *testing.T) {
 	require.Contains(t, js.header.Get("Content-Type"), "javascript")
 	require.Contains(t, js.body, "use strict")
 
-	// The JSON endpoint needs a session too.
+	// The JSON endpoint needs a session too; it counts the last hour from
+	// the audit log, minute by minute (rows inserted at the start: the
+	// numbers are cached for 2 s).
 	require.Equal(t, http.StatusUnauthorized, e.get(e.browser(), "/console/api/live").status)
 	live := e.get(c, "/console/api/live")
 	require.Equal(t, http.StatusOK, live.status, live.body)
-	require.Contains(t, live.body, `"by_state"`)
+	var l console.Live
+	require.NoError(t, json.Unmarshal([]byte(live.body), &l))
+	require.Len(t, l.Minutes.Restarts, 61)
+	require.Equal(t, 2, sum(l.Minutes.Restarts))
+	require.Equal(t, 1, sum(l.Minutes.Crashes))
+	require.InDelta(t, 0.4, l.RestartsPerMin, 0.001)
+	require.Len(t, l.ByState, len(orch.States))
 
 	// Log out (a POST with the token) ends the session in this browser.
 	home := e.get(c, "/console/")
