@@ -179,7 +179,7 @@ func (c *Console) routes() {
 // ServeHTTP serves every console path, with the console's security headers.
 func (c *Console) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := w.Header()
-	h.Set("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "+
+	h.Set("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "+
 		"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Set("X-Frame-Options", "DENY")
@@ -206,6 +206,8 @@ type page struct {
 	Script  string
 	Style   string
 	Data    any
+	// ScriptVersion is the console's script and stylesheet version (footer).
+	ScriptVersion string
 }
 
 func (c *Console) render(w http.ResponseWriter, r *http.Request, status int, name, title, nav string, data any) {
@@ -214,7 +216,7 @@ func (c *Console) render(w http.ResponseWriter, r *http.Request, status int, nam
 		panic("console: no template " + name)
 	}
 	s := sessionFrom(r.Context())
-	p := page{Title: title, Nav: nav, S: s, Version: c.cfg.Version, Data: data,
+	p := page{Title: title, Nav: nav, S: s, Version: c.cfg.Version, Data: data, ScriptVersion: ScriptVersion,
 		Script: Path + "/static/console-" + ScriptVersion + ".js", Style: Path + "/static/console-" + ScriptVersion + ".css"}
 	if s != nil {
 		p.CSRF = c.csrfToken(s)
