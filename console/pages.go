@@ -396,7 +396,7 @@ func (c *Console) operation(w http.ResponseWriter, r *http.Request) {
 		c.failErr(w, r, err)
 		return
 	}
-	_, err = q.EngineByID(ctx, o.EngineID)
+	_, _, err = q.ConsoleEngine(ctx, "", o.EngineID)
 	d := operationData{Op: c.opLive(o, time.Now()), O: o, Gone: orch.IsCode(err, orch.CodeEngineNotFound)}
 	c.render(w, r, http.StatusOK, "operation", opTitle(string(o.Kind))+" · operation", "operations", d)
 }

@@ -3,6 +3,7 @@ package schema
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -64,6 +65,36 @@ type ConsoleEngine struct {
 	KeySince    time.Time  // when its key was last rotated, else its creation
 }
 
+// consoleEngineCols are the engine columns the console reads: never the
+// key columns. Its own list (not the lifecycle queries'), so the console
+// does not move when those are regenerated.
+const consoleEngineCols = `id::text, product_id::text, user_id, status, node, port, engine_version,
+	coalesce(prev_key_hash, ''), prev_key_expires_at, boot_duration_ms, health_failures, restart_attempts,
+	last_health_at, last_active_at, coalesce(sleep_reason, ''), slept_at, state_deadline,
+	coalesce(operation_id::text, ''), coalesce(last_error, ''), created_at, updated_at`
+
+// consoleOpCols are the operation columns the console reads.
+const consoleOpCols = `id::text, product_id::text, engine_id::text, user_id, kind, status, actor, coalesce(error_code, ''),
+	coalesce(error_message, ''), coalesce(deadline, 'epoch'), created_at, updated_at`
+
+func scanConsoleOp(r pgx.Row) (orch.Operation, error) {
+	var o orch.Operation
+	var kind, status, code string
+	err := r.Scan(&o.ID, &o.ProductID, &o.EngineID, &o.UserID, &kind, &status, &o.Actor, &code, &o.ErrorMessage,
+		&o.Deadline, &o.CreatedAt, &o.UpdatedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return o, orch.Errorf(orch.CodeOperationNotFound, "operation not found")
+	}
+	if err != nil {
+		return o, fmt.Errorf("scan console operation: %w", err)
+	}
+	o.Kind, o.Status, o.ErrorCode = orch.OpKind(kind), orch.OpStatus(status), orch.Code(code)
+	if o.Deadline.Unix() == 0 {
+		o.Deadline = time.Time{}
+	}
+	return o, nil
+}
+
 const consoleEngineWhere = `
 	($1::uuid IS NULL OR product_id = $1::uuid)
 	AND ($2 = '' OR status = $2)
@@ -112,7 +143,7 @@ func (q *Queries) ConsoleEngines(ctx context.Context, f ConsoleEngineFilter) ([]
 		WITH page AS (
 			SELECT * FROM engines WHERE `+consoleEngineWhere+`
 			ORDER BY `+consoleEngineOrder(f.Sort)+` LIMIT $8 OFFSET $9)
-		SELECT `+engineCols+`,
+		SELECT `+consoleEngineCols+`,
 			(SELECT slug FROM products WHERE products.id = page.product_id),
 			coalesce(lo_id, ''), coalesce(lo_kind, ''), coalesce(lo_status, ''), coalesce(lo_actor, ''), coalesce(lo_code, ''),
 			lo_created, lo_updated, rs_n, coalesce(key_at, created_at)
@@ -136,7 +167,7 @@ func (q *Queries) ConsoleEngines(ctx context.Context, f ConsoleEngineFilter) ([]
 		var kind, opStatus, code string
 		var created, updated *time.Time
 		err := r.Scan(&c.ID, &c.ProductID, &c.UserID, &status, &c.Node, &c.Port, &c.EngineVersion,
-			&c.KeyHash, &c.KeyEnc, &c.PrevKeyHash, &c.PrevKeyExpiresAt,
+			&c.PrevKeyHash, &c.PrevKeyExpiresAt,
 			&c.BootDurationMS, &c.HealthFailures, &c.RestartAttempts, &c.LastHealthAt, &c.LastActiveAt,
 			&c.SleepReason, &c.SleptAt, &c.StateDeadline, &c.OperationID,
 			&c.LastError, &c.CreatedAt, &c.UpdatedAt,
@@ -145,7 +176,6 @@ func (q *Queries) ConsoleEngines(ctx context.Context, f ConsoleEngineFilter) ([]
 			return c, fmt.Errorf("scan console engine: %w", err)
 		}
 		c.Status = orch.State(status)
-		c.KeyHash, c.KeyEnc = "", "" // the console never needs them
 		if op.ID != "" {
 			op.Kind, op.Status, op.ErrorCode = orch.OpKind(kind), orch.OpStatus(opStatus), orch.Code(code)
 			op.CreatedAt, op.UpdatedAt = *created, *updated
@@ -306,8 +336,8 @@ func (q *Queries) ConsoleEngineOperations(ctx context.Context, engineID string, 
 	if !isUUID(engineID) {
 		return nil, nil
 	}
-	rows, err := q.db.Query(ctx, `SELECT `+opCols+` FROM operations WHERE engine_id = $1 ORDER BY created_at DESC LIMIT $2`, engineID, limit)
-	return collect(rows, err, "console engine operations", func(r pgx.Row) (orch.Operation, error) { return scanOp(r) })
+	rows, err := q.db.Query(ctx, `SELECT `+consoleOpCols+` FROM operations WHERE engine_id = $1 ORDER BY created_at DESC LIMIT $2`, engineID, limit)
+	return collect(rows, err, "console engine operations", scanConsoleOp)
 }
 
 // ConsoleOperation returns one operation of any product (or of productID
@@ -316,28 +346,30 @@ func (q *Queries) ConsoleOperation(ctx context.Context, productID, id string) (o
 	if !isUUID(id) {
 		return orch.Operation{}, orch.Errorf(orch.CodeOperationNotFound, "operation not found")
 	}
-	return scanOp(q.db.QueryRow(ctx, `SELECT `+opCols+` FROM operations WHERE id = $1 AND ($2::uuid IS NULL OR product_id = $2::uuid)`,
+	return scanConsoleOp(q.db.QueryRow(ctx, `SELECT `+consoleOpCols+` FROM operations WHERE id = $1 AND ($2::uuid IS NULL OR product_id = $2::uuid)`,
 		id, nullUUID(productID)))
 }
 
 // ConsoleEngine returns an engine with its product's slug; ENGINE_NOT_FOUND
 // if none (or not of productID when set).
 func (q *Queries) ConsoleEngine(ctx context.Context, productID, id string) (orch.Engine, string, error) {
+	var e orch.Engine
 	if !isUUID(id) {
-		return orch.Engine{}, "", orch.Errorf(orch.CodeEngineNotFound, "engine not found")
+		return e, "", orch.Errorf(orch.CodeEngineNotFound, "engine not found")
 	}
-	e, err := q.EngineByID(ctx, id)
+	var status, slug string
+	err := q.db.QueryRow(ctx, `SELECT `+consoleEngineCols+`, (SELECT slug FROM products WHERE products.id = engines.product_id)
+		FROM engines WHERE id = $1 AND ($2::uuid IS NULL OR product_id = $2::uuid)`, id, nullUUID(productID)).Scan(
+		&e.ID, &e.ProductID, &e.UserID, &status, &e.Node, &e.Port, &e.EngineVersion, &e.PrevKeyHash, &e.PrevKeyExpiresAt,
+		&e.BootDurationMS, &e.HealthFailures, &e.RestartAttempts, &e.LastHealthAt, &e.LastActiveAt, &e.SleepReason, &e.SleptAt,
+		&e.StateDeadline, &e.OperationID, &e.LastError, &e.CreatedAt, &e.UpdatedAt, &slug)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return e, "", orch.Errorf(orch.CodeEngineNotFound, "engine not found")
+	}
 	if err != nil {
-		return e, "", err
+		return e, "", fmt.Errorf("console engine: %w", err)
 	}
-	if productID != "" && e.ProductID != productID {
-		return orch.Engine{}, "", orch.Errorf(orch.CodeEngineNotFound, "engine not found")
-	}
-	var slug string
-	if err := q.db.QueryRow(ctx, `SELECT slug FROM products WHERE id = $1`, e.ProductID).Scan(&slug); err != nil {
-		return e, "", fmt.Errorf("engine product: %w", err)
-	}
-	e.KeyHash, e.KeyEnc = "", ""
+	e.Status = orch.State(status)
 	return e, slug, nil
 }
 
