@@ -65,10 +65,13 @@ func (s *Server) adminOnly(next http.Handler) http.Handler {
 	}))
 	next = csrf.Handler(next)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		_, pass, ok := r.BasicAuth()
-		if !ok || !s.adminOK(pass) {
-			w.Header().Set("WWW-Authenticate", `Basic realm="orchestrator admin", charset="UTF-8"`)
-			writeEnvelope(w, r, http.StatusUnauthorized, orch.CodeInvalidAdminKey, "basic auth with the admin key as password required")
+		_, pass, _ := r.BasicAuth()
+		if err := s.checkAdmin(r.Context(), pass); err != nil {
+			if orch.IsCode(err, orch.CodeInvalidAdminKey) {
+				w.Header().Set("WWW-Authenticate", `Basic realm="orchestrator admin", charset="UTF-8"`)
+				err = orch.Errorf(orch.CodeInvalidAdminKey, "basic auth with the admin key as password required")
+			}
+			writeError(w, r, err)
 			return
 		}
 		next.ServeHTTP(w, r)

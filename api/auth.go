@@ -10,7 +10,9 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/internal/generations"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -37,12 +39,10 @@ func (s *Server) authMiddleware(ctx huma.Context, next func(huma.Context)) {
 	var err error
 	switch {
 	case hasScheme(op, securityAdmin):
-		if !s.adminOK(ctx.Header("X-Admin-Key")) {
-			err = orch.Errorf(orch.CodeInvalidAdminKey, "missing or invalid X-Admin-Key")
-		}
+		err = s.checkAdmin(ctx.Context(), ctx.Header("X-Admin-Key"))
 	case hasScheme(op, securityPlatform):
 		var p orch.Product
-		p, err = s.products.lookup(ctx.Context(), ctx.Header("X-Platform-Key"))
+		p, err = s.checkPlatform(ctx.Context(), ctx.Header("X-Platform-Key"))
 		if err == nil {
 			ctx = huma.WithValue(ctx, ctxProduct, p)
 			if la, ok := ctx.Context().Value(ctxLogAttrs).(*logAttrs); ok {
@@ -55,6 +55,61 @@ func (s *Server) authMiddleware(ctx huma.Context, next func(huma.Context)) {
 		return
 	}
 	next(ctx)
+}
+
+// checkAdmin accepts the admin key. INVALID_ADMIN_KEY otherwise, or
+// RATE_LIMITED while the client has failed too often (authThrottle).
+func (s *Server) checkAdmin(ctx context.Context, got string) error {
+	client, now := clientFrom(ctx), time.Now()
+	if blocked, retry := s.authFails.blocked(client, now); blocked {
+		return s.authThrottled(retry)
+	}
+	if s.adminOK(got) {
+		return nil
+	}
+	s.authFails.fail(client, now)
+	s.cfg.Metrics.AuthFailure(metrics.AuthInvalid)
+	return orch.Errorf(orch.CodeInvalidAdminKey, "missing or invalid X-Admin-Key")
+}
+
+// checkPlatform returns the product whose platform key this is.
+// INVALID_PLATFORM_KEY when none, or RATE_LIMITED while the client has
+// failed too often, unless the key is one the cache knows for valid
+// (authThrottle); the database's error when it cannot tell.
+func (s *Server) checkPlatform(ctx context.Context, key string) (orch.Product, error) {
+	client, now := clientFrom(ctx), time.Now()
+	var h string
+	var known bool
+	if key != "" {
+		h = keys.Hash(key)
+		var p orch.Product
+		var fresh bool
+		if p, fresh, known = s.products.peek(h, now); fresh {
+			return p, nil // the hot path: one read lock
+		}
+	}
+	if !known {
+		if blocked, retry := s.authFails.blocked(client, now); blocked {
+			return orch.Product{}, s.authThrottled(retry)
+		}
+	}
+	if h == "" {
+		s.authFails.fail(client, now)
+		s.cfg.Metrics.AuthFailure(metrics.AuthInvalid)
+		return orch.Product{}, orch.Errorf(orch.CodeInvalidPlatformKey, "missing X-Platform-Key")
+	}
+	p, err := s.products.lookup(ctx, h)
+	if orch.IsCode(err, orch.CodeInvalidPlatformKey) {
+		s.authFails.fail(client, now)
+		s.cfg.Metrics.AuthFailure(metrics.AuthInvalid)
+	}
+	return p, err
+}
+
+func (s *Server) authThrottled(retry int) error {
+	s.cfg.Metrics.AuthFailure(metrics.AuthThrottled)
+	return withRetryAfter(orch.Errorf(orch.CodeRateLimited,
+		"too many failed authentications from this address; retry in %d s", retry), retry)
 }
 
 func hasScheme(op *huma.Operation, name string) bool {
@@ -100,82 +155,146 @@ func productFrom(ctx context.Context) orch.Product {
 }
 
 // productCache maps platform-key hashes to products so admit does not pay
-// a database round trip per request. Every replica drops entries when a
-// product changes (NOTIFY on schema.ChannelProducts) and flushes everything
-// when its listener reconnects; unknown keys are remembered briefly.
+// a database round trip per request.
+//
+// Valid keys are bounded by the keys in the database. The database's
+// answer is trusted for ttl (30 s); after that an entry is checked again
+// on its next use, so a key rotated out elsewhere stops working here
+// within ttl even when the NOTIFY that should have dropped it was lost. A
+// previous key is also checked again when its overlap ends. A change of
+// the product (NOTIFY on schema.ChannelProducts) or a reconnect of the
+// listener marks entries stale (checked again on next use) rather than
+// forgetting them, so the auth throttle still knows them for valid keys;
+// a stale entry the database no longer confirms is dropped, and one
+// nobody has used for staleKeep is dropped by the next invalidation.
+//
+// Unknown keys are remembered for negativeTTL in a separate, bounded set
+// (misses: at most 2×maxMisses, oldest generation dropped first), so a
+// client retrying a wrong key costs one query per negativeTTL, random keys
+// cannot grow memory, and a miss never evicts a valid key.
 type productCache struct {
-	pool  *pgxpool.Pool
-	mu    sync.RWMutex
-	byKey map[string]cachedProduct
-	gen   uint64 // bumped on every invalidation, so a lookup racing one is not cached
+	pool   *pgxpool.Pool
+	ttl    time.Duration
+	mu     sync.RWMutex
+	byKey  map[string]cachedProduct
+	misses generations.Map[string, time.Time] // key hash → until when it is known not to exist
+	gen    uint64                             // bumped on every invalidation, so a lookup racing one is not trusted
 }
 
 type cachedProduct struct {
 	product   orch.Product
-	found     bool
-	expiresAt time.Time // zero = until invalidated; set for previous keys and misses
+	checkedAt time.Time // when the database last confirmed the key
+	expiresAt time.Time // a previous key: the end of its overlap (zero = none)
+	stale     bool      // invalidated: check again before use
 }
 
-const negativeTTL = 500 * time.Millisecond
+const (
+	// DefaultProductTTL is how long a cached valid key is trusted without
+	// asking the database again.
+	DefaultProductTTL = 30 * time.Second
+	negativeTTL       = 500 * time.Millisecond
+	maxMisses         = 4096
+	staleKeep         = time.Hour
+)
 
-func newProductCache(pool *pgxpool.Pool) *productCache {
-	return &productCache{pool: pool, byKey: map[string]cachedProduct{}}
-}
-
-func (c *productCache) lookup(ctx context.Context, key string) (orch.Product, error) {
-	if key == "" {
-		return orch.Product{}, orch.Errorf(orch.CodeInvalidPlatformKey, "missing X-Platform-Key")
+func newProductCache(pool *pgxpool.Pool, ttl time.Duration) *productCache {
+	if ttl <= 0 {
+		ttl = DefaultProductTTL
 	}
-	h := keys.Hash(key)
+	return &productCache{pool: pool, ttl: ttl, byKey: map[string]cachedProduct{}, misses: generations.New[string, time.Time](maxMisses)}
+}
+
+func (e cachedProduct) fresh(now time.Time, ttl time.Duration) bool {
+	return !e.stale && now.Sub(e.checkedAt) < ttl && (e.expiresAt.IsZero() || now.Before(e.expiresAt))
+}
+
+var errInvalidPlatformKey = orch.Errorf(orch.CodeInvalidPlatformKey, "invalid X-Platform-Key")
+
+// peek returns the product of key hash h when its entry is fresh; known
+// says whether h is, or recently was, a valid key (the auth throttle lets
+// those through).
+func (c *productCache) peek(h string, now time.Time) (p orch.Product, fresh, known bool) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	e, ok := c.byKey[h]
+	if ok && e.fresh(now, c.ttl) {
+		return e.product, true, true
+	}
+	return orch.Product{}, false, ok
+}
+
+// lookup returns the product whose key hashes to h: INVALID_PLATFORM_KEY
+// when none, or the database's error.
+func (c *productCache) lookup(ctx context.Context, h string) (orch.Product, error) {
 	now := time.Now()
 	c.mu.RLock()
 	e, ok := c.byKey[h]
+	var missed bool
+	if !ok {
+		until, has := c.misses.Get(h)
+		missed = has && now.Before(until)
+	}
 	gen := c.gen
 	c.mu.RUnlock()
-	if ok && (e.expiresAt.IsZero() || now.Before(e.expiresAt)) {
-		if !e.found {
-			return orch.Product{}, orch.Errorf(orch.CodeInvalidPlatformKey, "invalid X-Platform-Key")
-		}
+	switch {
+	case ok && e.fresh(now, c.ttl):
 		return e.product, nil
+	case missed:
+		return orch.Product{}, errInvalidPlatformKey
 	}
 	p, expires, err := schema.New(c.pool).ProductByKeyHash(ctx, h)
-	entry := cachedProduct{product: p, found: err == nil}
 	switch {
-	case err == nil:
-		if expires != nil {
-			entry.expiresAt = *expires // a previous key: re-check when its overlap ends
-		}
 	case orch.IsCode(err, orch.CodeProductNotFound):
-		entry.expiresAt = now.Add(negativeTTL)
-	default:
+		c.mu.Lock()
+		delete(c.byKey, h)
+		if c.gen == gen {
+			c.misses.Put(h, now.Add(negativeTTL))
+		}
+		c.mu.Unlock()
+		return orch.Product{}, errInvalidPlatformKey
+	case err != nil:
 		return orch.Product{}, err
 	}
+	entry := cachedProduct{product: p, checkedAt: now}
+	if expires != nil {
+		entry.expiresAt = *expires // a previous key: check again when its overlap ends
+	}
 	c.mu.Lock()
-	if c.gen == gen {
-		c.byKey[h] = entry
-	}
+	// A lookup racing an invalidation may have read the old row: keep the
+	// key known, but check it again next time.
+	entry.stale = c.gen != gen
+	c.byKey[h] = entry
 	c.mu.Unlock()
-	if !entry.found {
-		return orch.Product{}, orch.Errorf(orch.CodeInvalidPlatformKey, "invalid X-Platform-Key")
-	}
 	return p, nil
 }
 
-// invalidate drops every entry of one product (all its keys) and every miss.
+// invalidate marks every entry of one product stale (all its keys),
+// forgets every miss, and drops entries unused for staleKeep.
 func (c *productCache) invalidate(productID string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.gen++
+	c.misses.Reset()
+	now := time.Now()
 	for h, e := range c.byKey {
-		if !e.found || e.product.ID == productID {
+		switch {
+		case now.Sub(e.checkedAt) > staleKeep:
 			delete(c.byKey, h)
+		case e.product.ID == productID:
+			e.stale = true
+			c.byKey[h] = e
 		}
 	}
 }
 
+// flush marks everything stale: notifications may have been lost.
 func (c *productCache) flush() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.gen++
-	c.byKey = map[string]cachedProduct{}
+	c.misses.Reset()
+	for h, e := range c.byKey {
+		e.stale = true
+		c.byKey[h] = e
+	}
 }

@@ -6,24 +6,23 @@ import (
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/console"
-	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
 // This file mounts the operator console (package console) at /console and
-// gives it its Actions over this package's request side: the same
-// checks, operations and jobs as the HTTP routes, with the operation's
-// actor "admin". It is the one place to re-point when the request side
-// moves.
+// gives it its Actions over the lifecycle core: the same checks,
+// operations and jobs as the HTTP routes, with the operation's actor
+// "admin". It is the one place to re-point when the request side moves.
 
-// mountConsole mounts the console when the API has a database and an
-// admin key (the document-only API of `orchestrator openapi` has neither).
+// mountConsole mounts the console when the API has a core, a database and
+// an admin key (the document-only API of `orchestrator openapi` has none).
 func (s *Server) mountConsole() {
-	if s.pool == nil || s.river == nil || s.cfg.AdminKey == "" {
+	if s.core == nil || s.pool == nil || s.cfg.AdminKey == "" {
 		return
 	}
 	cfg := console.Config{AdminKey: s.cfg.AdminKey, PortMin: s.cfg.PortMin, PortMax: s.cfg.PortMax,
-		BootTimeout: s.cfg.BootTimeout, Version: s.cfg.Version, Log: s.log}
+		OpTimeout: s.core.WaitTimeout, Version: s.cfg.Version, Log: s.log}
 	if s.cfg.Metrics != nil {
 		cfg.Gatherer = s.cfg.Metrics.Gatherer()
 	}
@@ -39,74 +38,56 @@ func (s *Server) mountConsole() {
 // consoleActions implements console.Actions.
 type consoleActions struct{ s *Server }
 
-// as is the product acting under actor's name (the operation's actor).
-func (a consoleActions) as(ctx context.Context, productID, actor string) (orch.Product, error) {
-	p, err := schema.New(a.s.pool).GetProduct(ctx, productID)
-	if err != nil {
-		return p, err
-	}
-	p.Slug = actor
-	return p, nil
+func (a consoleActions) product(ctx context.Context, productID string) (orch.Product, error) {
+	return schema.New(a.s.pool).GetProduct(ctx, productID)
 }
 
 // Operate starts start, stop, restart, destroy or rotate_key with the
-// checks of the HTTP routes (engines.go).
+// checks of the HTTP routes (the lifecycle core's requests).
 func (a consoleActions) Operate(ctx context.Context, productID, userID string, kind orch.OpKind, actor string) (string, error) {
-	p, err := a.as(ctx, productID, actor)
+	p, err := a.product(ctx, productID)
 	if err != nil {
 		return "", err
 	}
-	r := opRequest{kind: kind}
+	var r lifecycle.Request
 	switch kind {
 	case orch.OpStart:
-		r.check = func(e orch.Engine) error {
-			if e.Status == orch.StateRunning {
-				return orch.Errorf(orch.CodeEngineAlreadyRunning, "engine is already running")
-			}
-			return notTransitional(e)
-		}
+		r = lifecycle.Start
 	case orch.OpStop:
-		r.check = func(e orch.Engine) error {
-			if e.Status == orch.StateStopped {
-				return orch.Errorf(orch.CodeEngineNotRunning, "engine is not running")
-			}
-			return notTransitional(e)
-		}
+		r = lifecycle.Stop
 	case orch.OpRestart:
-		r.check = notTransitional
+		r = lifecycle.Restart
 	case orch.OpDestroy:
-		r.state = orch.StateDestroying
+		r = lifecycle.Destroy
 	case orch.OpRotateKey:
-		key := keys.Generate()
-		enc, err := a.s.keyring.Encrypt(key)
-		if err != nil {
-			return "", err
-		}
-		r.check, r.payload = mustRun, schema.OpPayload{KeyHash: keys.Hash(key), KeyEnc: enc}
+		p.Slug = actor // RotateKey's operation is by the product it is given
+		_, opID, _, err := a.s.core.RotateKey(ctx, p, userID)
+		return opID, err
 	default:
 		return "", orch.Errorf(orch.CodeInvalidRequest, "the console cannot %s an engine", kind)
 	}
-	_, opID, err := a.s.operate(ctx, p, userID, r)
+	r.Actor = actor
+	_, opID, err := a.s.core.Operate(ctx, p, userID, r)
 	return opID, err
 }
 
 // Backup takes a backup now (or joins the one in flight).
 func (a consoleActions) Backup(ctx context.Context, productID, userID, actor string) (string, error) {
-	p, err := a.as(ctx, productID, actor)
+	p, err := a.product(ctx, productID)
 	if err != nil {
 		return "", err
 	}
-	_, opID, _, err := a.s.requestBackup(ctx, p, userID)
+	_, opID, _, err := a.s.core.TakeBackup(ctx, p, userID, actor)
 	return opID, err
 }
 
 // Restore restores one of the user's backups into the user's engine.
 func (a consoleActions) Restore(ctx context.Context, productID, userID, backupID, actor string) (string, error) {
-	p, err := a.as(ctx, productID, actor)
+	p, err := a.product(ctx, productID)
 	if err != nil {
 		return "", err
 	}
-	_, opID, err := a.s.RestoreBackup(ctx, p, userID, backupID)
+	_, opID, err := a.s.core.Restore(ctx, p, userID, backupID, actor)
 	return opID, err
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"net/netip"
 	"strconv"
 
 	"github.com/danielgtaylor/huma/v2"
@@ -84,22 +85,25 @@ const (
 	ctxRequestID ctxKey = iota
 	ctxProduct
 	ctxLogAttrs
+	ctxClient
 )
+
+// clientFrom is the address the request is throttled under (clientAddr).
+func clientFrom(ctx context.Context) netip.Addr {
+	a, _ := ctx.Value(ctxClient).(netip.Addr)
+	return a
+}
 
 func requestID(ctx context.Context) string {
 	s, _ := ctx.Value(ctxRequestID).(string)
 	return s
 }
 
-// RetryAfter attaches a Retry-After hint (seconds) to a domain error.
-type retryAfterError struct {
-	error
-	seconds int
+// withRetryAfter sets a domain error's Retry-After hint (seconds).
+func withRetryAfter(err *orch.Error, seconds int) error {
+	err.RetryAfter = seconds
+	return err
 }
-
-func (e retryAfterError) Unwrap() error { return e.error }
-
-func withRetryAfter(err error, seconds int) error { return retryAfterError{err, seconds} }
 
 // toHTTP converts any error a handler returns into the envelope. Internal
 // causes are logged once by the access log, never sent.
@@ -126,9 +130,8 @@ func toHTTP(ctx context.Context, err error) error {
 		out.status = http.StatusInternalServerError
 		out.ErrorBody.Error = ErrorDetail{Code: string(orch.CodeInternal), Message: "internal error"}
 	}
-	var ra retryAfterError
-	if errors.As(err, &ra) {
-		out.GetHeaders().Set("Retry-After", strconv.Itoa(ra.seconds))
+	if de != nil && de.RetryAfter > 0 {
+		out.GetHeaders().Set("Retry-After", strconv.Itoa(de.RetryAfter))
 	} else if out.status == http.StatusTooManyRequests {
 		out.GetHeaders().Set("Retry-After", "60")
 	}
@@ -139,18 +142,38 @@ func toHTTP(ctx context.Context, err error) error {
 	return out
 }
 
+// errorsAs is errors.As over any of errs.
+func errorsAs[T error](errs []error, target *T) bool {
+	for _, e := range errs {
+		if e != nil && errors.As(e, target) {
+			return true
+		}
+	}
+	return false
+}
+
 func init() {
 	// huma's own errors (validation, bad JSON, unknown routes' 404s, 415…)
 	// use the contract envelope; validation is 400 INVALID_REQUEST, not 422.
 	huma.NewErrorWithContext = func(hctx huma.Context, status int, msg string, errs ...error) huma.StatusError {
 		code := orch.CodeInternal
+		var tooBig *http.MaxBytesError
 		switch {
 		case status == http.StatusUnprocessableEntity || status == http.StatusBadRequest ||
-			status == http.StatusRequestEntityTooLarge || status == http.StatusUnsupportedMediaType:
+			status == http.StatusUnsupportedMediaType || status == http.StatusNotAcceptable:
 			code, status = orch.CodeInvalidRequest, http.StatusBadRequest
+		case status == http.StatusRequestEntityTooLarge:
+			code, msg, errs = orch.CodeInvalidRequest, tooLarge, nil
+		case status == http.StatusRequestTimeout:
+			// The body did not arrive within the operation's read deadline.
+			code = orch.CodeInvalidRequest
 		case status == http.StatusNotFound:
 			code = orch.CodeNotFound
-		case status == http.StatusNotAcceptable:
+		case status == http.StatusInternalServerError && errorsAs(errs, &tooBig):
+			// Read past MaxBodyBytes (limitBody), chunked.
+			code, status, msg, errs = orch.CodeInvalidRequest, http.StatusRequestEntityTooLarge, tooLarge, nil
+		case status == http.StatusInternalServerError && msg == "cannot read request body":
+			// The client broke off or garbled its body: not our failure.
 			code, status = orch.CodeInvalidRequest, http.StatusBadRequest
 		}
 		for _, e := range errs {

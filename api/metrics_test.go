@@ -1,6 +1,7 @@
 package api_test
 
 import (
+	"fmt"
 	"net/http"
 	"testing"
 
@@ -58,4 +59,52 @@ func TestAdmitAndRequestMetrics(t *testing.T) {
 		map[string]string{"method": "POST", "route": "/products/register", "code": "200"}))
 	require.EqualValues(t, 1, histCount(t, g, "orchestrator_http_request_duration_seconds",
 		map[string]string{"method": "GET", "route": "unmatched", "code": "404"}))
+}
+
+// However many made-up methods and paths clients send, the request
+// histogram keeps a bounded set of series: every label comes from a fixed
+// set (methods outside the standard ones are OTHER, unknown paths are
+// unmatched).
+func TestRequestMetricSeriesBounded(t *testing.T) {
+	t.Parallel()
+	m := metrics.New(metrics.Config{})
+	cfg := testConfig()
+	cfg.Metrics = m
+	h := newHarness(t, "", cfg)
+	series := func() (n int, methods map[string]bool) {
+		methods = map[string]bool{}
+		mfs, err := m.Gatherer().Gather()
+		require.NoError(t, err)
+		for _, mf := range mfs {
+			if mf.GetName() != "orchestrator_http_request_duration_seconds" {
+				continue
+			}
+			for _, s := range mf.GetMetric() {
+				n++
+				for _, l := range s.GetLabel() {
+					if l.GetName() == "method" {
+						methods[l.GetValue()] = true
+					}
+				}
+			}
+		}
+		return n, methods
+	}
+	for i := range 300 {
+		method := fmt.Sprintf("BOGUS%d", i)
+		path := fmt.Sprintf("/made/up/%d", i)
+		if i%3 == 0 {
+			path = fmt.Sprintf("/engines/user%d", i) // a real route under a made-up method
+		}
+		req, err := http.NewRequest(method, h.URL+path, nil)
+		require.NoError(t, err)
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+	}
+	n, methods := series()
+	require.LessOrEqual(t, n, 4, "series after 300 made-up methods and paths: %v", methods)
+	require.Equal(t, map[string]bool{"OTHER": true}, methods)
+	require.EqualValues(t, 200, histCount(t, m.Gatherer(), "orchestrator_http_request_duration_seconds",
+		map[string]string{"method": "OTHER", "route": "unmatched", "code": "404"}))
 }

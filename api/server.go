@@ -8,12 +8,14 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
+	"path"
 	"regexp"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -24,65 +26,67 @@ import (
 	"github.com/riverqueue/river"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// Config is what the API needs; cmd/orchestrator fills it from the environment.
+// Config is what the API needs; cmd/orchestrator fills it from the
+// environment. What engines are and how operations run is the lifecycle
+// core's (lifecycle.Config).
 type Config struct {
-	AdminKey      string
-	DefaultImage  string        // ORCH_ENGINE_IMAGE
-	Images        *orch.Images  // ORCH_ENGINE_IMAGE_ALLOWLIST (nil = DefaultImage's repository)
-	PortMin       int           // ORCH_PORT_MIN
-	PortMax       int           // ORCH_PORT_MAX
-	Node          string        // engine host this replica provisions on ("local")
-	BootTimeout   time.Duration // ORCH_BOOT_TIMEOUT_S: how long a synchronous call waits
-	URLTemplate   string        // ORCH_ENGINE_URL_TEMPLATE, e.g. http://127.0.0.1:{port}
-	KeyOverlap    time.Duration // engine key rotation overlap
-	Version       string
-	ProductsCache time.Duration // negative-cache lifetime for unknown platform keys
+	AdminKey string
+	Version  string
+	// PortMin and PortMax are the engine port range, for GET /status's
+	// port usage.
+	PortMin, PortMax int
+
+	// ProductTTL is how long a cached platform key is trusted before the
+	// database is asked again (0 = DefaultProductTTL).
+	ProductTTL time.Duration
+	// AuthFailuresPerSecond is how many failed authentications a client
+	// may make per second in the long run (burst 4×) before it is answered
+	// 429 RATE_LIMITED (0 = DefaultAuthFailuresPerSecond, < 0 = no limit).
+	AuthFailuresPerSecond float64
+	// TrustedProxies are the proxies whose X-Forwarded-For names the
+	// client (ORCH_TRUSTED_PROXIES); none = the peer is the client.
+	TrustedProxies []netip.Prefix
 
 	Metrics *metrics.Metrics // admit and request latency (nil = none)
 }
 
-// Server is one API replica.
+// Server is one API replica: HTTP in front of the lifecycle core.
 type Server struct {
-	cfg      Config
-	pool     *pgxpool.Pool
-	river    *river.Client[pgx.Tx]
-	keyring  *keys.Keyring
-	log      *slog.Logger
-	api      huma.API
-	mux      *http.ServeMux
-	products *productCache
-	waiters  *waiters
-	// stopWaits is closed when a draining process can wait no longer
-	// (StopWaiting): requests waiting for an operation answer at once.
-	stopWaits    chan struct{}
-	stopWaitsOne sync.Once
-	activity     activity
-	rates        rateLimiter // admit rate limits shared with every replica (ratelimit.go)
+	cfg          Config
+	core         *lifecycle.Core // every request that changes an engine, and the waits
+	pool         *pgxpool.Pool   // reads: products, audit, fleet status
+	river        *river.Client[pgx.Tx]
+	log          *slog.Logger
+	api          huma.API
+	mux          *http.ServeMux
+	products     *productCache
+	authFails    *authThrottle // failed authentications per client (throttle.go)
+	rates        rateLimiter   // admit rate limits shared with every replica (ratelimit.go)
 	migrated     atomic.Bool
-	adminUI      *adminUI // River UI at /admin/jobs (adminui.go)
+	adminUI      *adminUI      // River UI at /admin/jobs (adminui.go)
+	writeTimeout time.Duration // WriteTimeout (tests shorten it)
 }
 
-// New builds the API. river may be an insert-only client (no workers).
-func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyring, log *slog.Logger) *Server {
-	if cfg.Node == "" {
-		cfg.Node = "local"
-	}
+// New builds the API on core. rc (for audit exports and the job UI) may be
+// an insert-only client; core and rc may be nil to render the OpenAPI
+// document only.
+func New(cfg Config, core *lifecycle.Core, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], log *slog.Logger) *Server {
 	if cfg.Version == "" {
 		cfg.Version = "dev"
 	}
-	if cfg.Images == nil {
-		im, _ := orch.ParseImages(cfg.DefaultImage, "") // cannot fail without a list
-		cfg.Images = &im
+	s := &Server{cfg: cfg, core: core, pool: pool, river: rc, log: log, mux: http.NewServeMux(), writeTimeout: WriteTimeout}
+	s.products = newProductCache(pool, cfg.ProductTTL)
+	s.authFails = newAuthThrottle(cfg.AuthFailuresPerSecond)
+	if core != nil {
+		// Every replica drops a product's cached keys when it changes, and
+		// everything when the listener reconnects (NOTIFYs were lost).
+		core.Listen(schema.ChannelProducts, s.products.invalidate, s.products.flush)
 	}
-	s := &Server{cfg: cfg, pool: pool, river: rc, keyring: kr, log: log, mux: http.NewServeMux()}
-	s.products = newProductCache(pool)
-	s.waiters = newWaiters()
-	s.stopWaits = make(chan struct{})
 	s.api = humago.New(s.mux, humaConfig(cfg.Version))
 	s.api.UseMiddleware(s.authMiddleware, s.validateUserPath) // key first: no key, no hints
 	s.register()
@@ -117,11 +121,6 @@ func humaConfig(version string) huma.Config {
 	return c
 }
 
-// StopWaiting answers every request still waiting for an operation with
-// 503 SERVICE_UNAVAILABLE naming the operation to follow, instead of
-// letting the end of a drain cut it off. The operations go on.
-func (s *Server) StopWaiting() { s.stopWaitsOne.Do(func() { close(s.stopWaits) }) }
-
 // API exposes the huma API (for the OpenAPI document).
 func (s *Server) API() huma.API { return s.api }
 
@@ -137,20 +136,45 @@ func (s *Server) register() {
 
 // Handler is the root HTTP handler: request ids, recovery, access log.
 func (s *Server) Handler() http.Handler {
-	return s.withRequestLog(s.mux)
+	return s.withRequestLog(http.HandlerFunc(s.route))
 }
 
-// Run starts the server's background work (the NOTIFY listener) until ctx ends.
+// route hands the request to the mux, except a path that is not clean
+// ("//x", "/a/../b"): the mux would answer it with a redirect to the clean
+// path and an HTML body, which clients would follow with a GET whatever
+// the method. It is answered NOT_FOUND in the envelope instead.
+func (s *Server) route(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodConnect {
+		if clean := cleanPath(r.URL.Path); clean != r.URL.Path {
+			writeEnvelope(w, r, http.StatusNotFound, orch.CodeNotFound,
+				"no such route: "+r.Method+" "+r.URL.Path+" (a path must be clean: "+clean+")")
+			return
+		}
+	}
+	s.mux.ServeHTTP(w, r)
+}
+
+// cleanPath is the path ServeMux would redirect to (net/http's cleanPath).
+func cleanPath(p string) string {
+	if p == "" {
+		return "/"
+	}
+	if p[0] != '/' {
+		p = "/" + p
+	}
+	np := path.Clean(p)
+	if p[len(p)-1] == '/' && np != "/" {
+		np += "/"
+	}
+	return np
+}
+
+// Run starts the server's background work (the job UI) until ctx ends.
+// The lifecycle core runs on its own (lifecycle.Core.Run): it holds the
+// NOTIFY listener this server's product cache follows.
 func (s *Server) Run(ctx context.Context) {
 	s.startAdminUI(ctx)
-	l := &listener{pool: s.pool, log: s.log, handlers: map[string]func(string){
-		schema.ChannelProducts: s.products.invalidate,
-		schema.ChannelOps:      s.waiters.wake,
-	}, onReconnect: func() {
-		s.products.flush()
-		s.waiters.wakeAll()
-	}}
-	l.run(ctx)
+	<-ctx.Done()
 }
 
 var requestIDRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
@@ -160,22 +184,30 @@ type logAttrs struct {
 	err     error
 }
 
+// statusRecorder records the status for the access log, and gives the
+// response WriteTimeout to be written from the moment it starts: a client
+// that does not read it cannot hold the handler forever, and a handler
+// that waits long before answering is not cut.
 type statusRecorder struct {
 	http.ResponseWriter
-	status int
+	status       int
+	writeTimeout time.Duration
+}
+
+func (r *statusRecorder) start(code int) {
+	if r.status == 0 {
+		r.status = code
+		http.NewResponseController(r.ResponseWriter).SetWriteDeadline(time.Now().Add(r.writeTimeout)) //nolint:errcheck // unsupported: no deadline
+	}
 }
 
 func (r *statusRecorder) WriteHeader(code int) {
-	if r.status == 0 {
-		r.status = code
-	}
+	r.start(code)
 	r.ResponseWriter.WriteHeader(code)
 }
 
 func (r *statusRecorder) Write(b []byte) (int, error) {
-	if r.status == 0 {
-		r.status = http.StatusOK
-	}
+	r.start(http.StatusOK)
 	return r.ResponseWriter.Write(b)
 }
 
@@ -194,7 +226,12 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 		la := &logAttrs{}
 		ctx := context.WithValue(r.Context(), ctxRequestID, rid)
 		ctx = context.WithValue(ctx, ctxLogAttrs, la)
-		rec := &statusRecorder{ResponseWriter: w}
+		client := clientAddr(r, s.cfg.TrustedProxies)
+		ctx = context.WithValue(ctx, ctxClient, client)
+		// A kept-alive connection may carry the previous response's write
+		// deadline: this request's response sets its own when it starts.
+		http.NewResponseController(w).SetWriteDeadline(time.Time{}) //nolint:errcheck
+		rec := &statusRecorder{ResponseWriter: w, writeTimeout: s.writeTimeout}
 		r2 := r.WithContext(ctx) // the mux records the matched pattern on it
 		defer func() {
 			if p := recover(); p != nil {
@@ -209,7 +246,7 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 			}
 			s.cfg.Metrics.ObserveRequest(r.Method, route, status, took)
 			attrs := []any{"method", r.Method, "route", route, "path", r.URL.Path, "status", status,
-				"duration_ms", float64(took.Microseconds()) / 1000, "request_id", rid}
+				"duration_ms", float64(took.Microseconds()) / 1000, "request_id", rid, "client", client.String()}
 			if la.product != "" {
 				attrs = append(attrs, "product", la.product)
 			}
@@ -222,7 +259,9 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 			}
 			s.log.Log(ctx, level, "request", attrs...)
 		}()
-		next.ServeHTTP(rec, r2)
+		if limitBody(rec, r2) {
+			next.ServeHTTP(rec, r2)
+		}
 	})
 }
 
@@ -250,10 +289,28 @@ func routeOf(pattern string) string {
 	return pattern
 }
 
+// writeError writes err as the contract's envelope (status, code and
+// headers as toHTTP makes them) from outside huma.
+func writeError(w http.ResponseWriter, r *http.Request, err error) {
+	ae := toHTTP(r.Context(), err).(*ErrorResponse)
+	for k, v := range ae.GetHeaders() {
+		w.Header()[k] = v
+	}
+	writeEnvelope(w, r, ae.status, orch.Code(ae.ErrorBody.Error.Code), ae.ErrorBody.Error.Message)
+}
+
+// writeEnvelope writes the contract's error envelope from outside huma
+// (unknown routes, the admin UI's guard, panics). It is encoded with
+// encoding/json, never by hand: the message may carry a client's path,
+// whose control bytes, quotes and invalid UTF-8 must still make valid JSON.
 func writeEnvelope(w http.ResponseWriter, r *http.Request, status int, code orch.Code, msg string) {
+	b, err := json.Marshal(ErrorBody{Error: ErrorDetail{Code: string(code), Message: msg, RequestID: requestID(r.Context())}})
+	if err != nil { // cannot happen: three strings
+		b = []byte(`{"error":{"code":"INTERNAL_ERROR","message":"internal error"}}`)
+	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
-	fmt.Fprintf(w, `{"error":{"code":%q,"message":%q,"request_id":%q}}`, code, msg, requestID(r.Context()))
+	w.Write(b) //nolint:errcheck
 }
 
 // OpenAPIYAML renders the OpenAPI document of the API (no database needed).

@@ -81,9 +81,10 @@ type Config struct {
 	AdminKey string
 	// PortMin and PortMax are the engines' port range (ports used per node).
 	PortMin, PortMax int
-	// BootTimeout is ORCH_BOOT_TIMEOUT_S: how long an operation's boot
-	// may take (progress of the long actions).
-	BootTimeout time.Duration
+	// OpTimeout is how long an operation of a kind may take (the progress
+	// of the long actions): the lifecycle core's wait. Nil: a minute and a
+	// half for anything that boots.
+	OpTimeout func(orch.OpKind) time.Duration
 	// Version is the orchestrator's version, shown in the footer.
 	Version string
 	// Gatherer is this process's Prometheus registry, read for admit
@@ -117,9 +118,6 @@ func New(cfg Config, pool *pgxpool.Pool, actions Actions) (*Console, error) {
 	}
 	if cfg.SessionTTL <= 0 {
 		cfg.SessionTTL = 12 * time.Hour
-	}
-	if cfg.BootTimeout <= 0 {
-		cfg.BootTimeout = time.Minute
 	}
 	if cfg.Version == "" {
 		cfg.Version = "dev"

@@ -79,7 +79,7 @@ func newEnv(t *testing.T) *env {
 	t.Helper()
 	pool := testenv.Pool(t, testenv.DB(t))
 	acts := &fakeActions{}
-	c, err := console.New(console.Config{AdminKey: adminKey, PortMin: 9001, PortMax: 9999, BootTimeout: 30 * time.Second,
+	c, err := console.New(console.Config{AdminKey: adminKey, PortMin: 9001, PortMax: 9999,
 		Log: testenv.Quiet()}, pool, acts)
 	require.NoError(t, err)
 	mux := http.NewServeMux()

@@ -182,18 +182,19 @@ func (c *Console) opLive(o orch.Operation, now time.Time) OperationLive {
 		ElapsedS: math.Round(end.Sub(o.CreatedAt).Seconds()*10) / 10, ExpectedS: c.expected(o.Kind).Seconds()}
 }
 
-// expected is a generous guess of how long an operation of kind takes,
-// for the progress bar: boots take up to the boot timeout, stops a 30 s grace.
+// expected is how long an operation of kind may take, for the progress
+// bar: what the lifecycle core waits for it, else a generous guess.
 func (c *Console) expected(kind orch.OpKind) time.Duration {
-	switch kind {
-	case orch.OpStop, orch.OpDestroy:
-		return 35 * time.Second
-	case orch.OpBackup:
-		return time.Minute
-	case orch.OpRestore, orch.OpUpgrade, orch.OpRotateKey, orch.OpRestart:
-		return 35*time.Second + c.cfg.BootTimeout
+	if c.cfg.OpTimeout != nil {
+		if d := c.cfg.OpTimeout(kind); d > 0 {
+			return d
+		}
 	}
-	return c.cfg.BootTimeout
+	switch kind {
+	case orch.OpStop, orch.OpDestroy, orch.OpBackup:
+		return time.Minute
+	}
+	return 90 * time.Second
 }
 
 func (c *Console) engineJSON(w http.ResponseWriter, r *http.Request) {

@@ -75,6 +75,7 @@ type Metrics struct {
 	requests      *prometheus.HistogramVec
 	leader        atomic.Uint64               // math.Float64bits of the set value
 	leaderFn      atomic.Pointer[func() bool] // when set, read at scrape time instead
+	apiGuards
 }
 
 // New builds the metrics and registers them, with the Go runtime and
@@ -108,7 +109,7 @@ func New(cfg Config) *Metrics {
 		Help:    "River job run time by kind and outcome (completed, failed, snoozed, cancelled).",
 		Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}}, []string{"kind", "outcome"})
 	m.requests = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: Namespace, Name: "http_request_duration_seconds",
-		Help:    "API request latency by method, route pattern and status code.",
+		Help:    "API request latency by method (standard methods, others as OTHER), route pattern (unmatched when none) and status code (unusual ones by class).",
 		Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120}}, []string{"method", "route", "code"})
 	leader := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: Namespace, Name: "scheduler_leader",
 		Help: "1 while this process's scheduler holds the leader lock."}, m.leaderValue)
@@ -129,6 +130,7 @@ func New(cfg Config) *Metrics {
 	for _, r := range []string{"health", "crash"} {
 		m.crashes.WithLabelValues(r)
 	}
+	m.registerAPIGuards()
 	if cfg.Source != nil {
 		m.reg.MustRegister(newFleetCollector(cfg))
 	}
@@ -173,8 +175,12 @@ func (m *Metrics) ObserveAdmit(outcome string, d time.Duration) {
 	m.admit.WithLabelValues(outcome).Observe(d.Seconds())
 }
 
-// ObserveRequest records one API request. route is the matched pattern
-// ("/engines/{user_id}/admit"), never the raw path, so labels stay few.
+// ObserveRequest records one API request. Every label comes from a fixed
+// set, whatever the client sends, so no request can add series: route is
+// the matched pattern ("/engines/{user_id}/admit"), never the raw path
+// ("unmatched" when none matched); method is one of the standard methods,
+// any other as "OTHER"; code is a status the API answers, any other as
+// its class ("4xx").
 func (m *Metrics) ObserveRequest(method, route string, code int, d time.Duration) {
 	if m == nil {
 		return
@@ -182,7 +188,40 @@ func (m *Metrics) ObserveRequest(method, route string, code int, d time.Duration
 	if route == "" {
 		route = "unmatched"
 	}
-	m.requests.WithLabelValues(method, route, statusText(code)).Observe(d.Seconds())
+	m.requests.WithLabelValues(methodLabel(method), route, codeLabel(code)).Observe(d.Seconds())
+}
+
+// methodLabel is method if it is a standard one, else "OTHER".
+func methodLabel(method string) string {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch,
+		http.MethodDelete, http.MethodOptions, http.MethodConnect, http.MethodTrace:
+		return method
+	}
+	return "OTHER"
+}
+
+// knownCodes are the statuses the API answers; they are labelled exactly
+// (dashboards tell 429 from 401). Any other is labelled by its class.
+var knownCodes = map[int]string{}
+
+func init() {
+	for _, c := range []int{200, 201, 202, 204, 301, 304, 400, 401, 403, 404, 405, 408, 409, 413, 415, 429, 431,
+		500, 502, 503, 504} {
+		knownCodes[c] = strconv.Itoa(c)
+	}
+}
+
+// codeLabel is code itself when known, else its class ("4xx"), "other"
+// outside 100..599.
+func codeLabel(code int) string {
+	if s, ok := knownCodes[code]; ok {
+		return s
+	}
+	if code < 100 || code > 599 {
+		return "other"
+	}
+	return strconv.Itoa(code/100) + "xx"
 }
 
 // ObserveJob records one River job run.
@@ -293,12 +332,4 @@ func (m *Metrics) leaderValue() float64 {
 		return b2f((*f)())
 	}
 	return math.Float64frombits(m.leader.Load())
-}
-
-// statusText is a status code as a label value.
-func statusText(code int) string {
-	if code < 100 || code > 999 {
-		return "other"
-	}
-	return strconv.Itoa(code)
 }

@@ -255,3 +255,27 @@ func TestServe(t *testing.T) {
 	cancel()
 	require.NoError(t, <-done)
 }
+
+// Request labels come from fixed sets: unusual methods are OTHER, unusual
+// statuses their class, a missing route "unmatched".
+func TestRequestLabelsBounded(t *testing.T) {
+	t.Parallel()
+	m := metrics.New(metrics.Config{})
+	for _, tc := range []struct {
+		method string
+		code   int
+	}{{"BREW", 418}, {"get", 299}, {"PROPFIND", 207}, {"X", 1000}, {"POST", 429}, {"DELETE", 200}} {
+		m.ObserveRequest(tc.method, "", tc.code, time.Millisecond)
+	}
+	g := m.Gatherer()
+	for _, want := range []map[string]string{
+		{"method": "OTHER", "route": "unmatched", "code": "4xx"},
+		{"method": "OTHER", "route": "unmatched", "code": "2xx"},
+		{"method": "OTHER", "route": "unmatched", "code": "other"},
+		{"method": "POST", "route": "unmatched", "code": "429"},
+		{"method": "DELETE", "route": "unmatched", "code": "200"},
+	} {
+		require.NotNil(t, find(t, g, "orchestrator_http_request_duration_seconds", want), "%v", want)
+	}
+	require.Nil(t, find(t, g, "orchestrator_http_request_duration_seconds", map[string]string{"method": "BREW"}))
+}

@@ -163,16 +163,6 @@ func (q *Queries) BackupPathsUnder(ctx context.Context, paths []string) (map[str
 	return out, nil
 }
 
-// BackupCandidates lists the engines a nightly backup covers: every engine
-// of node not being created or destroyed, after afterID (keyset paging).
-func (q *Queries) BackupCandidates(ctx context.Context, afterID string, limit int) ([]orch.Engine, error) {
-	if afterID == "" {
-		afterID = "00000000-0000-0000-0000-000000000000"
-	}
-	return collectEngines(q.db.Query(ctx, `SELECT `+engineCols+` FROM engines
-		WHERE status NOT IN ('provisioning', 'destroying') AND id > $1 ORDER BY id LIMIT $2`, afterID, limit))
-}
-
 // InFlightOperation returns the newest unfinished operation of kind on an
 // engine (a second backup request joins the first); OPERATION_NOT_FOUND if none.
 func (q *Queries) InFlightOperation(ctx context.Context, engineID string, kind orch.OpKind) (orch.Operation, error) {

@@ -143,37 +143,6 @@ func (q *Queries) InsertAudits(ctx context.Context, es []orch.AuditEntry) error 
 	return nil
 }
 
-// lastActivity is when an engine last showed activity: its last admit
-// or its last state change (a woken, started or restarted engine gets a
-// whole idle period before it may sleep again).
-const lastActivity = `greatest(coalesce(engines.last_active_at, engines.created_at), engines.updated_at)`
-
-// IdleEngines returns up to limit running, quiet engines whose last
-// activity is before idleBefore, longest idle first.
-func (q *Queries) IdleEngines(ctx context.Context, idleBefore time.Time, limit int) ([]orch.Engine, error) {
-	return collectEngines(q.db.Query(ctx, `SELECT `+engineCols+` FROM engines
-		WHERE status = 'running' AND `+lastActivity+` < $1 AND `+quiet+`
-		ORDER BY `+lastActivity+` LIMIT $2`, idleBefore, limit))
-}
-
-// MarkSleeping puts every engine of ids that is still running, quiet and
-// idle since before idleBefore to sleep in place (ORCH_SLEEP_MODE=mark:
-// the container keeps running), recording why and when. One statement;
-// returns the engines put to sleep (their last_active_at tells how long
-// they had been idle).
-func (q *Queries) MarkSleeping(ctx context.Context, ids []string, reason string, idleBefore time.Time) ([]orch.Engine, error) {
-	if len(ids) == 0 {
-		return nil, nil
-	}
-	// The bulk path obeys the one transition table like SetEngineState.
-	if !orch.CanTransition(orch.StateRunning, orch.StateSleeping) {
-		return nil, orch.Errorf(orch.CodeInvalidState, "engine cannot go from running to sleeping")
-	}
-	return collectEngines(q.db.Query(ctx, `UPDATE engines SET status = 'sleeping', sleep_reason = $2, slept_at = now(), updated_at = now()
-		WHERE id = ANY($1::uuid[]) AND status = 'running' AND `+lastActivity+` < $3 AND `+quiet+`
-		RETURNING `+engineCols, ids, reason, idleBefore))
-}
-
 // SetOperationJob records which River job works an operation.
 func (q *Queries) SetOperationJob(ctx context.Context, opID string, jobID int64) error {
 	if _, err := q.db.Exec(ctx, `UPDATE operations SET job_id = $2 WHERE id = $1`, opID, jobID); err != nil {

@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/schema/internal/dbsqlc"
 )
 
 // NOTIFY channels. Payloads are ids.
@@ -28,11 +29,16 @@ type DBTX interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
-// Queries runs the orchestrator's SQL on a DBTX.
-type Queries struct{ db DBTX }
+// Queries runs the orchestrator's SQL on a DBTX: the queries sqlc
+// generates from queries/*.sql (gen) behind methods that speak the domain,
+// and the hand-written ones.
+type Queries struct {
+	db  DBTX
+	gen *dbsqlc.Queries
+}
 
-// New binds the queries to a pool or transaction.
-func New(db DBTX) *Queries { return &Queries{db: db} }
+// New binds the queries to a pool, a connection or a transaction.
+func New(db DBTX) *Queries { return &Queries{db: db, gen: dbsqlc.New(db)} }
 
 // Unreachable reports whether err means Postgres could not be reached or
 // dropped the connection (refused, reset, closed, shutting down): nothing

@@ -82,7 +82,7 @@ func (w *Workers) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecyc
 	if err != nil {
 		return err
 	}
-	op, payload, err := q.OperationByID(ctx, a.OperationID)
+	op, payload, err := q.StartOperation(ctx, a.OperationID) // pending → running, in the read
 	if err != nil {
 		return err
 	}
@@ -95,11 +95,6 @@ func (w *Workers) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecyc
 		w.commit(ctx, e, op, lease, outcome{err: err}) //nolint:errcheck
 		w.logJob(job.Kind, e.ID, job.Attempt, start, "superseded", nil)
 		return nil
-	}
-	if op.Status != orch.OpRunning {
-		if err := q.SetOperation(ctx, op.ID, orch.OpRunning, "", ""); err != nil {
-			return err
-		}
 	}
 	last := job.Attempt >= job.MaxAttempts
 	out := do(ctx, e, op, payload, job.Attempt, last)

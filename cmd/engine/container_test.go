@@ -117,7 +117,9 @@ func TestEngineImageInProductionMode(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, container.StateExited, info.Container.State.Status)
 	assert.Equal(t, 0, info.Container.State.ExitCode, "exit code after SIGTERM")
-	assert.Less(t, stopTook, 5*time.Second, "stop took %s", stopTook)
+	// Exit code 0 says it was the SIGTERM, not the SIGKILL 20 s later, that
+	// ended it; the bound only says it did not linger (generous: a busy CI).
+	assert.Less(t, stopTook, 15*time.Second, "stop took %s", stopTook)
 	t.Logf("SIGTERM stop took %s", stopTook.Round(time.Millisecond))
 
 	logs := a.logs(t)

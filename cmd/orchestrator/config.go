@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 	"net/url"
 	"os"
 	"regexp"
@@ -21,6 +22,7 @@ import (
 // (SPEC §12, §6, §7, §9, §11). Only this package reads the environment.
 type Config struct {
 	DatabaseURL      string
+	DatabaseMaxConns int // 0 = computed from the roles (pool.go)
 	MasterKey        string
 	MasterKeyPrev    []string
 	AdminKey         string
@@ -67,6 +69,9 @@ type Config struct {
 	WorkerConcurrency int
 	ShutdownTimeout   time.Duration
 
+	AuthFailuresPerSecond int            // 0 = no throttle
+	TrustedProxies        []netip.Prefix // whose X-Forwarded-For names the client
+
 	// Warnings are logged at start: settings that work but should not.
 	Warnings []string
 }
@@ -80,11 +85,14 @@ type envVar struct {
 
 var envVars = []envVar{
 	{"ORCH_DATABASE_URL", "", "required: postgresql://user:pass@host:port/db (or ORCH_DATABASE_URL_FILE: a file holding it; same for the three keys)"},
+	{"ORCH_DATABASE_MAX_CONNS", "", "connections this process's pool may open; empty = what its roles need: api 21, worker ORCH_WORKER_CONCURRENCY + 32, scheduler 2 (all three by default: 105); refused below their minimum (api 5, worker and scheduler as above). Budget the sum over every process under Postgres's max_connections"},
 	{"ORCH_MASTER_KEY", "", "required: Fernet key (URL-safe base64 of 32 bytes) encrypting engine keys at rest; `orchestrator keys generate` prints one"},
 	{"ORCH_MASTER_KEY_PREVIOUS", "", "comma-separated previous master keys, decrypt-only, during a rotation"},
-	{"ORCH_ADMIN_KEY", "", "required: the admin key checked against X-Admin-Key"},
+	{"ORCH_ADMIN_KEY", "", "required: the admin key checked against X-Admin-Key; at least 16 characters and not a placeholder (`orchestrator keys generate` prints one)"},
 	{"ORCH_LISTEN_ADDR", ":8000", "API listen address"},
 	{"ORCH_METRICS_ADDR", "127.0.0.1:9464", "Prometheus listener (never public by default); off disables it"},
+	{"ORCH_AUTH_FAILURES_PER_S", "5", "failed authentications (missing or wrong key) a client may make per second, in bursts of 4x that, before it is answered 429 RATE_LIMITED with Retry-After (platform keys known valid are never held back, the admin key is); 0 = no limit"},
+	{"ORCH_TRUSTED_PROXIES", "", "comma-separated addresses or CIDRs of reverse proxies whose X-Forwarded-For names the client (the rightmost address that is not one of them); empty = the connection's peer is the client"},
 	{"ORCH_LOG_LEVEL", "info", "debug, info, warn or error"},
 	{"ORCH_LOG_FORMAT", "json", "json (production) or text (a terminal)"},
 	{"ORCH_NODE", "local", "name of the engine host this process provisions on / works for"},
@@ -179,9 +187,10 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		}
 	}
 	c.AdminKey = required("ORCH_ADMIN_KEY")
-	if c.AdminKey != "" && len(c.AdminKey) < 16 {
-		// The contract takes any opaque string: warn, do not refuse.
-		c.Warnings = append(c.Warnings, "ORCH_ADMIN_KEY is shorter than 16 characters: easy to guess; `orchestrator keys generate` prints a strong one")
+	if c.AdminKey != "" && weakAdminKey(c.AdminKey) {
+		// Refused like a placeholder master key: a guessable admin key
+		// opens every product. Never echo it.
+		bad("ORCH_ADMIN_KEY", "is a placeholder or shorter than 16 characters: anyone could guess it; `orchestrator keys generate` prints a strong one")
 	}
 	c.ListenAddr = get("ORCH_LISTEN_ADDR")
 	c.MetricsAddr = get("ORCH_METRICS_ADDR")
@@ -280,12 +289,53 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	}
 	c.WorkerConcurrency = intv("ORCH_WORKER_CONCURRENCY", 1, 10000)
 	c.ShutdownTimeout = secs("ORCH_SHUTDOWN_TIMEOUT_S", 1)
+	if get("ORCH_DATABASE_MAX_CONNS") != "" {
+		c.DatabaseMaxConns = intv("ORCH_DATABASE_MAX_CONNS", 1, 100000)
+	}
+	c.AuthFailuresPerSecond = intv("ORCH_AUTH_FAILURES_PER_S", 0, 1000000)
+	for _, p := range splitList(get("ORCH_TRUSTED_PROXIES")) {
+		pfx, err := parsePrefix(p)
+		if err != nil {
+			bad("ORCH_TRUSTED_PROXIES", "%q is neither an address nor a CIDR", p)
+			continue
+		}
+		c.TrustedProxies = append(c.TrustedProxies, pfx)
+	}
 
 	if len(problems) > 0 {
 		sort.Strings(problems)
 		return c, fmt.Errorf("invalid configuration (%d problems):\n  - %s", len(problems), strings.Join(problems, "\n  - "))
 	}
 	return c, nil
+}
+
+// weakAdminKey: shorter than 16 characters, or a placeholder left from
+// an example (deploy/secrets.example holds "replace-me").
+func weakAdminKey(k string) bool {
+	if len(k) < 16 {
+		return true
+	}
+	l := strings.ToLower(k)
+	for _, p := range []string{"replace-me", "replace_me", "replaceme", "change-me", "change_me", "changeme", "placeholder"} {
+		if strings.Contains(l, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// parsePrefix reads a CIDR, or an address as its own /32 or /128.
+func parsePrefix(s string) (netip.Prefix, error) {
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		return p.Masked(), err
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	a = a.Unmap()
+	return netip.PrefixFrom(a, a.BitLen()), nil
 }
 
 // secretVars may also be given as a file: NAME_FILE=/run/secrets/name

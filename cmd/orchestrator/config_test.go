@@ -69,14 +69,12 @@ func TestConfigEngineSafety(t *testing.T) {
 	base := map[string]string{
 		"ORCH_DATABASE_URL": "postgresql://u:p@localhost:5432/db",
 		"ORCH_MASTER_KEY":   keys.GenerateMasterKey(),
-		"ORCH_ADMIN_KEY":    "tiny-k3y",
+		"ORCH_ADMIN_KEY":    keys.Generate(),
 		"ORCH_ENGINE_IMAGE": "reg.example.com/engine:1.0",
 	}
 	c, err := loadConfig(envOf(base))
-	require.NoError(t, err, "the contract takes any admin key")
-	require.Len(t, c.Warnings, 1)
-	require.Contains(t, c.Warnings[0], "ORCH_ADMIN_KEY")
-	require.NotContains(t, c.Warnings[0], "tiny-k3y", "the warning does not echo the key")
+	require.NoError(t, err)
+	require.Empty(t, c.Warnings)
 	require.True(t, c.Images.Allows("reg.example.com/engine:2.0"), "the default image's repository")
 	require.False(t, c.Images.Allows("evil/engine:1"))
 
@@ -120,6 +118,63 @@ func TestHelp(t *testing.T) {
 	}
 	var stdout, stderr strings.Builder
 	require.Error(t, run([]string{"frobnicate"}, &stdout, &stderr, envOf(nil)))
+}
+
+// A guessable admin key is refused at start, as a placeholder master key
+// is, with one message that does not echo it.
+func TestConfigRefusesWeakAdminKey(t *testing.T) {
+	env := func(admin string) map[string]string {
+		return map[string]string{"ORCH_DATABASE_URL": "postgresql://u:p@localhost:5432/db",
+			"ORCH_MASTER_KEY": keys.GenerateMasterKey(), "ORCH_ADMIN_KEY": admin}
+	}
+	for _, weak := range []string{"tiny-k3y", "replace-me", "0123456789abcde", "REPLACE-ME-with-a-real-key", "changeme-changeme-changeme",
+		"my-placeholder-admin-key"} {
+		_, err := loadConfig(envOf(env(weak)))
+		require.Error(t, err, weak)
+		require.Contains(t, err.Error(), "ORCH_ADMIN_KEY: is a placeholder or shorter than 16 characters", weak)
+		require.NotContains(t, err.Error(), weak, "the error must not echo the key")
+	}
+	for _, strong := range []string{keys.Generate(), "0123456789abcdef", strings.Repeat("k", 32), "e2e-admin-key-0123456789"} {
+		_, err := loadConfig(envOf(env(strong)))
+		require.NoError(t, err, strong)
+	}
+	// deploy/secrets.example, copied as is.
+	example, err := os.ReadFile("../../deploy/secrets.example/admin_key")
+	require.NoError(t, err)
+	path := t.TempDir() + "/admin_key"
+	require.NoError(t, os.WriteFile(path, example, 0o600))
+	e := env("")
+	delete(e, "ORCH_ADMIN_KEY")
+	e["ORCH_ADMIN_KEY_FILE"] = path
+	_, err = loadConfig(envOf(e))
+	require.ErrorContains(t, err, "ORCH_ADMIN_KEY: is a placeholder")
+}
+
+func TestConfigAuthAndProxies(t *testing.T) {
+	base := map[string]string{"ORCH_DATABASE_URL": "postgresql://u:p@localhost:5432/db",
+		"ORCH_MASTER_KEY": keys.GenerateMasterKey(), "ORCH_ADMIN_KEY": keys.Generate()}
+	c, err := loadConfig(envOf(base))
+	require.NoError(t, err)
+	require.Equal(t, 5, c.AuthFailuresPerSecond)
+	require.Empty(t, c.TrustedProxies)
+	require.Equal(t, float64(5), apiConfig(c).AuthFailuresPerSecond)
+
+	base["ORCH_AUTH_FAILURES_PER_S"] = "0"
+	base["ORCH_TRUSTED_PROXIES"] = "10.0.0.0/8, 192.168.1.7 ,::1, fd00::/8"
+	c, err = loadConfig(envOf(base))
+	require.NoError(t, err)
+	require.Less(t, apiConfig(c).AuthFailuresPerSecond, float64(0), "0 = no limit")
+	var got []string
+	for _, p := range c.TrustedProxies {
+		got = append(got, p.String())
+	}
+	require.Equal(t, []string{"10.0.0.0/8", "192.168.1.7/32", "::1/128", "fd00::/8"}, got)
+
+	base["ORCH_TRUSTED_PROXIES"] = "10.0.0.0/8,proxy.internal"
+	base["ORCH_AUTH_FAILURES_PER_S"] = "-1"
+	_, err = loadConfig(envOf(base))
+	require.ErrorContains(t, err, `ORCH_TRUSTED_PROXIES: "proxy.internal" is neither an address nor a CIDR`)
+	require.ErrorContains(t, err, "ORCH_AUTH_FAILURES_PER_S")
 }
 
 // Engines are limited and run as a non-root user unless the operator says

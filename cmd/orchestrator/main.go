@@ -20,6 +20,7 @@ import (
 
 	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/schema"
+	"github.com/enginefleet/orchestrator/server"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -69,7 +70,7 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) er
 			return nil
 		}
 		if len(args) > 1 && args[1] == "rotate-master" {
-			return withDB(ctx, getenv, false, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
+			return withDB(ctx, getenv, nil, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
 				return rotateMaster(ctx, cfg, pool, log, stdout)
 			})
 		}
@@ -83,7 +84,7 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) er
 		if len(args) > 1 {
 			sub = args[1]
 		}
-		return withDB(ctx, getenv, false, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
+		return withDB(ctx, getenv, nil, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
 			switch sub {
 			case "up":
 				return schema.MigrateUp(ctx, pool, log)
@@ -116,7 +117,7 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) er
 		if err != nil {
 			return err
 		}
-		return withDB(ctx, getenv, true, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
+		return withDB(ctx, getenv, &set, func(cfg Config, pool *pgxpool.Pool, log *slog.Logger) error {
 			return serve(ctx, cfg, set, pool, log)
 		})
 	default:
@@ -125,23 +126,21 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) er
 	}
 }
 
-type roles struct{ api, worker, scheduler bool }
-
-func parseRoles(s string) (roles, error) {
-	var r roles
+func parseRoles(s string) (server.Roles, error) {
+	var r server.Roles
 	for _, p := range splitList(s) {
 		switch p {
 		case "api":
-			r.api = true
+			r.API = true
 		case "worker":
-			r.worker = true
+			r.Worker = true
 		case "scheduler":
-			r.scheduler = true
+			r.Scheduler = true
 		default:
 			return r, fmt.Errorf("unknown role %q (want api, worker, scheduler)", p)
 		}
 	}
-	if !r.api && !r.worker && !r.scheduler {
+	if !r.API && !r.Worker && !r.Scheduler {
 		return r, errors.New("--roles names no role")
 	}
 	return r, nil
@@ -157,9 +156,14 @@ func newLogger(cfg Config, w io.Writer) *slog.Logger {
 	return slog.New(slog.NewJSONHandler(w, opts))
 }
 
-// withDB loads the configuration, connects, optionally migrates, and runs fn.
-func withDB(ctx context.Context, getenv func(string) string, migrate bool, fn func(Config, *pgxpool.Pool, *slog.Logger) error) error {
+// withDB loads the configuration, connects with a pool sized for the
+// roles served (nil: a CLI command), migrates when serving, and runs fn.
+func withDB(ctx context.Context, getenv func(string) string, serving *server.Roles, fn func(Config, *pgxpool.Pool, *slog.Logger) error) error {
 	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return err
+	}
+	conns, err := poolSize(cfg, serving)
 	if err != nil {
 		return err
 	}
@@ -171,7 +175,7 @@ func withDB(ctx context.Context, getenv func(string) string, migrate bool, fn fu
 	if err != nil {
 		return fmt.Errorf("ORCH_DATABASE_URL: %w", err)
 	}
-	pcfg.MaxConns = 40
+	pcfg.MaxConns = int32(conns)
 	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
 	if err != nil {
 		return fmt.Errorf("connect to postgres: %w", err)
@@ -192,32 +196,12 @@ func withDB(ctx context.Context, getenv func(string) string, migrate bool, fn fu
 		log.Warn("postgres not reachable yet; retrying", "error", redactURL(err.Error(), cfg.DatabaseURL))
 		time.Sleep(time.Second)
 	}
-	if migrate {
-		if err := untilReachable(ctx, log, "migrate", func() error { return schema.MigrateUp(ctx, pool, log) }); err != nil {
+	if serving != nil {
+		if err := server.UntilReachable(ctx, log, "migrate", func() error { return schema.MigrateUp(ctx, pool, log) }); err != nil {
 			return err
 		}
 	}
 	return fn(cfg, pool, log)
-}
-
-// untilReachable runs a start-up step again while Postgres cannot be
-// reached (a restart or failover under a booting process), for up to a
-// minute, so a process started at the wrong moment comes up instead of
-// exiting.
-func untilReachable(ctx context.Context, log *slog.Logger, what string, step func() error) error {
-	deadline := time.Now().Add(time.Minute)
-	for {
-		err := step()
-		if err == nil || !schema.Unreachable(err) || time.Now().After(deadline) || ctx.Err() != nil {
-			return err
-		}
-		log.Warn("postgres not reachable during start-up; retrying", "step", what, "error", err)
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(time.Second):
-		}
-	}
 }
 
 // redactURL keeps a database password out of error text.

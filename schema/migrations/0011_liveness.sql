@@ -18,6 +18,16 @@ CREATE TABLE worker_sessions (
     running    bigint[] NOT NULL DEFAULT '{}'
 );
 
+-- worker_session_locked reports whether a session's advisory lock is held
+-- (on this database): the lock goes with its connection, so a free lock
+-- means the process is gone or lost its connection. 1869767543 is "orcw".
+CREATE FUNCTION worker_session_locked(lock_key integer) RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.granted
+          AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+          AND l.classid = 1869767543::oid AND l.objid = lock_key::oid AND l.objsubid = 2)
+$$;
+
 -- The engine lease names the attempt that holds it, not only the job: a
 -- retry of the same job is a different attempt and waits for (or, when its
 -- worker died, replaces) the one before. lease_owner is the worker session.
