@@ -31,6 +31,11 @@ const (
 	ActionReconcile          Action = "reconcile"
 	ActionPlatformKeyRotated Action = "platform_key_rotated"
 	ActionMasterKeyRotated   Action = "master_key_rotated"
+	// ActionAdminRequest records an admin's request made in the operator
+	// console (actor "admin", metadata via, operator, request and the
+	// operation it started or the code it was refused with). The
+	// operation's own row (restart, backup…) records the outcome.
+	ActionAdminRequest Action = "admin_request"
 )
 
 // Actors other than a product slug.

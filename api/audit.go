@@ -104,7 +104,7 @@ func init() {
 		orch.ActionHealthCheck, orch.ActionHealthFailed, orch.ActionAutoRestartStart, orch.ActionAutoRestartSuccess,
 		orch.ActionAutoRestartFailed, orch.ActionAutoRestartGaveUp, orch.ActionPolicyRegister, orch.ActionPolicyUpdate,
 		orch.ActionAdmitDenied, orch.ActionBackup, orch.ActionRestore, orch.ActionReconcile, orch.ActionPlatformKeyRotated,
-		orch.ActionMasterKeyRotated} {
+		orch.ActionMasterKeyRotated, orch.ActionAdminRequest} {
 		knownActions[a] = true
 	}
 }

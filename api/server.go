@@ -91,6 +91,7 @@ func New(cfg Config, core *lifecycle.Core, pool *pgxpool.Pool, rc *river.Client[
 	s.api.UseMiddleware(s.authMiddleware, s.validateUserPath) // key first: no key, no hints
 	s.register()
 	s.mountAdminUI()
+	s.mountConsole() // the operator console at /console (console.go)
 	fixResponses(s.api.OpenAPI())
 	// Anything huma does not route gets the envelope too: 405 when the
 	// path exists under other methods, else 404.
