@@ -144,13 +144,16 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	if o.probeTimeout == 0 {
 		o.probeTimeout = 2 * time.Second
 	}
-	w := workers.New(workers.Config{Metrics: o.metrics, BackupDir: f.Backups, AuditExportDir: f.Exports, AuditRetention: 30 * 24 * time.Hour,
-		AuditExportSettle: 50 * time.Millisecond, Node: f.Node, DefaultImage: f.Image, BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout,
-		EnvPassthrough: o.engineEnv, KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, OrphanGrace: o.orphanGrace,
-		PortMin: f.PortMin, PortMax: f.PortMax,
-		HealthInterval: o.healthInterval, HealthMaxFailures: o.maxFailures, RestartBackoffBase: o.backoffBase,
-		RestartBackoffMax: o.backoffMax, RestartMaxAttempts: o.maxAttempts, IdleAfter: o.idleAfter, SleepMode: o.sleepMode},
-		f.Pool, f.Backend, f.Keyring, log)
+	w := workers.New(workers.Config{Node: f.Node, Metrics: o.metrics,
+		Engines: workers.EngineConfig{BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout, EnvPassthrough: o.engineEnv,
+			KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, PortMin: f.PortMin, PortMax: f.PortMax},
+		Health: workers.HealthConfig{Interval: o.healthInterval, MaxFailures: o.maxFailures, RestartBackoffBase: o.backoffBase,
+			RestartBackoffMax: o.backoffMax, RestartMaxAttempts: o.maxAttempts},
+		Idle:      workers.IdleConfig{After: o.idleAfter, Mode: o.sleepMode},
+		Backups:   workers.BackupConfig{Dir: f.Backups},
+		Audit:     workers.AuditConfig{ExportDir: f.Exports, Retention: 30 * 24 * time.Hour, ExportSettle: 50 * time.Millisecond},
+		Reconcile: workers.ReconcileConfig{OrphanGrace: o.orphanGrace}},
+		f.Pool, f.Backend, log)
 	f.Workers = w
 	f.River, err = river.NewClient(riverpgxv5.New(f.Pool), w.RiverConfig(log))
 	require.NoError(t, err)

@@ -41,6 +41,20 @@ import (
 // the row ids read back from verified files are deleted. A row no
 // verified export holds is never purged.
 
+// AuditConfig configures audit exports and the retention purge (SPEC §10).
+type AuditConfig struct {
+	ExportDir    string        // ORCH_AUDIT_EXPORT_DIR ("" = exports refused)
+	Retention    time.Duration // ORCH_AUDIT_RETENTION_DAYS (0 = keep forever)
+	ExportSettle time.Duration // an export runs this long after its range ends (10 s)
+}
+
+func (c AuditConfig) withDefaults() AuditConfig {
+	if c.ExportSettle <= 0 {
+		c.ExportSettle = 10 * time.Second
+	}
+	return c
+}
+
 type auditExportWorker struct {
 	river.WorkerDefaults[jobs.AuditExport]
 	w *Workers
@@ -69,7 +83,7 @@ func (x *auditExportWorker) Work(ctx context.Context, j *river.Job[jobs.AuditExp
 		}
 	} else {
 		tick := j.Args.Tick.UTC()
-		if wait := time.Until(tick.Add(w.cfg.AuditExportSettle)); wait > 0 {
+		if wait := time.Until(tick.Add(w.cfg.Audit.ExportSettle)); wait > 0 {
 			return river.JobSnooze(wait)
 		}
 		var ok bool
@@ -81,7 +95,7 @@ func (x *auditExportWorker) Work(ctx context.Context, j *river.Job[jobs.AuditExp
 	if ex.Status == orch.OpSucceeded {
 		return w.purgeAfter(ctx, j.Args.ExportID == "")
 	}
-	if wait := time.Until(ex.To.Add(w.cfg.AuditExportSettle)); wait > 0 {
+	if wait := time.Until(ex.To.Add(w.cfg.Audit.ExportSettle)); wait > 0 {
 		return river.JobSnooze(wait)
 	}
 	if err := q.SetExportStatus(ctx, ex.ID, orch.OpRunning, ""); err != nil {
@@ -104,7 +118,7 @@ func (x *auditExportWorker) Work(ctx context.Context, j *river.Job[jobs.AuditExp
 
 // purgeAfter runs the retention purge after a scheduled export.
 func (w *Workers) purgeAfter(ctx context.Context, scheduled bool) error {
-	if !scheduled || w.cfg.AuditRetention <= 0 {
+	if !scheduled || w.cfg.Audit.Retention <= 0 {
 		return nil
 	}
 	n, err := w.PurgeAudit(ctx)
@@ -169,10 +183,10 @@ func (w *Workers) scheduledExport(ctx context.Context, tick time.Time) (schema.A
 // EXPORT_NOT_FOUND.
 func (w *Workers) WriteAuditExport(ctx context.Context, id string) (schema.AuditExport, error) {
 	var out schema.AuditExport
-	if w.cfg.AuditExportDir == "" {
+	if w.cfg.Audit.ExportDir == "" {
 		return out, errors.New("ORCH_AUDIT_EXPORT_DIR is not set")
 	}
-	if err := os.MkdirAll(w.cfg.AuditExportDir, 0o700); err != nil {
+	if err := os.MkdirAll(w.cfg.Audit.ExportDir, 0o700); err != nil {
 		return out, fmt.Errorf("create audit export directory: %w", err)
 	}
 	err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
@@ -220,7 +234,7 @@ func (w *Workers) WriteAuditExport(ctx context.Context, id string) (schema.Audit
 // A crashed earlier attempt at the same seq is simply replaced (it was
 // never recorded, so nothing refers to it).
 func (w *Workers) writeExportFiles(ctx context.Context, q *schema.Queries, ex schema.AuditExport, seq int64, prev string) (auditlog.Manifest, error) {
-	dir := w.cfg.AuditExportDir
+	dir := w.cfg.Audit.ExportDir
 	m := auditlog.Manifest{Seq: seq, ExportID: ex.ID, File: auditlog.FileName(seq, ex.From, ex.To),
 		From: ex.From.UTC(), To: ex.To.UTC(), ProductID: ex.ProductID, PrevSHA256: prev, CreatedAt: time.Now().UTC()}
 	tmp, err := os.CreateTemp(dir, ".tmp-"+m.File+"-*")
@@ -261,10 +275,10 @@ func (w *Workers) writeExportFiles(ctx context.Context, q *schema.Queries, ex sc
 // many. Nothing is deleted when the chain on disk does not verify, or an
 // export's file is not the one recorded in Postgres.
 func (w *Workers) PurgeAudit(ctx context.Context) (int64, error) {
-	if w.cfg.AuditRetention <= 0 {
+	if w.cfg.Audit.Retention <= 0 {
 		return 0, nil
 	}
-	cutoff := time.Now().Add(-w.cfg.AuditRetention)
+	cutoff := time.Now().Add(-w.cfg.Audit.Retention)
 	q := schema.New(w.pool)
 	cands, err := q.PurgeCandidates(ctx, cutoff)
 	if err != nil || len(cands) == 0 {
@@ -278,7 +292,7 @@ func (w *Workers) PurgeAudit(ctx context.Context) (int64, error) {
 	}
 	ids := map[int64][]int64{}
 	var mismatch error
-	_, err = auditlog.Verify(w.cfg.AuditExportDir, auditlog.VerifyOptions{Through: through, OnRow: func(m auditlog.Manifest, r auditlog.Row) error {
+	_, err = auditlog.Verify(w.cfg.Audit.ExportDir, auditlog.VerifyOptions{Through: through, OnRow: func(m auditlog.Manifest, r auditlog.Row) error {
 		c, ok := bySeq[m.Seq]
 		if !ok {
 			return nil

@@ -72,17 +72,21 @@ func (w *Workers) registerBackups(ws *river.Workers) {
 	river.AddWorker(ws, &auditExportWorker{w: w})
 }
 
-func backupDefaults(cfg Config) Config {
-	if cfg.BackupRetention <= 0 {
-		cfg.BackupRetention = 7 * 24 * time.Hour
+// BackupConfig configures brain backups and restores (SPEC §11).
+type BackupConfig struct {
+	Dir         string        // ORCH_BACKUP_DIR ("" = backups refused)
+	Retention   time.Duration // ORCH_BACKUP_RETENTION_DAYS (7 days)
+	Concurrency int           // backups at once per worker process (2)
+}
+
+func (c BackupConfig) withDefaults() BackupConfig {
+	if c.Retention <= 0 {
+		c.Retention = 7 * 24 * time.Hour
 	}
-	if cfg.BackupConcurrency <= 0 {
-		cfg.BackupConcurrency = 2
+	if c.Concurrency <= 0 {
+		c.Concurrency = 2
 	}
-	if cfg.AuditExportSettle <= 0 {
-		cfg.AuditExportSettle = 10 * time.Second
-	}
-	return cfg
+	return c
 }
 
 // BackupFile is a backup written to disk, not yet recorded.
@@ -219,7 +223,7 @@ func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) erro
 		return nil
 	})
 	if err != nil {
-		os.Remove(filepath.Join(w.cfg.BackupDir, f.Path)) //nolint:errcheck // unrecorded: never leave it behind
+		os.Remove(filepath.Join(w.cfg.Backups.Dir, f.Path)) //nolint:errcheck // unrecorded: never leave it behind
 		if errors.Is(err, schema.ErrBackupExists) {
 			w.logJob(j.Kind, e.ID, j.Attempt, start, "duplicate", nil)
 			return nil
@@ -239,11 +243,11 @@ func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) erro
 func (w *Workers) WriteBackup(ctx context.Context, e orch.Engine, backupID string) (BackupFile, error) {
 	start := time.Now()
 	var f BackupFile
-	if w.cfg.BackupDir == "" {
+	if w.cfg.Backups.Dir == "" {
 		return f, errors.New("ORCH_BACKUP_DIR is not set")
 	}
 	rel := filepath.Join(e.ProductID, e.UserID)
-	dir := filepath.Join(w.cfg.BackupDir, rel)
+	dir := filepath.Join(w.cfg.Backups.Dir, rel)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return f, fmt.Errorf("create backup directory: %w", err)
 	}
@@ -448,11 +452,11 @@ func (w *Workers) EnqueueBackups(ctx context.Context, rc *river.Client[pgx.Tx], 
 // next sweep, never a row without its file). It also removes stray files:
 // unrecorded backups and temporary files older than an hour.
 func (w *Workers) PruneBackups(ctx context.Context) (pruned, strays int, err error) {
-	if w.cfg.BackupDir == "" {
+	if w.cfg.Backups.Dir == "" {
 		return 0, 0, nil
 	}
 	q := schema.New(w.pool)
-	cutoff := time.Now().Add(-w.cfg.BackupRetention)
+	cutoff := time.Now().Add(-w.cfg.Backups.Retention)
 	for {
 		bs, err := q.ExpiredBackups(ctx, cutoff, 500)
 		if err != nil {
@@ -472,7 +476,7 @@ func (w *Workers) PruneBackups(ctx context.Context) (pruned, strays int, err err
 				return pruned, strays, err
 			}
 			w.log.Info("backup pruned", "backup_id", b.ID, "engine_id", b.EngineID, "path", b.Path)
-			if err := os.Remove(filepath.Join(w.cfg.BackupDir, b.Path)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			if err := os.Remove(filepath.Join(w.cfg.Backups.Dir, b.Path)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				w.log.Warn("remove pruned backup", "backup_id", b.ID, "error", err)
 			}
 			pruned++
@@ -491,7 +495,7 @@ func (w *Workers) PruneBackups(ctx context.Context) (pruned, strays int, err err
 func (w *Workers) removeStrays(ctx context.Context) (int, error) {
 	old := time.Now().Add(-strayAge)
 	var candidates []string
-	err := filepath.WalkDir(w.cfg.BackupDir, func(p string, d fs.DirEntry, err error) error {
+	err := filepath.WalkDir(w.cfg.Backups.Dir, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			if errors.Is(err, fs.ErrNotExist) {
 				return nil
@@ -505,7 +509,7 @@ func (w *Workers) removeStrays(ctx context.Context) (int, error) {
 		if err != nil || info.ModTime().After(old) {
 			return nil
 		}
-		rel, err := filepath.Rel(w.cfg.BackupDir, p)
+		rel, err := filepath.Rel(w.cfg.Backups.Dir, p)
 		if err != nil {
 			return nil
 		}
@@ -539,7 +543,7 @@ func (w *Workers) removeStrays(ctx context.Context) (int, error) {
 			return n, err
 		}
 		for _, p := range batch {
-			if !known[p] && os.Remove(filepath.Join(w.cfg.BackupDir, p)) == nil {
+			if !known[p] && os.Remove(filepath.Join(w.cfg.Backups.Dir, p)) == nil {
 				w.log.Warn("removed unrecorded backup file", "path", p)
 				n++
 			}

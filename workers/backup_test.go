@@ -101,7 +101,8 @@ func newRig(t *testing.T, memories int) *rig {
 	sb, err := subprocess.New(subprocess.Config{DataRoot: t.TempDir(), EngineBinary: testenv.EngineBinary(t), Node: node}, testenv.Quiet())
 	require.NoError(t, err)
 	r.sb, r.be = sb, &cutBackend{Backend: sb, after: 16 << 10}
-	r.w = New(Config{Node: node, BootTimeout: 20 * time.Second, StopGrace: 2 * time.Second, BackupDir: r.dir}, r.pool, r.be, nil, testenv.Quiet())
+	r.w = New(Config{Node: node, Engines: EngineConfig{BootTimeout: 20 * time.Second, StopGrace: 2 * time.Second},
+		Backups: BackupConfig{Dir: r.dir}}, r.pool, r.be, testenv.Quiet())
 	r.q = schema.New(r.pool)
 	r.p, err = r.q.InsertProduct(ctx, "acme", "acme", orch.Policy{}, keys.Hash(keys.Generate()))
 	require.NoError(t, err)

@@ -114,7 +114,7 @@ type runtimeEventWorker struct {
 }
 
 func (r *runtimeEventWorker) Timeout(*river.Job[jobs.RuntimeEvent]) time.Duration {
-	return r.w.cfg.BootTimeout + 2*r.w.cfg.ProbeTimeout + 30*time.Second
+	return r.w.cfg.Engines.BootTimeout + 2*r.w.cfg.Engines.ProbeTimeout + 30*time.Second
 }
 
 func (r *runtimeEventWorker) Work(ctx context.Context, j *river.Job[jobs.RuntimeEvent]) error {
@@ -162,12 +162,12 @@ func (w *Workers) CheckCrash(ctx context.Context, rc *river.Client[pgx.Tx], ev j
 	meta := map[string]any{"reason": "crash", "event": ev.Event, "exit_code": ev.ExitCode,
 		"oom": info.OOMKilled || ev.Event == "oom", "runtime_state": string(info.State),
 		"detected_ms": time.Since(ev.At).Milliseconds(), "picked_ms": picked.Milliseconds()}
-	pctx, cancel := context.WithTimeout(ctx, w.cfg.ProbeTimeout)
+	pctx, cancel := context.WithTimeout(ctx, w.cfg.Engines.ProbeTimeout)
 	perr := Probe(pctx, w.http, w.probeURL(e))
 	cancel()
 	if perr != nil && info.State == orch.RuntimeRunning {
 		// Restarted by the runtime's policy: give it its boot time.
-		perr = w.waitHealthy(ctx, e, time.Now().Add(w.cfg.BootTimeout))
+		perr = w.waitHealthy(ctx, e, time.Now().Add(w.cfg.Engines.BootTimeout))
 	}
 	if perr == nil {
 		meta["ok"] = true

@@ -18,33 +18,55 @@ type fleetState struct {
 	probes chan struct{} // at most ProbeConcurrency probes at once in this process
 }
 
-func newFleetState(cfg Config) fleetState {
+func newFleetState(cfg HealthConfig) fleetState {
 	return fleetState{probes: make(chan struct{}, cfg.ProbeConcurrency)}
 }
 
-// fleetDefaults fills the zero fleet settings with SPEC §6/§7 defaults.
+// HealthConfig configures health sweeps and auto-restart (SPEC §6).
+type HealthConfig struct {
+	Interval           time.Duration // sweep period (30 s); paces the sampled health_check rows
+	MaxFailures        int           // consecutive failed probes before failed (3)
+	BatchSize          int           // engines per health_sweep_batch job (100)
+	ProbeConcurrency   int           // probes at once per worker process (50)
+	AuditEvery         time.Duration // one sampled health_check row per engine per this (1 h)
+	RestartBackoffBase time.Duration // first auto-restart delay; doubles per attempt (0 = at once)
+	RestartBackoffMax  time.Duration // backoff cap (0 = no cap)
+	RestartMaxAttempts int           // auto-restart attempts before giving up (0 = no auto-restart)
+}
+
+// withDefaults fills the zero health settings with SPEC §6 defaults.
 // Zero restart settings keep their meaning (no delay, no cap, no
 // auto-restart), so cmd passes them explicitly.
-func fleetDefaults(cfg Config) Config {
-	if cfg.HealthInterval <= 0 {
-		cfg.HealthInterval = 30 * time.Second
+func (c HealthConfig) withDefaults() HealthConfig {
+	if c.Interval <= 0 {
+		c.Interval = 30 * time.Second
 	}
-	if cfg.HealthMaxFailures <= 0 {
-		cfg.HealthMaxFailures = 3
+	if c.MaxFailures <= 0 {
+		c.MaxFailures = 3
 	}
-	if cfg.HealthBatchSize <= 0 {
-		cfg.HealthBatchSize = 100
+	if c.BatchSize <= 0 {
+		c.BatchSize = 100
 	}
-	if cfg.ProbeConcurrency <= 0 {
-		cfg.ProbeConcurrency = 50
+	if c.ProbeConcurrency <= 0 {
+		c.ProbeConcurrency = 50
 	}
-	if cfg.HealthAuditEvery <= 0 {
-		cfg.HealthAuditEvery = time.Hour
+	if c.AuditEvery <= 0 {
+		c.AuditEvery = time.Hour
 	}
-	if cfg.SleepMode == "" {
-		cfg.SleepMode = SleepMark
+	return c
+}
+
+// IdleConfig configures idle sleep (SPEC §7).
+type IdleConfig struct {
+	After time.Duration // idle time before sleep (0 = never)
+	Mode  string        // SleepMark (default) or SleepStop
+}
+
+func (c IdleConfig) withDefaults() IdleConfig {
+	if c.Mode == "" {
+		c.Mode = SleepMark
 	}
-	return cfg
+	return c
 }
 
 // Sleep modes (ORCH_SLEEP_MODE).

@@ -33,7 +33,7 @@ func TestBackoff(t *testing.T) {
 // Each engine gets exactly one sampled health_check per audit window.
 func TestHealthCheckSampling(t *testing.T) {
 	t.Parallel()
-	w := &Workers{cfg: fleetDefaults(Config{HealthInterval: 30 * time.Second})}
+	w := &Workers{cfg: Config{Health: HealthConfig{Interval: 30 * time.Second}.withDefaults()}}
 	start := time.Date(2026, 3, 1, 10, 0, 0, 0, time.UTC)
 	perEngine := map[string]int{}
 	perSweep := map[int]int{}
@@ -53,6 +53,6 @@ func TestHealthCheckSampling(t *testing.T) {
 	for i, n := range perSweep {
 		require.Less(t, n, 30, "sweep %d wrote %d rows: samples are spread", i, n)
 	}
-	every := &Workers{cfg: fleetDefaults(Config{HealthInterval: 2 * time.Hour})}
+	every := &Workers{cfg: Config{Health: HealthConfig{Interval: 2 * time.Hour}.withDefaults()}}
 	require.True(t, every.sampled("x", start), "intervals beyond the window sample every sweep")
 }

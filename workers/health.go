@@ -78,7 +78,7 @@ func (w *Workers) fanOutSweep(ctx context.Context, rc *river.Client[pgx.Tx], a j
 	for i := 0; i < len(list); {
 		node := list[i].Node
 		b := jobs.HealthSweepBatch{Tick: tick, Node: node}
-		for ; i < len(list) && list[i].Node == node && len(b.EngineIDs) < w.cfg.HealthBatchSize; i++ {
+		for ; i < len(list) && list[i].Node == node && len(b.EngineIDs) < w.cfg.Health.BatchSize; i++ {
 			b.EngineIDs = append(b.EngineIDs, list[i].ID)
 		}
 		params = append(params, river.InsertManyParams{Args: b})
@@ -105,9 +105,9 @@ func (w *Workers) SweepNow(ctx context.Context, rc *river.Client[pgx.Tx], node s
 	}
 	var total BatchResult
 	tick := time.Now()
-	for i := 0; i < len(list); i += w.cfg.HealthBatchSize {
+	for i := 0; i < len(list); i += w.cfg.Health.BatchSize {
 		b := jobs.HealthSweepBatch{Tick: tick, Node: node}
-		for _, ne := range list[i:min(i+w.cfg.HealthBatchSize, len(list))] {
+		for _, ne := range list[i:min(i+w.cfg.Health.BatchSize, len(list))] {
 			b.EngineIDs = append(b.EngineIDs, ne.ID)
 		}
 		res, err := w.SweepBatch(ctx, rc, b)
@@ -130,8 +130,8 @@ type healthBatchWorker struct {
 // Timeout leaves room for every probe of the batch to time out while
 // waiting for a probe slot behind other batches.
 func (h *healthBatchWorker) Timeout(j *river.Job[jobs.HealthSweepBatch]) time.Duration {
-	rounds := (len(j.Args.EngineIDs) + h.w.cfg.ProbeConcurrency - 1) / h.w.cfg.ProbeConcurrency
-	return time.Duration(2*rounds+2)*h.w.cfg.ProbeTimeout + time.Minute
+	rounds := (len(j.Args.EngineIDs) + h.w.cfg.Health.ProbeConcurrency - 1) / h.w.cfg.Health.ProbeConcurrency
+	return time.Duration(2*rounds+2)*h.w.cfg.Engines.ProbeTimeout + time.Minute
 }
 
 func (h *healthBatchWorker) Work(ctx context.Context, j *river.Job[jobs.HealthSweepBatch]) error {
@@ -218,7 +218,7 @@ func (w *Workers) SweepBatch(ctx context.Context, rc *river.Client[pgx.Tx], b jo
 			audits = append(audits, orch.AuditEntry{ProductID: r.e.ProductID, UserID: r.e.UserID, EngineID: r.e.ID,
 				Action: orch.ActionHealthCheck, Actor: orch.ActorSystem, DurationMS: ptr(r.dur.Milliseconds()),
 				Metadata: map[string]any{"ok": false, "error": publicError(r.err), "failures": c.Failures,
-					"max_failures": w.cfg.HealthMaxFailures}})
+					"max_failures": w.cfg.Health.MaxFailures}})
 		}
 		return q.InsertAudits(ctx, audits)
 	})
@@ -226,10 +226,10 @@ func (w *Workers) SweepBatch(ctx context.Context, rc *river.Client[pgx.Tx], b jo
 		return res, err
 	}
 	for _, c := range counts {
-		if c.Failures < w.cfg.HealthMaxFailures {
+		if c.Failures < w.cfg.Health.MaxFailures {
 			continue
 		}
-		ok, err := w.failEngine(ctx, rc, c.ID, w.cfg.HealthMaxFailures, map[string]any{
+		ok, err := w.failEngine(ctx, rc, c.ID, w.cfg.Health.MaxFailures, map[string]any{
 			"reason": "health", "failures": c.Failures, "error": publicError(errs[c.ID])}, errs[c.ID])
 		if err != nil {
 			w.log.Warn("mark engine failed", "engine_id", c.ID, "error", err)
@@ -268,11 +268,11 @@ func (w *Workers) probeAll(ctx context.Context, targets []orch.Engine) []probeRe
 // probe checks one engine's /health within ProbeTimeout.
 func (w *Workers) probe(ctx context.Context, e orch.Engine) probeResult {
 	start := time.Now()
-	pctx, cancel := context.WithTimeout(ctx, w.cfg.ProbeTimeout)
+	pctx, cancel := context.WithTimeout(ctx, w.cfg.Engines.ProbeTimeout)
 	defer cancel()
 	err := Probe(pctx, w.http, w.probeURL(e))
 	if err != nil && errors.Is(pctx.Err(), context.DeadlineExceeded) && ctx.Err() == nil {
-		err = errors.New("probe: timed out after " + w.cfg.ProbeTimeout.String())
+		err = errors.New("probe: timed out after " + w.cfg.Engines.ProbeTimeout.String())
 	}
 	return probeResult{e: e, err: err, dur: time.Since(start)}
 }
@@ -282,14 +282,14 @@ func (w *Workers) probe(ctx context.Context, e orch.Engine) probeResult {
 // HealthAuditEvery window (N = window / interval), picked by a hash of
 // its id, so rows are spread evenly over the window and no state is read.
 func (w *Workers) sampled(id string, tick time.Time) bool {
-	n := int64(w.cfg.HealthAuditEvery / w.cfg.HealthInterval)
+	n := int64(w.cfg.Health.AuditEvery / w.cfg.Health.Interval)
 	if n <= 1 {
 		return true
 	}
 	h := fnv.New32a()
 	h.Write([]byte(id)) //nolint:errcheck
 	slot := int64(h.Sum32()) % n
-	return (tick.UnixNano()/int64(w.cfg.HealthInterval))%n == slot
+	return (tick.UnixNano()/int64(w.cfg.Health.Interval))%n == slot
 }
 
 // failEngine makes a running, quiet engine failed (audit health_failed
@@ -324,12 +324,12 @@ func (w *Workers) failEngine(ctx context.Context, rc *river.Client[pgx.Tx], engi
 		if err != nil {
 			return err
 		}
-		meta["restart_max_attempts"] = w.cfg.RestartMaxAttempts
+		meta["restart_max_attempts"] = w.cfg.Health.RestartMaxAttempts
 		if err := q.InsertAudit(ctx, orch.AuditEntry{ProductID: cur.ProductID, UserID: cur.UserID, EngineID: cur.ID,
 			Action: orch.ActionHealthFailed, Actor: orch.ActorSystem, Metadata: meta}); err != nil {
 			return err
 		}
-		if w.cfg.RestartMaxAttempts > 0 {
+		if w.cfg.Health.RestartMaxAttempts > 0 {
 			if err := w.scheduleAutoRestart(ctx, q, tx, rc, cur, 1); err != nil {
 				return err
 			}
@@ -353,12 +353,12 @@ func (w *Workers) scheduleAutoRestart(ctx context.Context, q *schema.Queries, tx
 		return errors.New("schedule auto-restart: no river client")
 	}
 	var opts *river.InsertOpts
-	delay := Backoff(w.cfg.RestartBackoffBase, w.cfg.RestartBackoffMax, attempt)
+	delay := Backoff(w.cfg.Health.RestartBackoffBase, w.cfg.Health.RestartBackoffMax, attempt)
 	if delay > 0 {
 		opts = &river.InsertOpts{ScheduledAt: time.Now().Add(delay)}
 	}
 	op := orch.Operation{ID: uuid.NewString(), ProductID: e.ProductID, EngineID: e.ID, UserID: e.UserID,
-		Kind: orch.OpRestart, Actor: orch.ActorSystem, Status: orch.OpPending, Deadline: lifecycle.Deadline(opts, w.cfg.BootTimeout)}
+		Kind: orch.OpRestart, Actor: orch.ActorSystem, Status: orch.OpPending, Deadline: lifecycle.Deadline(opts, w.cfg.Engines.BootTimeout)}
 	err := lifecycle.Enqueue(ctx, tx, rc, op, schema.OpPayload{},
 		jobs.Restart{Lifecycle: jobs.Lifecycle{EngineID: e.ID, OperationID: op.ID, Node: e.Node}, Auto: true, Attempt: attempt}, opts)
 	if err != nil {

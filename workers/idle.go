@@ -46,7 +46,7 @@ func (s *idleSweepWorker) Timeout(*river.Job[jobs.IdleSweep]) time.Duration { re
 func (s *idleSweepWorker) Work(ctx context.Context, j *river.Job[jobs.IdleSweep]) error {
 	start := time.Now()
 	n, err := s.w.SweepIdle(ctx, river.ClientFromContext[pgx.Tx](ctx))
-	attrs := []any{"job_kind", j.Kind, "slept", n, "mode", s.w.cfg.SleepMode, "duration_ms", time.Since(start).Milliseconds()}
+	attrs := []any{"job_kind", j.Kind, "slept", n, "mode", s.w.cfg.Idle.Mode, "duration_ms", time.Since(start).Milliseconds()}
 	if err != nil {
 		s.w.log.Warn("job", append(attrs, "error", err.Error())...)
 		return err
@@ -59,10 +59,10 @@ func (s *idleSweepWorker) Work(ctx context.Context, j *river.Job[jobs.IdleSweep]
 // enqueues its sleep) and returns how many it handled. rc enqueues the
 // stop-mode jobs.
 func (w *Workers) SweepIdle(ctx context.Context, rc *river.Client[pgx.Tx]) (int, error) {
-	if w.cfg.IdleAfter <= 0 {
+	if w.cfg.Idle.After <= 0 {
 		return 0, nil
 	}
-	before := time.Now().Add(-w.cfg.IdleAfter)
+	before := time.Now().Add(-w.cfg.Idle.After)
 	total := 0
 	for round := 0; round < 1000; round++ {
 		es, err := schema.New(w.pool).IdleEngines(ctx, before, idleBatch)
@@ -70,7 +70,7 @@ func (w *Workers) SweepIdle(ctx context.Context, rc *river.Client[pgx.Tx]) (int,
 			return total, err
 		}
 		var n int
-		if w.cfg.SleepMode == SleepStop {
+		if w.cfg.Idle.Mode == SleepStop {
 			n, err = w.sleepStop(ctx, rc, es, before)
 		} else {
 			n, err = w.sleepMark(ctx, es, before)
@@ -130,7 +130,7 @@ func (w *Workers) sleepStop(ctx context.Context, rc *river.Client[pgx.Tx], es []
 				return err
 			}
 			op := orch.Operation{ID: uuid.NewString(), ProductID: cur.ProductID, EngineID: cur.ID, UserID: cur.UserID,
-				Kind: orch.OpStop, Actor: orch.ActorSystem, Status: orch.OpPending, Deadline: lifecycle.Deadline(nil, w.cfg.BootTimeout)}
+				Kind: orch.OpStop, Actor: orch.ActorSystem, Status: orch.OpPending, Deadline: lifecycle.Deadline(nil, w.cfg.Engines.BootTimeout)}
 			err = lifecycle.Enqueue(ctx, tx, rc, op, schema.OpPayload{},
 				jobs.Stop{Lifecycle: jobs.Lifecycle{EngineID: cur.ID, OperationID: op.ID, Node: cur.Node}, Sleep: true}, nil)
 			if orch.IsCode(err, orch.CodeOperationInProgress) {

@@ -305,7 +305,7 @@ type stopWorker struct{ lifecycleWorker[jobs.Stop] }
 func (s *stopWorker) Work(ctx context.Context, j *river.Job[jobs.Stop]) error {
 	return s.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		start := time.Now()
-		if err := s.w.backend.Stop(ctx, e.ID, s.w.cfg.StopGrace); err != nil {
+		if err := s.w.backend.Stop(ctx, e.ID, s.w.cfg.Engines.StopGrace); err != nil {
 			return outcome{err: backendErr("stop engine", err), action: orch.ActionStop}
 		}
 		if j.Args.Sleep {
@@ -325,7 +325,7 @@ func (r *restartWorker) Work(ctx context.Context, j *river.Job[jobs.Restart]) er
 	}
 	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		start := time.Now()
-		if err := r.w.backend.Stop(ctx, e.ID, r.w.cfg.StopGrace); err != nil {
+		if err := r.w.backend.Stop(ctx, e.ID, r.w.cfg.Engines.StopGrace); err != nil {
 			return outcome{err: backendErr("stop engine", err), action: orch.ActionRestart}
 		}
 		d, err := r.w.bootAndWait(ctx, e, r.w.currentSpec(e))
@@ -344,9 +344,9 @@ type rotateKeyWorker struct {
 // row takes the new key only once the engine is healthy with it.
 func (r *rotateKeyWorker) Work(ctx context.Context, j *river.Job[jobs.RotateKey]) error {
 	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
-		expires := time.Now().Add(r.w.cfg.KeyOverlap).Truncate(time.Second)
+		expires := time.Now().Add(r.w.cfg.Engines.KeyOverlap).Truncate(time.Second)
 		prev := e.KeyHash
-		if r.w.cfg.KeyOverlap <= 0 {
+		if r.w.cfg.Engines.KeyOverlap <= 0 {
 			prev = ""
 		}
 		spec := r.w.spec(e, e.EngineVersion, p.KeyHash, prev, &expires)

@@ -36,7 +36,7 @@ func (w *Workers) startMovingPort(ctx context.Context, e orch.Engine, spec orch.
 		if err == nil {
 			return e, spec, nil
 		}
-		if !errors.Is(err, orch.ErrPortUnavailable) || moves == maxPortMoves || w.cfg.PortMax == 0 {
+		if !errors.Is(err, orch.ErrPortUnavailable) || moves == maxPortMoves || w.cfg.Engines.PortMax == 0 {
 			return e, spec, backendErr("start engine", err)
 		}
 		to, merr := w.movePort(ctx, e, spec.HostPort, err)
@@ -75,10 +75,10 @@ func (w *Workers) movePort(ctx context.Context, e orch.Engine, port int, cause e
 			return nil
 		}
 		if err := q.BlockPort(ctx, schema.PortBlock{Node: e.Node, Port: port, Reason: cause.Error(),
-			Until: time.Now().Add(w.cfg.PortBlockTTL)}); err != nil {
+			Until: time.Now().Add(w.cfg.Engines.PortBlockTTL)}); err != nil {
 			return err
 		}
-		if to, err = q.FreePort(ctx, e.Node, w.cfg.PortMin, w.cfg.PortMax); err != nil {
+		if to, err = q.FreePort(ctx, e.Node, w.cfg.Engines.PortMin, w.cfg.Engines.PortMax); err != nil {
 			return err
 		}
 		if err := q.MoveEnginePort(ctx, e.ID, to); err != nil {
@@ -93,7 +93,7 @@ func (w *Workers) movePort(ctx context.Context, e orch.Engine, port int, cause e
 	}
 	if to != port {
 		w.log.Warn("engine moved off a port the host refused", "engine_id", e.ID, "node", e.Node,
-			"from_port", port, "to_port", to, "blocked_for_s", int(w.cfg.PortBlockTTL.Seconds()), "error", cause)
+			"from_port", port, "to_port", to, "blocked_for_s", int(w.cfg.Engines.PortBlockTTL.Seconds()), "error", cause)
 	}
 	return to, nil
 }

@@ -12,6 +12,18 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
+// ReconcileConfig configures drift repair.
+type ReconcileConfig struct {
+	OrphanGrace time.Duration // an unknown labelled container is removed after this (10 min)
+}
+
+func (c ReconcileConfig) withDefaults() ReconcileConfig {
+	if c.OrphanGrace == 0 {
+		c.OrphanGrace = 10 * time.Minute
+	}
+	return c
+}
+
 // reconcileWorker repairs drift between the rows and the backend:
 //   - a labelled container of this fleet with no row, older than the grace
 //     period, is removed (a provision killed before its row committed, a
@@ -85,7 +97,7 @@ func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error
 		if _, ok := byID[rt.EngineID]; ok {
 			continue
 		}
-		if time.Since(rt.CreatedAt) < w.cfg.OrphanGrace {
+		if time.Since(rt.CreatedAt) < w.cfg.Reconcile.OrphanGrace {
 			continue
 		}
 		if rt.NoFleet {
@@ -106,7 +118,7 @@ func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error
 		audit(orch.Engine{ID: rt.EngineID, ProductID: rt.ProductID}, "orphan_container_removed", map[string]any{"name": rt.Name})
 	}
 	for _, v := range vols {
-		if _, ok := byID[v.EngineID]; !ok && time.Since(v.CreatedAt) > w.cfg.OrphanGrace {
+		if _, ok := byID[v.EngineID]; !ok && time.Since(v.CreatedAt) > w.cfg.Reconcile.OrphanGrace {
 			w.log.Warn("orphan volume kept: no engine row references it; remove it by hand once you are sure", "volume", v.Name)
 		}
 	}

@@ -37,7 +37,7 @@ import (
 
 func (w *Workers) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) error {
 	n := max(j.Args.Attempt, 1)
-	maxN := w.cfg.RestartMaxAttempts
+	maxN := w.cfg.Health.RestartMaxAttempts
 	return w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, try int, last bool) outcome {
 		meta := map[string]any{"attempt": n, "max_attempts": maxN}
 		if e.Status != orch.StateFailed {
@@ -54,7 +54,7 @@ func (w *Workers) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) e
 		}
 		start := time.Now()
 		var out outcome
-		pctx, cancel := context.WithTimeout(ctx, w.cfg.ProbeTimeout)
+		pctx, cancel := context.WithTimeout(ctx, w.cfg.Engines.ProbeTimeout)
 		perr := Probe(pctx, w.http, w.probeURL(e))
 		cancel()
 		switch {
@@ -62,7 +62,7 @@ func (w *Workers) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) e
 			meta["already_healthy"] = true
 			out = bootOutcome(orch.ActionAutoRestartSuccess, time.Since(start), nil, meta)
 		default:
-			if err := w.backend.Stop(ctx, e.ID, w.cfg.StopGrace); err != nil {
+			if err := w.backend.Stop(ctx, e.ID, w.cfg.Engines.StopGrace); err != nil {
 				out = bootOutcome(orch.ActionAutoRestartFailed, time.Since(start), backendErr("stop engine", err), meta)
 				break
 			}
@@ -100,7 +100,7 @@ func (w *Workers) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) e
 // within tx: attempt n+1 is scheduled, or after ORCH_RESTART_MAX_ATTEMPTS
 // auto_restart_gave_up is audited and the engine stays failed.
 func (w *Workers) nextAutoRestart(ctx context.Context, q *schema.Queries, tx pgx.Tx, rc *river.Client[pgx.Tx], e orch.Engine, n int, cause error) error {
-	if n >= w.cfg.RestartMaxAttempts {
+	if n >= w.cfg.Health.RestartMaxAttempts {
 		return q.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
 			Action: orch.ActionAutoRestartGaveUp, Actor: orch.ActorSystem,
 			Metadata: map[string]any{"attempts": n, "error_code": string(orch.ErrorCode(cause)), "error": errMessage(cause)}})

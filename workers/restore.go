@@ -74,7 +74,7 @@ func (w *Workers) restore(jobCtx context.Context, e orch.Engine, op orch.Operati
 		return outcome{action: orch.ActionRestore, duration: time.Since(start), meta: meta, err: err}
 	}
 	// The previous brain ought to be running again after a failure.
-	wantRunning := e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && w.cfg.SleepMode != SleepStop)
+	wantRunning := e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && w.cfg.Idle.Mode != SleepStop)
 	safety := w.safetyPath(e, op)
 	// A retry after a worker died mid-restore finds the safety copy of its
 	// first attempt: any failure from here on must put it back.
@@ -94,7 +94,7 @@ func (w *Workers) restore(jobCtx context.Context, e orch.Engine, op orch.Operati
 	meta["size_bytes"] = b.SizeBytes
 
 	// 1. Verify before touching anything.
-	file := filepath.Join(w.cfg.BackupDir, b.Path)
+	file := filepath.Join(w.cfg.Backups.Dir, b.Path)
 	if err := verifyBackupFile(file, b); err != nil {
 		if resumed {
 			return w.rollBack(jobCtx, e, safety, wantRunning, fail(err), last)
@@ -131,7 +131,7 @@ func (w *Workers) restore(jobCtx context.Context, e orch.Engine, op orch.Operati
 
 // rollbackReserve is the time a restore keeps for its rollback (copy the
 // safety copy back, boot) before the job's deadline.
-func (w *Workers) rollbackReserve() time.Duration { return w.cfg.BootTimeout + time.Minute }
+func (w *Workers) rollbackReserve() time.Duration { return w.cfg.Engines.BootTimeout + time.Minute }
 
 // rollBack puts the safety copy back as the engine's brain and brings the
 // engine back as it was (running or just created), within the job's time
@@ -191,14 +191,14 @@ func verifyBackupFile(path string, b schema.Backup) error {
 
 // safetyPath is where a restore operation keeps the engine's previous brain.
 func (w *Workers) safetyPath(e orch.Engine, op orch.Operation) string {
-	return filepath.Join(w.cfg.BackupDir, safetyDir, e.ID+"-"+op.ID+".tar")
+	return filepath.Join(w.cfg.Backups.Dir, safetyDir, e.ID+"-"+op.ID+".tar")
 }
 
 // safetyCopy stops the engine and copies its volume to path, unless a
 // complete safety copy is there from an earlier attempt.
 func (w *Workers) safetyCopy(ctx context.Context, e orch.Engine, path string) error {
 	dir := filepath.Dir(path)
-	if err := w.backend.Stop(ctx, e.ID, w.cfg.StopGrace); err != nil {
+	if err := w.backend.Stop(ctx, e.ID, w.cfg.Engines.StopGrace); err != nil {
 		return backendErr("stop engine", err)
 	}
 	if _, err := os.Stat(path); err == nil {

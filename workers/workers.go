@@ -23,46 +23,50 @@ import (
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/jobs"
-	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/metrics"
 )
 
-// Config is what the workers need; cmd/orchestrator fills it.
+// Config is what the workers need, one section per concept; cmd/orchestrator
+// fills it. Zero values take the defaults each section names.
 type Config struct {
-	Node             string
-	DefaultImage     string
-	BootTimeout      time.Duration
-	ProbeTimeout     time.Duration
-	ProbeURLTemplate string            // how a worker reaches an engine, e.g. http://127.0.0.1:{port}
+	Node        string           // this process's node: its queues, its engines ("local")
+	Concurrency int              // lifecycle jobs at once on the node's queue (50)
+	Metrics     *metrics.Metrics // job durations, lifecycle counters, boot times (nil = none)
+
+	Engines   EngineConfig    // how engines are run, booted and probed (runner.go)
+	Health    HealthConfig    // health sweeps, crash checks, auto-restart (health.go)
+	Idle      IdleConfig      // idle sleep (idle.go)
+	Backups   BackupConfig    // brain backups and restores (backup.go)
+	Audit     AuditConfig     // audit exports and purge (audit_export.go)
+	Reconcile ReconcileConfig // drift repair (reconcile.go)
+}
+
+// EngineConfig is how a worker runs, boots and reaches its engines.
+type EngineConfig struct {
+	BootTimeout      time.Duration     // boot deadline of provision, start, restart… (no default)
+	ProbeTimeout     time.Duration     // one /health probe (10 s)
+	ProbeURLTemplate string            // how a worker reaches an engine ("http://127.0.0.1:{port}")
 	EnvPassthrough   map[string]string // copied into every engine
-	KeyOverlap       time.Duration
-	StopGrace        time.Duration // SIGTERM → SIGKILL (30 s)
-	Concurrency      int
-	OrphanGrace      time.Duration // reconcile removes an unknown labelled container after this (10 min)
-	PortMin, PortMax int           // the node's engine ports (ORCH_PORT_MIN/MAX): where a refused port's engine moves (0 = never moved)
-	PortBlockTTL     time.Duration // how long a port the host refused is skipped (1 h)
+	KeyOverlap       time.Duration     // rotate-key: how long the previous key keeps working
+	StopGrace        time.Duration     // SIGTERM → SIGKILL (30 s)
+	PortMin, PortMax int               // the node's engine ports: where a refused port's engine moves (0 = never moved)
+	PortBlockTTL     time.Duration     // how long a port the host refused is skipped (1 h)
+}
 
-	Metrics *metrics.Metrics // job durations, lifecycle counters, boot times (nil = none)
-
-	// Health and auto-restart (SPEC §6), idle sleep (SPEC §7): see fleet.go.
-	HealthInterval     time.Duration // sweep period (30 s); paces the sampled health_check rows
-	HealthMaxFailures  int           // consecutive failed probes before failed (3)
-	HealthBatchSize    int           // engines per health_sweep_batch job (100)
-	ProbeConcurrency   int           // probes at once per worker process (50)
-	HealthAuditEvery   time.Duration // one sampled health_check row per engine per this (1 h)
-	RestartBackoffBase time.Duration // first auto-restart delay; doubles per attempt (0 = at once)
-	RestartBackoffMax  time.Duration // backoff cap (0 = no cap)
-	RestartMaxAttempts int           // auto-restart attempts before giving up (0 = no auto-restart)
-	IdleAfter          time.Duration // idle time before sleep (0 = never)
-	SleepMode          string        // "mark" (default) or "stop"
-
-	// Backups (SPEC §11) and audit exports (SPEC §10): see backup.go, restore.go, audit_export.go.
-	BackupDir         string        // ORCH_BACKUP_DIR
-	BackupRetention   time.Duration // ORCH_BACKUP_RETENTION_DAYS (7 days)
-	BackupConcurrency int           // backups at once per worker process (2)
-	AuditExportDir    string        // ORCH_AUDIT_EXPORT_DIR
-	AuditRetention    time.Duration // ORCH_AUDIT_RETENTION_DAYS (0 = keep forever)
-	AuditExportSettle time.Duration // an export runs this long after its range ends (10 s)
+func (c EngineConfig) withDefaults() EngineConfig {
+	if c.StopGrace == 0 {
+		c.StopGrace = 30 * time.Second
+	}
+	if c.ProbeTimeout == 0 {
+		c.ProbeTimeout = 10 * time.Second
+	}
+	if c.ProbeURLTemplate == "" {
+		c.ProbeURLTemplate = "http://127.0.0.1:{port}"
+	}
+	if c.PortBlockTTL <= 0 {
+		c.PortBlockTTL = DefaultPortBlockTTL
+	}
+	return c
 }
 
 // Workers runs engine jobs against one backend.
@@ -70,7 +74,6 @@ type Workers struct {
 	cfg     Config
 	pool    *pgxpool.Pool
 	backend orch.Backend
-	keyring *keys.Keyring
 	log     *slog.Logger
 	http    *http.Client
 	fleet   fleetState
@@ -78,48 +81,37 @@ type Workers struct {
 }
 
 // New builds the workers.
-func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, kr *keys.Keyring, log *slog.Logger) *Workers {
+func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, log *slog.Logger) *Workers {
 	if cfg.Node == "" {
 		cfg.Node = "local"
-	}
-	if cfg.StopGrace == 0 {
-		cfg.StopGrace = 30 * time.Second
-	}
-	if cfg.ProbeTimeout == 0 {
-		cfg.ProbeTimeout = 10 * time.Second
-	}
-	if cfg.ProbeURLTemplate == "" {
-		cfg.ProbeURLTemplate = "http://127.0.0.1:{port}"
 	}
 	if cfg.Concurrency == 0 {
 		cfg.Concurrency = 50
 	}
-	if cfg.OrphanGrace == 0 {
-		cfg.OrphanGrace = 10 * time.Minute
-	}
-	if cfg.PortBlockTTL <= 0 {
-		cfg.PortBlockTTL = DefaultPortBlockTTL
-	}
-	cfg = backupDefaults(cfg)
-	cfg = fleetDefaults(cfg)
+	cfg.Engines = cfg.Engines.withDefaults()
+	cfg.Health = cfg.Health.withDefaults()
+	cfg.Idle = cfg.Idle.withDefaults()
+	cfg.Backups = cfg.Backups.withDefaults()
+	cfg.Audit = cfg.Audit.withDefaults()
+	cfg.Reconcile = cfg.Reconcile.withDefaults()
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.MaxIdleConnsPerHost = 2
 	tr.IdleConnTimeout = 30 * time.Second
-	return &Workers{cfg: cfg, pool: pool, backend: backend, keyring: kr, log: log, http: &http.Client{Transport: tr},
-		fleet: newFleetState(cfg), session: newSession(cfg.Node)}
+	return &Workers{cfg: cfg, pool: pool, backend: backend, log: log, http: &http.Client{Transport: tr},
+		fleet: newFleetState(cfg.Health), session: newSession(cfg.Node)}
 }
 
 // jobTimeout bounds one lifecycle job: stop grace plus boot plus slack.
 // It is above the boot timeout, as River's default 1 minute is not.
 func (w *Workers) jobTimeout() time.Duration {
-	return w.cfg.StopGrace + 2*w.cfg.BootTimeout + 30*time.Second
+	return w.cfg.Engines.StopGrace + 2*w.cfg.Engines.BootTimeout + 30*time.Second
 }
 
 // restoreTimeout bounds a restore job: a whole restore plus a rollback's
 // boot, all inside the job's own time (restore.go), so no attempt's work
 // outlives its lease and overlaps its retry.
 func (w *Workers) restoreTimeout() time.Duration {
-	return w.jobTimeout() + w.cfg.BootTimeout + time.Minute
+	return w.jobTimeout() + w.cfg.Engines.BootTimeout + time.Minute
 }
 
 // Register adds every worker to ws.
@@ -148,7 +140,7 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 			jobs.NodeQueue(w.cfg.Node):   {MaxWorkers: w.cfg.Concurrency},
 			jobs.QueueFleet:              {MaxWorkers: 10},
 			river.QueueDefault:           {MaxWorkers: 10},
-			jobs.BackupQueue(w.cfg.Node): {MaxWorkers: w.cfg.BackupConcurrency},
+			jobs.BackupQueue(w.cfg.Node): {MaxWorkers: w.cfg.Backups.Concurrency},
 		},
 		Workers:           ws,
 		Middleware:        []rivertype.Middleware{river.WorkerMiddlewareFunc(w.observeJob)},
@@ -166,7 +158,7 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 // spec is the backend spec of an engine at image (SPEC §8 environment).
 func (w *Workers) spec(e orch.Engine, image, keyHash, prevHash string, prevExpires *time.Time) orch.EngineSpec {
 	env := map[string]string{}
-	for k, v := range w.cfg.EnvPassthrough {
+	for k, v := range w.cfg.Engines.EnvPassthrough {
 		env[k] = v
 	}
 	env["ENGINE_KEY_HASH"] = keyHash
@@ -187,7 +179,7 @@ func (w *Workers) currentSpec(e orch.Engine) orch.EngineSpec {
 func (w *Workers) probeURL(e orch.Engine) string {
 	r := strings.NewReplacer("{port}", strconv.Itoa(e.Port), "{container}", orch.ContainerName(e.ID),
 		"{engine_id}", e.ID, "{node}", e.Node)
-	return strings.TrimRight(r.Replace(w.cfg.ProbeURLTemplate), "/") + "/health"
+	return strings.TrimRight(r.Replace(w.cfg.Engines.ProbeURLTemplate), "/") + "/health"
 }
 
 // errBootTimeout is returned by bootAndWait when the engine never became healthy.
@@ -210,7 +202,7 @@ func (w *Workers) bootAndWait(ctx context.Context, e orch.Engine, spec orch.Engi
 	if err != nil {
 		return 0, err
 	}
-	if err := w.waitHealthy(ctx, e, start.Add(w.cfg.BootTimeout)); err != nil {
+	if err := w.waitHealthy(ctx, e, start.Add(w.cfg.Engines.BootTimeout)); err != nil {
 		return time.Since(start), err
 	}
 	return time.Since(start), nil
@@ -222,7 +214,7 @@ func (w *Workers) waitHealthy(ctx context.Context, e orch.Engine, deadline time.
 	delay := 10 * time.Millisecond
 	lastLook, restartPause := time.Now(), 500*time.Millisecond
 	for {
-		pctx, cancel := context.WithTimeout(ctx, min(w.cfg.ProbeTimeout, time.Until(deadline)+time.Millisecond))
+		pctx, cancel := context.WithTimeout(ctx, min(w.cfg.Engines.ProbeTimeout, time.Until(deadline)+time.Millisecond))
 		err := Probe(pctx, w.http, url)
 		cancel()
 		if err == nil {
