@@ -162,9 +162,7 @@ func (w *Workers) CheckCrash(ctx context.Context, rc *river.Client[pgx.Tx], ev j
 	meta := map[string]any{"reason": "crash", "event": ev.Event, "exit_code": ev.ExitCode,
 		"oom": info.OOMKilled || ev.Event == "oom", "runtime_state": string(info.State),
 		"detected_ms": time.Since(ev.At).Milliseconds(), "picked_ms": picked.Milliseconds()}
-	pctx, cancel := context.WithTimeout(ctx, w.cfg.Engines.ProbeTimeout)
-	perr := Probe(pctx, w.http, w.probeURL(e))
-	cancel()
+	perr := w.probeOnce(ctx, e)
 	if perr != nil && info.State == orch.RuntimeRunning {
 		// Restarted by the runtime's policy: give it its boot time.
 		perr = w.waitHealthy(ctx, e, time.Now().Add(w.cfg.Engines.BootTimeout))

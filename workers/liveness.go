@@ -123,20 +123,6 @@ func (s *session) stable() bool {
 	return !s.lockAt.IsZero() && time.Since(s.lockAt) >= stableFor
 }
 
-// releaseLease gives up an attempt's engine lease. If the database cannot
-// be reached the release is retried with every heartbeat: the attempt has
-// ended, and its retry (a new attempt, fenced from this one) must not wait
-// for the lease to lapse.
-func (w *Workers) releaseLease(ctx context.Context, engineID string, l schema.Lease) {
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	if err := schema.New(w.pool).ReleaseLease(rctx, engineID, l); err != nil {
-		w.session.mu.Lock()
-		w.session.releases[leaseKey{engineID, l}] = true
-		w.session.mu.Unlock()
-	}
-}
-
 // retryReleases retries the releases that failed.
 func (w *Workers) retryReleases(ctx context.Context, q *schema.Queries) {
 	w.session.mu.Lock()

@@ -54,9 +54,7 @@ func (w *Workers) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) e
 		}
 		start := time.Now()
 		var out outcome
-		pctx, cancel := context.WithTimeout(ctx, w.cfg.Engines.ProbeTimeout)
-		perr := Probe(pctx, w.http, w.probeURL(e))
-		cancel()
+		perr := w.probeOnce(ctx, e)
 		switch {
 		case perr == nil:
 			meta["already_healthy"] = true
