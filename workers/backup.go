@@ -109,131 +109,68 @@ func (b *backupWorker) NextRetry(j *river.Job[jobs.Backup]) time.Time {
 	return time.Now().Add(time.Duration(j.Attempt*j.Attempt) * time.Second)
 }
 
-// Work takes one backup: lease the engine (no lifecycle job works it
-// meanwhile), copy, record. A failed attempt is audited and retried; the
-// last failure fails the operation.
+// Work takes one backup on the run/commit skeleton, beside the engine's
+// operation slot (other operations go on; the lease keeps lifecycle jobs
+// off the engine meanwhile): copy, then record the backup's row, its audit
+// row and the operation's outcome in one transaction. A failed attempt is
+// audited and retried; the last failure fails the operation. A file that
+// is not recorded is removed.
 func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) error {
-	w, a := b.w, j.Args
-	start := time.Now()
-	q := schema.New(w.pool)
-	var op orch.Operation
-	if a.OperationID != "" {
-		var err error
-		if op, _, err = q.OperationByID(ctx, a.OperationID); err != nil {
-			return err
-		}
-		if op.Status.Done() {
-			return nil
-		}
-	}
-	lease := w.leaseOf(j.JobRow)
-	got, err := q.AcquireLease(ctx, a.EngineID, lease, leaseUntil(ctx, w.jobTimeout()))
-	if orch.IsCode(err, orch.CodeEngineNotFound) {
-		w.finishOrphanOp(ctx, a.OperationID)
-		w.logJob(j.Kind, a.EngineID, j.Attempt, start, "engine_gone", nil)
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	if !got {
-		return river.JobSnooze(leaseWait)
-	}
-	defer w.releaseLease(ctx, a.EngineID, lease)
+	a := j.Args
+	return b.w.run(ctx, j.JobRow, jobs.Lifecycle{EngineID: a.EngineID, OperationID: a.OperationID, Node: a.Node}, runOpts{aside: true},
+		func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
+			return b.w.backup(ctx, e, op, a, attempt, last)
+		})
+}
 
-	e, err := q.EngineByID(ctx, a.EngineID)
-	if err != nil {
-		return err
-	}
+// backup is the backup job's step: a scheduled backup (a.Day) or a manual
+// one (op) of e.
+func (w *Workers) backup(ctx context.Context, e orch.Engine, op orch.Operation, a jobs.Backup, attempt int, last bool) outcome {
+	start := time.Now()
 	if e.Status.Transitional() {
 		// Being created (nothing to back up yet) or destroyed.
-		if op.ID != "" {
-			q.SetOperation(ctx, op.ID, orch.OpFailed, orch.CodeOperationInProgress, "engine is "+string(e.Status)) //nolint:errcheck
-		}
-		w.logJob(j.Kind, e.ID, j.Attempt, start, "skipped_"+string(e.Status), nil)
-		return nil
+		return outcome{err: orch.Errorf(orch.CodeOperationInProgress, "engine is %s", e.Status), logAs: "skipped_" + string(e.Status)}
 	}
 	var day *time.Time
 	trigger := schema.BackupManual
+	meta := map[string]any{"backup_id": a.BackupID}
 	if a.Day != "" {
 		d, err := time.Parse(time.DateOnly, a.Day)
 		if err != nil {
-			return fmt.Errorf("backup day %q: %w", a.Day, err)
+			return outcome{err: fmt.Errorf("backup day %q: %w", a.Day, err)}
 		}
-		day, trigger = &d, schema.BackupScheduled
-		if done, err := q.HasBackupForDay(ctx, e.ID, d); err != nil || done {
-			return err
+		day, trigger, meta["day"] = &d, schema.BackupScheduled, a.Day
+		done, err := schema.New(w.pool).HasBackupForDay(ctx, e.ID, d)
+		if err != nil {
+			return outcome{err: err, retryAudited: true}
+		}
+		if done {
+			return outcome{logAs: "already_done"}
 		}
 	}
-	if op.ID != "" && op.Status != orch.OpRunning {
-		if err := q.SetOperation(ctx, op.ID, orch.OpRunning, "", ""); err != nil {
-			return err
-		}
-	}
+	meta["trigger"] = trigger
 
 	f, err := w.WriteBackup(ctx, e, a.BackupID)
 	if err != nil {
-		last := j.Attempt >= j.MaxAttempts
-		meta := map[string]any{"backup_id": a.BackupID, "trigger": trigger, "attempt": j.Attempt, "will_retry": !last,
-			"error_code": string(orch.ErrorCode(err)), "error": publicError(err)} // the detail: logJob below
-		if a.Day != "" {
-			meta["day"] = a.Day
-		}
-		ctxc := context.WithoutCancel(ctx)
-		if aerr := q.InsertAudit(ctxc, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
-			Action: orch.ActionBackup, Actor: actorOf(op), Metadata: meta, DurationMS: ptr(time.Since(start).Milliseconds())}); aerr != nil {
-			w.log.Warn("audit backup failure", "engine_id", e.ID, "error", aerr)
-		}
-		if !last {
-			w.logJob(j.Kind, e.ID, j.Attempt, start, "retry", err)
-			return err
-		}
-		if op.ID != "" {
-			q.SetOperation(ctxc, op.ID, orch.OpFailed, orch.ErrorCode(err), errMessage(err)) //nolint:errcheck
-		}
-		w.logJob(j.Kind, e.ID, j.Attempt, start, "failed", err)
-		return nil
+		// The error's detail is the operators': in the job's log line.
+		meta["attempt"], meta["will_retry"] = attempt, !last
+		return outcome{action: orch.ActionBackup, meta: meta, duration: time.Since(start), err: err, retryAudited: true}
 	}
-
 	rec := schema.Backup{ID: a.BackupID, EngineID: e.ID, ProductID: e.ProductID, UserID: e.UserID, Node: e.Node,
 		Path: f.Path, SizeBytes: f.SizeBytes, SHA256: f.SHA256, EngineVersion: e.EngineVersion, Trigger: trigger, Day: day,
 		PausedMS: f.Paused.Milliseconds(), DurationMS: time.Since(start).Milliseconds(), OperationID: op.ID}
-	cctx := context.WithoutCancel(ctx) // the file is written: record it even during shutdown
-	err = inTx(cctx, w.pool, func(tx pgx.Tx) error {
-		ctx := cctx
-		tq := schema.New(tx)
-		if err := tq.InsertBackup(ctx, rec); err != nil {
+	// The file's path is the operators': logged, not audited.
+	meta["size_bytes"], meta["sha256"], meta["paused_ms"], meta["engine_version"] = rec.SizeBytes, rec.SHA256, rec.PausedMS, rec.EngineVersion
+	return outcome{action: orch.ActionBackup, meta: meta, duration: time.Since(start),
+		record: func(ctx context.Context, q *schema.Queries) error {
+			err := q.InsertBackup(ctx, rec)
+			if errors.Is(err, schema.ErrBackupExists) {
+				return fmt.Errorf("%w: %w", errRecorded, err)
+			}
 			return err
-		}
-		meta := map[string]any{"backup_id": rec.ID, "trigger": trigger, "size_bytes": rec.SizeBytes, "sha256": rec.SHA256,
-			"paused_ms": rec.PausedMS, "engine_version": rec.EngineVersion} // the file's path is the operators': logged
-		if op.ID != "" {
-			meta["operation_id"] = op.ID
-		}
-		if a.Day != "" {
-			meta["day"] = a.Day
-		}
-		if err := tq.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
-			Action: orch.ActionBackup, Actor: actorOf(op), Metadata: meta, DurationMS: &rec.DurationMS}); err != nil {
-			return err
-		}
-		if op.ID != "" {
-			return tq.SetOperation(ctx, op.ID, orch.OpSucceeded, "", "")
-		}
-		return nil
-	})
-	if err != nil {
-		os.Remove(filepath.Join(w.cfg.Backups.Dir, f.Path)) //nolint:errcheck // unrecorded: never leave it behind
-		if errors.Is(err, schema.ErrBackupExists) {
-			w.logJob(j.Kind, e.ID, j.Attempt, start, "duplicate", nil)
-			return nil
-		}
-		return err
-	}
-	w.log.Info("job", "job_kind", j.Kind, "engine_id", e.ID, "attempt", j.Attempt, "outcome", "succeeded",
-		"duration_ms", time.Since(start).Milliseconds(), "paused_ms", f.Paused.Milliseconds(), "size_bytes", f.SizeBytes,
-		"backup_id", rec.ID, "path", rec.Path)
-	return nil
+		},
+		discard:  func() { os.Remove(filepath.Join(w.cfg.Backups.Dir, f.Path)) }, //nolint:errcheck // unrecorded: never leave it behind
+		logAttrs: []any{"paused_ms", rec.PausedMS, "size_bytes", rec.SizeBytes, "backup_id", rec.ID, "path", rec.Path}}
 }
 
 // WriteBackup writes one consistent backup of e's brain to ORCH_BACKUP_DIR

@@ -29,7 +29,7 @@ type provisionWorker struct {
 }
 
 func (p *provisionWorker) Work(ctx context.Context, j *river.Job[jobs.Provision]) error {
-	return p.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
+	return p.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		d, err := p.w.bootAndWait(ctx, e, p.w.currentSpec(e))
 		action := orch.ActionProvision
 		if err != nil {
@@ -42,7 +42,7 @@ func (p *provisionWorker) Work(ctx context.Context, j *river.Job[jobs.Provision]
 type startWorker struct{ lifecycleWorker[jobs.Start] }
 
 func (s *startWorker) Work(ctx context.Context, j *river.Job[jobs.Start]) error {
-	return s.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
+	return s.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		action := orch.ActionStart
 		if j.Args.Wake {
 			action = orch.ActionWake
@@ -60,7 +60,7 @@ func (s *startWorker) Work(ctx context.Context, j *river.Job[jobs.Start]) error 
 type stopWorker struct{ lifecycleWorker[jobs.Stop] }
 
 func (s *stopWorker) Work(ctx context.Context, j *river.Job[jobs.Stop]) error {
-	return s.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
+	return s.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		start := time.Now()
 		if err := s.w.backend.Stop(ctx, e.ID, s.w.cfg.Engines.StopGrace); err != nil {
 			return outcome{err: backendErr("stop engine", err), action: orch.ActionStop}
@@ -80,7 +80,7 @@ func (r *restartWorker) Work(ctx context.Context, j *river.Job[jobs.Restart]) er
 	if j.Args.Auto {
 		return r.w.autoRestart(ctx, j) // restart.go
 	}
-	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
+	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		start := time.Now()
 		if err := r.w.backend.Stop(ctx, e.ID, r.w.cfg.Engines.StopGrace); err != nil {
 			return outcome{err: backendErr("stop engine", err), action: orch.ActionRestart}
@@ -100,7 +100,7 @@ type rotateKeyWorker struct {
 // ENGINE_KEY_HASH_PREVIOUS until the overlap ends (SPEC §8 [ours]). The
 // row takes the new key only once the engine is healthy with it.
 func (r *rotateKeyWorker) Work(ctx context.Context, j *river.Job[jobs.RotateKey]) error {
-	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
+	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
 		expires := time.Now().Add(r.w.cfg.Engines.KeyOverlap).Truncate(time.Second)
 		prev := e.KeyHash
 		if r.w.cfg.Engines.KeyOverlap <= 0 {
@@ -124,7 +124,7 @@ type upgradeWorker struct{ lifecycleWorker[jobs.Upgrade] }
 // Work recreates the container on the new image with the same volume; if
 // the new version does not become healthy it rolls back to the old image.
 func (u *upgradeWorker) Work(ctx context.Context, j *river.Job[jobs.Upgrade]) error {
-	return u.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
+	return u.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
 		meta := map[string]any{"from_version": e.EngineVersion, "to_version": p.Image}
 		spec := u.w.spec(e, p.Image, e.KeyHash, e.PrevKeyHash, e.PrevKeyExpiresAt)
 		d, err := u.w.bootAndWait(ctx, e, spec)
@@ -147,7 +147,7 @@ type destroyWorker struct{ lifecycleWorker[jobs.Destroy] }
 
 // Work removes container and volume, then the row (which frees the port).
 func (d *destroyWorker) Work(ctx context.Context, j *river.Job[jobs.Destroy]) error {
-	return d.w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
+	return d.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		start := time.Now()
 		if err := d.w.backend.RemoveContainer(ctx, e.ID); err != nil {
 			return outcome{err: backendErr("remove container", err), action: orch.ActionDestroy}

@@ -38,7 +38,7 @@ import (
 func (w *Workers) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) error {
 	n := max(j.Args.Attempt, 1)
 	maxN := w.cfg.Health.RestartMaxAttempts
-	return w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, try int, last bool) outcome {
+	return w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, try int, last bool) outcome {
 		meta := map[string]any{"attempt": n, "max_attempts": maxN}
 		if e.Status != orch.StateFailed {
 			// Nothing to restart (the row moved on without this operation).

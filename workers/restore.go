@@ -58,7 +58,7 @@ func (r *restoreWorker) NextRetry(j *river.Job[jobs.Restore]) time.Time {
 }
 
 func (r *restoreWorker) Work(ctx context.Context, j *river.Job[jobs.Restore]) error {
-	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, r.w.restore)
+	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, r.w.restore)
 }
 
 func (w *Workers) restore(jobCtx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {

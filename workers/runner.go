@@ -89,6 +89,21 @@ type outcome struct {
 	// audit row, when this operation still owns the engine (auto-restart
 	// schedules its next attempt or gives up here).
 	after func(ctx context.Context, q *schema.Queries, tx pgx.Tx) error
+	// record inserts what the step made (a backup's row) inside commit's
+	// transaction, before the audit row, whoever owns the engine. An
+	// outcome with a record is committed even when the job's context
+	// ended after the step: what it records exists. errRecorded in its
+	// chain: it was recorded already, the outcome is dropped.
+	record func(ctx context.Context, q *schema.Queries) error
+	// discard undoes what the step left outside the database (a backup's
+	// file) when the outcome is not committed.
+	discard func()
+	// retryAudited: the failure may go away on retry whatever its code
+	// (writing a backup), and each failed attempt is audited as it
+	// happens, the operation staying running until the last.
+	retryAudited bool
+	logAs        string // the job log line's outcome, when not succeeded/failed
+	logAttrs     []any  // more attributes for the job's log line
 }
 
 // step does one operation's backend work on a leased engine.
@@ -116,13 +131,23 @@ func leaseUntil(ctx context.Context, fallback time.Duration) time.Time {
 	return time.Now().Add(fallback + 30*time.Second)
 }
 
-// run is the shared skeleton of every lifecycle job: lease, load, mark the
-// operation running, do the step, commit the outcome, release the lease.
-// A step cut off (job timeout, shutdown) or failing transiently commits
-// nothing: River retries the job, here or elsewhere, and the work is
-// idempotent; if that was the last attempt, the operation sweep ends the
-// operation (abandoned.go).
-func (r *runner) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecycle, do step) error {
+// runOpts is how run treats one kind of job.
+type runOpts struct {
+	// aside: the job works the engine beside its operation slot, as a
+	// backup does: the engine row's operation_id is not the job's
+	// operation, so the job is never superseded (and its outcome's
+	// change and after are never applied), and it may have no operation
+	// at all (a scheduled backup).
+	aside bool
+}
+
+// run is the shared skeleton of every job that works one engine: lease,
+// load, mark the operation running, do the step, commit the outcome,
+// release the lease. A step cut off (job timeout, shutdown) or failing
+// transiently commits nothing: River retries the job, here or elsewhere,
+// and the work is idempotent; if that was the last attempt, the operation
+// sweep ends the operation (abandoned.go).
+func (r *runner) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecycle, o runOpts, do step) error {
 	start := time.Now()
 	q := schema.New(r.pool)
 	lease := r.leaseOf(job)
@@ -145,14 +170,18 @@ func (r *runner) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecycl
 	if err != nil {
 		return err
 	}
-	op, payload, err := q.StartOperation(ctx, a.OperationID) // pending → running, in the read
-	if err != nil {
-		return err
+	var op orch.Operation
+	var payload schema.OpPayload
+	if a.OperationID != "" || !o.aside {
+		op, payload, err = q.StartOperation(ctx, a.OperationID) // pending → running, in the read
+		if err != nil {
+			return err
+		}
+		if op.Status.Done() {
+			return nil // a retry of a job whose outcome is already committed
+		}
 	}
-	if op.Status.Done() {
-		return nil // a retry of a job whose outcome is already committed
-	}
-	if e.OperationID != op.ID {
+	if !o.aside && e.OperationID != op.ID {
 		// A later operation (e.g. destroy) superseded this one.
 		err := orch.Errorf(orch.CodeOperationInProgress, "superseded by a later operation on this engine")
 		r.commit(ctx, e, op, lease, outcome{err: err}) //nolint:errcheck
@@ -161,25 +190,59 @@ func (r *runner) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecycl
 	}
 	last := job.Attempt >= job.MaxAttempts
 	out := do(ctx, e, op, payload, job.Attempt, last)
-	if ctx.Err() != nil {
+	if ctx.Err() != nil && out.record == nil {
+		r.auditRetry(ctx, e, op, out)
+		if out.discard != nil {
+			out.discard()
+		}
 		r.logJob(job.Kind, e.ID, job.Attempt, start, "interrupted", ctx.Err())
 		return ctx.Err()
 	}
-	if out.err != nil && !last && retryable(out.err) {
-		// Transient backend trouble: River retries; the operation stays running.
+	if out.err != nil && !last && (out.retryAudited || retryable(out.err)) {
+		// Transient trouble: River retries; the operation stays running.
+		r.auditRetry(ctx, e, op, out)
+		if out.discard != nil {
+			out.discard()
+		}
 		r.logJob(job.Kind, e.ID, job.Attempt, start, "retry", out.err)
 		return out.err
 	}
 	if err := r.commit(ctx, e, op, lease, out); err != nil {
+		if out.discard != nil {
+			out.discard()
+		}
+		if errors.Is(err, errRecorded) {
+			r.logJob(job.Kind, e.ID, job.Attempt, start, "duplicate", nil)
+			return nil
+		}
 		r.logJob(job.Kind, e.ID, job.Attempt, start, "not_committed", err)
 		return err
 	}
-	result := "succeeded"
-	if out.err != nil {
+	result := out.logAs
+	switch {
+	case result != "":
+	case out.err != nil:
 		result = "failed"
+	default:
+		result = "succeeded"
 	}
-	r.logJob(job.Kind, e.ID, job.Attempt, start, result, out.err)
+	r.logJob(job.Kind, e.ID, job.Attempt, start, result, out.err, out.logAttrs...)
 	return nil
+}
+
+// errRecorded: what an outcome records is there already (a scheduled
+// backup of that day, recorded by another job); run drops the outcome.
+var errRecorded = errors.New("already recorded")
+
+// auditRetry audits a failed attempt that commits nothing (retried or cut
+// off) when its outcome asks for it (retryAudited).
+func (r *runner) auditRetry(ctx context.Context, e orch.Engine, op orch.Operation, out outcome) {
+	if !out.retryAudited || out.err == nil || out.action == "" {
+		return
+	}
+	if err := schema.New(r.pool).InsertAudit(context.WithoutCancel(ctx), auditEntry(e, op, out)); err != nil {
+		r.log.Warn("audit failed attempt", "engine_id", e.ID, "action", out.action, "error", err)
+	}
 }
 
 // retryable reports whether an error may go away on retry (backend
@@ -236,23 +299,13 @@ func (r *runner) commitTx(ctx context.Context, q *schema.Queries, tx pgx.Tx, e o
 			}
 		}
 	}
+	if out.record != nil {
+		if err := out.record(ctx, q); err != nil {
+			return err
+		}
+	}
 	if out.action != "" {
-		meta := out.meta
-		if meta == nil {
-			meta = map[string]any{}
-		}
-		meta["operation_id"] = op.ID
-		if out.err != nil {
-			meta["error_code"] = string(orch.ErrorCode(out.err))
-			meta["error"] = errMessage(out.err)
-		}
-		var dur *int64
-		if out.duration > 0 {
-			d := out.duration.Milliseconds()
-			dur = &d
-		}
-		if err := q.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
-			Action: out.action, Actor: actorOf(op), Metadata: meta, DurationMS: dur}); err != nil {
+		if err := q.InsertAudit(ctx, auditEntry(e, op, out)); err != nil {
 			return err
 		}
 	}
@@ -261,10 +314,35 @@ func (r *runner) commitTx(ctx context.Context, q *schema.Queries, tx pgx.Tx, e o
 			return err
 		}
 	}
-	if out.err != nil {
+	switch {
+	case op.ID == "": // an aside job without an operation (a scheduled backup)
+		return nil
+	case out.err != nil:
 		return q.SetOperation(ctx, op.ID, orch.OpFailed, orch.ErrorCode(out.err), errMessage(out.err))
 	}
 	return q.SetOperation(ctx, op.ID, orch.OpSucceeded, "", "")
+}
+
+// auditEntry is the audit row of an outcome: its action and meta, with
+// the operation and, when it failed, the error's code and public words.
+func auditEntry(e orch.Engine, op orch.Operation, out outcome) orch.AuditEntry {
+	meta := out.meta
+	if meta == nil {
+		meta = map[string]any{}
+	}
+	if op.ID != "" {
+		meta["operation_id"] = op.ID
+	}
+	if out.err != nil {
+		meta["error_code"] = string(orch.ErrorCode(out.err))
+		meta["error"] = publicError(out.err)
+	}
+	var dur *int64
+	if out.duration > 0 {
+		dur = ptr(out.duration.Milliseconds())
+	}
+	return orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
+		Action: out.action, Actor: actorOf(op), Metadata: meta, DurationMS: dur}
 }
 
 // errMessage is the caller-safe message of an error.
@@ -456,9 +534,9 @@ func (r *runner) observeJob(ctx context.Context, job *rivertype.JobRow, doInner 
 }
 
 // logJob writes the one log line per job.
-func (r *runner) logJob(kind string, engineID string, attempt int, start time.Time, outcome string, err error) {
-	attrs := []any{"job_kind", kind, "engine_id", engineID, "attempt", attempt,
-		"duration_ms", time.Since(start).Milliseconds(), "outcome", outcome}
+func (r *runner) logJob(kind string, engineID string, attempt int, start time.Time, outcome string, err error, more ...any) {
+	attrs := append([]any{"job_kind", kind, "engine_id", engineID, "attempt", attempt,
+		"duration_ms", time.Since(start).Milliseconds(), "outcome", outcome}, more...)
 	if err != nil {
 		attrs = append(attrs, "error", err.Error())
 		r.log.Warn("job", attrs...)
