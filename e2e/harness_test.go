@@ -207,7 +207,7 @@ func fleetID(t testing.TB, pool *pgxpool.Pool) string {
 // sweep runs one health sweep of the fleet's node now and waits for it.
 func (f *fleet) sweep() workers.BatchResult {
 	f.t.Helper()
-	res, err := f.Workers.SweepNow(context.Background(), f.River, f.Node)
+	res, err := f.Workers.Health.SweepNow(context.Background(), f.River, f.Node)
 	require.NoError(f.t, err)
 	return res
 }

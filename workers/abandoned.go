@@ -170,7 +170,7 @@ func (w *Workers) endAbandoned(ctx context.Context, rc *river.Client[pgx.Tx], a 
 				if err != nil {
 					return err
 				}
-				return w.nextAutoRestart(ctx, q, tx, rc, cur, n, out.err)
+				return w.Health.nextAutoRestart(ctx, q, tx, rc, cur, n, out.err)
 			}
 		}
 	}

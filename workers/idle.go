@@ -30,6 +30,25 @@ import (
 // Wake is admit with auto_wake or start (the engine_start job, audited
 // wake with the time it slept). Sleeping engines are not health-probed.
 
+// IdleConfig configures idle sleep (SPEC §7).
+type IdleConfig struct {
+	After time.Duration // idle time before sleep (0 = never)
+	Mode  string        // SleepMark (default) or SleepStop
+}
+
+func (c IdleConfig) withDefaults() IdleConfig {
+	if c.Mode == "" {
+		c.Mode = SleepMark
+	}
+	return c
+}
+
+// Sleep modes (ORCH_SLEEP_MODE).
+const (
+	SleepMark = "mark" // the container keeps running; only the row says sleeping
+	SleepStop = "stop" // the container is stopped to free memory; wake starts it
+)
+
 // idleReason is the sleep_reason of engines put to sleep by the sweep.
 const idleReason = "idle"
 

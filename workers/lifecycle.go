@@ -78,7 +78,7 @@ type restartWorker struct{ lifecycleWorker[jobs.Restart] }
 
 func (r *restartWorker) Work(ctx context.Context, j *river.Job[jobs.Restart]) error {
 	if j.Args.Auto {
-		return r.w.autoRestart(ctx, j) // restart.go
+		return r.w.Health.autoRestart(ctx, j) // restart.go
 	}
 	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		start := time.Now()

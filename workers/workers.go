@@ -7,9 +7,11 @@
 package workers
 
 import (
+	"context"
 	"log/slog"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/rivertype"
@@ -37,8 +39,9 @@ type Config struct {
 // Workers runs engine jobs against one backend.
 type Workers struct {
 	*runner
-	cfg   Config
-	fleet fleetState
+	cfg Config
+
+	Health *Health // health sweeps, crash checks, auto-restart
 }
 
 // New builds the workers.
@@ -55,8 +58,8 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, log *slog.Logger)
 	cfg.Backups = cfg.Backups.withDefaults()
 	cfg.Audit = cfg.Audit.withDefaults()
 	cfg.Reconcile = cfg.Reconcile.withDefaults()
-	return &Workers{runner: newRunner(cfg.Node, cfg.Engines, cfg.Metrics, pool, backend, log), cfg: cfg,
-		fleet: newFleetState(cfg.Health)}
+	r := newRunner(cfg.Node, cfg.Engines, cfg.Metrics, pool, backend, log)
+	return &Workers{runner: r, cfg: cfg, Health: newHealth(r, cfg.Health)}
 }
 
 // restoreTimeout bounds a restore job: a whole restore plus a rollback's
@@ -77,7 +80,8 @@ func (w *Workers) Register(ws *river.Workers) {
 	river.AddWorker(ws, &destroyWorker{lifecycleWorker[jobs.Destroy]{w: w}})
 	river.AddWorker(ws, &reconcileWorker{w: w})
 	w.registerBackups(ws)
-	w.registerFleet(ws)
+	w.Health.register(ws)
+	river.AddWorker(ws, &idleSweepWorker{w: w})
 }
 
 // RiverConfig is the River client configuration of a worker process: its
@@ -105,4 +109,10 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 		// (restore's is the longest) and its lease's slack.
 		RescueStuckJobsAfter: w.restoreTimeout() + time.Minute,
 	}
+}
+
+// WatchEvents runs the crash watcher (events.go) until ctx ends. rc
+// enqueues the checks and the catch-up jobs.
+func (w *Workers) WatchEvents(ctx context.Context, rc *river.Client[pgx.Tx]) {
+	w.Health.watchEvents(ctx, rc)
 }

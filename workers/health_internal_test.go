@@ -33,14 +33,14 @@ func TestBackoff(t *testing.T) {
 // Each engine gets exactly one sampled health_check per audit window.
 func TestHealthCheckSampling(t *testing.T) {
 	t.Parallel()
-	w := &Workers{cfg: Config{Health: HealthConfig{Interval: 30 * time.Second}.withDefaults()}}
+	h := &Health{cfg: HealthConfig{Interval: 30 * time.Second}.withDefaults()}
 	start := time.Date(2026, 3, 1, 10, 0, 0, 0, time.UTC)
 	perEngine := map[string]int{}
 	perSweep := map[int]int{}
 	for e := 0; e < 1000; e++ {
 		id := fmt.Sprintf("00000000-0000-4000-8000-%012d", e)
 		for i := 0; i < 120; i++ { // one hour of sweeps
-			if w.sampled(id, start.Add(time.Duration(i)*30*time.Second)) {
+			if h.sampled(id, start.Add(time.Duration(i)*30*time.Second)) {
 				perEngine[id]++
 				perSweep[i]++
 			}
@@ -53,6 +53,6 @@ func TestHealthCheckSampling(t *testing.T) {
 	for i, n := range perSweep {
 		require.Less(t, n, 30, "sweep %d wrote %d rows: samples are spread", i, n)
 	}
-	every := &Workers{cfg: Config{Health: HealthConfig{Interval: 2 * time.Hour}.withDefaults()}}
+	every := &Health{cfg: HealthConfig{Interval: 2 * time.Hour}.withDefaults()}
 	require.True(t, every.sampled("x", start), "intervals beyond the window sample every sweep")
 }
