@@ -215,7 +215,7 @@ func (f *fleet) sweep() workers.BatchResult {
 // idleSweep runs one idle sweep now; returns how many engines it put to sleep.
 func (f *fleet) idleSweep() int {
 	f.t.Helper()
-	n, err := f.Workers.SweepIdle(context.Background(), f.River)
+	n, err := f.Workers.Idle.Sweep(context.Background(), f.River)
 	require.NoError(f.t, err)
 	return n
 }

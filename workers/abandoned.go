@@ -208,7 +208,7 @@ func (w *Workers) endAbandoned(ctx context.Context, rc *river.Client[pgx.Tx], a 
 // stopped. A failed engine is left to auto-restart or its owner.
 func (w *Workers) converge(ctx context.Context, e orch.Engine) error {
 	switch {
-	case e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && w.cfg.Idle.Mode != SleepStop):
+	case e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && w.cfg.Idle.sleepingRuns()):
 		if err := w.backend.Ensure(ctx, w.currentSpec(e)); err != nil {
 			return backendErr("create engine", err)
 		}

@@ -74,7 +74,7 @@ func (w *Workers) restore(jobCtx context.Context, e orch.Engine, op orch.Operati
 		return outcome{action: orch.ActionRestore, duration: time.Since(start), meta: meta, err: err}
 	}
 	// The previous brain ought to be running again after a failure.
-	wantRunning := e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && w.cfg.Idle.Mode != SleepStop)
+	wantRunning := e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && w.cfg.Idle.sleepingRuns())
 	safety := w.safetyPath(e, op)
 	// A retry after a worker died mid-restore finds the safety copy of its
 	// first attempt: any failure from here on must put it back.

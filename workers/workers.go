@@ -42,6 +42,7 @@ type Workers struct {
 	cfg Config
 
 	Health *Health // health sweeps, crash checks, auto-restart
+	Idle   *Idle   // idle sleep
 }
 
 // New builds the workers.
@@ -59,7 +60,7 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, log *slog.Logger)
 	cfg.Audit = cfg.Audit.withDefaults()
 	cfg.Reconcile = cfg.Reconcile.withDefaults()
 	r := newRunner(cfg.Node, cfg.Engines, cfg.Metrics, pool, backend, log)
-	return &Workers{runner: r, cfg: cfg, Health: newHealth(r, cfg.Health)}
+	return &Workers{runner: r, cfg: cfg, Health: newHealth(r, cfg.Health), Idle: &Idle{runner: r, cfg: cfg.Idle}}
 }
 
 // restoreTimeout bounds a restore job: a whole restore plus a rollback's
@@ -81,7 +82,7 @@ func (w *Workers) Register(ws *river.Workers) {
 	river.AddWorker(ws, &reconcileWorker{w: w})
 	w.registerBackups(ws)
 	w.Health.register(ws)
-	river.AddWorker(ws, &idleSweepWorker{w: w})
+	w.Idle.register(ws)
 }
 
 // RiverConfig is the River client configuration of a worker process: its
