@@ -160,7 +160,7 @@ func TestBackupKilledMidCopy(t *testing.T) {
 	op := orch.Operation{ID: uuid.NewString(), ProductID: p.ID, EngineID: e.ID, UserID: e.UserID, Kind: orch.OpBackup, Actor: "acme"}
 	backupID := uuid.NewString()
 	require.NoError(t, q.InsertOperation(ctx, op, schema.OpPayload{BackupID: backupID}, 4242))
-	bw := &backupWorker{w: w}
+	bw := &backupWorker{bk: w.Backups}
 	job := func(attempt int) *river.Job[jobs.Backup] {
 		return &river.Job[jobs.Backup]{JobRow: &rivertype.JobRow{ID: 4242, Attempt: attempt, MaxAttempts: 5, Kind: "engine_backup"},
 			Args: jobs.Backup{EngineID: e.ID, Node: node, BackupID: backupID, OperationID: op.ID}}
@@ -227,7 +227,7 @@ func TestBackupKilledMidCopy(t *testing.T) {
 	old := time.Now().Add(-2 * strayAge)
 	require.NoError(t, os.Chtimes(partial, old, old))
 	require.NoError(t, os.Chtimes(filepath.Join(dir, b.Path), old, old))
-	n2, err := w.removeStrays(ctx)
+	n2, err := w.Backups.removeStrays(ctx)
 	require.NoError(t, err)
 	require.Equal(t, 1, n2)
 	_, err = os.Stat(partial)

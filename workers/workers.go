@@ -41,8 +41,9 @@ type Workers struct {
 	*runner
 	cfg Config
 
-	Health *Health // health sweeps, crash checks, auto-restart
-	Idle   *Idle   // idle sleep
+	Health  *Health  // health sweeps, crash checks, auto-restart
+	Idle    *Idle    // idle sleep
+	Backups *Backups // brain backups, their retention, restores
 }
 
 // New builds the workers.
@@ -60,14 +61,8 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, log *slog.Logger)
 	cfg.Audit = cfg.Audit.withDefaults()
 	cfg.Reconcile = cfg.Reconcile.withDefaults()
 	r := newRunner(cfg.Node, cfg.Engines, cfg.Metrics, pool, backend, log)
-	return &Workers{runner: r, cfg: cfg, Health: newHealth(r, cfg.Health), Idle: &Idle{runner: r, cfg: cfg.Idle}}
-}
-
-// restoreTimeout bounds a restore job: a whole restore plus a rollback's
-// boot, all inside the job's own time (restore.go), so no attempt's work
-// outlives its lease and overlaps its retry.
-func (w *Workers) restoreTimeout() time.Duration {
-	return w.jobTimeout() + w.cfg.Engines.BootTimeout + time.Minute
+	return &Workers{runner: r, cfg: cfg, Health: newHealth(r, cfg.Health), Idle: &Idle{runner: r, cfg: cfg.Idle},
+		Backups: &Backups{runner: r, cfg: cfg.Backups, sleepingRuns: cfg.Idle.sleepingRuns()}}
 }
 
 // Register adds every worker to ws.
@@ -80,7 +75,8 @@ func (w *Workers) Register(ws *river.Workers) {
 	river.AddWorker(ws, &upgradeWorker{lifecycleWorker[jobs.Upgrade]{w: w}})
 	river.AddWorker(ws, &destroyWorker{lifecycleWorker[jobs.Destroy]{w: w}})
 	river.AddWorker(ws, &reconcileWorker{w: w})
-	w.registerBackups(ws)
+	w.Backups.register(ws)
+	river.AddWorker(ws, &auditExportWorker{w: w})
 	w.Health.register(ws)
 	w.Idle.register(ws)
 }
@@ -97,7 +93,7 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 			jobs.NodeQueue(w.cfg.Node):   {MaxWorkers: w.cfg.Concurrency},
 			jobs.QueueFleet:              {MaxWorkers: 10},
 			river.QueueDefault:           {MaxWorkers: 10},
-			jobs.BackupQueue(w.cfg.Node): {MaxWorkers: w.cfg.Backups.Concurrency},
+			jobs.BackupQueue(w.cfg.Node): {MaxWorkers: w.Backups.cfg.Concurrency},
 		},
 		Workers:           ws,
 		Middleware:        []rivertype.Middleware{river.WorkerMiddlewareFunc(w.observeJob)},
@@ -108,7 +104,7 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 		// the liveness rescuer (liveness.go); River's own rescue is the
 		// last resort for a live process stuck past every job's timeout
 		// (restore's is the longest) and its lease's slack.
-		RescueStuckJobsAfter: w.restoreTimeout() + time.Minute,
+		RescueStuckJobsAfter: w.Backups.restoreTimeout() + time.Minute,
 	}
 }
 
