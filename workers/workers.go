@@ -41,9 +41,10 @@ type Workers struct {
 	*runner
 	cfg Config
 
-	Health  *Health  // health sweeps, crash checks, auto-restart
-	Idle    *Idle    // idle sleep
-	Backups *Backups // brain backups, their retention, restores
+	Health  *Health       // health sweeps, crash checks, auto-restart
+	Idle    *Idle         // idle sleep
+	Backups *Backups      // brain backups, their retention, restores
+	Audit   *AuditExports // audit exports and their purge
 }
 
 // New builds the workers.
@@ -62,7 +63,8 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, log *slog.Logger)
 	cfg.Reconcile = cfg.Reconcile.withDefaults()
 	r := newRunner(cfg.Node, cfg.Engines, cfg.Metrics, pool, backend, log)
 	return &Workers{runner: r, cfg: cfg, Health: newHealth(r, cfg.Health), Idle: &Idle{runner: r, cfg: cfg.Idle},
-		Backups: &Backups{runner: r, cfg: cfg.Backups, sleepingRuns: cfg.Idle.sleepingRuns()}}
+		Backups: &Backups{runner: r, cfg: cfg.Backups, sleepingRuns: cfg.Idle.sleepingRuns()},
+		Audit:   &AuditExports{runner: r, cfg: cfg.Audit}}
 }
 
 // Register adds every worker to ws.
@@ -76,7 +78,7 @@ func (w *Workers) Register(ws *river.Workers) {
 	river.AddWorker(ws, &destroyWorker{lifecycleWorker[jobs.Destroy]{w: w}})
 	river.AddWorker(ws, &reconcileWorker{w: w})
 	w.Backups.register(ws)
-	river.AddWorker(ws, &auditExportWorker{w: w})
+	w.Audit.register(ws)
 	w.Health.register(ws)
 	w.Idle.register(ws)
 }
