@@ -152,7 +152,7 @@ func (w *Workers) RunLiveness(ctx context.Context, rc *river.Client[pgx.Tx]) {
 	wg.Add(3)
 	go func() { defer wg.Done(); w.holdSession(ctx) }()
 	go func() { defer wg.Done(); w.rescueLoop(ctx) }()
-	go func() { defer wg.Done(); w.sweepOperationsLoop(ctx, rc) }()
+	go func() { defer wg.Done(); w.Reconcile.sweepOperationsLoop(ctx, rc) }()
 	wg.Wait()
 	dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -41,10 +41,11 @@ type Workers struct {
 	*runner
 	cfg Config
 
-	Health  *Health       // health sweeps, crash checks, auto-restart
-	Idle    *Idle         // idle sleep
-	Backups *Backups      // brain backups, their retention, restores
-	Audit   *AuditExports // audit exports and their purge
+	Health    *Health       // health sweeps, crash checks, auto-restart
+	Idle      *Idle         // idle sleep
+	Backups   *Backups      // brain backups, their retention, restores
+	Audit     *AuditExports // audit exports and their purge
+	Reconcile *Reconciler   // drift repair, the operation sweep
 }
 
 // New builds the workers.
@@ -62,9 +63,12 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, log *slog.Logger)
 	cfg.Audit = cfg.Audit.withDefaults()
 	cfg.Reconcile = cfg.Reconcile.withDefaults()
 	r := newRunner(cfg.Node, cfg.Engines, cfg.Metrics, pool, backend, log)
-	return &Workers{runner: r, cfg: cfg, Health: newHealth(r, cfg.Health), Idle: &Idle{runner: r, cfg: cfg.Idle},
+	health := newHealth(r, cfg.Health)
+	return &Workers{runner: r, cfg: cfg, Health: health, Idle: &Idle{runner: r, cfg: cfg.Idle},
 		Backups: &Backups{runner: r, cfg: cfg.Backups, sleepingRuns: cfg.Idle.sleepingRuns()},
-		Audit:   &AuditExports{runner: r, cfg: cfg.Audit}}
+		Audit:   &AuditExports{runner: r, cfg: cfg.Audit},
+		Reconcile: &Reconciler{runner: r, cfg: cfg.Reconcile, sleepingRuns: cfg.Idle.sleepingRuns(),
+			nextAutoRestart: health.nextAutoRestart}}
 }
 
 // Register adds every worker to ws.
@@ -76,7 +80,7 @@ func (w *Workers) Register(ws *river.Workers) {
 	river.AddWorker(ws, &rotateKeyWorker{lifecycleWorker[jobs.RotateKey]{w: w}})
 	river.AddWorker(ws, &upgradeWorker{lifecycleWorker[jobs.Upgrade]{w: w}})
 	river.AddWorker(ws, &destroyWorker{lifecycleWorker[jobs.Destroy]{w: w}})
-	river.AddWorker(ws, &reconcileWorker{w: w})
+	w.Reconcile.register(ws)
 	w.Backups.register(ws)
 	w.Audit.register(ws)
 	w.Health.register(ws)
