@@ -65,7 +65,7 @@ func TestAuditMetadataHasNoInternals(t *testing.T) {
 	ctx := context.Background()
 	r := newRig(t, 5)
 	fb := &failingBackend{Backend: r.sb}
-	r.w.backend = fb
+	r.w.r.backend = fb
 	bw := &backupWorker{bk: r.w.Backups}
 	backup := func(attempt, max int) string {
 		id := uuid.NewString()

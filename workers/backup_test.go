@@ -114,7 +114,7 @@ func newRig(t *testing.T, memories int) *rig {
 		sb.RemoveContainer(context.Background(), e.ID) //nolint:errcheck
 		sb.RemoveVolume(context.Background(), e.ID)    //nolint:errcheck
 	})
-	_, err = r.w.bootAndWait(ctx, e, r.w.currentSpec(e))
+	_, err = r.w.r.bootAndWait(ctx, e, r.w.r.currentSpec(e))
 	require.NoError(t, err)
 	r.e, err = r.q.SetEngineState(ctx, e, schema.EngineChange{Status: orch.StateRunning})
 	require.NoError(t, err)

@@ -11,16 +11,36 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
+// lifecycleJobs are the engine lifecycle jobs a request waits for:
+// provision, start (and wake), stop (and sleep in stop mode), restart,
+// rotate-key, upgrade and destroy, each a step on the run/commit skeleton.
+type lifecycleJobs struct {
+	*runner
+	// autoRestart works an auto-restart attempt (Health's): an
+	// engine_restart job with Auto set.
+	autoRestart func(ctx context.Context, j *river.Job[jobs.Restart]) error
+}
+
+func (l *lifecycleJobs) register(ws *river.Workers) {
+	river.AddWorker(ws, &provisionWorker{lifecycleWorker[jobs.Provision]{l: l}})
+	river.AddWorker(ws, &startWorker{lifecycleWorker[jobs.Start]{l: l}})
+	river.AddWorker(ws, &stopWorker{lifecycleWorker[jobs.Stop]{l: l}})
+	river.AddWorker(ws, &restartWorker{lifecycleWorker[jobs.Restart]{l: l}})
+	river.AddWorker(ws, &rotateKeyWorker{lifecycleWorker[jobs.RotateKey]{l: l}})
+	river.AddWorker(ws, &upgradeWorker{lifecycleWorker[jobs.Upgrade]{l: l}})
+	river.AddWorker(ws, &destroyWorker{lifecycleWorker[jobs.Destroy]{l: l}})
+}
+
 // lifecycleWorker is what every lifecycle worker shares: a timeout above
 // the boot timeout (River's default minute is not) and quick retries, as
 // a waiting request is on the other end.
 type lifecycleWorker[T river.JobArgs] struct {
 	river.WorkerDefaults[T]
-	w *Workers
+	l *lifecycleJobs
 }
 
-func (l *lifecycleWorker[T]) Timeout(*river.Job[T]) time.Duration { return l.w.jobTimeout() }
-func (l *lifecycleWorker[T]) NextRetry(j *river.Job[T]) time.Time {
+func (w *lifecycleWorker[T]) Timeout(*river.Job[T]) time.Duration { return w.l.jobTimeout() }
+func (w *lifecycleWorker[T]) NextRetry(j *river.Job[T]) time.Time {
 	return time.Now().Add(time.Duration(j.Attempt) * time.Second)
 }
 
@@ -29,8 +49,8 @@ type provisionWorker struct {
 }
 
 func (p *provisionWorker) Work(ctx context.Context, j *river.Job[jobs.Provision]) error {
-	return p.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
-		d, err := p.w.bootAndWait(ctx, e, p.w.currentSpec(e))
+	return p.l.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
+		d, err := p.l.bootAndWait(ctx, e, p.l.currentSpec(e))
 		action := orch.ActionProvision
 		if err != nil {
 			action = orch.ActionProvisionFailed
@@ -42,7 +62,7 @@ func (p *provisionWorker) Work(ctx context.Context, j *river.Job[jobs.Provision]
 type startWorker struct{ lifecycleWorker[jobs.Start] }
 
 func (s *startWorker) Work(ctx context.Context, j *river.Job[jobs.Start]) error {
-	return s.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
+	return s.l.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		action := orch.ActionStart
 		if j.Args.Wake {
 			action = orch.ActionWake
@@ -52,7 +72,7 @@ func (s *startWorker) Work(ctx context.Context, j *river.Job[jobs.Start]) error 
 			meta["sleep_reason"] = e.SleepReason
 		}
 		wakeMeta(e, meta) // idle.go
-		d, err := s.w.bootAndWait(ctx, e, s.w.currentSpec(e))
+		d, err := s.l.bootAndWait(ctx, e, s.l.currentSpec(e))
 		return bootOutcome(action, d, err, meta)
 	})
 }
@@ -60,9 +80,9 @@ func (s *startWorker) Work(ctx context.Context, j *river.Job[jobs.Start]) error 
 type stopWorker struct{ lifecycleWorker[jobs.Stop] }
 
 func (s *stopWorker) Work(ctx context.Context, j *river.Job[jobs.Stop]) error {
-	return s.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
+	return s.l.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		start := time.Now()
-		if err := s.w.backend.Stop(ctx, e.ID, s.w.cfg.Engines.StopGrace); err != nil {
+		if err := s.l.backend.Stop(ctx, e.ID, s.l.eng.StopGrace); err != nil {
 			return outcome{err: backendErr("stop engine", err), action: orch.ActionStop}
 		}
 		if j.Args.Sleep {
@@ -78,14 +98,14 @@ type restartWorker struct{ lifecycleWorker[jobs.Restart] }
 
 func (r *restartWorker) Work(ctx context.Context, j *river.Job[jobs.Restart]) error {
 	if j.Args.Auto {
-		return r.w.Health.autoRestart(ctx, j) // restart.go
+		return r.l.autoRestart(ctx, j) // restart.go
 	}
-	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
+	return r.l.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		start := time.Now()
-		if err := r.w.backend.Stop(ctx, e.ID, r.w.cfg.Engines.StopGrace); err != nil {
+		if err := r.l.backend.Stop(ctx, e.ID, r.l.eng.StopGrace); err != nil {
 			return outcome{err: backendErr("stop engine", err), action: orch.ActionRestart}
 		}
-		d, err := r.w.bootAndWait(ctx, e, r.w.currentSpec(e))
+		d, err := r.l.bootAndWait(ctx, e, r.l.currentSpec(e))
 		out := bootOutcome(orch.ActionRestart, d, err, map[string]any{"from": string(e.Status)})
 		out.duration = time.Since(start)
 		return out
@@ -100,17 +120,17 @@ type rotateKeyWorker struct {
 // ENGINE_KEY_HASH_PREVIOUS until the overlap ends (SPEC §8 [ours]). The
 // row takes the new key only once the engine is healthy with it.
 func (r *rotateKeyWorker) Work(ctx context.Context, j *river.Job[jobs.RotateKey]) error {
-	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
-		expires := time.Now().Add(r.w.cfg.Engines.KeyOverlap).Truncate(time.Second)
+	return r.l.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
+		expires := time.Now().Add(r.l.eng.KeyOverlap).Truncate(time.Second)
 		prev := e.KeyHash
-		if r.w.cfg.Engines.KeyOverlap <= 0 {
+		if r.l.eng.KeyOverlap <= 0 {
 			prev = ""
 		}
-		spec := r.w.spec(e, e.EngineVersion, p.KeyHash, prev, &expires)
-		d, err := r.w.bootAndWait(ctx, e, spec)
+		spec := r.l.spec(e, e.EngineVersion, p.KeyHash, prev, &expires)
+		d, err := r.l.bootAndWait(ctx, e, spec)
 		if err != nil {
 			// Put the old key back in force, so a failed rotation changes nothing.
-			r.w.bootAndWait(ctx, e, r.w.currentSpec(e)) //nolint:errcheck
+			r.l.bootAndWait(ctx, e, r.l.currentSpec(e)) //nolint:errcheck
 			return outcome{action: orch.ActionRotateKey, duration: d, err: err}
 		}
 		return outcome{action: orch.ActionRotateKey, duration: d, meta: map[string]any{"overlap_until": expires.UTC().Format(time.RFC3339)},
@@ -124,12 +144,12 @@ type upgradeWorker struct{ lifecycleWorker[jobs.Upgrade] }
 // Work recreates the container on the new image with the same volume; if
 // the new version does not become healthy it rolls back to the old image.
 func (u *upgradeWorker) Work(ctx context.Context, j *river.Job[jobs.Upgrade]) error {
-	return u.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
+	return u.l.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
 		meta := map[string]any{"from_version": e.EngineVersion, "to_version": p.Image}
-		spec := u.w.spec(e, p.Image, e.KeyHash, e.PrevKeyHash, e.PrevKeyExpiresAt)
-		d, err := u.w.bootAndWait(ctx, e, spec)
+		spec := u.l.spec(e, p.Image, e.KeyHash, e.PrevKeyHash, e.PrevKeyExpiresAt)
+		d, err := u.l.bootAndWait(ctx, e, spec)
 		if err != nil {
-			_, rbErr := u.w.bootAndWait(ctx, e, u.w.currentSpec(e))
+			_, rbErr := u.l.bootAndWait(ctx, e, u.l.currentSpec(e))
 			meta["rolled_back"] = rbErr == nil
 			out := outcome{action: orch.ActionUpgrade, duration: d, meta: meta, err: err}
 			if rbErr != nil {
@@ -147,12 +167,12 @@ type destroyWorker struct{ lifecycleWorker[jobs.Destroy] }
 
 // Work removes container and volume, then the row (which frees the port).
 func (d *destroyWorker) Work(ctx context.Context, j *river.Job[jobs.Destroy]) error {
-	return d.w.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
+	return d.l.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
 		start := time.Now()
-		if err := d.w.backend.RemoveContainer(ctx, e.ID); err != nil {
+		if err := d.l.backend.RemoveContainer(ctx, e.ID); err != nil {
 			return outcome{err: backendErr("remove container", err), action: orch.ActionDestroy}
 		}
-		if err := d.w.backend.RemoveVolume(ctx, e.ID); err != nil {
+		if err := d.l.backend.RemoveVolume(ctx, e.ID); err != nil {
 			return outcome{err: backendErr("remove volume", err), action: orch.ActionDestroy}
 		}
 		return outcome{action: orch.ActionDestroy, duration: time.Since(start), delete: true,

@@ -9,6 +9,7 @@ package workers
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -36,19 +37,23 @@ type Config struct {
 	Reconcile ReconcileConfig // drift repair (reconcile.go)
 }
 
-// Workers runs engine jobs against one backend.
+// Workers is the assembly of one worker process: the concept parts on
+// one shared runner, their River workers and configuration, and the
+// process's background loops (liveness, crash watching).
 type Workers struct {
-	*runner
-	cfg Config
-
 	Health    *Health       // health sweeps, crash checks, auto-restart
 	Idle      *Idle         // idle sleep
 	Backups   *Backups      // brain backups, their retention, restores
 	Audit     *AuditExports // audit exports and their purge
 	Reconcile *Reconciler   // drift repair, the operation sweep
+
+	cfg       Config
+	r         *runner
+	lifecycle *lifecycleJobs
+	liveness  *liveness
 }
 
-// New builds the workers.
+// New builds the workers of one process on backend.
 func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, log *slog.Logger) *Workers {
 	if cfg.Node == "" {
 		cfg.Node = "local"
@@ -64,27 +69,27 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, log *slog.Logger)
 	cfg.Reconcile = cfg.Reconcile.withDefaults()
 	r := newRunner(cfg.Node, cfg.Engines, cfg.Metrics, pool, backend, log)
 	health := newHealth(r, cfg.Health)
-	return &Workers{runner: r, cfg: cfg, Health: health, Idle: &Idle{runner: r, cfg: cfg.Idle},
-		Backups: &Backups{runner: r, cfg: cfg.Backups, sleepingRuns: cfg.Idle.sleepingRuns()},
-		Audit:   &AuditExports{runner: r, cfg: cfg.Audit},
-		Reconcile: &Reconciler{runner: r, cfg: cfg.Reconcile, sleepingRuns: cfg.Idle.sleepingRuns(),
-			nextAutoRestart: health.nextAutoRestart}}
+	return &Workers{
+		Health:    health,
+		Idle:      &Idle{runner: r, cfg: cfg.Idle},
+		Backups:   &Backups{runner: r, cfg: cfg.Backups, sleepingRuns: cfg.Idle.sleepingRuns()},
+		Audit:     &AuditExports{runner: r, cfg: cfg.Audit},
+		Reconcile: &Reconciler{runner: r, cfg: cfg.Reconcile, sleepingRuns: cfg.Idle.sleepingRuns(), nextAutoRestart: health.nextAutoRestart},
+		cfg:       cfg,
+		r:         r,
+		lifecycle: &lifecycleJobs{runner: r, autoRestart: health.autoRestart},
+		liveness:  &liveness{runner: r},
+	}
 }
 
 // Register adds every worker to ws.
 func (w *Workers) Register(ws *river.Workers) {
-	river.AddWorker(ws, &provisionWorker{lifecycleWorker[jobs.Provision]{w: w}})
-	river.AddWorker(ws, &startWorker{lifecycleWorker[jobs.Start]{w: w}})
-	river.AddWorker(ws, &stopWorker{lifecycleWorker[jobs.Stop]{w: w}})
-	river.AddWorker(ws, &restartWorker{lifecycleWorker[jobs.Restart]{w: w}})
-	river.AddWorker(ws, &rotateKeyWorker{lifecycleWorker[jobs.RotateKey]{w: w}})
-	river.AddWorker(ws, &upgradeWorker{lifecycleWorker[jobs.Upgrade]{w: w}})
-	river.AddWorker(ws, &destroyWorker{lifecycleWorker[jobs.Destroy]{w: w}})
-	w.Reconcile.register(ws)
-	w.Backups.register(ws)
-	w.Audit.register(ws)
+	w.lifecycle.register(ws)
 	w.Health.register(ws)
 	w.Idle.register(ws)
+	w.Backups.register(ws)
+	w.Audit.register(ws)
+	w.Reconcile.register(ws)
 }
 
 // RiverConfig is the River client configuration of a worker process: its
@@ -93,25 +98,39 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 	ws := river.NewWorkers()
 	w.Register(ws)
 	return &river.Config{
-		ID:     w.session.id, // river_job.attempted_by names this process's liveness session
+		ID:     w.r.session.id, // river_job.attempted_by names this process's liveness session
 		Logger: log,
 		Queues: map[string]river.QueueConfig{
 			jobs.NodeQueue(w.cfg.Node):   {MaxWorkers: w.cfg.Concurrency},
 			jobs.QueueFleet:              {MaxWorkers: 10},
 			river.QueueDefault:           {MaxWorkers: 10},
-			jobs.BackupQueue(w.cfg.Node): {MaxWorkers: w.Backups.cfg.Concurrency},
+			jobs.BackupQueue(w.cfg.Node): {MaxWorkers: w.cfg.Backups.Concurrency},
 		},
 		Workers:           ws,
-		Middleware:        []rivertype.Middleware{river.WorkerMiddlewareFunc(w.observeJob)},
+		Middleware:        []rivertype.Middleware{river.WorkerMiddlewareFunc(w.r.observeJob)},
 		FetchCooldown:     2 * time.Millisecond,
 		FetchPollInterval: 200 * time.Millisecond,
-		JobTimeout:        w.jobTimeout(),
+		JobTimeout:        w.r.jobTimeout(),
 		// A job whose worker process died is re-queued within seconds by
 		// the liveness rescuer (liveness.go); River's own rescue is the
 		// last resort for a live process stuck past every job's timeout
 		// (restore's is the longest) and its lease's slack.
 		RescueStuckJobsAfter: w.Backups.restoreTimeout() + time.Minute,
 	}
+}
+
+// RunLiveness holds this process's liveness session, rescues the jobs of
+// dead workers and ends abandoned operations (abandoned.go), until ctx
+// ends; then it deletes the session (a clean exit). Start it with the
+// River client and stop it after River has stopped: while it runs, this
+// process counts as alive.
+func (w *Workers) RunLiveness(ctx context.Context, rc *river.Client[pgx.Tx]) {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); w.Reconcile.sweepOperationsLoop(ctx, rc) }()
+	w.liveness.run(ctx)
+	wg.Wait()
+	w.liveness.end()
 }
 
 // WatchEvents runs the crash watcher (events.go) until ctx ends. rc
