@@ -254,6 +254,7 @@ func (h *Health) SweepBatch(ctx context.Context, rc *river.Client[pgx.Tx], b job
 		errs[r.e.ID] = r.err
 	}
 	res.Healthy, res.Failed = len(healthy), len(failed)
+	h.metrics.HealthProbeFailures(res.Failed) // orchestrator_health_probe_failures_total
 	var counts []schema.FailureCount
 	err = inTx(ctx, h.pool, func(tx pgx.Tx) error {
 		q := schema.New(tx)

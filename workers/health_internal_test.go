@@ -1,11 +1,16 @@
 package workers
 
 import (
+	"context"
 	"fmt"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/internal/testenv"
+	"github.com/enginefleet/orchestrator/metrics"
 )
 
 func TestBackoff(t *testing.T) {
@@ -55,4 +60,33 @@ func TestHealthCheckSampling(t *testing.T) {
 	}
 	every := &Health{cfg: HealthConfig{Interval: 2 * time.Hour}.withDefaults()}
 	require.True(t, every.sampled("x", start), "intervals beyond the window sample every sweep")
+}
+
+// A sweep over an engine that fails its probe counts the failed probe in
+// orchestrator_health_probe_failures_total (the dashboard's probe
+// failures panel); healthy probes do not count.
+func TestSweepCountsFailedProbes(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	m := metrics.New(metrics.Config{})
+	r := newFakeRig(t, func(c *Config) { c.Metrics = m })
+	sick := r.engine(t, "sick", orch.StateRunning)
+	r.engine(t, "well", orch.StateRunning)
+	r.be.setSick(sick.ID, true)
+	failures := func() float64 {
+		s := testenv.GatherMetric(t, m.Gatherer(), "orchestrator_health_probe_failures_total", nil)
+		require.NotNil(t, s)
+		return s.GetCounter().GetValue()
+	}
+	require.Zero(t, failures())
+
+	res, err := r.w.Health.SweepNow(ctx, nil, "")
+	require.NoError(t, err)
+	require.Equal(t, BatchResult{Probed: 2, Healthy: 1, Failed: 1}, res)
+	require.Equal(t, 1.0, failures())
+	require.Equal(t, 1, r.row(t, sick.ID).HealthFailures)
+
+	_, err = r.w.Health.SweepNow(ctx, nil, "")
+	require.NoError(t, err)
+	require.Equal(t, 2.0, failures(), "every failed probe counts")
 }
