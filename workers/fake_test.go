@@ -39,6 +39,7 @@ type fakeBackend struct {
 	engines map[string]*fakeEngine
 	volumes map[string][]byte
 	sick    map[string]bool
+	hang    map[string]bool    // /health never answers
 	fails   map[string][]error // method → errors returned by its next calls, in order
 	hooks   map[string]func(ctx context.Context, engineID string)
 	calls   []string // "Method engine-id", in order
@@ -54,7 +55,7 @@ type fakeEngine struct {
 const brokenBrain = "broken brain"
 
 func newFakeBackend() *fakeBackend {
-	return &fakeBackend{engines: map[string]*fakeEngine{}, volumes: map[string][]byte{}, sick: map[string]bool{},
+	return &fakeBackend{engines: map[string]*fakeEngine{}, volumes: map[string][]byte{}, sick: map[string]bool{}, hang: map[string]bool{},
 		fails: map[string][]error{}, hooks: map[string]func(context.Context, string){}}
 }
 
@@ -285,6 +286,13 @@ func (b *fakeBackend) setSick(id string, sick bool) {
 	b.sick[id] = sick
 }
 
+// setHanging makes an engine's /health never answer (or answer again).
+func (b *fakeBackend) setHanging(id string, hang bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.hang[id] = hang
+}
+
 // state is an engine's runtime state.
 func (b *fakeBackend) state(id string) orch.RuntimeState {
 	b.mu.Lock()
@@ -298,6 +306,13 @@ func (b *fakeBackend) state(id string) orch.RuntimeState {
 // health serves GET /e/{engine_id}/health for the fake engines.
 func (b *fakeBackend) health(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
+	b.mu.Lock()
+	hang := b.hang[id]
+	b.mu.Unlock()
+	if hang {
+		<-r.Context().Done()
+		return
+	}
 	b.mu.Lock()
 	e := b.engines[id]
 	ok := e != nil && e.state == orch.RuntimeRunning && !e.paused && !b.sick[id] &&

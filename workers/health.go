@@ -328,7 +328,7 @@ func (h *Health) probe(ctx context.Context, e orch.Engine) probeResult {
 	defer cancel()
 	err := Probe(pctx, h.http, h.probeURL(e))
 	if err != nil && errors.Is(pctx.Err(), context.DeadlineExceeded) && ctx.Err() == nil {
-		err = errors.New("probe: timed out after " + h.eng.ProbeTimeout.String())
+		err = probeErr("timed out after "+h.eng.ProbeTimeout.String(), err)
 	}
 	return probeResult{e: e, err: err, dur: time.Since(start)}
 }

@@ -90,3 +90,28 @@ func TestSweepCountsFailedProbes(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 2.0, failures(), "every failed probe counts")
 }
+
+// A sweep probe that times out says so in the audit row and the engine's
+// last_error, in the stable words of a failed probe.
+func TestSweepProbeTimeoutIsPublic(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	r := newFakeRig(t, func(c *Config) {
+		c.Engines.ProbeTimeout = 200 * time.Millisecond
+		c.Health.MaxFailures = 1
+	})
+	e := r.engine(t, "zoe", orch.StateRunning)
+	r.be.setHanging(e.ID, true)
+
+	res, err := r.w.Health.SweepNow(ctx, nil, "")
+	require.NoError(t, err)
+	require.Equal(t, 1, res.NowFailed)
+	const want = "probe: timed out after 200ms"
+	checks := r.audits(t, e.ID, orch.ActionHealthCheck)
+	require.Len(t, checks, 1)
+	require.Equal(t, want, checks[0]["error"])
+	failed := r.audits(t, e.ID, orch.ActionHealthFailed)
+	require.Len(t, failed, 1)
+	require.Equal(t, want, failed[0]["error"])
+	require.Equal(t, want, r.row(t, e.ID).LastError)
+}
