@@ -29,7 +29,7 @@ import (
 // the chain: seq is the next position and prev_sha256 the previous
 // export's sha256, so exports form one hash chain whatever triggered them.
 // An export waits until its range ended ORCH settle time ago
-// (AuditExportSettle), so rows timestamped inside the range by
+// (AuditConfig.ExportSettle), so rows timestamped inside the range by
 // transactions still open are committed before it reads.
 //
 // Scheduled exports (ORCH_AUDIT_EXPORT_CRON) cover the rows since the last

@@ -23,7 +23,7 @@ import (
 //   - the runtime is gone or exited and /health fails: the engine goes
 //     failed (audit health_failed, reason crash, exit code, oom) and
 //     auto-restart attempt 1 is scheduled — no waiting for a sweep or for
-//     HealthMaxFailures probes: a dead process is not a flaky probe;
+//     MaxFailures probes: a dead process is not a flaky probe;
 //   - the runtime is running again (Docker's unless-stopped policy
 //     restarts a container that died on its own, ~100 ms after the die;
 //     `docker kill` counts as a manual stop and is not restarted): we give

@@ -19,7 +19,7 @@ import (
 )
 
 // Health sweeps (SPEC §6). A sweep lists the running engines and enqueues
-// them as batches of HealthBatchSize on their nodes' queues, so several
+// them as batches of HealthConfig.BatchSize on their nodes' queues, so several
 // workers share a large fleet. A batch probes its engines, at most
 // ProbeConcurrency at once per worker process (a probe that times out
 // holds one slot, not the batch), then writes in one transaction:
@@ -29,10 +29,10 @@ import (
 //   - one UPDATE … RETURNING for the failed ones (count + 1);
 //   - one INSERT of the batch's audit rows: each failed probe, and the
 //     sampled health_check of healthy engines (one per engine per
-//     HealthAuditEvery: each engine has a fixed slot among the sweeps of
+//     AuditEvery: each engine has a fixed slot among the sweeps of
 //     that window, so no read is needed to decide).
 //
-// An engine that reaches HealthMaxFailures goes failed in its own
+// An engine that reaches MaxFailures goes failed in its own
 // transaction (audit health_failed) which also schedules auto-restart
 // attempt 1 (restart.go). Engines that an operation or a lease is working
 // on are skipped: a stop in progress is not a failure.
@@ -335,7 +335,7 @@ func (h *Health) probe(ctx context.Context, e orch.Engine) probeResult {
 
 // sampled reports whether a healthy probe of engine id at tick gets its
 // health_check audit row: each engine owns one of the N sweeps of every
-// HealthAuditEvery window (N = window / interval), picked by a hash of
+// AuditEvery window (N = window / interval), picked by a hash of
 // its id, so rows are spread evenly over the window and no state is read.
 func (h *Health) sampled(id string, tick time.Time) bool {
 	n := int64(h.cfg.AuditEvery / h.cfg.Interval)

@@ -18,7 +18,7 @@ import (
 // Idle sleep (SPEC §7). "Activity" is the last admit (api touch(), at most
 // one write per engine per minute) or the last state change, so an engine
 // just woken, started or restarted gets a whole idle period. The idle sweep, every minute, puts
-// running engines idle for IdleAfter to sleep, recording why and when
+// running engines idle for IdleConfig.After to sleep, recording why and when
 // (sleep_reason, slept_at) and auditing sleep with the idle time:
 //
 //   - mark mode: one UPDATE per batch flips the rows to sleeping; the

@@ -1,9 +1,3 @@
-// Package workers holds the River workers: the only code that drives a
-// backend. Each lifecycle job takes a lease on its engine row (so jobs of
-// different kinds never work one engine at once, on any replica), does its
-// idempotent backend work, then commits the state change, the audit row
-// and the operation's outcome in one transaction, which also notifies the
-// API requests waiting on it.
 package workers
 
 import (
