@@ -43,11 +43,13 @@ const (
 
 // Error is a domain error carrying a stable code and a message safe to
 // show to the caller. Err, when set, is the internal cause: it is logged,
-// never sent.
+// never sent. RetryAfter, when set, tells the caller how many seconds to
+// wait before trying again (429, 503).
 type Error struct {
-	Code    Code
-	Message string
-	Err     error
+	Code       Code
+	Message    string
+	Err        error
+	RetryAfter int
 }
 
 func (e *Error) Error() string {

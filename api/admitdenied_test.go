@@ -28,7 +28,7 @@ func newStoppableReplica(t *testing.T, cfg api.Config) (*harness, func()) {
 	require.NoError(t, err)
 	kr, err := keys.NewKeyring(keys.GenerateMasterKey(), nil)
 	require.NoError(t, err)
-	srv := api.New(cfg, pool, rc, kr, testenv.Quiet())
+	srv := newAPI(cfg, pool, rc, kr, testenv.Quiet())
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); srv.Run(ctx) }()

@@ -204,7 +204,8 @@ func (s *Server) requestExport(ctx context.Context, from, to time.Time, productI
 	case to.After(time.Now()):
 		return x, orch.Errorf(orch.CodeInvalidRequest, "to must not be in the future")
 	}
-	err := s.inTx(ctx, func(q *schema.Queries, tx pgx.Tx) error {
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		q := schema.New(tx)
 		if productID != "" {
 			if _, err := q.GetProduct(ctx, productID); err != nil {
 				return err

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/internal/generations"
 	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/schema"
@@ -176,8 +177,8 @@ type productCache struct {
 	ttl    time.Duration
 	mu     sync.RWMutex
 	byKey  map[string]cachedProduct
-	misses generations[string, time.Time] // key hash → until when it is known not to exist
-	gen    uint64                         // bumped on every invalidation, so a lookup racing one is not trusted
+	misses generations.Map[string, time.Time] // key hash → until when it is known not to exist
+	gen    uint64                             // bumped on every invalidation, so a lookup racing one is not trusted
 }
 
 type cachedProduct struct {
@@ -200,7 +201,7 @@ func newProductCache(pool *pgxpool.Pool, ttl time.Duration) *productCache {
 	if ttl <= 0 {
 		ttl = DefaultProductTTL
 	}
-	return &productCache{pool: pool, ttl: ttl, byKey: map[string]cachedProduct{}, misses: newGenerations[string, time.Time](maxMisses)}
+	return &productCache{pool: pool, ttl: ttl, byKey: map[string]cachedProduct{}, misses: generations.New[string, time.Time](maxMisses)}
 }
 
 func (e cachedProduct) fresh(now time.Time, ttl time.Duration) bool {
@@ -230,7 +231,7 @@ func (c *productCache) lookup(ctx context.Context, h string) (orch.Product, erro
 	e, ok := c.byKey[h]
 	var missed bool
 	if !ok {
-		until, has := c.misses.get(h)
+		until, has := c.misses.Get(h)
 		missed = has && now.Before(until)
 	}
 	gen := c.gen
@@ -247,7 +248,7 @@ func (c *productCache) lookup(ctx context.Context, h string) (orch.Product, erro
 		c.mu.Lock()
 		delete(c.byKey, h)
 		if c.gen == gen {
-			c.misses.put(h, now.Add(negativeTTL))
+			c.misses.Put(h, now.Add(negativeTTL))
 		}
 		c.mu.Unlock()
 		return orch.Product{}, errInvalidPlatformKey
@@ -273,7 +274,7 @@ func (c *productCache) invalidate(productID string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.gen++
-	c.misses.reset()
+	c.misses.Reset()
 	now := time.Now()
 	for h, e := range c.byKey {
 		switch {
@@ -291,7 +292,7 @@ func (c *productCache) flush() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.gen++
-	c.misses.reset()
+	c.misses.Reset()
 	for h, e := range c.byKey {
 		e.stale = true
 		c.byKey[h] = e

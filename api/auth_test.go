@@ -159,7 +159,7 @@ func newDeafReplica(t *testing.T, dbURL string, cfg api.Config) *harness {
 	require.NoError(t, err)
 	kr, err := keys.NewKeyring(keys.GenerateMasterKey(), nil)
 	require.NoError(t, err)
-	srv := api.New(cfg, pool, rc, kr, testenv.Quiet())
+	srv := newAPI(cfg, pool, rc, kr, testenv.Quiet())
 	ts := httptest.NewServer(srv.Handler())
 	t.Cleanup(ts.Close)
 	return &harness{t: t, URL: ts.URL, DBURL: dbURL, Pool: pool, Keyring: kr, Server: srv}

@@ -6,12 +6,8 @@ import (
 	"time"
 
 	"github.com/danielgtaylor/huma/v2"
-	"github.com/google/uuid"
-	"github.com/jackc/pgx/v5"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/jobs"
-	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -74,14 +70,6 @@ type restoreInput struct {
 	}
 }
 
-// backupWait bounds a synchronous backup: the copy and compression of a
-// large brain, behind the night's other backups on the node.
-const backupWait = 5 * time.Minute
-
-// restoreWait is how long a synchronous restore waits: stop, safety copy,
-// copy in, boot, and perhaps the rollback.
-func (s *Server) restoreWait() time.Duration { return 2*s.cfg.BootTimeout + 3*time.Minute }
-
 func (s *Server) registerBackups() {
 	huma.Register(s.api, s.op(huma.Operation{
 		OperationID: "list-backups", Method: http.MethodGet, Path: "/engines/{user_id}/backups",
@@ -109,7 +97,7 @@ func (s *Server) registerBackups() {
 		Errors:      errs(400, 401, 404, 409, 502, 504),
 	}), func(ctx context.Context, in *userOpInput) (*takeBackupOutput, error) {
 		p := productFrom(ctx)
-		e, opID, backupID, err := s.requestBackup(ctx, p, in.UserID)
+		e, opID, backupID, err := s.core.TakeBackup(ctx, p, in.UserID, "")
 		if err != nil {
 			return nil, toHTTP(ctx, err)
 		}
@@ -117,7 +105,7 @@ func (s *Server) registerBackups() {
 			return &takeBackupOutput{Status: http.StatusAccepted, Body: TakeBackupBody{BackupID: backupID, EngineID: e.ID,
 				Status: string(orch.OpPending), OperationID: opID}}, nil
 		}
-		if err := s.wait(ctx, p.ID, opID, backupWait); err != nil {
+		if err := s.core.Wait(ctx, p.ID, opID, s.core.WaitTimeout(orch.OpBackup)); err != nil {
 			return nil, toHTTP(ctx, err)
 		}
 		b, err := schema.New(s.pool).BackupByID(ctx, backupID)
@@ -136,81 +124,16 @@ func (s *Server) registerBackups() {
 		Errors:      errs(400, 401, 404, 409, 502, 504),
 	}), func(ctx context.Context, in *restoreInput) (*opOutput, error) {
 		p := productFrom(ctx)
-		e, opID, err := s.RestoreBackup(ctx, p, in.UserID, in.Body.BackupID)
+		e, opID, err := s.core.Restore(ctx, p, in.UserID, in.Body.BackupID, "")
 		if err != nil {
 			return nil, toHTTP(ctx, err)
 		}
 		if wantsAsync(in.Prefer) {
-			return &opOutput{Status: http.StatusAccepted, Body: OpBody{EngineID: e.ID, Status: string(e.Status), URL: s.engineURL(e), OperationID: opID}}, nil
+			return &opOutput{Status: http.StatusAccepted, Body: OpBody{EngineID: e.ID, Status: string(e.Status), URL: s.core.URL(e), OperationID: opID}}, nil
 		}
-		if err := s.wait(ctx, p.ID, opID, s.restoreWait()); err != nil {
+		if e, err = s.core.Await(ctx, p.ID, e, opID, orch.OpRestore); err != nil {
 			return nil, toHTTP(ctx, err)
 		}
-		if e, err = schema.New(s.pool).EngineByID(ctx, e.ID); err != nil {
-			return nil, toHTTP(ctx, err)
-		}
-		return &opOutput{Status: http.StatusOK, Body: OpBody{EngineID: e.ID, Status: string(e.Status), URL: s.engineURL(e)}}, nil
+		return &opOutput{Status: http.StatusOK, Body: OpBody{EngineID: e.ID, Status: string(e.Status), URL: s.core.URL(e)}}, nil
 	})
-}
-
-// requestBackup records a backup operation on the user's engine and
-// enqueues its job, or joins the one in flight. It does not change the
-// engine row: other operations are not blocked by a backup. Errors:
-// ENGINE_NOT_FOUND, OPERATION_IN_PROGRESS (engine being created or destroyed).
-func (s *Server) requestBackup(ctx context.Context, p orch.Product, userID string) (orch.Engine, string, string, error) {
-	var e orch.Engine
-	var opID, backupID string
-	err := s.inTx(ctx, func(q *schema.Queries, tx pgx.Tx) error {
-		var err error
-		if e, err = q.EngineByUserForUpdate(ctx, p.ID, userID); err != nil {
-			return err
-		}
-		if err := notTransitional(e); err != nil {
-			return err
-		}
-		cur, err := q.InFlightOperation(ctx, e.ID, orch.OpBackup)
-		if err == nil {
-			_, payload, err := q.OperationByID(ctx, cur.ID)
-			if err != nil {
-				return err
-			}
-			opID, backupID = cur.ID, payload.BackupID
-			return nil
-		}
-		if !orch.IsCode(err, orch.CodeOperationNotFound) {
-			return err
-		}
-		op := s.newOp(p, e, orch.OpBackup)
-		backupID = uuid.NewString()
-		if err := lifecycle.Enqueue(ctx, tx, s.river, op, schema.OpPayload{BackupID: backupID},
-			jobs.Backup{EngineID: e.ID, Node: e.Node, BackupID: backupID, OperationID: op.ID}, nil); err != nil {
-			return err
-		}
-		opID = op.ID
-		return nil
-	})
-	return e, opID, backupID, err
-}
-
-// RestoreBackup starts restoring backupID into the user's engine as an
-// operation and returns the engine and the operation to follow. The
-// operation's actor is p.Slug (the CLI passes "admin"). Errors:
-// ENGINE_NOT_FOUND, BACKUP_NOT_FOUND (unknown, or another user's),
-// OPERATION_IN_PROGRESS.
-func (s *Server) RestoreBackup(ctx context.Context, p orch.Product, userID, backupID string) (orch.Engine, string, error) {
-	if _, err := schema.New(s.pool).UserBackup(ctx, p.ID, userID, backupID); err != nil {
-		return orch.Engine{}, "", err
-	}
-	e, opID, err := s.operate(ctx, p, userID, opRequest{kind: orch.OpRestore, check: notTransitional,
-		payload: schema.OpPayload{BackupID: backupID}})
-	if err != nil {
-		return e, opID, err
-	}
-	// operate joins a restore in flight: only if it restores the same backup.
-	if _, payload, err := schema.New(s.pool).OperationByID(ctx, opID); err != nil {
-		return e, opID, err
-	} else if payload.BackupID != backupID {
-		return e, opID, orch.Errorf(orch.CodeOperationInProgress, "a restore of backup %s is in progress on this engine", payload.BackupID)
-	}
-	return e, opID, nil
 }

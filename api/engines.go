@@ -12,7 +12,7 @@ import (
 	"github.com/danielgtaylor/huma/v2"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/schema"
 )
@@ -41,19 +41,13 @@ type EngineSummary struct {
 	LastHealthAt  *time.Time `json:"last_health_at" nullable:"true"`
 }
 
-func (s *Server) toDetail(e orch.Engine, key string) (EngineDetail, error) {
-	if key == "" {
-		var err error
-		if key, err = s.engineKey(e); err != nil {
-			return EngineDetail{}, err
-		}
-	}
-	return EngineDetail{EngineID: e.ID, UserID: e.UserID, Status: string(e.Status), URL: s.engineURL(e), APIKey: key,
-		EngineVersion: e.EngineVersion, CreatedAt: e.CreatedAt, LastHealthAt: e.LastHealthAt}, nil
+func (s *Server) toDetail(e orch.Engine, key string) EngineDetail {
+	return EngineDetail{EngineID: e.ID, UserID: e.UserID, Status: string(e.Status), URL: s.core.URL(e), APIKey: key,
+		EngineVersion: e.EngineVersion, CreatedAt: e.CreatedAt, LastHealthAt: e.LastHealthAt}
 }
 
 func (s *Server) toSummary(e orch.Engine) EngineSummary {
-	return EngineSummary{EngineID: e.ID, UserID: e.UserID, Status: string(e.Status), URL: s.engineURL(e),
+	return EngineSummary{EngineID: e.ID, UserID: e.UserID, Status: string(e.Status), URL: s.core.URL(e),
 		EngineVersion: e.EngineVersion, CreatedAt: e.CreatedAt, LastHealthAt: e.LastHealthAt}
 }
 
@@ -226,23 +220,21 @@ func (s *Server) registerEngines() {
 		if err := orch.ValidateUserID(in.Body.UserID); err != nil {
 			return nil, toHTTP(ctx, err)
 		}
-		res, err := s.provision(ctx, p, in.Body.UserID, in.Body.EngineVersion, false)
+		res, err := s.core.Provision(ctx, p, in.Body.UserID, in.Body.EngineVersion, false)
 		if err != nil {
 			return nil, toHTTP(ctx, err)
 		}
-		out := &provisionOutput{Status: http.StatusOK}
 		if wantsAsync(in.Prefer) {
-			out.Status = http.StatusAccepted
-			out.Body = ProvisionBody{EngineID: res.engine.ID, UserID: res.engine.UserID, Status: string(res.engine.Status),
-				URL: s.engineURL(res.engine), APIKey: res.key, OperationID: res.opID}
-			return out, nil
+			e := res.Engine
+			return &provisionOutput{Status: http.StatusAccepted, Body: ProvisionBody{EngineID: e.ID, UserID: e.UserID,
+				Status: string(e.Status), URL: s.core.URL(e), APIKey: res.Key, OperationID: res.OperationID}}, nil
 		}
-		e, err := s.awaitEngine(ctx, p, res.engine, res.opID, orch.OpProvision)
+		e, err := s.core.Await(ctx, p.ID, res.Engine, res.OperationID, orch.OpProvision)
 		if err != nil {
 			return nil, toHTTP(ctx, err)
 		}
-		out.Body = ProvisionBody{EngineID: e.ID, UserID: e.UserID, Status: string(e.Status), URL: s.engineURL(e), APIKey: res.key}
-		return out, nil
+		return &provisionOutput{Status: http.StatusOK, Body: ProvisionBody{EngineID: e.ID, UserID: e.UserID, Status: string(e.Status),
+			URL: s.core.URL(e), APIKey: res.Key}}, nil
 	})
 
 	huma.Register(s.api, s.op(huma.Operation{
@@ -256,15 +248,15 @@ func (s *Server) registerEngines() {
 		OperationID: "get-engine", Method: http.MethodGet, Path: "/engines/{user_id}",
 		Summary: "Get a user's engine (read-only, never provisions)", Errors: errs(400, 401, 404),
 	}), func(ctx context.Context, in *userPath) (*getEngineOutput, error) {
-		e, err := schema.New(s.pool).EngineByUser(ctx, productFrom(ctx).ID, in.UserID)
+		e, err := s.core.Engine(ctx, productFrom(ctx).ID, in.UserID)
 		if err != nil {
 			return nil, toHTTP(ctx, err)
 		}
-		d, err := s.toDetail(e, "")
+		key, err := s.core.Key(e)
 		if err != nil {
 			return nil, toHTTP(ctx, err)
 		}
-		return &getEngineOutput{Body: d}, nil
+		return &getEngineOutput{Body: s.toDetail(e, key)}, nil
 	})
 
 	huma.Register(s.api, s.op(huma.Operation{
@@ -285,23 +277,13 @@ func (s *Server) registerEngines() {
 	})
 
 	s.registerOp("start-engine", http.MethodPost, "/engines/{user_id}/start", "Start a stopped or sleeping engine",
-		opRequest{kind: orch.OpStart, check: func(e orch.Engine) error {
-			if e.Status == orch.StateRunning {
-				return orch.Errorf(orch.CodeEngineAlreadyRunning, "engine is already running")
-			}
-			return notTransitional(e)
-		}}, errs(400, 401, 404, 409, 502, 504))
+		lifecycle.Start, errs(400, 401, 404, 409, 502, 504))
 	s.registerOp("stop-engine", http.MethodPost, "/engines/{user_id}/stop", "Stop an engine (SIGTERM, 30 s grace, SIGKILL); the volume is kept",
-		opRequest{kind: orch.OpStop, check: func(e orch.Engine) error {
-			if e.Status == orch.StateStopped {
-				return orch.Errorf(orch.CodeEngineNotRunning, "engine is not running")
-			}
-			return notTransitional(e)
-		}}, errs(400, 401, 404, 409, 502, 504))
+		lifecycle.Stop, errs(400, 401, 404, 409, 502, 504))
 	s.registerOp("restart-engine", http.MethodPost, "/engines/{user_id}/restart", "Restart an engine",
-		opRequest{kind: orch.OpRestart, check: notTransitional}, errs(400, 401, 404, 409, 502, 504))
+		lifecycle.Restart, errs(400, 401, 404, 409, 502, 504))
 	s.registerOp("destroy-engine", http.MethodDelete, "/engines/{user_id}", "Destroy an engine: container, brain volume, port and row (irreversible)",
-		opRequest{kind: orch.OpDestroy, state: orch.StateDestroying}, errs(400, 401, 404, 502, 504))
+		lifecycle.Destroy, errs(400, 401, 404, 502, 504))
 
 	huma.Register(s.api, s.op(huma.Operation{
 		OperationID: "rotate-engine-key", Method: http.MethodPost, Path: "/engines/{user_id}/rotate-key",
@@ -309,46 +291,20 @@ func (s *Server) registerEngines() {
 		Description: "Puts a new key in force on the engine; the previous key keeps working for the overlap window.",
 		Errors:      errs(400, 401, 404, 409, 502, 504),
 	}), func(ctx context.Context, in *userOpInput) (*rotateOutput, error) {
-		key := keys.Generate()
-		enc, err := s.keyring.Encrypt(key)
-		if err != nil {
-			return nil, toHTTP(ctx, err)
-		}
-		e, opID, err := s.operate(ctx, productFrom(ctx), in.UserID, opRequest{kind: orch.OpRotateKey, check: mustRun,
-			payload: schema.OpPayload{KeyHash: keys.Hash(key), KeyEnc: enc}})
+		p := productFrom(ctx)
+		e, opID, key, err := s.core.RotateKey(ctx, p, in.UserID)
 		if err != nil {
 			return nil, toHTTP(ctx, err)
 		}
 		out := &rotateOutput{Status: http.StatusOK}
-		out.Body.EngineID = e.ID
+		out.Body.EngineID, out.Body.APIKey = e.ID, key
 		if wantsAsync(in.Prefer) {
-			// Joined a rotation another request started: the key that
-			// will be in force is the one in its payload, not ours.
-			_, p, err := schema.New(s.pool).OperationByID(ctx, opID)
-			if err != nil {
-				return nil, toHTTP(ctx, err)
-			}
-			if p.KeyHash != keys.Hash(key) {
-				if key, err = s.engineKey(orch.Engine{KeyEnc: p.KeyEnc}); err != nil {
-					return nil, toHTTP(ctx, err)
-				}
-			}
-			out.Status = http.StatusAccepted
-			out.Body.OperationID = opID
-			out.Body.APIKey = key
+			out.Status, out.Body.OperationID = http.StatusAccepted, opID
 			return out, nil
 		}
-		e, err = s.awaitEngine(ctx, productFrom(ctx), e, opID, orch.OpRotateKey)
-		if err != nil {
+		if _, err := s.core.Await(ctx, p.ID, e, opID, orch.OpRotateKey); err != nil {
 			return nil, toHTTP(ctx, err)
 		}
-		if e.KeyHash != keys.Hash(key) {
-			// Joined a rotation another request started: answer its key.
-			if key, err = s.engineKey(e); err != nil {
-				return nil, toHTTP(ctx, err)
-			}
-		}
-		out.Body.APIKey = key
 		return out, nil
 	})
 
@@ -358,11 +314,10 @@ func (s *Server) registerEngines() {
 		Description: "Per-user canaries. If the new version does not become healthy the engine is rolled back to the old image.",
 		Errors:      errs(400, 401, 404, 409, 502, 504),
 	}), func(ctx context.Context, in *upgradeInput) (*opOutput, error) {
-		if err := s.allowImage(in.Body.EngineVersion); err != nil {
+		if err := s.core.AllowImage(in.Body.EngineVersion); err != nil {
 			return nil, toHTTP(ctx, err)
 		}
-		return s.runOp(ctx, in.UserID, in.Prefer, opRequest{kind: orch.OpUpgrade, check: mustRun,
-			payload: schema.OpPayload{Image: in.Body.EngineVersion}})
+		return s.runOp(ctx, in.UserID, in.Prefer, lifecycle.Upgrade(in.Body.EngineVersion))
 	})
 
 	huma.Register(s.api, huma.Operation{
@@ -382,65 +337,36 @@ func (s *Server) registerEngines() {
 	})
 }
 
-func notTransitional(e orch.Engine) error {
-	if e.Status.Transitional() {
-		return orch.Errorf(orch.CodeOperationInProgress, "engine is %s", e.Status)
-	}
-	return nil
-}
-
-func mustRun(e orch.Engine) error {
-	if e.Status != orch.StateRunning {
-		return orch.Errorf(orch.CodeEngineNotRunning, "engine is %s, not running", e.Status)
-	}
-	return nil
-}
-
 // registerOp registers one of the simple engine operations.
-func (s *Server) registerOp(id, method, path, summary string, r opRequest, codes []int) {
+func (s *Server) registerOp(id, method, path, summary string, r lifecycle.Request, codes []int) {
 	huma.Register(s.api, s.op(huma.Operation{OperationID: id, Method: method, Path: path, Summary: summary, Errors: codes}),
 		func(ctx context.Context, in *userOpInput) (*opOutput, error) {
 			return s.runOp(ctx, in.UserID, in.Prefer, r)
 		})
 }
 
-func (s *Server) runOp(ctx context.Context, userID string, prefer string, r opRequest) (*opOutput, error) {
+func (s *Server) runOp(ctx context.Context, userID string, prefer string, r lifecycle.Request) (*opOutput, error) {
 	p := productFrom(ctx)
-	e, opID, err := s.operate(ctx, p, userID, r)
+	e, opID, err := s.core.Operate(ctx, p, userID, r)
 	if err != nil {
 		return nil, toHTTP(ctx, err)
 	}
 	if wantsAsync(prefer) {
-		return &opOutput{Status: http.StatusAccepted, Body: OpBody{EngineID: e.ID, Status: string(e.Status), URL: s.engineURL(e), OperationID: opID}}, nil
+		return &opOutput{Status: http.StatusAccepted, Body: OpBody{EngineID: e.ID, Status: string(e.Status), URL: s.core.URL(e), OperationID: opID}}, nil
 	}
-	e, err = s.awaitEngine(ctx, p, e, opID, r.kind)
+	e, err = s.core.Await(ctx, p.ID, e, opID, r.Kind)
 	if err != nil {
 		return nil, toHTTP(ctx, err)
 	}
 	out := &opOutput{Status: http.StatusOK, Body: OpBody{EngineID: e.ID, Status: string(e.Status)}}
-	switch r.kind {
+	switch r.Kind {
 	case orch.OpDestroy:
 		out.Body.Status = "destroyed"
 	case orch.OpStop:
 	default:
-		out.Body.URL = s.engineURL(e)
+		out.Body.URL = s.core.URL(e)
 	}
 	return out, nil
-}
-
-// awaitEngine waits for an operation and returns the engine as it ends.
-// A destroyed engine is returned as it was before (its row is gone).
-func (s *Server) awaitEngine(ctx context.Context, p orch.Product, e orch.Engine, opID string, kind orch.OpKind) (orch.Engine, error) {
-	if opID == "" {
-		return e, nil
-	}
-	if err := s.wait(ctx, p.ID, opID, s.waitTimeout(kind)); err != nil {
-		return e, err
-	}
-	if kind == orch.OpDestroy {
-		return e, nil
-	}
-	return schema.New(s.pool).EngineByID(ctx, e.ID)
 }
 
 // admit is the hot path (SPEC §3): a running engine costs the cached
@@ -470,10 +396,11 @@ func admitOutcome(out *admitOutput, err error) string {
 
 func (s *Server) admitUser(ctx context.Context, in *admitInput) (*admitOutput, error) {
 	p := productFrom(ctx)
-	var autoProvision, autoWake bool
+	var o lifecycle.AdmitOptions
 	if in.Body != nil {
-		autoProvision, autoWake = in.Body.AutoProvision, in.Body.AutoWake
+		o.AutoProvision, o.AutoWake = in.Body.AutoProvision, in.Body.AutoWake
 	}
+	o.Async = wantsAsync(in.Prefer)
 	out := &admitOutput{Status: http.StatusOK}
 	limit, remaining, err := s.rateLimit(ctx, p)
 	if limit > 0 {
@@ -481,7 +408,7 @@ func (s *Server) admitUser(ctx context.Context, in *admitInput) (*admitOutput, e
 		out.RateLimitRemaining = strconv.Itoa(remaining)
 	}
 	if err != nil {
-		s.auditDenied(p, in.UserID, orch.ErrorCode(err))
+		s.core.AuditDenied(p, in.UserID, string(orch.ErrorCode(err)))
 		herr := toHTTP(ctx, err)
 		if limit > 0 { // a denied admit still says where the product stands
 			herr = huma.ErrorWithHeaders(herr, http.Header{"X-RateLimit-Limit": {out.RateLimitLimit},
@@ -489,115 +416,17 @@ func (s *Server) admitUser(ctx context.Context, in *admitInput) (*admitOutput, e
 		}
 		return nil, herr
 	}
-	e, err := schema.New(s.pool).EngineByUser(ctx, p.ID, in.UserID)
-	notFound := orch.IsCode(err, orch.CodeEngineNotFound)
-	if err != nil && !notFound {
+	a, err := s.core.Admit(ctx, p, in.UserID, o)
+	if err != nil {
 		return nil, toHTTP(ctx, err)
 	}
-	deny := func(reason string) (*admitOutput, error) {
-		s.auditDenied(p, in.UserID, orch.Code(reason))
-		out.Body = AdmitBody{Admitted: false, Reason: reason}
-		return out, nil
+	out.path = a.Path
+	out.Body = AdmitBody{Admitted: a.Admitted, Reason: string(a.Reason), OperationID: a.OperationID}
+	if a.Engine != nil {
+		out.Body.Engine = &AdmitEngine{EngineDetail: s.toDetail(*a.Engine, a.Key)}
 	}
-	var opID, key string
-	var kind orch.OpKind
-	switch {
-	case notFound:
-		if !autoProvision {
-			return deny("engine_not_found")
-		}
-		res, err := s.provision(ctx, p, in.UserID, "", true)
-		if err != nil {
-			if orch.IsCode(err, orch.CodeQuotaExceeded) {
-				s.auditDenied(p, in.UserID, orch.CodeQuotaExceeded)
-			}
-			return nil, toHTTP(ctx, err)
-		}
-		e, opID, key, kind = res.engine, res.opID, res.key, orch.OpProvision
-		if opID == "" && e.Status != orch.StateRunning {
-			// Joined an engine that another admit created and that is no
-			// longer provisioning: answer it as it stands now.
-			return s.admitExisting(ctx, out, p, e, autoWake, in.Prefer, deny)
-		}
-	default:
-		return s.admitExisting(ctx, out, p, e, autoWake, in.Prefer, deny)
-	}
-	return s.admitAfter(ctx, out, p, e, opID, key, kind, in.Prefer)
-}
-
-func (s *Server) admitExisting(ctx context.Context, out *admitOutput, p orch.Product, e orch.Engine, autoWake bool, h string,
-	deny func(string) (*admitOutput, error)) (*admitOutput, error) {
-	switch e.Status {
-	case orch.StateRunning:
-		out.path = metrics.AdmitWarm
-		s.touch(e)
-		d, err := s.toDetail(e, "")
-		if err != nil {
-			return nil, toHTTP(ctx, err)
-		}
-		out.Body = AdmitBody{Admitted: true, Engine: &AdmitEngine{EngineDetail: d}}
-		return out, nil
-	case orch.StateProvisioning:
-		return s.admitAfter(ctx, out, p, e, e.OperationID, "", orch.OpProvision, h)
-	case orch.StateSleeping, orch.StateStopped:
-		if !autoWake {
-			return deny("engine_sleeping")
-		}
-		e2, opID, err := s.operate(ctx, p, e.UserID, opRequest{kind: orch.OpWake})
-		if err != nil {
-			return nil, toHTTP(ctx, err)
-		}
-		return s.admitAfter(ctx, out, p, e2, opID, "", orch.OpWake, h)
-	case orch.StateFailed:
-		// A restart already under way (a running auto-restart attempt or a
-		// manual start) is waited for. An attempt still waiting for its
-		// backoff may be minutes away: answer engine_unhealthy now rather
-		// than hold the request past its budget.
-		if e.OperationID != "" {
-			op, _, err := schema.New(s.pool).OperationByID(ctx, e.OperationID)
-			if err == nil && op.Status == orch.OpRunning {
-				return s.admitAfter(ctx, out, p, e, op.ID, "", op.Kind, h)
-			}
-		}
-		return deny("engine_unhealthy")
-	default: // destroying
-		return nil, toHTTP(ctx, orch.Errorf(orch.CodeOperationInProgress, "engine is being destroyed"))
-	}
-}
-
-// admitAfter waits for the provision or wake an admit started or joined.
-func (s *Server) admitAfter(ctx context.Context, out *admitOutput, p orch.Product, e orch.Engine, opID, key string, kind orch.OpKind, h string) (*admitOutput, error) {
-	out.path = metrics.AdmitWake
-	if kind == orch.OpProvision {
-		out.path = metrics.AdmitCold
-	}
-	if wantsAsync(h) && opID != "" {
-		d, err := s.toDetail(e, key)
-		if err != nil {
-			return nil, toHTTP(ctx, err)
-		}
+	if a.OperationID != "" {
 		out.Status = http.StatusAccepted
-		out.Body = AdmitBody{Admitted: false, Engine: &AdmitEngine{EngineDetail: d}, OperationID: opID}
-		return out, nil
 	}
-	e, err := s.awaitEngine(ctx, p, e, opID, kind)
-	if err != nil {
-		return nil, toHTTP(ctx, err)
-	}
-	if e.Status != orch.StateRunning {
-		out.Body = AdmitBody{Admitted: false, Reason: "engine_unhealthy"}
-		return out, nil
-	}
-	d, err := s.toDetail(e, key)
-	if err != nil {
-		return nil, toHTTP(ctx, err)
-	}
-	out.Body = AdmitBody{Admitted: true, Engine: &AdmitEngine{EngineDetail: d}}
 	return out, nil
-}
-
-// auditDenied records admit_denied: queued for the replica's one writer,
-// which aggregates per product and reason (denied.go); it never blocks.
-func (s *Server) auditDenied(p orch.Product, userID string, reason orch.Code) {
-	s.denied.add(p, userID, reason)
 }

@@ -99,15 +99,11 @@ func requestID(ctx context.Context) string {
 	return s
 }
 
-// RetryAfter attaches a Retry-After hint (seconds) to a domain error.
-type retryAfterError struct {
-	error
-	seconds int
+// withRetryAfter sets a domain error's Retry-After hint (seconds).
+func withRetryAfter(err *orch.Error, seconds int) error {
+	err.RetryAfter = seconds
+	return err
 }
-
-func (e retryAfterError) Unwrap() error { return e.error }
-
-func withRetryAfter(err error, seconds int) error { return retryAfterError{err, seconds} }
 
 // toHTTP converts any error a handler returns into the envelope. Internal
 // causes are logged once by the access log, never sent.
@@ -134,9 +130,8 @@ func toHTTP(ctx context.Context, err error) error {
 		out.status = http.StatusInternalServerError
 		out.ErrorBody.Error = ErrorDetail{Code: string(orch.CodeInternal), Message: "internal error"}
 	}
-	var ra retryAfterError
-	if errors.As(err, &ra) {
-		out.GetHeaders().Set("Retry-After", strconv.Itoa(ra.seconds))
+	if de != nil && de.RetryAfter > 0 {
+		out.GetHeaders().Set("Retry-After", strconv.Itoa(de.RetryAfter))
 	} else if out.status == http.StatusTooManyRequests {
 		out.GetHeaders().Set("Retry-After", "60")
 	}

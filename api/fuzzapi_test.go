@@ -44,9 +44,9 @@ func newFuzzTarget(f *testing.F) *fuzzTarget {
 	if err != nil {
 		f.Fatal(err)
 	}
-	cfg := testConfig()
-	cfg.BootTimeout = time.Second
-	srv := api.New(cfg, pool, rc, kr, testenv.Quiet())
+	cc := testCoreConfig()
+	cc.BootTimeout = time.Second
+	srv := newAPI(testConfig(), pool, rc, kr, testenv.Quiet(), cc)
 	ctx, cancel := context.WithCancel(context.Background())
 	go srv.Run(ctx)
 	l, err := net.Listen("tcp", "127.0.0.1:0")

@@ -5,12 +5,14 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
@@ -19,6 +21,7 @@ import (
 	"github.com/enginefleet/orchestrator/api"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/lifecycle"
 )
 
 const testAdminKey = "test-admin-key-0123456789"
@@ -30,12 +33,40 @@ type harness struct {
 	DBURL   string
 	Pool    *pgxpool.Pool
 	Keyring *keys.Keyring
-	Server  *api.Server
+	Server  replica
 }
 
 func testConfig() api.Config {
-	return api.Config{AdminKey: testAdminKey, DefaultImage: "enginefleet/engine:test", PortMin: 20000, PortMax: 20999,
-		BootTimeout: 5 * time.Second, URLTemplate: "http://127.0.0.1:{port}", KeyOverlap: time.Minute}
+	return api.Config{AdminKey: testAdminKey, PortMin: 20000, PortMax: 20999}
+}
+
+// testCoreConfig is the lifecycle core under the tests' API replicas.
+func testCoreConfig() lifecycle.Config {
+	return lifecycle.Config{DefaultImage: "enginefleet/engine:test", PortMin: 20000, PortMax: 20999,
+		BootTimeout: 5 * time.Second, URLTemplate: "http://127.0.0.1:{port}"}
+}
+
+// replica is an API replica and the lifecycle core it runs on, as
+// cmd/orchestrator wires them: Run runs both.
+type replica struct {
+	*api.Server
+	Core *lifecycle.Core
+}
+
+func (r replica) Run(ctx context.Context) {
+	go r.Server.Run(ctx)
+	r.Core.Run(ctx)
+}
+
+// newAPI builds a replica on the test core configuration (cc, when
+// given, replaces it).
+func newAPI(cfg api.Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyring, log *slog.Logger, cc ...lifecycle.Config) replica {
+	c := testCoreConfig()
+	if len(cc) > 0 {
+		c = cc[0]
+	}
+	core := lifecycle.New(c, pool, rc, kr, log)
+	return replica{Server: api.New(cfg, core, pool, rc, log), Core: core}
 }
 
 // newHarness starts an API on a fresh database. Pass a dbURL to share one
@@ -50,7 +81,7 @@ func newHarness(t *testing.T, dbURL string, cfg api.Config) *harness {
 	require.NoError(t, err)
 	kr, err := keys.NewKeyring(keys.GenerateMasterKey(), nil)
 	require.NoError(t, err)
-	srv := api.New(cfg, pool, rc, kr, testenv.Quiet())
+	srv := newAPI(cfg, pool, rc, kr, testenv.Quiet())
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	go srv.Run(ctx)

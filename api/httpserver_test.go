@@ -20,6 +20,7 @@ import (
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -28,7 +29,7 @@ const limitsAdminKey = "limits-admin-key-0123456789"
 // realServer serves the API through HTTPServer (the limits and timeouts
 // production uses) on a real listener; adjust may change the server
 // before it starts.
-func realServer(t *testing.T, cfg Config, adjust func(*Server)) (*Server, string) {
+func realServer(t *testing.T, cfg Config, cc lifecycle.Config, adjust func(*Server)) (*Server, string) {
 	t.Helper()
 	pool := testenv.Pool(t, testenv.DB(t))
 	rc, err := river.NewClient[pgx.Tx](riverpgxv5.New(pool), &river.Config{})
@@ -38,12 +39,14 @@ func realServer(t *testing.T, cfg Config, adjust func(*Server)) (*Server, string
 	if cfg.AdminKey == "" {
 		cfg.AdminKey = limitsAdminKey
 	}
-	s := New(cfg, pool, rc, kr, testenv.Quiet())
+	core := lifecycle.New(cc, pool, rc, kr, testenv.Quiet())
+	s := New(cfg, core, pool, rc, testenv.Quiet())
 	if adjust != nil {
 		adjust(s)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	go s.Run(ctx)
+	go core.Run(ctx)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	srv := s.HTTPServer("")
@@ -79,7 +82,7 @@ func envelopeOf(t *testing.T, resp *http.Response) ErrorDetail {
 // A client trickling its header is cut off; it is never served.
 func TestSlowlorisHeaderCut(t *testing.T) {
 	t.Parallel()
-	_, base := realServer(t, Config{}, nil)
+	_, base := realServer(t, Config{}, lifecycle.Config{}, nil)
 	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
 	require.NoError(t, err)
 	defer conn.Close()
@@ -111,7 +114,7 @@ func TestSlowlorisHeaderCut(t *testing.T) {
 // A header larger than MaxHeaderBytes is answered 431.
 func TestOversizedHeader(t *testing.T) {
 	t.Parallel()
-	_, base := realServer(t, Config{}, nil)
+	_, base := realServer(t, Config{}, lifecycle.Config{}, nil)
 	req, err := http.NewRequest("GET", base+"/health", nil)
 	require.NoError(t, err)
 	req.Header.Set("X-Big", strings.Repeat("a", 100<<10))
@@ -132,7 +135,7 @@ func TestOversizedHeader(t *testing.T) {
 // routes and the others.
 func TestOversizedBody(t *testing.T) {
 	t.Parallel()
-	_, base := realServer(t, Config{}, nil)
+	_, base := realServer(t, Config{}, lifecycle.Config{}, nil)
 	big := `{"slug":"acme","display_name":"` + strings.Repeat("a", 2<<20) + `"}`
 	for _, tc := range []struct {
 		name, path string
@@ -182,7 +185,7 @@ func TestOversizedBody(t *testing.T) {
 // operation's body deadline passes.
 func TestSlowBodyCut(t *testing.T) {
 	t.Parallel()
-	_, base := realServer(t, Config{}, nil)
+	_, base := realServer(t, Config{}, lifecycle.Config{}, nil)
 	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
 	require.NoError(t, err)
 	defer conn.Close()
@@ -201,9 +204,9 @@ func TestSlowBodyCut(t *testing.T) {
 // from the moment the response starts, not from the request.
 func TestLongWaitNotCut(t *testing.T) {
 	t.Parallel()
-	cfg := Config{BootTimeout: time.Second, DefaultImage: "enginefleet/engine:test", PortMin: 21000, PortMax: 21099,
+	cc := lifecycle.Config{BootTimeout: time.Second, DefaultImage: "enginefleet/engine:test", PortMin: 21000, PortMax: 21099,
 		URLTemplate: "http://127.0.0.1:{port}"}
-	s, base := realServer(t, cfg, func(s *Server) { s.writeTimeout = time.Second })
+	s, base := realServer(t, Config{}, cc, func(s *Server) { s.writeTimeout = time.Second })
 	key := keys.Generate()
 	_, err := schema.New(s.pool).InsertProduct(context.Background(), "acme", "Acme", orch.Policy{}, keys.Hash(key))
 	require.NoError(t, err)

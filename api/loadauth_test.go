@@ -16,7 +16,6 @@ import (
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
 	"github.com/stretchr/testify/require"
 
-	"github.com/enginefleet/orchestrator/api"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/keys"
 )
@@ -86,7 +85,7 @@ func TestBadAuthFloodMemoryFlat(t *testing.T) {
 	require.NoError(t, err)
 	cfg := testConfig()
 	cfg.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}
-	srv := api.New(cfg, pool, rc, kr, testenv.Quiet())
+	srv := newAPI(cfg, pool, rc, kr, testenv.Quiet())
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go srv.Run(ctx)

@@ -13,7 +13,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/api"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/schema"
@@ -30,7 +29,7 @@ func TestWaitWithoutNotify(t *testing.T) {
 	require.NoError(t, err)
 	kr, err := keys.NewKeyring(keys.GenerateMasterKey(), nil)
 	require.NoError(t, err)
-	srv := api.New(testConfig(), pool, rc, kr, testenv.Quiet()) // never Run: no LISTEN
+	srv := newAPI(testConfig(), pool, rc, kr, testenv.Quiet()) // never Run: no LISTEN
 	ts := httptest.NewServer(srv.Handler())
 	t.Cleanup(ts.Close)
 	h := &harness{t: t, URL: ts.URL, Pool: pool, Keyring: kr, Server: srv}

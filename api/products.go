@@ -292,7 +292,7 @@ func productChanged(ctx context.Context, q *schema.Queries, p orch.Product, acti
 func (s *Server) registerProduct(ctx context.Context, slug, displayName string, pol orch.Policy) (orch.Product, string, error) {
 	key := keys.Generate()
 	var p orch.Product
-	err := s.inTx(ctx, func(q *schema.Queries, _ pgx.Tx) error {
+	err := s.inTx(ctx, func(q *schema.Queries) error {
 		var err error
 		if p, err = q.InsertProduct(ctx, slug, displayName, pol, keys.Hash(key)); err != nil {
 			return err
@@ -310,7 +310,7 @@ func (s *Server) registerProduct(ctx context.Context, slug, displayName string, 
 // updatePolicy replaces a product's policy. PRODUCT_NOT_FOUND if none.
 func (s *Server) updatePolicy(ctx context.Context, productID string, pol orch.Policy) (orch.Product, error) {
 	var p orch.Product
-	err := s.inTx(ctx, func(q *schema.Queries, _ pgx.Tx) error {
+	err := s.inTx(ctx, func(q *schema.Queries) error {
 		old, err := q.GetProductForUpdate(ctx, productID)
 		if err != nil {
 			return err
@@ -334,7 +334,7 @@ func (s *Server) rotatePlatformKey(ctx context.Context, productID string, overla
 	key := keys.Generate()
 	expires := time.Now().Add(overlap).UTC().Truncate(time.Microsecond)
 	var p orch.Product
-	err := s.inTx(ctx, func(q *schema.Queries, _ pgx.Tx) error {
+	err := s.inTx(ctx, func(q *schema.Queries) error {
 		var err error
 		if p, err = q.RotatePlatformKey(ctx, productID, keys.Hash(key), expires); err != nil {
 			return err
@@ -354,4 +354,9 @@ func (s *Server) rotatePlatformKey(ctx context.Context, productID string, overla
 // drop it when the NOTIFY arrives.
 func (s *Server) committed(productID string) {
 	s.products.invalidate(productID)
+}
+
+// inTx runs fn in one transaction on the pool.
+func (s *Server) inTx(ctx context.Context, fn func(q *schema.Queries) error) error {
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return fn(schema.New(tx)) })
 }

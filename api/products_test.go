@@ -40,7 +40,7 @@ type server struct {
 	URL     string
 	Pool    *pgxpool.Pool
 	Keyring *keys.Keyring
-	Server  *api.Server
+	Server  replica
 }
 
 // startServer starts one API replica on dbURL ("" = a fresh database).
@@ -66,7 +66,7 @@ func startServer(tb testing.TB, dbURL string, cfg api.Config, o replicaOpts) (se
 	if log == nil {
 		log = testenv.Quiet()
 	}
-	srv := api.New(cfg, pool, rc, kr, log)
+	srv := newAPI(cfg, pool, rc, kr, log)
 	ctx, cancel := context.WithCancel(context.Background())
 	tb.Cleanup(cancel)
 	go srv.Run(ctx)

@@ -45,7 +45,7 @@ func limiterReplica(tb testing.TB, dbURL string) (*Server, *leaseCounter, string
 	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
 	require.NoError(tb, err)
 	tb.Cleanup(pool.Close)
-	return New(Config{}, pool, nil, nil, testenv.Quiet()), lc, dbURL
+	return New(Config{}, nil, pool, nil, testenv.Quiet()), lc, dbURL
 }
 
 func limitedProduct(tb testing.TB, s *Server, slug string, rpm *int) orch.Product {
@@ -129,9 +129,9 @@ func TestRateLimitDeniesLocally(t *testing.T) {
 		require.True(t, orch.IsCode(err, orch.CodeRateLimited), "%v", err)
 		require.Equal(t, 5, limit)
 		require.Zero(t, rem)
-		var ra retryAfterError
-		require.True(t, errors.As(err, &ra))
-		require.True(t, ra.seconds >= 1 && ra.seconds <= 60, "Retry-After %d", ra.seconds)
+		var de *orch.Error
+		require.True(t, errors.As(err, &de))
+		require.True(t, de.RetryAfter >= 1 && de.RetryAfter <= 60, "Retry-After %d", de.RetryAfter)
 	}
 	require.Equal(t, before, leases.n.Load(), "an exhausted window is denied without a round trip")
 

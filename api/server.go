@@ -16,7 +16,6 @@ import (
 	"path"
 	"regexp"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -27,23 +26,20 @@ import (
 	"github.com/riverqueue/river"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// Config is what the API needs; cmd/orchestrator fills it from the environment.
+// Config is what the API needs; cmd/orchestrator fills it from the
+// environment. What engines are and how operations run is the lifecycle
+// core's (lifecycle.Config).
 type Config struct {
-	AdminKey     string
-	DefaultImage string        // ORCH_ENGINE_IMAGE
-	Images       *orch.Images  // ORCH_ENGINE_IMAGE_ALLOWLIST (nil = DefaultImage's repository)
-	PortMin      int           // ORCH_PORT_MIN
-	PortMax      int           // ORCH_PORT_MAX
-	Node         string        // engine host this replica provisions on ("local")
-	BootTimeout  time.Duration // ORCH_BOOT_TIMEOUT_S: how long a synchronous call waits
-	URLTemplate  string        // ORCH_ENGINE_URL_TEMPLATE, e.g. http://127.0.0.1:{port}
-	KeyOverlap   time.Duration // engine key rotation overlap
-	Version      string
+	AdminKey string
+	Version  string
+	// PortMin and PortMax are the engine port range, for GET /status's
+	// port usage.
+	PortMin, PortMax int
 
 	// ProductTTL is how long a cached platform key is trusted before the
 	// database is asked again (0 = DefaultProductTTL).
@@ -59,48 +55,38 @@ type Config struct {
 	Metrics *metrics.Metrics // admit and request latency (nil = none)
 }
 
-// Server is one API replica.
+// Server is one API replica: HTTP in front of the lifecycle core.
 type Server struct {
-	cfg       Config
-	pool      *pgxpool.Pool
-	river     *river.Client[pgx.Tx]
-	keyring   *keys.Keyring
-	log       *slog.Logger
-	api       huma.API
-	mux       *http.ServeMux
-	products  *productCache
-	authFails *authThrottle // failed authentications per client (throttle.go)
-	waiters   *waiters
-	// stopWaits is closed when a draining process can wait no longer
-	// (StopWaiting): requests waiting for an operation answer at once.
-	stopWaits    chan struct{}
-	stopWaitsOne sync.Once
-	activity     activity
-	denied       *deniedAudit // admit_denied rows, aggregated (denied.go)
-	rates        rateLimiter  // admit rate limits shared with every replica (ratelimit.go)
+	cfg          Config
+	core         *lifecycle.Core // every request that changes an engine, and the waits
+	pool         *pgxpool.Pool   // reads: products, audit, fleet status
+	river        *river.Client[pgx.Tx]
+	log          *slog.Logger
+	api          huma.API
+	mux          *http.ServeMux
+	products     *productCache
+	authFails    *authThrottle // failed authentications per client (throttle.go)
+	rates        rateLimiter   // admit rate limits shared with every replica (ratelimit.go)
 	migrated     atomic.Bool
 	adminUI      *adminUI      // River UI at /admin/jobs (adminui.go)
 	writeTimeout time.Duration // WriteTimeout (tests shorten it)
 }
 
-// New builds the API. river may be an insert-only client (no workers).
-func New(cfg Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *keys.Keyring, log *slog.Logger) *Server {
-	if cfg.Node == "" {
-		cfg.Node = "local"
-	}
+// New builds the API on core. rc (for audit exports and the job UI) may be
+// an insert-only client; core and rc may be nil to render the OpenAPI
+// document only.
+func New(cfg Config, core *lifecycle.Core, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], log *slog.Logger) *Server {
 	if cfg.Version == "" {
 		cfg.Version = "dev"
 	}
-	if cfg.Images == nil {
-		im, _ := orch.ParseImages(cfg.DefaultImage, "") // cannot fail without a list
-		cfg.Images = &im
-	}
-	s := &Server{cfg: cfg, pool: pool, river: rc, keyring: kr, log: log, mux: http.NewServeMux(), writeTimeout: WriteTimeout}
+	s := &Server{cfg: cfg, core: core, pool: pool, river: rc, log: log, mux: http.NewServeMux(), writeTimeout: WriteTimeout}
 	s.products = newProductCache(pool, cfg.ProductTTL)
 	s.authFails = newAuthThrottle(cfg.AuthFailuresPerSecond)
-	s.waiters = newWaiters()
-	s.denied = newDeniedAudit(pool, log, cfg.Metrics)
-	s.stopWaits = make(chan struct{})
+	if core != nil {
+		// Every replica drops a product's cached keys when it changes, and
+		// everything when the listener reconnects (NOTIFYs were lost).
+		core.Listen(schema.ChannelProducts, s.products.invalidate, s.products.flush)
+	}
 	s.api = humago.New(s.mux, humaConfig(cfg.Version))
 	s.api.UseMiddleware(s.authMiddleware, s.validateUserPath) // key first: no key, no hints
 	s.register()
@@ -133,11 +119,6 @@ func humaConfig(version string) huma.Config {
 	}
 	return c
 }
-
-// StopWaiting answers every request still waiting for an operation with
-// 503 SERVICE_UNAVAILABLE naming the operation to follow, instead of
-// letting the end of a drain cut it off. The operations go on.
-func (s *Server) StopWaiting() { s.stopWaitsOne.Do(func() { close(s.stopWaits) }) }
 
 // API exposes the huma API (for the OpenAPI document).
 func (s *Server) API() huma.API { return s.api }
@@ -187,22 +168,12 @@ func cleanPath(p string) string {
 	return np
 }
 
-// Run starts the server's background work (the NOTIFY listener, the
-// admit_denied writer) until ctx ends; it returns once the writer has
-// written what was pending.
+// Run starts the server's background work (the job UI) until ctx ends.
+// The lifecycle core runs on its own (lifecycle.Core.Run): it holds the
+// NOTIFY listener this server's product cache follows.
 func (s *Server) Run(ctx context.Context) {
-	denied := make(chan struct{})
-	go func() { defer close(denied); s.denied.run(ctx) }()
-	defer func() { <-denied }()
 	s.startAdminUI(ctx)
-	l := &listener{pool: s.pool, log: s.log, handlers: map[string]func(string){
-		schema.ChannelProducts: s.products.invalidate,
-		schema.ChannelOps:      s.waiters.wake,
-	}, onReconnect: func() {
-		s.products.flush()
-		s.waiters.wakeAll()
-	}}
-	l.run(ctx)
+	<-ctx.Done()
 }
 
 var requestIDRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)

@@ -15,29 +15,6 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-func TestGenerationsBounded(t *testing.T) {
-	g := newGenerations[int, int](100)
-	for i := range 10000 {
-		g.put(i, i)
-		require.LessOrEqual(t, g.len(), 200)
-	}
-	for i := 10000 - 100; i < 10000; i++ {
-		v, ok := g.get(i)
-		require.True(t, ok, "the newest size entries are kept")
-		require.Equal(t, i, v)
-	}
-	_, ok := g.get(0)
-	require.False(t, ok)
-	g.put(9999, -1) // an update does not rotate
-	v, _ := g.get(9999)
-	require.Equal(t, -1, v)
-	g.delete(9999)
-	_, ok = g.get(9999)
-	require.False(t, ok)
-	g.reset()
-	require.Zero(t, g.len())
-}
-
 // The throttle's memory is bounded however many clients fail: beyond
 // authMaxClients a generation's newcomers share one overflow bucket, and
 // generations older than a refill period are forgotten whole.
@@ -127,12 +104,12 @@ func TestProductCacheMissesBounded(t *testing.T) {
 		_, err := c.lookup(ctx, keys.Hash(keys.Generate()))
 		require.True(t, orch.IsCode(err, orch.CodeInvalidPlatformKey), "%v", err)
 	}
-	require.LessOrEqual(t, c.misses.len(), 2*maxMisses)
+	require.LessOrEqual(t, c.misses.Len(), 2*maxMisses)
 	require.Len(t, c.byKey, 1)
 	_, fresh, known := c.peek(keys.Hash(key), time.Now())
 	require.True(t, fresh && known)
 	c.invalidate(p.ID)
-	require.Zero(t, c.misses.len())
+	require.Zero(t, c.misses.Len())
 	_, fresh, known = c.peek(keys.Hash(key), time.Now())
 	require.True(t, known && !fresh, "an invalidated key stays known (stale) for the throttle, and is checked again")
 	got, err = c.lookup(ctx, keys.Hash(key))

@@ -40,7 +40,8 @@ func TestChaos(t *testing.T) {
 		"ORCH_HEALTH_CHECK_INTERVAL_S=5", "ORCH_HEALTH_CHECK_TIMEOUT_S=2", "ORCH_RESTART_BACKOFF_BASE_S=1",
 		"ORCH_IDLE_AFTER_S=0", "ORCH_LOG_LEVEL=info")
 	pf.dbURL = pg.URL
-	be, err := docker.New(docker.Config{Network: e2eNetwork, Node: node}, testenv.Quiet())
+	pool := testenv.Pool(t, pg.URL)
+	be, err := docker.New(docker.Config{Network: e2eNetwork, Node: node, Fleet: fleetID(t, pool)}, testenv.Quiet())
 	require.NoError(t, err)
 	t.Cleanup((&fleet{Backend: be}).removeEngines)
 
@@ -51,7 +52,6 @@ func TestChaos(t *testing.T) {
 	workers := []*proc{pf.start("worker", metricsAddr()), pf.start("worker", metricsAddr())}
 	key := pf.register(apiProc, "acme")
 	h := map[string]string{"X-Platform-Key": key}
-	pool := testenv.Pool(t, pg.URL)
 
 	const users, clients = 30, 6
 	traffic := 2 * time.Minute
@@ -201,8 +201,18 @@ func TestChaos(t *testing.T) {
 		have[rt.EngineID] = rt
 	}
 	for _, e := range es {
-		if e.status == string(orch.StateRunning) {
-			require.Equal(t, orch.RuntimeRunning, have[e.id].State, "running engine %s has a running container", e.user)
+		if e.status == string(orch.StateRunning) && have[e.id].State != orch.RuntimeRunning {
+			var acts []string
+			r, err := pool.Query(ctx, `SELECT action || coalesce(' ' || (metadata->>'repair'), '') FROM audit_log WHERE engine_id = $1 ORDER BY id`, e.id)
+			require.NoError(t, err)
+			for r.Next() {
+				var a string
+				require.NoError(t, r.Scan(&a))
+				acts = append(acts, a)
+			}
+			r.Close()
+			info, err := be.Inspect(ctx, e.id)
+			t.Fatalf("running engine %s has no running container: listed %+v, inspected %+v (%v); audit %v", e.user, have[e.id], info, err, acts)
 		}
 	}
 

@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/riverqueue/river"
-	"github.com/riverqueue/river/riverdriver/riverpgxv5"
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
@@ -23,6 +21,8 @@ import (
 	"github.com/enginefleet/orchestrator/backend/docker"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/lifecycle"
+	"github.com/enginefleet/orchestrator/server"
 )
 
 var (
@@ -95,15 +95,15 @@ func TestWorkerKilledMidProvisionDocker(t *testing.T) {
 	f := &fleet{t: t, Pool: pool, Backend: be, Node: node}
 	t.Cleanup(f.removeEngines)
 
-	// The API in this process (insert-only River client), workers outside.
-	rc, err := river.NewClient(riverpgxv5.New(pool), &river.Config{})
+	// The API role in this process, workers outside.
+	p, err := server.New(server.Config{Roles: server.Roles{API: true}, API: api.Config{AdminKey: adminKey},
+		Core: lifecycle.Config{DefaultImage: image, PortMin: portMin, PortMax: portMin + 19, Node: node,
+			BootTimeout: 10 * time.Second, URLTemplate: "http://127.0.0.1:{port}"}}, pool, kr, nil, testenv.Quiet())
 	require.NoError(t, err)
-	srv := api.New(api.Config{AdminKey: adminKey, DefaultImage: image, PortMin: portMin, PortMax: portMin + 19, Node: node,
-		BootTimeout: 10 * time.Second, URLTemplate: "http://127.0.0.1:{port}"}, pool, rc, kr, testenv.Quiet())
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	go srv.Run(ctx)
-	ts := httptest.NewServer(srv.Handler())
+	ctx := context.Background()
+	require.NoError(t, p.Start(ctx))
+	t.Cleanup(func() { p.Stop(context.Background()) }) //nolint:errcheck
+	ts := httptest.NewServer(p.Handler())
 	t.Cleanup(ts.Close)
 	f.URL = ts.URL
 	_, key := f.product("acme", orch.Policy{})

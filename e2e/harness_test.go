@@ -17,7 +17,6 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
-	"github.com/riverqueue/river/riverdriver/riverpgxv5"
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
@@ -26,9 +25,11 @@ import (
 	"github.com/enginefleet/orchestrator/backend/subprocess"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/scheduler"
 	"github.com/enginefleet/orchestrator/schema"
+	"github.com/enginefleet/orchestrator/server"
 	"github.com/enginefleet/orchestrator/workers"
 )
 
@@ -43,8 +44,8 @@ type fleetOpts struct {
 	keyOverlap  time.Duration
 	image       string // default image (docker: built for the test)
 	orphanGrace time.Duration
-	node        string           // ORCH_NODE (default: one of its own)
-	metrics     *metrics.Metrics // Prometheus metrics of the fleet's API and workers (nil = none)
+	node        string          // ORCH_NODE (default: one of its own)
+	metrics     *metrics.Config // serve the fleet's Prometheus metrics (MetricsURL) from this configuration (nil = none)
 
 	// Fleet upkeep (SPEC §6, §7); zero values keep the workers' defaults
 	// (auto-restart off unless maxAttempts is set).
@@ -80,7 +81,10 @@ type fleet struct {
 	Backups string
 	Exports string
 	Sched   *scheduler.Scheduler // with fleetOpts.scheduler
-	client  *http.Client         // nil = httpClient (tests may validate traffic)
+	Proc    *server.Process      // the whole process under test
+	// MetricsURL is the Prometheus listener's /metrics (fleetOpts.metrics).
+	MetricsURL string
+	client     *http.Client // nil = httpClient (tests may validate traffic)
 }
 
 func randHex(n int) string {
@@ -144,53 +148,50 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	if o.probeTimeout == 0 {
 		o.probeTimeout = 2 * time.Second
 	}
-	w := workers.New(workers.Config{Node: f.Node, Metrics: o.metrics,
-		Engines: workers.EngineConfig{BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout, EnvPassthrough: o.engineEnv,
-			KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, PortMin: f.PortMin, PortMax: f.PortMax},
-		Health: workers.HealthConfig{Interval: o.healthInterval, MaxFailures: o.maxFailures, RestartBackoffBase: o.backoffBase,
-			RestartBackoffMax: o.backoffMax, RestartMaxAttempts: o.maxAttempts},
-		Idle:      workers.IdleConfig{After: o.idleAfter, Mode: o.sleepMode},
-		Backups:   workers.BackupConfig{Dir: f.Backups},
-		Audit:     workers.AuditConfig{ExportDir: f.Exports, Retention: 30 * 24 * time.Hour, ExportSettle: 50 * time.Millisecond},
-		Reconcile: workers.ReconcileConfig{OrphanGrace: o.orphanGrace}},
-		f.Pool, f.Backend, log)
-	f.Workers = w
-	f.River, err = river.NewClient(riverpgxv5.New(f.Pool), w.RiverConfig(log))
+	if o.idleEvery == 0 {
+		o.idleEvery = time.Second
+	}
+	// The process the tests run is the one cmd/orchestrator runs
+	// (server.Process), with every role in this test process.
+	cfg := server.Config{
+		Roles:   server.Roles{API: true, Worker: true, Scheduler: o.scheduler},
+		Version: "e2e",
+		API:     api.Config{AdminKey: adminKey, PortMin: f.PortMin, PortMax: f.PortMax},
+		Core: lifecycle.Config{DefaultImage: f.Image, PortMin: f.PortMin, PortMax: f.PortMax, Node: f.Node,
+			BootTimeout: o.bootTimeout, URLTemplate: "http://127.0.0.1:{port}"},
+		Workers: workers.Config{Node: f.Node,
+			Engines: workers.EngineConfig{BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout, EnvPassthrough: o.engineEnv,
+				KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, PortMin: f.PortMin, PortMax: f.PortMax},
+			Health: workers.HealthConfig{Interval: o.healthInterval, MaxFailures: o.maxFailures, RestartBackoffBase: o.backoffBase,
+				RestartBackoffMax: o.backoffMax, RestartMaxAttempts: o.maxAttempts},
+			Idle:      workers.IdleConfig{After: o.idleAfter, Mode: o.sleepMode},
+			Backups:   workers.BackupConfig{Dir: f.Backups},
+			Audit:     workers.AuditConfig{ExportDir: f.Exports, Retention: 30 * 24 * time.Hour, ExportSettle: 50 * time.Millisecond},
+			Reconcile: workers.ReconcileConfig{OrphanGrace: o.orphanGrace}},
+		Fleet: scheduler.FleetConfig{Nodes: []string{f.Node}, HealthInterval: o.healthInterval,
+			IdleAfter: o.idleAfter, IdleEvery: o.idleEvery},
+		Scheduler:       scheduler.Config{Poll: 200 * time.Millisecond},
+		ShutdownTimeout: 20 * time.Second,
+	}
+	if o.metrics != nil {
+		cfg.Metrics, cfg.MetricsAddr = *o.metrics, "127.0.0.1:0"
+	}
+	cfg.SkipRuntimeEvents = !o.events // the tests of crash detection from the runtime ask for it
+	p, err := server.New(cfg, f.Pool, f.Keyring, f.Backend, log)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
-	require.NoError(t, f.River.Start(ctx))
+	require.NoError(t, p.Start(ctx))
 	t.Cleanup(func() {
 		sctx, c := context.WithTimeout(context.Background(), 20*time.Second)
 		defer c()
-		f.River.StopAndCancel(sctx) //nolint:errcheck
+		p.Stop(sctx) //nolint:errcheck
 		cancel()
 	})
-
-	lctx, stopLiveness := context.WithCancel(context.Background())
-	liveness := make(chan struct{})
-	go func() { defer close(liveness); w.RunLiveness(lctx, f.River) }()
-	t.Cleanup(func() { stopLiveness(); <-liveness }) // runs before River stops: cleanups are LIFO
-	if o.events {
-		go w.WatchEvents(ctx, f.River)
+	f.Proc, f.Workers, f.River, f.Sched = p, p.Workers, p.River, p.Scheduler
+	if addr := p.MetricsAddr(); addr != "" {
+		f.MetricsURL = "http://" + addr + "/metrics"
 	}
-	if o.scheduler {
-		if o.idleEvery == 0 {
-			o.idleEvery = time.Second
-		}
-		f.Sched, err = scheduler.New(scheduler.Config{Poll: 200 * time.Millisecond}, f.Pool, f.River, log,
-			scheduler.Fleet(scheduler.FleetConfig{Nodes: []string{f.Node}, HealthInterval: o.healthInterval,
-				IdleAfter: o.idleAfter, IdleEvery: o.idleEvery})...)
-		require.NoError(t, err)
-		sctx, stop := context.WithCancel(ctx)
-		done := make(chan struct{})
-		go func() { defer close(done); f.Sched.Run(sctx) }() //nolint:errcheck
-		t.Cleanup(func() { stop(); <-done })
-	}
-
-	srv := api.New(api.Config{AdminKey: adminKey, DefaultImage: f.Image, PortMin: f.PortMin, PortMax: f.PortMax, Node: f.Node,
-		BootTimeout: o.bootTimeout, URLTemplate: "http://127.0.0.1:{port}", KeyOverlap: o.keyOverlap, Metrics: o.metrics}, f.Pool, f.River, f.Keyring, log)
-	go srv.Run(ctx)
-	ts := httptest.NewServer(srv.Handler())
+	ts := httptest.NewServer(p.Handler())
 	t.Cleanup(ts.Close)
 	f.URL = ts.URL
 	return f

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -81,16 +80,11 @@ func (s scrape) get(name string, want map[string]string) float64 {
 func TestPrometheusMetricsAfterScriptedSequence(t *testing.T) {
 	t.Parallel()
 	src := &fleetSource{}
-	m := metrics.New(metrics.Config{Source: src, CacheFor: 50 * time.Millisecond, PortMin: 1, PortMax: 40})
-	f := newFleet(t, fleetOpts{metrics: m, events: true, bootTimeout: 20 * time.Second})
+	f := newFleet(t, fleetOpts{metrics: &metrics.Config{Source: src, CacheFor: 50 * time.Millisecond, PortMin: 1, PortMax: 40},
+		events: true, bootTimeout: 20 * time.Second})
 	src.portMin, src.portMax = f.PortMin, f.PortMax
 	src.src.Store(schema.NewMetricsSource(f.Pool))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	go m.Serve(ctx, ln) //nolint:errcheck
-	metricsURL := "http://" + ln.Addr().String() + "/metrics"
+	metricsURL := f.MetricsURL
 
 	_, key := f.product("acme", orch.Policy{})
 	time.Sleep(300 * time.Millisecond) // the event watcher's catch-up jobs settle

@@ -113,6 +113,9 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 	}
 }
 
+// SessionID is this worker process's liveness session (and River client) id.
+func (w *Workers) SessionID() string { return w.r.session.id }
+
 // RunLiveness holds this process's liveness session, rescues the jobs of
 // dead workers and ends abandoned operations (abandoned.go), until ctx
 // ends; then it deletes the session (a clean exit). Start it with the

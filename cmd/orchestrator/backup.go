@@ -15,8 +15,8 @@ import (
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
 
 	orch "github.com/enginefleet/orchestrator"
-	"github.com/enginefleet/orchestrator/api"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -73,9 +73,9 @@ func listBackups(ctx context.Context, pool *pgxpool.Pool, p orch.Product, user s
 	return nil
 }
 
-// restoreBackup starts the restore through the API's own request logic
-// (same checks and operation as POST /engines/{user_id}/restore, actor
-// "admin") and follows the operation.
+// restoreBackup starts the restore through the lifecycle core (the same
+// checks and operation as POST /engines/{user_id}/restore, actor "admin")
+// and waits for its outcome the way the API does: woken by NOTIFY.
 func restoreBackup(ctx context.Context, cfg Config, pool *pgxpool.Pool, log *slog.Logger, p orch.Product, user, backupID string,
 	async bool, timeout time.Duration, stdout io.Writer) error {
 	kr, err := keys.NewKeyring(cfg.MasterKey, cfg.MasterKeyPrev)
@@ -86,10 +86,11 @@ func restoreBackup(ctx context.Context, cfg Config, pool *pgxpool.Pool, log *slo
 	if err != nil {
 		return fmt.Errorf("river client: %w", err)
 	}
-	srv := api.New(apiConfig(cfg), pool, rc, kr, log)
-	admin := p
-	admin.Slug = orch.ActorAdmin // the operation's actor
-	e, opID, err := srv.RestoreBackup(ctx, admin, user, backupID)
+	core := lifecycle.New(coreConfig(cfg), pool, rc, kr, log)
+	lctx, stop := context.WithCancel(ctx)
+	defer stop()
+	go core.Run(lctx) // the listener a wait is woken by
+	e, opID, err := core.Restore(ctx, p, user, backupID, orch.ActorAdmin)
 	if err != nil {
 		return err
 	}
@@ -97,27 +98,12 @@ func restoreBackup(ctx context.Context, cfg Config, pool *pgxpool.Pool, log *slo
 	if async {
 		return nil
 	}
-	q := schema.New(pool)
-	deadline := time.Now().Add(timeout)
-	for {
-		op, err := q.GetOperation(ctx, p.ID, opID)
-		if err != nil {
-			return err
+	if err := core.Wait(ctx, p.ID, opID, timeout); err != nil {
+		if orch.IsCode(err, orch.CodeBackendTimeout) || orch.IsCode(err, orch.CodeBootTimeout) {
+			return fmt.Errorf("restore still not finished after %s (is a worker running?); follow operation %s", timeout, opID)
 		}
-		switch op.Status {
-		case orch.OpSucceeded:
-			fmt.Fprintf(stdout, "restored: engine %s is running\n", e.ID)
-			return nil
-		case orch.OpFailed:
-			return orch.Errorf(op.ErrorCode, "restore failed: %s", op.ErrorMessage)
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("restore still %s after %s (is a worker running?); follow operation %s", op.Status, timeout, opID)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(500 * time.Millisecond):
-		}
+		return fmt.Errorf("restore failed: %w", err)
 	}
+	fmt.Fprintf(stdout, "restored: engine %s is running\n", e.ID)
+	return nil
 }

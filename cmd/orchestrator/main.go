@@ -20,6 +20,7 @@ import (
 
 	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/schema"
+	"github.com/enginefleet/orchestrator/server"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -125,23 +126,21 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) er
 	}
 }
 
-type roles struct{ api, worker, scheduler bool }
-
-func parseRoles(s string) (roles, error) {
-	var r roles
+func parseRoles(s string) (server.Roles, error) {
+	var r server.Roles
 	for _, p := range splitList(s) {
 		switch p {
 		case "api":
-			r.api = true
+			r.API = true
 		case "worker":
-			r.worker = true
+			r.Worker = true
 		case "scheduler":
-			r.scheduler = true
+			r.Scheduler = true
 		default:
 			return r, fmt.Errorf("unknown role %q (want api, worker, scheduler)", p)
 		}
 	}
-	if !r.api && !r.worker && !r.scheduler {
+	if !r.API && !r.Worker && !r.Scheduler {
 		return r, errors.New("--roles names no role")
 	}
 	return r, nil
@@ -159,7 +158,7 @@ func newLogger(cfg Config, w io.Writer) *slog.Logger {
 
 // withDB loads the configuration, connects with a pool sized for the
 // roles served (nil: a CLI command), migrates when serving, and runs fn.
-func withDB(ctx context.Context, getenv func(string) string, serving *roles, fn func(Config, *pgxpool.Pool, *slog.Logger) error) error {
+func withDB(ctx context.Context, getenv func(string) string, serving *server.Roles, fn func(Config, *pgxpool.Pool, *slog.Logger) error) error {
 	cfg, err := loadConfig(getenv)
 	if err != nil {
 		return err
@@ -198,31 +197,11 @@ func withDB(ctx context.Context, getenv func(string) string, serving *roles, fn 
 		time.Sleep(time.Second)
 	}
 	if serving != nil {
-		if err := untilReachable(ctx, log, "migrate", func() error { return schema.MigrateUp(ctx, pool, log) }); err != nil {
+		if err := server.UntilReachable(ctx, log, "migrate", func() error { return schema.MigrateUp(ctx, pool, log) }); err != nil {
 			return err
 		}
 	}
 	return fn(cfg, pool, log)
-}
-
-// untilReachable runs a start-up step again while Postgres cannot be
-// reached (a restart or failover under a booting process), for up to a
-// minute, so a process started at the wrong moment comes up instead of
-// exiting.
-func untilReachable(ctx context.Context, log *slog.Logger, what string, step func() error) error {
-	deadline := time.Now().Add(time.Minute)
-	for {
-		err := step()
-		if err == nil || !schema.Unreachable(err) || time.Now().After(deadline) || ctx.Err() != nil {
-			return err
-		}
-		log.Warn("postgres not reachable during start-up; retrying", "step", what, "error", err)
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(time.Second):
-		}
-	}
 }
 
 // redactURL keeps a database password out of error text.

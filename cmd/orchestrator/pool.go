@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"github.com/enginefleet/orchestrator/server"
 	"strings"
 )
 
@@ -34,21 +35,21 @@ const (
 // poolNeeds is what the roles need from the pool: at least min (a worker
 // must have a connection for every job it runs at once, or jobs holding
 // one wait forever on those waiting for one), want by default.
-func poolNeeds(cfg Config, r roles) (min, want int, why string) {
+func poolNeeds(cfg Config, r server.Roles) (min, want int, why string) {
 	var parts []string
-	if r.api {
+	if r.API {
 		min += apiListenConns + apiMinRequestConns
 		want += apiListenConns + apiRequestConns
 		parts = append(parts, fmt.Sprintf("api %d", apiListenConns+apiMinRequestConns))
 	}
-	if r.worker {
+	if r.Worker {
 		n := cfg.WorkerConcurrency + workerOtherQueues + riverOwnConns
 		min += n
 		want += n
 		parts = append(parts, fmt.Sprintf("worker %d = ORCH_WORKER_CONCURRENCY %d + %d for its other queues and River's own connections",
 			n, cfg.WorkerConcurrency, workerOtherQueues+riverOwnConns))
 	}
-	if r.scheduler {
+	if r.Scheduler {
 		min += schedulerConns
 		want += schedulerConns
 		parts = append(parts, fmt.Sprintf("scheduler %d", schedulerConns))
@@ -59,7 +60,7 @@ func poolNeeds(cfg Config, r roles) (min, want int, why string) {
 // poolSize is the pool size for a process running roles:
 // ORCH_DATABASE_MAX_CONNS when set (refused when too few for the roles),
 // else what they want. A CLI command (nil) needs only a few.
-func poolSize(cfg Config, r *roles) (int, error) {
+func poolSize(cfg Config, r *server.Roles) (int, error) {
 	if r == nil {
 		return cliConns, nil
 	}
@@ -72,17 +73,4 @@ func poolSize(cfg Config, r *roles) (int, error) {
 			"raise it, lower ORCH_WORKER_CONCURRENCY, or unset it to use %d", cfg.DatabaseMaxConns, r, min, why, want)
 	}
 	return cfg.DatabaseMaxConns, nil
-}
-
-func (r roles) String() string {
-	var out []string
-	for _, x := range []struct {
-		on   bool
-		name string
-	}{{r.api, "api"}, {r.worker, "worker"}, {r.scheduler, "scheduler"}} {
-		if x.on {
-			out = append(out, x.name)
-		}
-	}
-	return strings.Join(out, ",")
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"github.com/enginefleet/orchestrator/server"
 	"strings"
 	"testing"
 
@@ -17,15 +18,15 @@ func TestPoolSize(t *testing.T) {
 	cfg, err := loadConfig(envOf(env))
 	require.NoError(t, err)
 	require.Zero(t, cfg.DatabaseMaxConns)
-	all := roles{api: true, worker: true, scheduler: true}
+	all := server.Roles{API: true, Worker: true, Scheduler: true}
 	for _, tc := range []struct {
-		r    roles
+		r    server.Roles
 		want int
 	}{
 		{all, 21 + 50 + 32 + 2},
-		{roles{api: true}, 21},
-		{roles{worker: true}, 50 + 32},
-		{roles{scheduler: true}, 2},
+		{server.Roles{API: true}, 21},
+		{server.Roles{Worker: true}, 50 + 32},
+		{server.Roles{Scheduler: true}, 2},
 	} {
 		n, err := poolSize(cfg, &tc.r)
 		require.NoError(t, err)
@@ -43,7 +44,7 @@ func TestPoolSize(t *testing.T) {
 		slots += q.MaxWorkers
 	}
 	require.Equal(t, cfg.WorkerConcurrency+workerOtherQueues, slots, "workerOtherQueues is out of step with workers.RiverConfig")
-	n, _ = poolSize(cfg, &roles{worker: true})
+	n, _ = poolSize(cfg, &server.Roles{Worker: true})
 	require.Greater(t, n, slots)
 
 	// Set explicitly: taken when enough, refused with one message when not.
@@ -60,7 +61,7 @@ func TestPoolSize(t *testing.T) {
 	require.EqualError(t, err, "ORCH_DATABASE_MAX_CONNS=40 is too few for --roles=api,worker,scheduler: they need at least 89 connections "+
 		"(api 5, worker 82 = ORCH_WORKER_CONCURRENCY 50 + 32 for its other queues and River's own connections, scheduler 2); "+
 		"raise it, lower ORCH_WORKER_CONCURRENCY, or unset it to use 105")
-	n, err = poolSize(cfg, &roles{api: true})
+	n, err = poolSize(cfg, &server.Roles{API: true})
 	require.NoError(t, err, "enough for an API replica")
 	require.Equal(t, 40, n)
 	env["ORCH_WORKER_CONCURRENCY"] = "1"

@@ -2,171 +2,69 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
-	"sync"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/riverqueue/river"
-	"github.com/riverqueue/river/riverdriver/riverpgxv5"
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/api"
 	"github.com/enginefleet/orchestrator/backend/docker"
 	"github.com/enginefleet/orchestrator/backend/subprocess"
 	"github.com/enginefleet/orchestrator/keys"
+	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/scheduler"
 	"github.com/enginefleet/orchestrator/schema"
+	"github.com/enginefleet/orchestrator/server"
 	"github.com/enginefleet/orchestrator/workers"
 )
 
-// serve runs the chosen roles until SIGTERM, then drains: the API stops
-// accepting and finishes in-flight requests, River soft-stops (running jobs
-// finish) and hard-stops at the deadline (cut-off jobs are retried
-// elsewhere), and the process exits 0.
-func serve(ctx context.Context, cfg Config, r roles, pool *pgxpool.Pool, log *slog.Logger) error {
+// serve runs the chosen roles until SIGTERM, then drains (server.Process):
+// the API stops accepting and finishes in-flight requests, River
+// soft-stops (running jobs finish) and hard-stops at the deadline (cut-off
+// jobs are retried elsewhere), and the process exits 0.
+func serve(ctx context.Context, cfg Config, r server.Roles, pool *pgxpool.Pool, log *slog.Logger) error {
 	kr, err := keys.NewKeyring(cfg.MasterKey, cfg.MasterKeyPrev)
 	if err != nil {
 		return err
 	}
-	if err := untilReachable(ctx, log, "check keyring", func() error { return checkKeyring(ctx, pool, kr) }); err != nil {
+	if err := server.UntilReachable(ctx, log, "check keyring", func() error { return checkKeyring(ctx, pool, kr) }); err != nil {
 		return err
 	}
-
-	// Prometheus metrics on their own listener (never the API's: its
-	// GET /metrics is the products' JSON). Bound first, so a bad
-	// ORCH_METRICS_ADDR stops the process before anything starts.
-	m := metrics.New(metrics.Config{Source: schema.NewMetricsSource(pool), PortMin: cfg.PortMin, PortMax: cfg.PortMax,
-		Node: cfg.Node, Version: version, Log: log})
-	var metricsLn net.Listener
-	if cfg.MetricsAddr != "" {
-		if metricsLn, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
-			return fmt.Errorf("metrics listener (ORCH_METRICS_ADDR=%s): %w", cfg.MetricsAddr, err)
-		}
-		defer metricsLn.Close()
-	}
-
-	var rc *river.Client[pgx.Tx]
-	var w *workers.Workers
-	if r.worker {
+	var be orch.Backend
+	if r.Worker {
 		var fleetID string
-		if err := untilReachable(ctx, log, "read fleet id", func() (err error) {
+		if err := server.UntilReachable(ctx, log, "read fleet id", func() (err error) {
 			fleetID, err = schema.New(pool).FleetID(ctx)
 			return err
 		}); err != nil {
 			return err
 		}
-		be, err := newBackend(ctx, cfg, fleetID, log)
-		if err != nil {
+		if be, err = newBackend(ctx, cfg, fleetID, log); err != nil {
 			return err
 		}
-		wcfg := workerConfig(cfg)
-		wcfg.Metrics = m
-		w = workers.New(wcfg, pool, be, log)
-		rc, err = river.NewClient(riverpgxv5.New(pool), w.RiverConfig(log))
-		if err != nil {
-			return fmt.Errorf("river client: %w", err)
-		}
-		// River stops when its Start context ends, cancelling running jobs:
-		// give it one that outlives SIGTERM, and stop it ourselves (soft,
-		// then hard) once the API has drained.
-		if err := untilReachable(ctx, log, "start river", func() error { return rc.Start(context.WithoutCancel(ctx)) }); err != nil {
-			return fmt.Errorf("start river: %w", err)
-		}
-		log.Info("worker started", "node", cfg.Node, "fleet", fleetID, "backend", be.Name())
-	} else {
-		// Insert-only client: the API enqueues, workers elsewhere run.
-		rc, err = river.NewClient(riverpgxv5.New(pool), &river.Config{Logger: log})
-		if err != nil {
-			return fmt.Errorf("river client: %w", err)
-		}
+		log.Info("engine backend ready", "node", cfg.Node, "fleet", fleetID, "backend", be.Name())
 	}
-
-	var wg sync.WaitGroup
-	var httpSrv *http.Server
-	var apiSrv *api.Server
-	errc := make(chan error, 1)
-	bg, cancelBG := context.WithCancel(context.WithoutCancel(ctx))
-	defer cancelBG()
-	if metricsLn != nil {
-		// Served until the very end, so a drain can be watched.
-		log.Info("metrics listening", "addr", metricsLn.Addr().String())
-		wg.Add(1)
-		go func() { defer wg.Done(); m.Serve(bg, metricsLn) }() //nolint:errcheck
-	}
-	if r.api {
-		acfg := apiConfig(cfg)
-		acfg.Metrics = m
-		apiSrv = api.New(acfg, pool, rc, kr, log)
-		wg.Add(1)
-		go func() { defer wg.Done(); apiSrv.Run(bg) }()
-		httpSrv = apiSrv.HTTPServer(cfg.ListenAddr) // header, body and idle limits (api/httpserver.go)
-		go func() {
-			log.Info("api listening", "addr", cfg.ListenAddr)
-			if err := httpSrv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				errc <- fmt.Errorf("api listener: %w", err)
-			}
-		}()
-	}
-
-	// Fleet upkeep: crash detection on workers, schedules on schedulers.
-	// Both stop first on shutdown (the scheduler hands leadership over).
-	upkeep, stopUpkeep := context.WithCancel(bg)
-	defer stopUpkeep()
-	if r.worker {
-		wg.Add(2)
-		go func() { defer wg.Done(); w.WatchEvents(upkeep, rc) }()
-		// Liveness lasts until River has stopped (bg ends after that):
-		// while it runs, this process's jobs are its own.
-		go func() { defer wg.Done(); w.RunLiveness(bg, rc) }()
-	}
-	if r.scheduler {
-		sch, err := scheduler.New(scheduler.Config{}, pool, rc, log, scheduler.Fleet(fleetConfig(cfg))...)
-		if err != nil {
-			return err
-		}
-		wg.Add(1)
-		m.SchedulerLeaderFunc(sch.Leader)
-		go func() { defer wg.Done(); sch.Run(upkeep) }() //nolint:errcheck
-	}
-
-	select {
-	case <-ctx.Done():
-		log.Info("shutting down: draining", "timeout_s", cfg.ShutdownTimeout.Seconds())
-	case err := <-errc:
+	p, err := server.New(processConfig(cfg, r), pool, kr, be, log)
+	if err != nil {
 		return err
 	}
-	stopUpkeep()
-	drain, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
-	defer cancel()
-	if httpSrv != nil {
-		// A request waiting for a long boot could outlast the budget:
-		// shortly before it ends, answer it (503 + the operation to
-		// follow) rather than cut its connection.
-		answer := time.AfterFunc(max(cfg.ShutdownTimeout-3*time.Second, cfg.ShutdownTimeout/2), apiSrv.StopWaiting)
-		defer answer.Stop()
-		if err := httpSrv.Shutdown(drain); err != nil {
-			log.Warn("api drain incomplete", "error", err)
-		}
-	}
-	if r.worker {
-		soft, cancelSoft := context.WithTimeout(drain, cfg.ShutdownTimeout-5*time.Second)
-		if err := rc.Stop(soft); err != nil {
-			log.Warn("river soft stop incomplete; cancelling running jobs", "error", err)
-			rc.StopAndCancel(drain) //nolint:errcheck
-		}
-		cancelSoft()
-	}
-	cancelBG()
-	wg.Wait()
-	log.Info("stopped")
-	return nil
+	return p.Run(ctx)
+}
+
+// processConfig is the process's wiring from the environment.
+func processConfig(cfg Config, r server.Roles) server.Config {
+	return server.Config{Roles: r, ListenAddr: cfg.ListenAddr, MetricsAddr: cfg.MetricsAddr, ShutdownTimeout: cfg.ShutdownTimeout,
+		Version: version, API: apiConfig(cfg), Core: coreConfig(cfg), Workers: workerConfig(cfg), Fleet: fleetConfig(cfg),
+		Metrics: metrics.Config{PortMin: cfg.PortMin, PortMax: cfg.PortMax, Node: cfg.Node}}
+}
+
+// coreConfig is the request side's: what engines are and where they go.
+func coreConfig(cfg Config) lifecycle.Config {
+	return lifecycle.Config{DefaultImage: cfg.EngineImage, Images: &cfg.Images, PortMin: cfg.PortMin, PortMax: cfg.PortMax,
+		Node: cfg.Node, BootTimeout: cfg.BootTimeout, URLTemplate: cfg.URLTemplate}
 }
 
 func apiConfig(cfg Config) api.Config {
@@ -174,8 +72,7 @@ func apiConfig(cfg Config) api.Config {
 	if authFailures == 0 {
 		authFailures = -1 // ORCH_AUTH_FAILURES_PER_S=0: no limit
 	}
-	return api.Config{AdminKey: cfg.AdminKey, DefaultImage: cfg.EngineImage, Images: &cfg.Images, PortMin: cfg.PortMin, PortMax: cfg.PortMax,
-		Node: cfg.Node, BootTimeout: cfg.BootTimeout, URLTemplate: cfg.URLTemplate, KeyOverlap: cfg.KeyOverlap, Version: version,
+	return api.Config{AdminKey: cfg.AdminKey, PortMin: cfg.PortMin, PortMax: cfg.PortMax, Version: version,
 		AuthFailuresPerSecond: authFailures, TrustedProxies: cfg.TrustedProxies}
 }
 

@@ -1,4 +1,4 @@
-package api
+package lifecycle
 
 import (
 	"context"
@@ -24,8 +24,8 @@ func TestListenerReconnectsFromHalfOpen(t *testing.T) {
 	px := testenv.NewProxy(t, "tcp", net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))))
 	pool := testenv.Pool(t, px.URL(dbURL))
 	connects := make(chan struct{}, 10)
-	l := &listener{pool: pool, log: testenv.Quiet(), handlers: map[string]func(string){"orch_ops": func(string) {}},
-		onReconnect: func() { connects <- struct{}{} }, pingEvery: 300 * time.Millisecond}
+	l := &Listener{pool: pool, log: testenv.Quiet(), handlers: map[string]func(string){"orch_ops": func(string) {}},
+		onReconnect: []func(){func() { connects <- struct{}{} }}, pingEvery: 300 * time.Millisecond}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go l.run(ctx)

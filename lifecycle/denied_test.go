@@ -1,4 +1,4 @@
-package api
+package lifecycle
 
 import (
 	"context"
@@ -37,7 +37,7 @@ func TestDeniedAuditAggregates(t *testing.T) {
 
 	const n = 4000
 	for i := range n {
-		reason := orch.CodeRateLimited
+		reason := string(orch.CodeRateLimited)
 		if i%4 == 0 {
 			reason = "engine_not_found"
 		}
@@ -106,7 +106,7 @@ func TestDeniedAuditDropsWhenFull(t *testing.T) {
 	d := newDeniedAudit(nil, testenv.Quiet(), m)
 	d.queue = make(chan denial, 10)
 	for range 100 {
-		d.add(orch.Product{ID: "p"}, "u", orch.CodeRateLimited)
+		d.add(orch.Product{ID: "p"}, "u", string(orch.CodeRateLimited))
 	}
 	require.Len(t, d.queue, 10)
 	require.EqualValues(t, 90, testenv.GatherMetric(t, m.Gatherer(), "orchestrator_admit_denied_audit_dropped_total", nil).GetCounter().GetValue())
@@ -125,7 +125,7 @@ func TestActivityBounded(t *testing.T) {
 	}
 	n := 0
 	for i := range a.shards {
-		n += a.shards[i].last.len()
+		n += a.shards[i].last.Len()
 	}
 	require.LessOrEqual(t, n, activityShards*2*activityShardSize)
 	// A recently touched engine is not due again (unless its shard overflowed).

@@ -1,4 +1,4 @@
-package api
+package lifecycle
 
 import (
 	"context"
@@ -10,20 +10,20 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// listener holds one connection per API process LISTENing on the
+// Listener holds one connection per process LISTENing on the
 // orchestrator's channels and dispatches payloads. Each time LISTEN is
-// (re)established it calls onReconnect, because notifications sent while it
-// was not listening are lost.
-type listener struct {
+// (re)established it calls every onReconnect, because notifications sent
+// while it was not listening are lost.
+type Listener struct {
 	pool        *pgxpool.Pool
 	log         *slog.Logger
 	handlers    map[string]func(payload string)
-	onReconnect func()
+	onReconnect []func()
 	ready       chan struct{} // closed once listening the first time (tests)
 	pingEvery   time.Duration // 0 = listenerPing
 }
 
-func (l *listener) run(ctx context.Context) {
+func (l *Listener) run(ctx context.Context) {
 	backoff := 100 * time.Millisecond
 	first := true
 	for ctx.Err() == nil {
@@ -42,7 +42,7 @@ func (l *listener) run(ctx context.Context) {
 	}
 }
 
-func (l *listener) listenOnce(ctx context.Context, first bool) error {
+func (l *Listener) listenOnce(ctx context.Context, first bool) error {
 	conn, err := l.pool.Acquire(ctx)
 	if err != nil {
 		return err
@@ -59,8 +59,8 @@ func (l *listener) listenOnce(ctx context.Context, first bool) error {
 	}
 	// Also on the first connect: whatever was cached before LISTEN took
 	// effect (requests are served before it does) may have missed a NOTIFY.
-	if l.onReconnect != nil {
-		l.onReconnect()
+	for _, f := range l.onReconnect {
+		f()
 	}
 	if first && l.ready != nil {
 		close(l.ready)

@@ -1,4 +1,4 @@
-package api
+package lifecycle
 
 import (
 	"context"
@@ -64,10 +64,11 @@ func newDeniedAudit(pool *pgxpool.Pool, log *slog.Logger, m *metrics.Metrics) *d
 		window: deniedWindow, tick: deniedTick}
 }
 
-// add queues one denial; it never blocks.
-func (d *deniedAudit) add(p orch.Product, userID string, reason orch.Code) {
+// add queues one denial (reason: an admit reason or an error code, written
+// lower-case); it never blocks.
+func (d *deniedAudit) add(p orch.Product, userID string, reason string) {
 	select {
-	case d.queue <- denial{product: p, userID: userID, reason: strings.ToLower(string(reason)), at: time.Now()}:
+	case d.queue <- denial{product: p, userID: userID, reason: strings.ToLower(reason), at: time.Now()}:
 	default:
 		d.metrics.AdmitDeniedDropped()
 	}
