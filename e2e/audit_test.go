@@ -324,7 +324,7 @@ func TestScheduledExportsAndPurge(t *testing.T) {
 	// Rows no export holds are never purged, and a chain that no longer
 	// verifies stops the purge.
 	f.insertAudit(pid, "u", "start", old.Add(2*time.Hour), 7) // old, but after the export ran
-	n, err := f.Workers.PurgeAudit(ctx)
+	n, err := f.Workers.Audit.PurgeAudit(ctx)
 	require.NoError(t, err)
 	require.Zero(t, n)
 	require.Equal(t, 7, count(`SELECT count(*) FROM audit_log WHERE "timestamp" < now() - interval '30 days'`))
@@ -334,7 +334,7 @@ func TestScheduledExportsAndPurge(t *testing.T) {
 	require.NoError(t, err)
 	b[len(b)/2] ^= 0x01
 	require.NoError(t, os.WriteFile(p, b, 0o600))
-	_, err = f.Workers.PurgeAudit(ctx)
+	_, err = f.Workers.Audit.PurgeAudit(ctx)
 	require.ErrorContains(t, err, "does not verify")
 	require.Equal(t, 7, count(`SELECT count(*) FROM audit_log WHERE "timestamp" < now() - interval '30 days'`))
 

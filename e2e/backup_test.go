@@ -490,7 +490,7 @@ func TestBackupRetention(t *testing.T) {
 	require.NoError(t, os.Chtimes(stray, old, old))
 	require.NoError(t, os.Chtimes(tmp, old, old))
 
-	pruned, strays, err := f.Workers.PruneBackups(ctx)
+	pruned, strays, err := f.Workers.Backups.PruneBackups(ctx)
 	require.NoError(t, err)
 	require.Equal(t, 3, pruned, "fay's older backup and both of gus's (no engine any more)")
 	require.Equal(t, 2, strays)
@@ -679,7 +679,7 @@ func BenchmarkBackup100MB(b *testing.B) {
 	var paused, total, tarczf []time.Duration
 	var gzSize int64
 	for i := 0; i < samples; i++ {
-		bf, err := f.Workers.WriteBackup(ctx, e, uuid.NewString())
+		bf, err := f.Workers.Backups.WriteBackup(ctx, e, uuid.NewString())
 		require.NoError(b, err)
 		paused, total = append(paused, bf.Paused), append(total, bf.Total)
 		gzSize = bf.SizeBytes

@@ -105,7 +105,7 @@ func BenchmarkJobPickup(b *testing.B) {
 	const samples = 200
 	url := testenv.DB(b)
 	pool := testenv.Pool(b, url)
-	w := workers.New(workers.Config{Node: "bench", BootTimeout: time.Minute}, pool, nil, nil, testenv.Quiet())
+	w := workers.New(workers.Config{Node: "bench", Engines: workers.EngineConfig{BootTimeout: time.Minute}}, pool, nil, testenv.Quiet())
 	cfg := w.RiverConfig(testenv.Quiet())
 	lat := make(chan time.Duration, samples)
 	river.AddWorker(cfg.Workers, river.WorkFunc(func(ctx context.Context, j *river.Job[pickupArgs]) error {

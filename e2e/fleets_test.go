@@ -79,9 +79,9 @@ func TestTwoFleetsShareADockerHost(t *testing.T) {
 	require.Equal(t, map[string]bool{bID: false, legacyID: true, stray: true}, listed(b), "b never sees a's")
 
 	for i := 0; i < 2; i++ {
-		_, err := b.Workers.Reconcile(ctx, schema.Lease{Job: int64(-10 - i)})
+		_, err := b.Workers.Reconcile.Reconcile(ctx, schema.Lease{Job: int64(-10 - i)})
 		require.NoError(t, err)
-		_, err = a.Workers.Reconcile(ctx, schema.Lease{Job: int64(-20 - i)})
+		_, err = a.Workers.Reconcile.Reconcile(ctx, schema.Lease{Job: int64(-20 - i)})
 		require.NoError(t, err)
 	}
 	exists := func(id string) bool {

@@ -161,12 +161,15 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 		API:     api.Config{AdminKey: adminKey, PortMin: f.PortMin, PortMax: f.PortMax},
 		Core: lifecycle.Config{DefaultImage: f.Image, PortMin: f.PortMin, PortMax: f.PortMax, Node: f.Node,
 			BootTimeout: o.bootTimeout, URLTemplate: "http://127.0.0.1:{port}"},
-		Workers: workers.Config{BackupDir: f.Backups, AuditExportDir: f.Exports, AuditRetention: 30 * 24 * time.Hour,
-			AuditExportSettle: 50 * time.Millisecond, Node: f.Node, BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout,
-			EnvPassthrough: o.engineEnv, KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, OrphanGrace: o.orphanGrace,
-			HealthInterval: o.healthInterval, HealthMaxFailures: o.maxFailures, RestartBackoffBase: o.backoffBase,
-			RestartBackoffMax: o.backoffMax, RestartMaxAttempts: o.maxAttempts, IdleAfter: o.idleAfter, SleepMode: o.sleepMode,
-			PortMin: f.PortMin, PortMax: f.PortMax},
+		Workers: workers.Config{Node: f.Node,
+			Engines: workers.EngineConfig{BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout, EnvPassthrough: o.engineEnv,
+				KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, PortMin: f.PortMin, PortMax: f.PortMax},
+			Health: workers.HealthConfig{Interval: o.healthInterval, MaxFailures: o.maxFailures, RestartBackoffBase: o.backoffBase,
+				RestartBackoffMax: o.backoffMax, RestartMaxAttempts: o.maxAttempts},
+			Idle:      workers.IdleConfig{After: o.idleAfter, Mode: o.sleepMode},
+			Backups:   workers.BackupConfig{Dir: f.Backups},
+			Audit:     workers.AuditConfig{ExportDir: f.Exports, Retention: 30 * 24 * time.Hour, ExportSettle: 50 * time.Millisecond},
+			Reconcile: workers.ReconcileConfig{OrphanGrace: o.orphanGrace}},
 		Fleet: scheduler.FleetConfig{Nodes: []string{f.Node}, HealthInterval: o.healthInterval,
 			IdleAfter: o.idleAfter, IdleEvery: o.idleEvery},
 		Scheduler:       scheduler.Config{Poll: 200 * time.Millisecond},
@@ -207,7 +210,7 @@ func fleetID(t testing.TB, pool *pgxpool.Pool) string {
 // sweep runs one health sweep of the fleet's node now and waits for it.
 func (f *fleet) sweep() workers.BatchResult {
 	f.t.Helper()
-	res, err := f.Workers.SweepNow(context.Background(), f.River, f.Node)
+	res, err := f.Workers.Health.SweepNow(context.Background(), f.River, f.Node)
 	require.NoError(f.t, err)
 	return res
 }
@@ -215,7 +218,7 @@ func (f *fleet) sweep() workers.BatchResult {
 // idleSweep runs one idle sweep now; returns how many engines it put to sleep.
 func (f *fleet) idleSweep() int {
 	f.t.Helper()
-	n, err := f.Workers.SweepIdle(context.Background(), f.River)
+	n, err := f.Workers.Idle.Sweep(context.Background(), f.River)
 	require.NoError(f.t, err)
 	return n
 }

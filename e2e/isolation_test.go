@@ -39,7 +39,7 @@ func TestReconcileIsolatesEnginesDocker(t *testing.T) {
 	require.Len(t, rts, 1)
 	require.True(t, rts[0].Unisolated)
 
-	repairs, err := f.Workers.Reconcile(ctx, schema.Lease{Job: -7})
+	repairs, err := f.Workers.Reconcile.Reconcile(ctx, schema.Lease{Job: -7})
 	require.NoError(t, err)
 	require.Equal(t, 1, repairs)
 	rts, _, err = f.Backend.List(ctx)

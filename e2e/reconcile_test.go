@@ -41,7 +41,7 @@ func TestReconcileDriftDocker(t *testing.T) {
 			orch.LabelNode: f.Node, orch.LabelFleet: f.Fleet, "orchestrator.test": "true"}}})
 	require.NoError(t, err)
 
-	n, err := f.Workers.Reconcile(ctx, schema.Lease{Job: -1})
+	n, err := f.Workers.Reconcile.Reconcile(ctx, schema.Lease{Job: -1})
 	require.NoError(t, err)
 	require.Equal(t, 1, n, "only the missing container is repaired; the stranger is inside its grace period")
 	m := engineCall(t, "GET", url+"/memories?q=drift", ekey, nil)
@@ -49,7 +49,7 @@ func TestReconcileDriftDocker(t *testing.T) {
 	require.Len(t, m.Body["memories"], 1, "recreated on the same volume")
 
 	time.Sleep(6 * time.Second)
-	n, err = f.Workers.Reconcile(ctx, schema.Lease{Job: -2})
+	n, err = f.Workers.Reconcile.Reconcile(ctx, schema.Lease{Job: -2})
 	require.NoError(t, err)
 	require.Equal(t, 1, n)
 	info, err := f.Backend.Inspect(ctx, stranger)

@@ -123,7 +123,7 @@ func New(cfg Config, pool *pgxpool.Pool, kr *keys.Keyring, backend orch.Backend,
 		}
 		wc := cfg.Workers
 		wc.Metrics = p.Metrics
-		p.Workers = workers.New(wc, pool, backend, kr, log)
+		p.Workers = workers.New(wc, pool, backend, log)
 		p.River, err = river.NewClient(riverpgxv5.New(pool), p.Workers.RiverConfig(log))
 	} else {
 		// Insert-only: the API and the scheduler enqueue, workers elsewhere run.

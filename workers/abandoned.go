@@ -37,31 +37,31 @@ import (
 
 const sweepOperationsEvery = 2 * time.Second
 
-func (w *Workers) sweepOperationsLoop(ctx context.Context, rc *river.Client[pgx.Tx]) {
+func (rec *Reconciler) sweepOperationsLoop(ctx context.Context, rc *river.Client[pgx.Tx]) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-time.After(sweepOperationsEvery):
 		}
-		if _, err := w.SweepOperations(ctx, rc); err != nil && ctx.Err() == nil {
-			w.log.Warn("sweep operations", "error", err)
+		if _, err := rec.SweepOperations(ctx, rc); err != nil && ctx.Err() == nil {
+			rec.log.Warn("sweep operations", "error", err)
 		}
 	}
 }
 
 // SweepOperations ends this node's abandoned operations now; it returns
 // how many it ended.
-func (w *Workers) SweepOperations(ctx context.Context, rc *river.Client[pgx.Tx]) (int, error) {
-	ops, err := schema.New(w.pool).AbandonedOperations(ctx, w.cfg.Node, 50)
+func (rec *Reconciler) SweepOperations(ctx context.Context, rc *river.Client[pgx.Tx]) (int, error) {
+	ops, err := schema.New(rec.pool).AbandonedOperations(ctx, rec.node, 50)
 	if err != nil {
 		return 0, err
 	}
 	n := 0
 	for _, a := range ops {
-		ended, err := w.endAbandoned(ctx, rc, a)
+		ended, err := rec.endAbandoned(ctx, rc, a)
 		if err != nil {
-			w.log.Warn("end abandoned operation", "operation_id", a.ID, "engine_id", a.EngineID, "error", err)
+			rec.log.Warn("end abandoned operation", "operation_id", a.ID, "engine_id", a.EngineID, "error", err)
 			continue
 		}
 		if ended {
@@ -106,13 +106,13 @@ func jobInFlight(state string) bool {
 // endAbandoned ends one abandoned operation (see the top of this file).
 // It reports false when it could not act now (an attempt holds the engine,
 // or the backend refused a destroy before the deadline).
-func (w *Workers) endAbandoned(ctx context.Context, rc *river.Client[pgx.Tx], a schema.AbandonedOperation) (bool, error) {
+func (rec *Reconciler) endAbandoned(ctx context.Context, rc *river.Client[pgx.Tx], a schema.AbandonedOperation) (bool, error) {
 	reason, code, msg := abandonReason(a)
-	q := schema.New(w.pool)
-	lease := schema.Lease{Owner: w.session.id}
+	q := schema.New(rec.pool)
+	lease := schema.Lease{Owner: rec.session.id}
 	var e orch.Engine
 	if !a.EngineGone {
-		got, err := q.AcquireLease(ctx, a.EngineID, lease, time.Now().Add(w.jobTimeout()))
+		got, err := q.AcquireLease(ctx, a.EngineID, lease, time.Now().Add(rec.jobTimeout()))
 		if err != nil && !orch.IsCode(err, orch.CodeEngineNotFound) {
 			return false, err
 		}
@@ -120,7 +120,7 @@ func (w *Workers) endAbandoned(ctx context.Context, rc *river.Client[pgx.Tx], a 
 			return false, nil // an attempt (or another sweep) works the engine
 		}
 		if err == nil {
-			defer w.releaseLease(ctx, a.EngineID, lease)
+			defer rec.releaseLease(ctx, a.EngineID, lease)
 			if e, err = q.EngineByID(ctx, a.EngineID); err != nil && !orch.IsCode(err, orch.CodeEngineNotFound) {
 				return false, err
 			}
@@ -138,13 +138,13 @@ func (w *Workers) endAbandoned(ctx context.Context, rc *river.Client[pgx.Tx], a 
 	case !owns:
 		out.action = "" // superseded by a later operation: nothing to repair
 	case e.Status == orch.StateDestroying:
-		rerr := w.backend.RemoveContainer(ctx, e.ID)
+		rerr := rec.backend.RemoveContainer(ctx, e.ID)
 		if rerr == nil {
-			rerr = w.backend.RemoveVolume(ctx, e.ID)
+			rerr = rec.backend.RemoveVolume(ctx, e.ID)
 		}
 		if rerr != nil {
 			if time.Now().Before(a.Deadline) || a.Deadline.IsZero() {
-				w.log.Warn("abandoned destroy: backend refused; trying again", "engine_id", e.ID, "error", rerr)
+				rec.log.Warn("abandoned destroy: backend refused; trying again", "engine_id", e.ID, "error", rerr)
 				return false, nil
 			}
 			out.err = backendErr("remove engine", rerr)
@@ -156,8 +156,8 @@ func (w *Workers) endAbandoned(ctx context.Context, rc *river.Client[pgx.Tx], a 
 		out.action = orch.ActionProvisionFailed
 		out.change = &schema.EngineChange{Status: orch.StateFailed, ClearDeadline: true, OperationID: ptr(""), LastError: ptr(msg)}
 	default:
-		if err := w.converge(ctx, e); err != nil {
-			w.log.Warn("abandoned operation: could not bring the runtime back in line with the row; health checks will",
+		if err := rec.converge(ctx, e); err != nil {
+			rec.log.Warn("abandoned operation: could not bring the runtime back in line with the row; health checks will",
 				"engine_id", e.ID, "error", err)
 			out.meta["converged"] = false
 		}
@@ -170,11 +170,11 @@ func (w *Workers) endAbandoned(ctx context.Context, rc *river.Client[pgx.Tx], a 
 				if err != nil {
 					return err
 				}
-				return w.nextAutoRestart(ctx, q, tx, rc, cur, n, out.err)
+				return rec.nextAutoRestart(ctx, q, tx, rc, cur, n, out.err)
 			}
 		}
 	}
-	err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+	err := inTx(ctx, rec.pool, func(tx pgx.Tx) error {
 		tq := schema.New(tx)
 		if jobInFlight(a.JobState) && a.JobID != 0 {
 			// Past its deadline and not running: it must not run later.
@@ -188,7 +188,7 @@ func (w *Workers) endAbandoned(ctx context.Context, rc *river.Client[pgx.Tx], a 
 			}
 			return tq.SetOperation(ctx, a.ID, orch.OpSucceeded, "", "")
 		}
-		return w.commitTx(ctx, tq, tx, e, a.Operation, lease, out)
+		return rec.commitTx(ctx, tq, tx, e, a.Operation, lease, out)
 	})
 	if errors.Is(err, errLeaseLost) {
 		return false, nil
@@ -196,8 +196,8 @@ func (w *Workers) endAbandoned(ctx context.Context, rc *river.Client[pgx.Tx], a 
 	if err != nil {
 		return false, err
 	}
-	w.cfg.Metrics.OperationAbandoned(reason)
-	w.log.Warn("operation abandoned: ended by the operation sweep", "operation_id", a.ID, "engine_id", a.EngineID,
+	rec.metrics.OperationAbandoned(reason)
+	rec.log.Warn("operation abandoned: ended by the operation sweep", "operation_id", a.ID, "engine_id", a.EngineID,
 		"kind", a.Kind, "reason", reason, "job_id", a.JobID, "job_state", a.JobState)
 	return true, nil
 }
@@ -206,17 +206,17 @@ func (w *Workers) endAbandoned(ctx context.Context, rc *river.Client[pgx.Tx], a 
 // operation was abandoned half-way: an engine that should serve runs from
 // the row's spec (image, key hash, overlap), one that should not is
 // stopped. A failed engine is left to auto-restart or its owner.
-func (w *Workers) converge(ctx context.Context, e orch.Engine) error {
+func (rec *Reconciler) converge(ctx context.Context, e orch.Engine) error {
 	switch {
-	case e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && w.cfg.SleepMode != SleepStop):
-		if err := w.backend.Ensure(ctx, w.currentSpec(e)); err != nil {
+	case e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && rec.sleepingRuns):
+		if err := rec.backend.Ensure(ctx, rec.currentSpec(e)); err != nil {
 			return backendErr("create engine", err)
 		}
-		if err := w.backend.Start(ctx, e.ID); err != nil {
+		if err := rec.backend.Start(ctx, e.ID); err != nil {
 			return backendErr("start engine", err)
 		}
 	case e.Status == orch.StateStopped || e.Status == orch.StateSleeping:
-		if err := w.backend.Stop(ctx, e.ID, w.cfg.StopGrace); err != nil {
+		if err := rec.backend.Stop(ctx, e.ID, rec.eng.StopGrace); err != nil {
 			return backendErr("stop engine", err)
 		}
 	}

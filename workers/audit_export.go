@@ -29,7 +29,7 @@ import (
 // the chain: seq is the next position and prev_sha256 the previous
 // export's sha256, so exports form one hash chain whatever triggered them.
 // An export waits until its range ended ORCH settle time ago
-// (AuditExportSettle), so rows timestamped inside the range by
+// (AuditConfig.ExportSettle), so rows timestamped inside the range by
 // transactions still open are committed before it reads.
 //
 // Scheduled exports (ORCH_AUDIT_EXPORT_CRON) cover the rows since the last
@@ -41,22 +41,45 @@ import (
 // the row ids read back from verified files are deleted. A row no
 // verified export holds is never purged.
 
+// AuditConfig configures audit exports and the retention purge (SPEC §10).
+type AuditConfig struct {
+	ExportDir    string        // ORCH_AUDIT_EXPORT_DIR ("" = exports refused)
+	Retention    time.Duration // ORCH_AUDIT_RETENTION_DAYS (0 = keep forever)
+	ExportSettle time.Duration // an export runs this long after its range ends (10 s)
+}
+
+func (c AuditConfig) withDefaults() AuditConfig {
+	if c.ExportSettle <= 0 {
+		c.ExportSettle = 10 * time.Second
+	}
+	return c
+}
+
+// AuditExports writes the audit exports (on demand and scheduled) and
+// purges the audit rows past retention that verified exports hold.
+type AuditExports struct {
+	*runner
+	cfg AuditConfig
+}
+
+func (ax *AuditExports) register(ws *river.Workers) { river.AddWorker(ws, &auditExportWorker{ax: ax}) }
+
 type auditExportWorker struct {
 	river.WorkerDefaults[jobs.AuditExport]
-	w *Workers
+	ax *AuditExports
 }
 
 func (x *auditExportWorker) Timeout(*river.Job[jobs.AuditExport]) time.Duration {
-	return x.w.jobTimeout()
+	return x.ax.jobTimeout()
 }
 func (x *auditExportWorker) NextRetry(j *river.Job[jobs.AuditExport]) time.Time {
 	return time.Now().Add(time.Duration(j.Attempt*j.Attempt) * 5 * time.Second)
 }
 
 func (x *auditExportWorker) Work(ctx context.Context, j *river.Job[jobs.AuditExport]) error {
-	w := x.w
+	ax := x.ax
 	start := time.Now()
-	q := schema.New(w.pool)
+	q := schema.New(ax.pool)
 	var ex schema.AuditExport
 	var err error
 	if j.Args.ExportID != "" {
@@ -69,52 +92,52 @@ func (x *auditExportWorker) Work(ctx context.Context, j *river.Job[jobs.AuditExp
 		}
 	} else {
 		tick := j.Args.Tick.UTC()
-		if wait := time.Until(tick.Add(w.cfg.AuditExportSettle)); wait > 0 {
+		if wait := time.Until(tick.Add(ax.cfg.ExportSettle)); wait > 0 {
 			return river.JobSnooze(wait)
 		}
 		var ok bool
-		ex, ok, err = w.scheduledExport(ctx, tick)
+		ex, ok, err = ax.scheduledExport(ctx, tick)
 		if err != nil || !ok {
 			return err
 		}
 	}
 	if ex.Status == orch.OpSucceeded {
-		return w.purgeAfter(ctx, j.Args.ExportID == "")
+		return ax.purgeAfter(ctx, j.Args.ExportID == "")
 	}
-	if wait := time.Until(ex.To.Add(w.cfg.AuditExportSettle)); wait > 0 {
+	if wait := time.Until(ex.To.Add(ax.cfg.ExportSettle)); wait > 0 {
 		return river.JobSnooze(wait)
 	}
 	if err := q.SetExportStatus(ctx, ex.ID, orch.OpRunning, ""); err != nil {
 		return err
 	}
-	done, err := w.WriteAuditExport(ctx, ex.ID)
+	done, err := ax.WriteAuditExport(ctx, ex.ID)
 	if err != nil {
 		last := j.Attempt >= j.MaxAttempts
-		w.log.Warn("job", "job_kind", j.Kind, "export_id", ex.ID, "attempt", j.Attempt, "outcome", "failed", "will_retry", !last, "error", err.Error())
+		ax.log.Warn("job", "job_kind", j.Kind, "export_id", ex.ID, "attempt", j.Attempt, "outcome", "failed", "will_retry", !last, "error", err.Error())
 		if last {
 			q.SetExportStatus(context.WithoutCancel(ctx), ex.ID, orch.OpFailed, err.Error()) //nolint:errcheck
 			return nil
 		}
 		return err
 	}
-	w.log.Info("job", "job_kind", j.Kind, "export_id", ex.ID, "seq", *done.Seq, "rows", *done.RowCount,
+	ax.log.Info("job", "job_kind", j.Kind, "export_id", ex.ID, "seq", *done.Seq, "rows", *done.RowCount,
 		"file", done.File, "duration_ms", time.Since(start).Milliseconds(), "outcome", "succeeded")
-	return w.purgeAfter(ctx, j.Args.ExportID == "")
+	return ax.purgeAfter(ctx, j.Args.ExportID == "")
 }
 
 // purgeAfter runs the retention purge after a scheduled export.
-func (w *Workers) purgeAfter(ctx context.Context, scheduled bool) error {
-	if !scheduled || w.cfg.AuditRetention <= 0 {
+func (ax *AuditExports) purgeAfter(ctx context.Context, scheduled bool) error {
+	if !scheduled || ax.cfg.Retention <= 0 {
 		return nil
 	}
-	n, err := w.PurgeAudit(ctx)
+	n, err := ax.PurgeAudit(ctx)
 	if err != nil {
 		// The export itself is done; the next night purges again.
-		w.log.Error("audit purge", "error", err)
+		ax.log.Error("audit purge", "error", err)
 		return nil
 	}
 	if n > 0 {
-		w.log.Info("audit purge", "rows", n)
+		ax.log.Info("audit purge", "rows", n)
 	}
 	return nil
 }
@@ -122,10 +145,10 @@ func (w *Workers) purgeAfter(ctx context.Context, scheduled bool) error {
 // scheduledExport finds or records the export of a scheduled tick: from
 // the end of the last scheduled export (the oldest row's day for the
 // first) to the tick. ok is false when there is nothing to export.
-func (w *Workers) scheduledExport(ctx context.Context, tick time.Time) (schema.AuditExport, bool, error) {
+func (ax *AuditExports) scheduledExport(ctx context.Context, tick time.Time) (schema.AuditExport, bool, error) {
 	var ex schema.AuditExport
 	ok := false
-	err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+	err := inTx(ctx, ax.pool, func(tx pgx.Tx) error {
 		q := schema.New(tx)
 		if err := q.LockExportChain(ctx); err != nil {
 			return err
@@ -167,15 +190,15 @@ func (w *Workers) scheduledExport(ctx context.Context, tick time.Time) (schema.A
 // WriteAuditExport writes export id's file and manifest and records it in
 // the chain; a finished export is returned as it is. Errors:
 // EXPORT_NOT_FOUND.
-func (w *Workers) WriteAuditExport(ctx context.Context, id string) (schema.AuditExport, error) {
+func (ax *AuditExports) WriteAuditExport(ctx context.Context, id string) (schema.AuditExport, error) {
 	var out schema.AuditExport
-	if w.cfg.AuditExportDir == "" {
+	if ax.cfg.ExportDir == "" {
 		return out, errors.New("ORCH_AUDIT_EXPORT_DIR is not set")
 	}
-	if err := os.MkdirAll(w.cfg.AuditExportDir, 0o700); err != nil {
+	if err := os.MkdirAll(ax.cfg.ExportDir, 0o700); err != nil {
 		return out, fmt.Errorf("create audit export directory: %w", err)
 	}
-	err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+	err := inTx(ctx, ax.pool, func(tx pgx.Tx) error {
 		q := schema.New(tx)
 		if err := q.LockExportChain(ctx); err != nil {
 			return err
@@ -196,7 +219,7 @@ func (w *Workers) WriteAuditExport(ctx context.Context, id string) (schema.Audit
 		if head != nil {
 			seq, prev = *head.Seq+1, head.SHA256
 		}
-		m, err := w.writeExportFiles(ctx, q, ex, seq, prev)
+		m, err := ax.writeExportFiles(ctx, q, ex, seq, prev)
 		if err != nil {
 			return err
 		}
@@ -219,8 +242,8 @@ func (w *Workers) WriteAuditExport(ctx context.Context, id string) (schema.Audit
 // writes its manifest; both appear under their final names only complete.
 // A crashed earlier attempt at the same seq is simply replaced (it was
 // never recorded, so nothing refers to it).
-func (w *Workers) writeExportFiles(ctx context.Context, q *schema.Queries, ex schema.AuditExport, seq int64, prev string) (auditlog.Manifest, error) {
-	dir := w.cfg.AuditExportDir
+func (ax *AuditExports) writeExportFiles(ctx context.Context, q *schema.Queries, ex schema.AuditExport, seq int64, prev string) (auditlog.Manifest, error) {
+	dir := ax.cfg.ExportDir
 	m := auditlog.Manifest{Seq: seq, ExportID: ex.ID, File: auditlog.FileName(seq, ex.From, ex.To),
 		From: ex.From.UTC(), To: ex.To.UTC(), ProductID: ex.ProductID, PrevSHA256: prev, CreatedAt: time.Now().UTC()}
 	tmp, err := os.CreateTemp(dir, ".tmp-"+m.File+"-*")
@@ -260,12 +283,12 @@ func (w *Workers) writeExportFiles(ctx context.Context, q *schema.Queries, ex sc
 // older than the retention that a verified export holds, and returns how
 // many. Nothing is deleted when the chain on disk does not verify, or an
 // export's file is not the one recorded in Postgres.
-func (w *Workers) PurgeAudit(ctx context.Context) (int64, error) {
-	if w.cfg.AuditRetention <= 0 {
+func (ax *AuditExports) PurgeAudit(ctx context.Context) (int64, error) {
+	if ax.cfg.Retention <= 0 {
 		return 0, nil
 	}
-	cutoff := time.Now().Add(-w.cfg.AuditRetention)
-	q := schema.New(w.pool)
+	cutoff := time.Now().Add(-ax.cfg.Retention)
+	q := schema.New(ax.pool)
 	cands, err := q.PurgeCandidates(ctx, cutoff)
 	if err != nil || len(cands) == 0 {
 		return 0, err
@@ -278,7 +301,7 @@ func (w *Workers) PurgeAudit(ctx context.Context) (int64, error) {
 	}
 	ids := map[int64][]int64{}
 	var mismatch error
-	_, err = auditlog.Verify(w.cfg.AuditExportDir, auditlog.VerifyOptions{Through: through, OnRow: func(m auditlog.Manifest, r auditlog.Row) error {
+	_, err = auditlog.Verify(ax.cfg.ExportDir, auditlog.VerifyOptions{Through: through, OnRow: func(m auditlog.Manifest, r auditlog.Row) error {
 		c, ok := bySeq[m.Seq]
 		if !ok {
 			return nil
@@ -310,7 +333,7 @@ func (w *Workers) PurgeAudit(ctx context.Context) (int64, error) {
 		for {
 			part := batch[:min(len(batch), 10000)]
 			batch = batch[len(part):]
-			err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+			err := inTx(ctx, ax.pool, func(tx pgx.Tx) error {
 				tq := schema.New(tx)
 				n, err := tq.PurgeAudit(ctx, part, cutoff)
 				if err != nil {

@@ -65,8 +65,8 @@ func TestAuditMetadataHasNoInternals(t *testing.T) {
 	ctx := context.Background()
 	r := newRig(t, 5)
 	fb := &failingBackend{Backend: r.sb}
-	r.w.backend = fb
-	bw := &backupWorker{w: r.w}
+	r.w.r.backend = fb
+	bw := &backupWorker{bk: r.w.Backups}
 	backup := func(attempt, max int) string {
 		id := uuid.NewString()
 		require.NoError(t, bw.Work(ctx, &river.Job[jobs.Backup]{JobRow: &rivertype.JobRow{ID: 700 + int64(attempt), Attempt: attempt, MaxAttempts: max, Kind: "engine_backup"},
@@ -91,7 +91,7 @@ func TestAuditMetadataHasNoInternals(t *testing.T) {
 		_, err = r.q.SetEngineState(ctx, e, schema.EngineChange{Status: orch.StateRunning, OperationID: &op.ID})
 		require.NoError(t, err)
 		jobID++
-		rw := &restoreWorker{w: r.w}
+		rw := &restoreWorker{bk: r.w.Backups}
 		require.NoError(t, rw.Work(ctx, &river.Job[jobs.Restore]{JobRow: &rivertype.JobRow{ID: jobID, Attempt: 5, MaxAttempts: 5, Kind: "engine_restore"},
 			Args: jobs.Restore{Lifecycle: jobs.Lifecycle{EngineID: r.e.ID, OperationID: op.ID, Node: r.e.Node}}}))
 		got, _, err := r.q.OperationByID(ctx, op.ID)

@@ -65,24 +65,35 @@ const strayAge = time.Hour
 // safetyDir holds restore safety copies, under ORCH_BACKUP_DIR.
 const safetyDir = ".restore"
 
-func (w *Workers) registerBackups(ws *river.Workers) {
-	river.AddWorker(ws, &backupWorker{w: w})
-	river.AddWorker(ws, &backupAllWorker{w: w})
-	river.AddWorker(ws, &restoreWorker{w: w})
-	river.AddWorker(ws, &auditExportWorker{w: w})
+// BackupConfig configures brain backups and restores (SPEC §11).
+type BackupConfig struct {
+	Dir         string        // ORCH_BACKUP_DIR ("" = backups refused)
+	Retention   time.Duration // ORCH_BACKUP_RETENTION_DAYS (7 days)
+	Concurrency int           // backups at once per worker process (2)
 }
 
-func backupDefaults(cfg Config) Config {
-	if cfg.BackupRetention <= 0 {
-		cfg.BackupRetention = 7 * 24 * time.Hour
+func (c BackupConfig) withDefaults() BackupConfig {
+	if c.Retention <= 0 {
+		c.Retention = 7 * 24 * time.Hour
 	}
-	if cfg.BackupConcurrency <= 0 {
-		cfg.BackupConcurrency = 2
+	if c.Concurrency <= 0 {
+		c.Concurrency = 2
 	}
-	if cfg.AuditExportSettle <= 0 {
-		cfg.AuditExportSettle = 10 * time.Second
-	}
-	return cfg
+	return c
+}
+
+// Backups takes brain backups (one engine, or the nightly fan-out),
+// applies their retention, and restores them (restore.go).
+type Backups struct {
+	*runner
+	cfg          BackupConfig
+	sleepingRuns bool // a sleeping engine keeps running (IdleConfig): a failed restore brings it back running
+}
+
+func (bk *Backups) register(ws *river.Workers) {
+	river.AddWorker(ws, &backupWorker{bk: bk})
+	river.AddWorker(ws, &backupAllWorker{bk: bk})
+	river.AddWorker(ws, &restoreWorker{bk: bk})
 }
 
 // BackupFile is a backup written to disk, not yet recorded.
@@ -97,153 +108,90 @@ type BackupFile struct {
 
 type backupWorker struct {
 	river.WorkerDefaults[jobs.Backup]
-	w *Workers
+	bk *Backups
 }
 
-func (b *backupWorker) Timeout(*river.Job[jobs.Backup]) time.Duration { return b.w.jobTimeout() }
+func (b *backupWorker) Timeout(*river.Job[jobs.Backup]) time.Duration { return b.bk.jobTimeout() }
 func (b *backupWorker) NextRetry(j *river.Job[jobs.Backup]) time.Time {
 	return time.Now().Add(time.Duration(j.Attempt*j.Attempt) * time.Second)
 }
 
-// Work takes one backup: lease the engine (no lifecycle job works it
-// meanwhile), copy, record. A failed attempt is audited and retried; the
-// last failure fails the operation.
+// Work takes one backup on the run/commit skeleton, beside the engine's
+// operation slot (other operations go on; the lease keeps lifecycle jobs
+// off the engine meanwhile): copy, then record the backup's row, its audit
+// row and the operation's outcome in one transaction. A failed attempt is
+// audited and retried; the last failure fails the operation. A file that
+// is not recorded is removed.
 func (b *backupWorker) Work(ctx context.Context, j *river.Job[jobs.Backup]) error {
-	w, a := b.w, j.Args
-	start := time.Now()
-	q := schema.New(w.pool)
-	var op orch.Operation
-	if a.OperationID != "" {
-		var err error
-		if op, _, err = q.OperationByID(ctx, a.OperationID); err != nil {
-			return err
-		}
-		if op.Status.Done() {
-			return nil
-		}
-	}
-	lease := w.leaseOf(j.JobRow)
-	got, err := q.AcquireLease(ctx, a.EngineID, lease, leaseUntil(ctx, w.jobTimeout()))
-	if orch.IsCode(err, orch.CodeEngineNotFound) {
-		w.finishOrphanOp(ctx, a.OperationID)
-		w.logJob(j.Kind, a.EngineID, j.Attempt, start, "engine_gone", nil)
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	if !got {
-		return river.JobSnooze(leaseWait)
-	}
-	defer w.releaseLease(ctx, a.EngineID, lease)
+	a := j.Args
+	return b.bk.run(ctx, j.JobRow, jobs.Lifecycle{EngineID: a.EngineID, OperationID: a.OperationID, Node: a.Node}, runOpts{aside: true},
+		func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, attempt int, last bool) outcome {
+			return b.bk.backup(ctx, e, op, a, attempt, last)
+		})
+}
 
-	e, err := q.EngineByID(ctx, a.EngineID)
-	if err != nil {
-		return err
-	}
+// backup is the backup job's step: a scheduled backup (a.Day) or a manual
+// one (op) of e.
+func (bk *Backups) backup(ctx context.Context, e orch.Engine, op orch.Operation, a jobs.Backup, attempt int, last bool) outcome {
+	start := time.Now()
 	if e.Status.Transitional() {
 		// Being created (nothing to back up yet) or destroyed.
-		if op.ID != "" {
-			q.SetOperation(ctx, op.ID, orch.OpFailed, orch.CodeOperationInProgress, "engine is "+string(e.Status)) //nolint:errcheck
-		}
-		w.logJob(j.Kind, e.ID, j.Attempt, start, "skipped_"+string(e.Status), nil)
-		return nil
+		return outcome{err: orch.Errorf(orch.CodeOperationInProgress, "engine is %s", e.Status), logAs: "skipped_" + string(e.Status)}
 	}
 	var day *time.Time
 	trigger := schema.BackupManual
+	meta := map[string]any{"backup_id": a.BackupID}
 	if a.Day != "" {
 		d, err := time.Parse(time.DateOnly, a.Day)
 		if err != nil {
-			return fmt.Errorf("backup day %q: %w", a.Day, err)
+			return outcome{err: fmt.Errorf("backup day %q: %w", a.Day, err)}
 		}
-		day, trigger = &d, schema.BackupScheduled
-		if done, err := q.HasBackupForDay(ctx, e.ID, d); err != nil || done {
-			return err
+		day, trigger, meta["day"] = &d, schema.BackupScheduled, a.Day
+		done, err := schema.New(bk.pool).HasBackupForDay(ctx, e.ID, d)
+		if err != nil {
+			return outcome{err: err, retryAudited: true}
+		}
+		if done {
+			return outcome{logAs: "already_done"}
 		}
 	}
-	if op.ID != "" && op.Status != orch.OpRunning {
-		if err := q.SetOperation(ctx, op.ID, orch.OpRunning, "", ""); err != nil {
-			return err
-		}
-	}
+	meta["trigger"] = trigger
 
-	f, err := w.WriteBackup(ctx, e, a.BackupID)
+	f, err := bk.WriteBackup(ctx, e, a.BackupID)
 	if err != nil {
-		last := j.Attempt >= j.MaxAttempts
-		meta := map[string]any{"backup_id": a.BackupID, "trigger": trigger, "attempt": j.Attempt, "will_retry": !last,
-			"error_code": string(orch.ErrorCode(err)), "error": publicError(err)} // the detail: logJob below
-		if a.Day != "" {
-			meta["day"] = a.Day
-		}
-		ctxc := context.WithoutCancel(ctx)
-		if aerr := q.InsertAudit(ctxc, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
-			Action: orch.ActionBackup, Actor: actorOf(op), Metadata: meta, DurationMS: ptr(time.Since(start).Milliseconds())}); aerr != nil {
-			w.log.Warn("audit backup failure", "engine_id", e.ID, "error", aerr)
-		}
-		if !last {
-			w.logJob(j.Kind, e.ID, j.Attempt, start, "retry", err)
-			return err
-		}
-		if op.ID != "" {
-			q.SetOperation(ctxc, op.ID, orch.OpFailed, orch.ErrorCode(err), errMessage(err)) //nolint:errcheck
-		}
-		w.logJob(j.Kind, e.ID, j.Attempt, start, "failed", err)
-		return nil
+		// The error's detail is the operators': in the job's log line.
+		meta["attempt"], meta["will_retry"] = attempt, !last
+		return outcome{action: orch.ActionBackup, meta: meta, duration: time.Since(start), err: err, retryAudited: true}
 	}
-
 	rec := schema.Backup{ID: a.BackupID, EngineID: e.ID, ProductID: e.ProductID, UserID: e.UserID, Node: e.Node,
 		Path: f.Path, SizeBytes: f.SizeBytes, SHA256: f.SHA256, EngineVersion: e.EngineVersion, Trigger: trigger, Day: day,
 		PausedMS: f.Paused.Milliseconds(), DurationMS: time.Since(start).Milliseconds(), OperationID: op.ID}
-	cctx := context.WithoutCancel(ctx) // the file is written: record it even during shutdown
-	err = inTx(cctx, w.pool, func(tx pgx.Tx) error {
-		ctx := cctx
-		tq := schema.New(tx)
-		if err := tq.InsertBackup(ctx, rec); err != nil {
+	// The file's path is the operators': logged, not audited.
+	meta["size_bytes"], meta["sha256"], meta["paused_ms"], meta["engine_version"] = rec.SizeBytes, rec.SHA256, rec.PausedMS, rec.EngineVersion
+	return outcome{action: orch.ActionBackup, meta: meta, duration: time.Since(start),
+		record: func(ctx context.Context, q *schema.Queries) error {
+			err := q.InsertBackup(ctx, rec)
+			if errors.Is(err, schema.ErrBackupExists) {
+				return fmt.Errorf("%w: %w", errRecorded, err)
+			}
 			return err
-		}
-		meta := map[string]any{"backup_id": rec.ID, "trigger": trigger, "size_bytes": rec.SizeBytes, "sha256": rec.SHA256,
-			"paused_ms": rec.PausedMS, "engine_version": rec.EngineVersion} // the file's path is the operators': logged
-		if op.ID != "" {
-			meta["operation_id"] = op.ID
-		}
-		if a.Day != "" {
-			meta["day"] = a.Day
-		}
-		if err := tq.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
-			Action: orch.ActionBackup, Actor: actorOf(op), Metadata: meta, DurationMS: &rec.DurationMS}); err != nil {
-			return err
-		}
-		if op.ID != "" {
-			return tq.SetOperation(ctx, op.ID, orch.OpSucceeded, "", "")
-		}
-		return nil
-	})
-	if err != nil {
-		os.Remove(filepath.Join(w.cfg.BackupDir, f.Path)) //nolint:errcheck // unrecorded: never leave it behind
-		if errors.Is(err, schema.ErrBackupExists) {
-			w.logJob(j.Kind, e.ID, j.Attempt, start, "duplicate", nil)
-			return nil
-		}
-		return err
-	}
-	w.log.Info("job", "job_kind", j.Kind, "engine_id", e.ID, "attempt", j.Attempt, "outcome", "succeeded",
-		"duration_ms", time.Since(start).Milliseconds(), "paused_ms", f.Paused.Milliseconds(), "size_bytes", f.SizeBytes,
-		"backup_id", rec.ID, "path", rec.Path)
-	return nil
+		},
+		discard:  func() { os.Remove(filepath.Join(bk.cfg.Dir, f.Path)) }, //nolint:errcheck // unrecorded: never leave it behind
+		logAttrs: []any{"paused_ms", rec.PausedMS, "size_bytes", rec.SizeBytes, "backup_id", rec.ID, "path", rec.Path}}
 }
 
 // WriteBackup writes one consistent backup of e's brain to ORCH_BACKUP_DIR
 // and returns it; nothing is recorded. On error no file is left under a
 // final name (temporary files are removed, or swept later if the process
 // dies). Errors carry BACKEND_FAILED when the backend failed.
-func (w *Workers) WriteBackup(ctx context.Context, e orch.Engine, backupID string) (BackupFile, error) {
+func (bk *Backups) WriteBackup(ctx context.Context, e orch.Engine, backupID string) (BackupFile, error) {
 	start := time.Now()
 	var f BackupFile
-	if w.cfg.BackupDir == "" {
+	if bk.cfg.Dir == "" {
 		return f, errors.New("ORCH_BACKUP_DIR is not set")
 	}
 	rel := filepath.Join(e.ProductID, e.UserID)
-	dir := filepath.Join(w.cfg.BackupDir, rel)
+	dir := filepath.Join(bk.cfg.Dir, rel)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return f, fmt.Errorf("create backup directory: %w", err)
 	}
@@ -254,7 +202,7 @@ func (w *Workers) WriteBackup(ctx context.Context, e orch.Engine, backupID strin
 	defer func() { raw.Close(); os.Remove(raw.Name()) }() //nolint:errcheck
 
 	// The frozen part: pause, copy the volume out as it is, unpause.
-	f.Paused, err = w.copyFrozen(ctx, e.ID, raw)
+	f.Paused, err = bk.copyFrozen(ctx, e.ID, raw)
 	f.Copy = time.Since(start)
 	if err != nil {
 		return f, err
@@ -305,15 +253,15 @@ func (w *Workers) WriteBackup(ctx context.Context, e orch.Engine, backupID strin
 // frozen. Pausing an engine that is not running is a no-op (nothing writes
 // its brain); an engine left paused by a killed earlier attempt is copied
 // as it is and unpaused.
-func (w *Workers) copyFrozen(ctx context.Context, engineID string, dst *os.File) (time.Duration, error) {
+func (bk *Backups) copyFrozen(ctx context.Context, engineID string, dst *os.File) (time.Duration, error) {
 	bw := bufio.NewWriterSize(dst, 1<<20)
 	start := time.Now()
-	if err := w.backend.Pause(ctx, engineID); err != nil {
-		w.unpause(ctx, engineID) //nolint:errcheck // a partial pause must not stay
+	if err := bk.backend.Pause(ctx, engineID); err != nil {
+		bk.unpause(ctx, engineID) //nolint:errcheck // a partial pause must not stay
 		return 0, backendErr("pause engine", err)
 	}
-	cerr := w.backend.CopyDataOut(ctx, engineID, bw)
-	uerr := w.unpause(ctx, engineID)
+	cerr := bk.backend.CopyDataOut(ctx, engineID, bw)
+	uerr := bk.unpause(ctx, engineID)
 	paused := time.Since(start)
 	if cerr != nil {
 		return paused, backendErr("copy brain out", cerr)
@@ -329,17 +277,17 @@ func (w *Workers) copyFrozen(ctx context.Context, engineID string, dst *os.File)
 
 // unpause thaws an engine, insisting a little: a backup must never leave
 // an engine frozen. It runs even when ctx has ended.
-func (w *Workers) unpause(ctx context.Context, engineID string) error {
+func (bk *Backups) unpause(ctx context.Context, engineID string) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
 	var err error
 	for try := 0; try < 3; try++ {
-		if err = w.backend.Unpause(ctx, engineID); err == nil {
+		if err = bk.backend.Unpause(ctx, engineID); err == nil {
 			return nil
 		}
 		time.Sleep(time.Duration(try+1) * 200 * time.Millisecond)
 	}
-	w.log.Error("engine left paused", "engine_id", engineID, "error", err)
+	bk.log.Error("engine left paused", "engine_id", engineID, "error", err)
 	return err
 }
 
@@ -380,10 +328,10 @@ func (c ctxReader) Read(p []byte) (int, error) {
 
 type backupAllWorker struct {
 	river.WorkerDefaults[jobs.BackupAll]
-	w *Workers
+	bk *Backups
 }
 
-func (b *backupAllWorker) Timeout(*river.Job[jobs.BackupAll]) time.Duration { return b.w.jobTimeout() }
+func (b *backupAllWorker) Timeout(*river.Job[jobs.BackupAll]) time.Duration { return b.bk.jobTimeout() }
 
 // Work enqueues the night's backup of every engine (unique per engine per
 // day), then applies the retention. Ticks more than a day old are skipped.
@@ -392,21 +340,21 @@ func (b *backupAllWorker) Work(ctx context.Context, j *river.Job[jobs.BackupAll]
 	if time.Since(j.Args.Tick) > 24*time.Hour {
 		// A tick replayed after a long scheduler outage: the newest
 		// replayed tick backs the fleet up; older ones would only repeat it.
-		b.w.log.Info("job", "job_kind", j.Kind, "outcome", "stale_tick_skipped", "tick", j.Args.Tick)
+		b.bk.log.Info("job", "job_kind", j.Kind, "outcome", "stale_tick_skipped", "tick", j.Args.Tick)
 		return nil
 	}
-	n, err := b.w.EnqueueBackups(ctx, river.ClientFromContext[pgx.Tx](ctx), j.Args.Tick)
+	n, err := b.bk.EnqueueBackups(ctx, river.ClientFromContext[pgx.Tx](ctx), j.Args.Tick)
 	if err != nil {
 		return err
 	}
-	pruned, strays, err := b.w.PruneBackups(ctx)
+	pruned, strays, err := b.bk.PruneBackups(ctx)
 	attrs := []any{"job_kind", j.Kind, "enqueued", n, "pruned", pruned, "strays_removed", strays,
 		"duration_ms", time.Since(start).Milliseconds()}
 	if err != nil {
-		b.w.log.Warn("job", append(attrs, "error", err.Error())...)
+		b.bk.log.Warn("job", append(attrs, "error", err.Error())...)
 		return err
 	}
-	b.w.log.Info("job", attrs...)
+	b.bk.log.Info("job", attrs...)
 	return nil
 }
 
@@ -414,9 +362,9 @@ func (b *backupAllWorker) Work(ctx context.Context, j *river.Job[jobs.BackupAll]
 // engine that is not being created or destroyed; engines that already
 // have theirs (or an in-flight one) are skipped by uniqueness. Returns how
 // many jobs were inserted.
-func (w *Workers) EnqueueBackups(ctx context.Context, rc *river.Client[pgx.Tx], tick time.Time) (int, error) {
+func (bk *Backups) EnqueueBackups(ctx context.Context, rc *river.Client[pgx.Tx], tick time.Time) (int, error) {
 	day := jobs.BackupDay(tick)
-	q := schema.New(w.pool)
+	q := schema.New(bk.pool)
 	after, n := "", 0
 	for {
 		es, err := q.BackupCandidates(ctx, after, 1000)
@@ -447,19 +395,19 @@ func (w *Workers) EnqueueBackups(ctx context.Context, rc *river.Client[pgx.Tx], 
 // then their files (a crash in between leaves a stray file, removed by the
 // next sweep, never a row without its file). It also removes stray files:
 // unrecorded backups and temporary files older than an hour.
-func (w *Workers) PruneBackups(ctx context.Context) (pruned, strays int, err error) {
-	if w.cfg.BackupDir == "" {
+func (bk *Backups) PruneBackups(ctx context.Context) (pruned, strays int, err error) {
+	if bk.cfg.Dir == "" {
 		return 0, 0, nil
 	}
-	q := schema.New(w.pool)
-	cutoff := time.Now().Add(-w.cfg.BackupRetention)
+	q := schema.New(bk.pool)
+	cutoff := time.Now().Add(-bk.cfg.Retention)
 	for {
 		bs, err := q.ExpiredBackups(ctx, cutoff, 500)
 		if err != nil {
 			return pruned, strays, err
 		}
 		for _, b := range bs {
-			err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+			err := inTx(ctx, bk.pool, func(tx pgx.Tx) error {
 				tq := schema.New(tx)
 				if err := tq.DeleteBackup(ctx, b.ID); err != nil {
 					return err
@@ -471,9 +419,9 @@ func (w *Workers) PruneBackups(ctx context.Context) (pruned, strays int, err err
 			if err != nil {
 				return pruned, strays, err
 			}
-			w.log.Info("backup pruned", "backup_id", b.ID, "engine_id", b.EngineID, "path", b.Path)
-			if err := os.Remove(filepath.Join(w.cfg.BackupDir, b.Path)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-				w.log.Warn("remove pruned backup", "backup_id", b.ID, "error", err)
+			bk.log.Info("backup pruned", "backup_id", b.ID, "engine_id", b.EngineID, "path", b.Path)
+			if err := os.Remove(filepath.Join(bk.cfg.Dir, b.Path)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				bk.log.Warn("remove pruned backup", "backup_id", b.ID, "error", err)
 			}
 			pruned++
 		}
@@ -481,17 +429,17 @@ func (w *Workers) PruneBackups(ctx context.Context) (pruned, strays int, err err
 			break
 		}
 	}
-	strays, err = w.removeStrays(ctx)
+	strays, err = bk.removeStrays(ctx)
 	return pruned, strays, err
 }
 
 // removeStrays deletes temporary files and unrecorded backup files older
 // than strayAge under ORCH_BACKUP_DIR. Complete restore safety copies are
 // kept: one left behind is a brain whose rollback failed, for an operator.
-func (w *Workers) removeStrays(ctx context.Context) (int, error) {
+func (bk *Backups) removeStrays(ctx context.Context) (int, error) {
 	old := time.Now().Add(-strayAge)
 	var candidates []string
-	err := filepath.WalkDir(w.cfg.BackupDir, func(p string, d fs.DirEntry, err error) error {
+	err := filepath.WalkDir(bk.cfg.Dir, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			if errors.Is(err, fs.ErrNotExist) {
 				return nil
@@ -505,7 +453,7 @@ func (w *Workers) removeStrays(ctx context.Context) (int, error) {
 		if err != nil || info.ModTime().After(old) {
 			return nil
 		}
-		rel, err := filepath.Rel(w.cfg.BackupDir, p)
+		rel, err := filepath.Rel(bk.cfg.Dir, p)
 		if err != nil {
 			return nil
 		}
@@ -534,13 +482,13 @@ func (w *Workers) removeStrays(ctx context.Context) (int, error) {
 	for len(paths) > 0 {
 		batch := paths[:min(len(paths), 1000)]
 		paths = paths[len(batch):]
-		known, err := schema.New(w.pool).BackupPathsUnder(ctx, batch)
+		known, err := schema.New(bk.pool).BackupPathsUnder(ctx, batch)
 		if err != nil {
 			return n, err
 		}
 		for _, p := range batch {
-			if !known[p] && os.Remove(filepath.Join(w.cfg.BackupDir, p)) == nil {
-				w.log.Warn("removed unrecorded backup file", "path", p)
+			if !known[p] && os.Remove(filepath.Join(bk.cfg.Dir, p)) == nil {
+				bk.log.Warn("removed unrecorded backup file", "path", p)
 				n++
 			}
 		}

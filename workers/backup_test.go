@@ -101,7 +101,8 @@ func newRig(t *testing.T, memories int) *rig {
 	sb, err := subprocess.New(subprocess.Config{DataRoot: t.TempDir(), EngineBinary: testenv.EngineBinary(t), Node: node}, testenv.Quiet())
 	require.NoError(t, err)
 	r.sb, r.be = sb, &cutBackend{Backend: sb, after: 16 << 10}
-	r.w = New(Config{Node: node, BootTimeout: 20 * time.Second, StopGrace: 2 * time.Second, BackupDir: r.dir}, r.pool, r.be, nil, testenv.Quiet())
+	r.w = New(Config{Node: node, Engines: EngineConfig{BootTimeout: 20 * time.Second, StopGrace: 2 * time.Second},
+		Backups: BackupConfig{Dir: r.dir}}, r.pool, r.be, testenv.Quiet())
 	r.q = schema.New(r.pool)
 	r.p, err = r.q.InsertProduct(ctx, "acme", "acme", orch.Policy{}, keys.Hash(keys.Generate()))
 	require.NoError(t, err)
@@ -113,7 +114,7 @@ func newRig(t *testing.T, memories int) *rig {
 		sb.RemoveContainer(context.Background(), e.ID) //nolint:errcheck
 		sb.RemoveVolume(context.Background(), e.ID)    //nolint:errcheck
 	})
-	_, err = r.w.bootAndWait(ctx, e, r.w.currentSpec(e))
+	_, err = r.w.r.bootAndWait(ctx, e, r.w.r.currentSpec(e))
 	require.NoError(t, err)
 	r.e, err = r.q.SetEngineState(ctx, e, schema.EngineChange{Status: orch.StateRunning})
 	require.NoError(t, err)
@@ -159,7 +160,7 @@ func TestBackupKilledMidCopy(t *testing.T) {
 	op := orch.Operation{ID: uuid.NewString(), ProductID: p.ID, EngineID: e.ID, UserID: e.UserID, Kind: orch.OpBackup, Actor: "acme"}
 	backupID := uuid.NewString()
 	require.NoError(t, q.InsertOperation(ctx, op, schema.OpPayload{BackupID: backupID}, 4242))
-	bw := &backupWorker{w: w}
+	bw := &backupWorker{bk: w.Backups}
 	job := func(attempt int) *river.Job[jobs.Backup] {
 		return &river.Job[jobs.Backup]{JobRow: &rivertype.JobRow{ID: 4242, Attempt: attempt, MaxAttempts: 5, Kind: "engine_backup"},
 			Args: jobs.Backup{EngineID: e.ID, Node: node, BackupID: backupID, OperationID: op.ID}}
@@ -226,7 +227,7 @@ func TestBackupKilledMidCopy(t *testing.T) {
 	old := time.Now().Add(-2 * strayAge)
 	require.NoError(t, os.Chtimes(partial, old, old))
 	require.NoError(t, os.Chtimes(filepath.Join(dir, b.Path), old, old))
-	n2, err := w.removeStrays(ctx)
+	n2, err := w.Backups.removeStrays(ctx)
 	require.NoError(t, err)
 	require.Equal(t, 1, n2)
 	_, err = os.Stat(partial)

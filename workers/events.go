@@ -23,7 +23,7 @@ import (
 //   - the runtime is gone or exited and /health fails: the engine goes
 //     failed (audit health_failed, reason crash, exit code, oom) and
 //     auto-restart attempt 1 is scheduled — no waiting for a sweep or for
-//     HealthMaxFailures probes: a dead process is not a flaky probe;
+//     MaxFailures probes: a dead process is not a flaky probe;
 //   - the runtime is running again (Docker's unless-stopped policy
 //     restarts a container that died on its own, ~100 ms after the die;
 //     `docker kill` counts as a manual stop and is not restarted): we give
@@ -42,22 +42,22 @@ import (
 // events in between are lost, the worker catches up with a reconcile and
 // a health sweep of its node.
 
-// WatchEvents runs the crash watcher until ctx ends. rc enqueues the
+// watchEvents runs the crash watcher until ctx ends. rc enqueues the
 // checks and the catch-up jobs.
-func (w *Workers) WatchEvents(ctx context.Context, rc *river.Client[pgx.Tx]) {
+func (h *Health) watchEvents(ctx context.Context, rc *river.Client[pgx.Tx]) {
 	backoff := 200 * time.Millisecond
 	for ctx.Err() == nil {
-		ch, err := w.backend.Events(ctx)
+		ch, err := h.backend.Events(ctx)
 		if err != nil {
-			w.log.Warn("subscribe to runtime events", "error", err, "retry_in_ms", backoff.Milliseconds())
+			h.log.Warn("subscribe to runtime events", "error", err, "retry_in_ms", backoff.Milliseconds())
 			sleepCtx(ctx, backoff)
 			backoff = min(2*backoff, 10*time.Second)
 			continue
 		}
-		w.catchUpEvents(ctx, rc)
+		h.catchUpEvents(ctx, rc)
 		subscribed := time.Now()
 		for ev := range ch {
-			w.onRuntimeEvent(ctx, rc, ev)
+			h.onRuntimeEvent(ctx, rc, ev)
 		}
 		if ctx.Err() != nil {
 			return
@@ -65,7 +65,7 @@ func (w *Workers) WatchEvents(ctx context.Context, rc *river.Client[pgx.Tx]) {
 		if time.Since(subscribed) > time.Minute {
 			backoff = 200 * time.Millisecond
 		}
-		w.log.Warn("runtime event stream ended; re-subscribing", "retry_in_ms", backoff.Milliseconds())
+		h.log.Warn("runtime event stream ended; re-subscribing", "retry_in_ms", backoff.Milliseconds())
 		sleepCtx(ctx, backoff)
 		backoff = min(2*backoff, 10*time.Second)
 	}
@@ -73,60 +73,60 @@ func (w *Workers) WatchEvents(ctx context.Context, rc *river.Client[pgx.Tx]) {
 
 // catchUpEvents enqueues what covers the events a (re)subscription may
 // have missed: a reconcile and a health sweep of this node.
-func (w *Workers) catchUpEvents(ctx context.Context, rc *river.Client[pgx.Tx]) {
-	if _, err := rc.Insert(ctx, jobs.Reconcile{Node: w.cfg.Node}, nil); err != nil {
-		w.log.Warn("enqueue catch-up reconcile", "error", err)
+func (h *Health) catchUpEvents(ctx context.Context, rc *river.Client[pgx.Tx]) {
+	if _, err := rc.Insert(ctx, jobs.Reconcile{Node: h.node}, nil); err != nil {
+		h.log.Warn("enqueue catch-up reconcile", "error", err)
 	}
-	if _, err := rc.Insert(ctx, jobs.HealthSweep{Tick: time.Now(), Node: w.cfg.Node, Reason: "events_subscribed"}, nil); err != nil {
-		w.log.Warn("enqueue catch-up sweep", "error", err)
+	if _, err := rc.Insert(ctx, jobs.HealthSweep{Tick: time.Now(), Node: h.node, Reason: "events_subscribed"}, nil); err != nil {
+		h.log.Warn("enqueue catch-up sweep", "error", err)
 	}
 }
 
 // onRuntimeEvent turns a crash of a running, quiet engine into a check job.
-func (w *Workers) onRuntimeEvent(ctx context.Context, rc *river.Client[pgx.Tx], ev orch.RuntimeEvent) {
+func (h *Health) onRuntimeEvent(ctx context.Context, rc *river.Client[pgx.Tx], ev orch.RuntimeEvent) {
 	if ev.Kind != "die" && ev.Kind != "oom" {
 		return
 	}
-	status, quiet, err := schema.New(w.pool).EngineRunningQuiet(ctx, ev.EngineID)
+	status, quiet, err := schema.New(h.pool).EngineRunningQuiet(ctx, ev.EngineID)
 	if err != nil {
-		w.log.Warn("runtime event", "engine_id", ev.EngineID, "event", ev.Kind, "error", err)
+		h.log.Warn("runtime event", "engine_id", ev.EngineID, "event", ev.Kind, "error", err)
 		return
 	}
 	if status != orch.StateRunning || !quiet {
-		w.log.Debug("runtime event ignored", "engine_id", ev.EngineID, "event", ev.Kind, "status", status, "quiet", quiet)
+		h.log.Debug("runtime event ignored", "engine_id", ev.EngineID, "event", ev.Kind, "status", status, "quiet", quiet)
 		return
 	}
 	at := ev.Time
 	if at.IsZero() {
 		at = time.Now()
 	}
-	args := jobs.RuntimeEvent{EngineID: ev.EngineID, Node: w.cfg.Node, Event: ev.Kind, ExitCode: ev.ExitCode, At: at}
+	args := jobs.RuntimeEvent{EngineID: ev.EngineID, Node: h.node, Event: ev.Kind, ExitCode: ev.ExitCode, At: at}
 	if _, err := rc.Insert(ctx, args, nil); err != nil {
-		w.log.Warn("enqueue runtime event check", "engine_id", ev.EngineID, "error", err)
+		h.log.Warn("enqueue runtime event check", "engine_id", ev.EngineID, "error", err)
 		return
 	}
-	w.log.Info("engine crash reported", "engine_id", ev.EngineID, "event", ev.Kind, "exit_code", ev.ExitCode)
+	h.log.Info("engine crash reported", "engine_id", ev.EngineID, "event", ev.Kind, "exit_code", ev.ExitCode)
 }
 
 type runtimeEventWorker struct {
 	river.WorkerDefaults[jobs.RuntimeEvent]
-	w *Workers
+	h *Health
 }
 
 func (r *runtimeEventWorker) Timeout(*river.Job[jobs.RuntimeEvent]) time.Duration {
-	return r.w.cfg.BootTimeout + 2*r.w.cfg.ProbeTimeout + 30*time.Second
+	return r.h.eng.BootTimeout + 2*r.h.eng.ProbeTimeout + 30*time.Second
 }
 
 func (r *runtimeEventWorker) Work(ctx context.Context, j *river.Job[jobs.RuntimeEvent]) error {
 	start := time.Now()
-	outcome, err := r.w.CheckCrash(ctx, river.ClientFromContext[pgx.Tx](ctx), j.Args)
+	outcome, err := r.h.CheckCrash(ctx, river.ClientFromContext[pgx.Tx](ctx), j.Args)
 	attrs := []any{"job_kind", j.Kind, "engine_id", j.Args.EngineID, "event", j.Args.Event, "outcome", outcome,
 		"duration_ms", time.Since(start).Milliseconds()}
 	if err != nil {
-		r.w.log.Warn("job", append(attrs, "error", err.Error())...)
+		r.h.log.Warn("job", append(attrs, "error", err.Error())...)
 		return err
 	}
-	r.w.log.Info("job", attrs...)
+	r.h.log.Info("job", attrs...)
 	return nil
 }
 
@@ -139,9 +139,9 @@ const (
 
 // CheckCrash handles one reported crash (see the file comment) and says
 // what it did.
-func (w *Workers) CheckCrash(ctx context.Context, rc *river.Client[pgx.Tx], ev jobs.RuntimeEvent) (string, error) {
+func (h *Health) CheckCrash(ctx context.Context, rc *river.Client[pgx.Tx], ev jobs.RuntimeEvent) (string, error) {
 	picked := time.Since(ev.At)
-	q := schema.New(w.pool)
+	q := schema.New(h.pool)
 	e, err := q.EngineByID(ctx, ev.EngineID)
 	if orch.IsCode(err, orch.CodeEngineNotFound) {
 		return CrashIgnored, nil
@@ -155,19 +155,17 @@ func (w *Workers) CheckCrash(ctx context.Context, rc *river.Client[pgx.Tx], ev j
 	if !ev.At.IsZero() && ev.At.Before(e.UpdatedAt) {
 		return CrashIgnored, nil // the engine changed state after this event
 	}
-	info, err := w.backend.Inspect(ctx, e.ID)
+	info, err := h.backend.Inspect(ctx, e.ID)
 	if err != nil {
 		return "", backendErr("inspect engine", err)
 	}
 	meta := map[string]any{"reason": "crash", "event": ev.Event, "exit_code": ev.ExitCode,
 		"oom": info.OOMKilled || ev.Event == "oom", "runtime_state": string(info.State),
 		"detected_ms": time.Since(ev.At).Milliseconds(), "picked_ms": picked.Milliseconds()}
-	pctx, cancel := context.WithTimeout(ctx, w.cfg.ProbeTimeout)
-	perr := Probe(pctx, w.http, w.probeURL(e))
-	cancel()
+	perr := h.probeOnce(ctx, e)
 	if perr != nil && info.State == orch.RuntimeRunning {
 		// Restarted by the runtime's policy: give it its boot time.
-		perr = w.waitHealthy(ctx, e, time.Now().Add(w.cfg.BootTimeout))
+		perr = h.waitHealthy(ctx, e, time.Now().Add(h.eng.BootTimeout))
 	}
 	if perr == nil {
 		meta["ok"] = true
@@ -177,7 +175,7 @@ func (w *Workers) CheckCrash(ctx context.Context, rc *river.Client[pgx.Tx], ev j
 		return CrashRecovered, err
 	}
 	meta["error"] = publicError(perr)
-	ok, err := w.failEngine(ctx, rc, e.ID, 0, meta, perr)
+	ok, err := h.failEngine(ctx, rc, e.ID, 0, meta, perr)
 	if err != nil || !ok {
 		return CrashIgnored, err
 	}

@@ -80,7 +80,8 @@ func benchSweep(b *testing.B, n int) {
 	log := testenv.Quiet()
 
 	const node = "bench"
-	w := workers.New(workers.Config{Node: node, ProbeTimeout: 2 * time.Second, HealthInterval: 30 * time.Second}, pool, nil, nil, log)
+	w := workers.New(workers.Config{Node: node, Engines: workers.EngineConfig{ProbeTimeout: 2 * time.Second},
+		Health: workers.HealthConfig{Interval: 30 * time.Second}}, pool, nil, log)
 	rc, err := river.NewClient(riverpgxv5.New(pool), w.RiverConfig(log))
 	require.NoError(b, err)
 	require.NoError(b, rc.Start(ctx))

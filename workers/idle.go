@@ -18,7 +18,7 @@ import (
 // Idle sleep (SPEC §7). "Activity" is the last admit (api touch(), at most
 // one write per engine per minute) or the last state change, so an engine
 // just woken, started or restarted gets a whole idle period. The idle sweep, every minute, puts
-// running engines idle for IdleAfter to sleep, recording why and when
+// running engines idle for IdleConfig.After to sleep, recording why and when
 // (sleep_reason, slept_at) and auditing sleep with the idle time:
 //
 //   - mark mode: one UPDATE per batch flips the rows to sleeping; the
@@ -30,6 +30,37 @@ import (
 // Wake is admit with auto_wake or start (the engine_start job, audited
 // wake with the time it slept). Sleeping engines are not health-probed.
 
+// IdleConfig configures idle sleep (SPEC §7).
+type IdleConfig struct {
+	After time.Duration // idle time before sleep (0 = never)
+	Mode  string        // SleepMark (default) or SleepStop
+}
+
+func (c IdleConfig) withDefaults() IdleConfig {
+	if c.Mode == "" {
+		c.Mode = SleepMark
+	}
+	return c
+}
+
+// sleepingRuns reports whether a sleeping engine keeps running (mark
+// mode): restore and converge bring such an engine back running.
+func (c IdleConfig) sleepingRuns() bool { return c.Mode != SleepStop }
+
+// Sleep modes (ORCH_SLEEP_MODE).
+const (
+	SleepMark = "mark" // the container keeps running; only the row says sleeping
+	SleepStop = "stop" // the container is stopped to free memory; wake starts it
+)
+
+// Idle puts idle engines to sleep (SPEC §7); waking is the start job's.
+type Idle struct {
+	*runner
+	cfg IdleConfig
+}
+
+func (d *Idle) register(ws *river.Workers) { river.AddWorker(ws, &idleSweepWorker{d: d}) }
+
 // idleReason is the sleep_reason of engines put to sleep by the sweep.
 const idleReason = "idle"
 
@@ -38,42 +69,42 @@ const idleBatch = 500
 
 type idleSweepWorker struct {
 	river.WorkerDefaults[jobs.IdleSweep]
-	w *Workers
+	d *Idle
 }
 
 func (s *idleSweepWorker) Timeout(*river.Job[jobs.IdleSweep]) time.Duration { return 5 * time.Minute }
 
 func (s *idleSweepWorker) Work(ctx context.Context, j *river.Job[jobs.IdleSweep]) error {
 	start := time.Now()
-	n, err := s.w.SweepIdle(ctx, river.ClientFromContext[pgx.Tx](ctx))
-	attrs := []any{"job_kind", j.Kind, "slept", n, "mode", s.w.cfg.SleepMode, "duration_ms", time.Since(start).Milliseconds()}
+	n, err := s.d.Sweep(ctx, river.ClientFromContext[pgx.Tx](ctx))
+	attrs := []any{"job_kind", j.Kind, "slept", n, "mode", s.d.cfg.Mode, "duration_ms", time.Since(start).Milliseconds()}
 	if err != nil {
-		s.w.log.Warn("job", append(attrs, "error", err.Error())...)
+		s.d.log.Warn("job", append(attrs, "error", err.Error())...)
 		return err
 	}
-	s.w.log.Debug("job", attrs...)
+	s.d.log.Debug("job", attrs...)
 	return nil
 }
 
-// SweepIdle puts every engine idle for IdleAfter to sleep (stop mode:
+// Sweep puts every engine idle for IdleConfig.After to sleep (stop mode:
 // enqueues its sleep) and returns how many it handled. rc enqueues the
 // stop-mode jobs.
-func (w *Workers) SweepIdle(ctx context.Context, rc *river.Client[pgx.Tx]) (int, error) {
-	if w.cfg.IdleAfter <= 0 {
+func (d *Idle) Sweep(ctx context.Context, rc *river.Client[pgx.Tx]) (int, error) {
+	if d.cfg.After <= 0 {
 		return 0, nil
 	}
-	before := time.Now().Add(-w.cfg.IdleAfter)
+	before := time.Now().Add(-d.cfg.After)
 	total := 0
 	for round := 0; round < 1000; round++ {
-		es, err := schema.New(w.pool).IdleEngines(ctx, before, idleBatch)
+		es, err := schema.New(d.pool).IdleEngines(ctx, before, idleBatch)
 		if err != nil || len(es) == 0 {
 			return total, err
 		}
 		var n int
-		if w.cfg.SleepMode == SleepStop {
-			n, err = w.sleepStop(ctx, rc, es, before)
+		if d.cfg.Mode == SleepStop {
+			n, err = d.sleepStop(ctx, rc, es, before)
 		} else {
-			n, err = w.sleepMark(ctx, es, before)
+			n, err = d.sleepMark(ctx, es, before)
 		}
 		total += n
 		if err != nil || len(es) < idleBatch || n == 0 {
@@ -85,13 +116,13 @@ func (w *Workers) SweepIdle(ctx context.Context, rc *river.Client[pgx.Tx]) (int,
 
 // sleepMark flips a batch of idle engines to sleeping with one UPDATE and
 // one audit INSERT.
-func (w *Workers) sleepMark(ctx context.Context, es []orch.Engine, before time.Time) (int, error) {
+func (d *Idle) sleepMark(ctx context.Context, es []orch.Engine, before time.Time) (int, error) {
 	ids := make([]string, len(es))
 	for i, e := range es {
 		ids[i] = e.ID
 	}
 	var n int
-	err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+	err := inTx(ctx, d.pool, func(tx pgx.Tx) error {
 		q := schema.New(tx)
 		slept, err := q.MarkSleeping(ctx, ids, idleReason, before)
 		if err != nil {
@@ -110,11 +141,11 @@ func (w *Workers) sleepMark(ctx context.Context, es []orch.Engine, before time.T
 
 // sleepStop gives each idle engine a system stop operation (Sleep) in its
 // own transaction; the engine_stop job does the rest and audits sleep.
-func (w *Workers) sleepStop(ctx context.Context, rc *river.Client[pgx.Tx], es []orch.Engine, before time.Time) (int, error) {
+func (d *Idle) sleepStop(ctx context.Context, rc *river.Client[pgx.Tx], es []orch.Engine, before time.Time) (int, error) {
 	n := 0
 	for _, e := range es {
 		var queued bool
-		err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+		err := inTx(ctx, d.pool, func(tx pgx.Tx) error {
 			q := schema.New(tx)
 			cur, err := q.EngineByIDForUpdate(ctx, e.ID)
 			if orch.IsCode(err, orch.CodeEngineNotFound) {
@@ -130,7 +161,7 @@ func (w *Workers) sleepStop(ctx context.Context, rc *river.Client[pgx.Tx], es []
 				return err
 			}
 			op := orch.Operation{ID: uuid.NewString(), ProductID: cur.ProductID, EngineID: cur.ID, UserID: cur.UserID,
-				Kind: orch.OpStop, Actor: orch.ActorSystem, Status: orch.OpPending, Deadline: lifecycle.Deadline(nil, w.cfg.BootTimeout)}
+				Kind: orch.OpStop, Actor: orch.ActorSystem, Status: orch.OpPending, Deadline: lifecycle.Deadline(nil, d.eng.BootTimeout)}
 			err = lifecycle.Enqueue(ctx, tx, rc, op, schema.OpPayload{},
 				jobs.Stop{Lifecycle: jobs.Lifecycle{EngineID: cur.ID, OperationID: op.ID, Node: cur.Node}, Sleep: true}, nil)
 			if orch.IsCode(err, orch.CodeOperationInProgress) {

@@ -22,18 +22,18 @@ const isolateBatch = 20
 // reports whether it moved it; a failure is logged and tried again next
 // pass (a crashed engine is the health sweep's). The row's state is not
 // changed.
-func (w *Workers) isolate(ctx context.Context, e orch.Engine, rt orch.RuntimeInfo, lease schema.Lease) bool {
+func (rec *Reconciler) isolate(ctx context.Context, e orch.Engine, rt orch.RuntimeInfo, lease schema.Lease) bool {
 	if rt.State != orch.RuntimeRunning || (e.Status != orch.StateRunning && e.Status != orch.StateSleeping) {
 		return false // a stopped engine moves when it next starts
 	}
-	q := schema.New(w.pool)
-	got, err := q.AcquireLease(ctx, e.ID, lease, leaseUntil(ctx, w.jobTimeout()))
+	q := schema.New(rec.pool)
+	got, err := q.AcquireLease(ctx, e.ID, lease, leaseUntil(ctx, rec.jobTimeout()))
 	if err != nil || !got {
 		return false
 	}
-	defer w.releaseLease(ctx, e.ID, lease)
-	if _, err := w.bootAndWait(ctx, e, w.currentSpec(e)); err != nil {
-		w.log.Warn("move engine to the isolated network", "engine_id", e.ID, "error", err)
+	defer rec.releaseLease(ctx, e.ID, lease)
+	if _, err := rec.bootAndWait(ctx, e, rec.currentSpec(e)); err != nil {
+		rec.log.Warn("move engine to the isolated network", "engine_id", e.ID, "error", err)
 		return false
 	}
 	return true

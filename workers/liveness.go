@@ -11,9 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/riverqueue/river"
-
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -123,69 +120,39 @@ func (s *session) stable() bool {
 	return !s.lockAt.IsZero() && time.Since(s.lockAt) >= stableFor
 }
 
-// releaseLease gives up an attempt's engine lease. If the database cannot
-// be reached the release is retried with every heartbeat: the attempt has
-// ended, and its retry (a new attempt, fenced from this one) must not wait
-// for the lease to lapse.
-func (w *Workers) releaseLease(ctx context.Context, engineID string, l schema.Lease) {
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	if err := schema.New(w.pool).ReleaseLease(rctx, engineID, l); err != nil {
-		w.session.mu.Lock()
-		w.session.releases[leaseKey{engineID, l}] = true
-		w.session.mu.Unlock()
-	}
-}
+// liveness holds this process's session and rescues the jobs of dead
+// worker processes (see the top of this file).
+type liveness struct{ *runner }
 
-// retryReleases retries the releases that failed.
-func (w *Workers) retryReleases(ctx context.Context, q *schema.Queries) {
-	w.session.mu.Lock()
-	pending := make([]leaseKey, 0, len(w.session.releases))
-	for k := range w.session.releases {
-		pending = append(pending, k)
-	}
-	w.session.mu.Unlock()
-	for _, k := range pending {
-		if q.ReleaseLease(ctx, k.engineID, k.lease) == nil {
-			w.session.mu.Lock()
-			delete(w.session.releases, k)
-			w.session.mu.Unlock()
-		}
-	}
-}
-
-// SessionID is this worker process's liveness session (and River client) id.
-func (w *Workers) SessionID() string { return w.session.id }
-
-// RunLiveness holds this process's session, rescues the jobs of dead
-// workers and ends abandoned operations, until ctx ends; then it deletes
-// the session (a clean exit). Start it with the River client and stop it
-// after River has stopped: while it runs, this process counts as alive.
-func (w *Workers) RunLiveness(ctx context.Context, rc *river.Client[pgx.Tx]) {
+// run holds the session and rescues lost jobs until ctx ends.
+func (l *liveness) run(ctx context.Context) {
 	var wg sync.WaitGroup
-	wg.Add(3)
-	go func() { defer wg.Done(); w.holdSession(ctx) }()
-	go func() { defer wg.Done(); w.rescueLoop(ctx) }()
-	go func() { defer wg.Done(); w.sweepOperationsLoop(ctx, rc) }()
+	wg.Add(2)
+	go func() { defer wg.Done(); l.holdSession(ctx) }()
+	go func() { defer wg.Done(); l.rescueLoop(ctx) }()
 	wg.Wait()
-	dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+}
+
+// end deletes the session: a clean exit.
+func (l *liveness) end() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := schema.New(w.pool).DeleteWorkerSession(dctx, w.session.id); err != nil {
-		w.log.Warn("delete worker session", "session", w.session.id, "error", err)
+	if err := schema.New(l.pool).DeleteWorkerSession(ctx, l.session.id); err != nil {
+		l.log.Warn("delete worker session", "session", l.session.id, "error", err)
 	}
 }
 
 // holdSession keeps the session's lock and heartbeat, reconnecting with a
 // backoff when its connection breaks.
-func (w *Workers) holdSession(ctx context.Context) {
+func (l *liveness) holdSession(ctx context.Context) {
 	backoff := 100 * time.Millisecond
 	for ctx.Err() == nil {
-		err := w.holdOnce(ctx)
-		w.session.setLocked(false)
+		err := l.holdOnce(ctx)
+		l.session.setLocked(false)
 		if ctx.Err() != nil {
 			return
 		}
-		w.log.Warn("worker session lost its connection; reconnecting", "session", w.session.id, "error", err)
+		l.log.Warn("worker session lost its connection; reconnecting", "session", l.session.id, "error", err)
 		select {
 		case <-ctx.Done():
 			return
@@ -195,8 +162,8 @@ func (w *Workers) holdSession(ctx context.Context) {
 	}
 }
 
-func (w *Workers) holdOnce(ctx context.Context) error {
-	pc, err := w.pool.Acquire(ctx)
+func (l *liveness) holdOnce(ctx context.Context) error {
+	pc, err := l.pool.Acquire(ctx)
 	if err != nil {
 		return err
 	}
@@ -205,21 +172,21 @@ func (w *Workers) holdOnce(ctx context.Context) error {
 	defer conn.Close(context.Background()) //nolint:errcheck
 	q := schema.New(conn)
 	for {
-		got, err := q.LockWorkerSession(ctx, w.session.key)
+		got, err := q.LockWorkerSession(ctx, l.session.key)
 		if err != nil {
 			return err
 		}
 		if got {
 			break
 		}
-		w.session.key = randKey() // another session drew the same key
+		l.session.key = randKey() // another session drew the same key
 	}
 	hostname, _ := os.Hostname()
-	rec := schema.WorkerSession{ID: w.session.id, Node: w.session.node, LockKey: w.session.key, Hostname: hostname, PID: os.Getpid()}
+	rec := schema.WorkerSession{ID: l.session.id, Node: l.session.node, LockKey: l.session.key, Hostname: hostname, PID: os.Getpid()}
 	if err := q.UpsertWorkerSession(ctx, rec); err != nil {
 		return err
 	}
-	w.session.setLocked(true)
+	l.session.setLocked(true)
 	t := time.NewTicker(heartbeatEvery)
 	defer t.Stop()
 	for {
@@ -229,12 +196,12 @@ func (w *Workers) holdOnce(ctx context.Context) error {
 		case <-t.C:
 		}
 		hctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		found, err := q.HeartbeatWorkerSession(hctx, w.session.id, w.session.listed())
+		found, err := q.HeartbeatWorkerSession(hctx, l.session.id, l.session.listed())
 		if err == nil && !found {
 			err = q.UpsertWorkerSession(hctx, rec)
 		}
 		if err == nil {
-			w.retryReleases(hctx, q)
+			l.retryReleases(hctx, q)
 		}
 		cancel()
 		if err != nil {
@@ -244,7 +211,7 @@ func (w *Workers) holdOnce(ctx context.Context) error {
 }
 
 // rescueLoop re-queues the jobs of dead (or job-losing) sessions.
-func (w *Workers) rescueLoop(ctx context.Context) {
+func (l *liveness) rescueLoop(ctx context.Context) {
 	prune := time.Now()
 	for {
 		select {
@@ -252,10 +219,10 @@ func (w *Workers) rescueLoop(ctx context.Context) {
 			return
 		case <-time.After(rescueEvery + time.Duration(mrand.Int64N(int64(rescueEvery/4)))):
 		}
-		if !w.session.stable() {
+		if !l.session.stable() {
 			continue
 		}
-		q := schema.New(w.pool)
+		q := schema.New(l.pool)
 		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		rescued, err := q.RescueLostJobs(rctx, staleAfter, orphanAfter)
 		if err == nil && time.Since(prune) > time.Minute {
@@ -265,14 +232,31 @@ func (w *Workers) rescueLoop(ctx context.Context) {
 		cancel()
 		if err != nil {
 			if ctx.Err() == nil {
-				w.log.Warn("rescue lost jobs", "error", err)
+				l.log.Warn("rescue lost jobs", "error", err)
 			}
 			continue
 		}
 		for _, j := range rescued {
-			w.log.Warn("job rescued from a lost worker", "job_id", j.ID, "job_kind", j.Kind, "worker_session", j.Session,
+			l.log.Warn("job rescued from a lost worker", "job_id", j.ID, "job_kind", j.Kind, "worker_session", j.Session,
 				"worker_dead", j.Dead, "next_state", j.State)
 		}
-		w.cfg.Metrics.JobsRescued(len(rescued))
+		l.metrics.JobsRescued(len(rescued))
+	}
+}
+
+// retryReleases retries the releases that failed.
+func (l *liveness) retryReleases(ctx context.Context, q *schema.Queries) {
+	l.session.mu.Lock()
+	pending := make([]leaseKey, 0, len(l.session.releases))
+	for k := range l.session.releases {
+		pending = append(pending, k)
+	}
+	l.session.mu.Unlock()
+	for _, k := range pending {
+		if q.ReleaseLease(ctx, k.engineID, k.lease) == nil {
+			l.session.mu.Lock()
+			delete(l.session.releases, k)
+			l.session.mu.Unlock()
+		}
 	}
 }

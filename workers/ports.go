@@ -30,26 +30,26 @@ const maxPortMoves = 5
 // startMovingPort starts the engine; when its host port is refused it
 // moves the engine to a free port (see above) and tries again. It returns
 // the engine and spec as they are afterwards (port changed or not).
-func (w *Workers) startMovingPort(ctx context.Context, e orch.Engine, spec orch.EngineSpec) (orch.Engine, orch.EngineSpec, error) {
+func (r *runner) startMovingPort(ctx context.Context, e orch.Engine, spec orch.EngineSpec) (orch.Engine, orch.EngineSpec, error) {
 	for moves := 0; ; moves++ {
-		err := w.backend.Start(ctx, e.ID)
+		err := r.backend.Start(ctx, e.ID)
 		if err == nil {
 			return e, spec, nil
 		}
-		if !errors.Is(err, orch.ErrPortUnavailable) || moves == maxPortMoves || w.cfg.PortMax == 0 {
+		if !errors.Is(err, orch.ErrPortUnavailable) || moves == maxPortMoves || r.eng.PortMax == 0 {
 			return e, spec, backendErr("start engine", err)
 		}
-		to, merr := w.movePort(ctx, e, spec.HostPort, err)
+		to, merr := r.movePort(ctx, e, spec.HostPort, err)
 		if merr != nil {
 			// No other port free (nothing was blocked): the start fails as
 			// it did, and its retry finds the port free once its holder
 			// is gone, or a free port by then.
-			w.log.Warn("engine's port refused and it cannot move", "engine_id", e.ID, "port", spec.HostPort,
+			r.log.Warn("engine's port refused and it cannot move", "engine_id", e.ID, "port", spec.HostPort,
 				"error", err, "move_error", merr)
 			return e, spec, backendErr("start engine", err)
 		}
 		e.Port, spec.HostPort = to, to
-		if err := w.backend.Ensure(ctx, spec); err != nil {
+		if err := r.backend.Ensure(ctx, spec); err != nil {
 			return e, spec, backendErr("create engine", err)
 		}
 	}
@@ -59,9 +59,9 @@ func (w *Workers) startMovingPort(ctx context.Context, e orch.Engine, spec orch.
 // the engine to the lowest free port, in one transaction, audited. When
 // the row already holds another port (moved meanwhile), that one is
 // returned and nothing is blocked.
-func (w *Workers) movePort(ctx context.Context, e orch.Engine, port int, cause error) (int, error) {
+func (r *runner) movePort(ctx context.Context, e orch.Engine, port int, cause error) (int, error) {
 	to := 0
-	err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+	err := inTx(ctx, r.pool, func(tx pgx.Tx) error {
 		q := schema.New(tx)
 		if err := q.LockPorts(ctx, e.Node); err != nil {
 			return err
@@ -75,10 +75,10 @@ func (w *Workers) movePort(ctx context.Context, e orch.Engine, port int, cause e
 			return nil
 		}
 		if err := q.BlockPort(ctx, schema.PortBlock{Node: e.Node, Port: port, Reason: cause.Error(),
-			Until: time.Now().Add(w.cfg.PortBlockTTL)}); err != nil {
+			Until: time.Now().Add(r.eng.PortBlockTTL)}); err != nil {
 			return err
 		}
-		if to, err = q.FreePort(ctx, e.Node, w.cfg.PortMin, w.cfg.PortMax); err != nil {
+		if to, err = q.FreePort(ctx, e.Node, r.eng.PortMin, r.eng.PortMax); err != nil {
 			return err
 		}
 		if err := q.MoveEnginePort(ctx, e.ID, to); err != nil {
@@ -92,8 +92,8 @@ func (w *Workers) movePort(ctx context.Context, e orch.Engine, port int, cause e
 		return 0, err
 	}
 	if to != port {
-		w.log.Warn("engine moved off a port the host refused", "engine_id", e.ID, "node", e.Node,
-			"from_port", port, "to_port", to, "blocked_for_s", int(w.cfg.PortBlockTTL.Seconds()), "error", cause)
+		r.log.Warn("engine moved off a port the host refused", "engine_id", e.ID, "node", e.Node,
+			"from_port", port, "to_port", to, "blocked_for_s", int(r.eng.PortBlockTTL.Seconds()), "error", cause)
 	}
 	return to, nil
 }

@@ -12,6 +12,32 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
+// ReconcileConfig configures drift repair.
+type ReconcileConfig struct {
+	OrphanGrace time.Duration // an unknown labelled container is removed after this (10 min)
+}
+
+func (c ReconcileConfig) withDefaults() ReconcileConfig {
+	if c.OrphanGrace == 0 {
+		c.OrphanGrace = 10 * time.Minute
+	}
+	return c
+}
+
+// Reconciler brings the backend and the rows back in line: the reconcile
+// pass (drift, stuck transitions, moves to the isolated network) and the
+// operation sweep, which ends the operations nothing else will (abandoned.go).
+type Reconciler struct {
+	*runner
+	cfg          ReconcileConfig
+	sleepingRuns bool // a sleeping engine keeps running (IdleConfig): converge starts it
+	// nextAutoRestart follows a failed auto-restart attempt (Health's):
+	// an abandoned attempt counts as a failed one.
+	nextAutoRestart func(ctx context.Context, q *schema.Queries, tx pgx.Tx, rc *river.Client[pgx.Tx], e orch.Engine, n int, cause error) error
+}
+
+func (rec *Reconciler) register(ws *river.Workers) { river.AddWorker(ws, &reconcileWorker{rec: rec}) }
+
 // reconcileWorker repairs drift between the rows and the backend:
 //   - a labelled container of this fleet with no row, older than the grace
 //     period, is removed (a provision killed before its row committed, a
@@ -30,32 +56,32 @@ import (
 //     job on it, is finished: provisioning → failed, destroying → destroyed.
 type reconcileWorker struct {
 	river.WorkerDefaults[jobs.Reconcile]
-	w *Workers
+	rec *Reconciler
 }
 
 func (r *reconcileWorker) Timeout(*river.Job[jobs.Reconcile]) time.Duration { return 10 * time.Minute }
 
 func (r *reconcileWorker) Work(ctx context.Context, j *river.Job[jobs.Reconcile]) error {
 	start := time.Now()
-	n, err := r.w.Reconcile(ctx, schema.Lease{Job: -j.ID, Attempt: j.Attempt, Owner: r.w.session.id})
+	n, err := r.rec.Reconcile(ctx, schema.Lease{Job: -j.ID, Attempt: j.Attempt, Owner: r.rec.session.id})
 	outcome := "succeeded"
 	if err != nil {
 		outcome = "failed"
 	}
-	r.w.log.Info("job", "job_kind", j.Kind, "attempt", j.Attempt, "duration_ms", time.Since(start).Milliseconds(),
+	r.rec.log.Info("job", "job_kind", j.Kind, "attempt", j.Attempt, "duration_ms", time.Since(start).Milliseconds(),
 		"outcome", outcome, "repairs", n)
 	return err
 }
 
 // Reconcile runs one reconcile pass on this node and returns how many
 // repairs it made. lease identifies the pass in engine leases.
-func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error) {
-	rts, vols, err := w.backend.List(ctx)
+func (rec *Reconciler) Reconcile(ctx context.Context, lease schema.Lease) (int, error) {
+	rts, vols, err := rec.backend.List(ctx)
 	if err != nil {
 		return 0, backendErr("list engines", err)
 	}
-	q := schema.New(w.pool)
-	rows, err := q.EnginesOnNode(ctx, w.cfg.Node)
+	q := schema.New(rec.pool)
+	rows, err := q.EnginesOnNode(ctx, rec.node)
 	if err != nil {
 		return 0, err
 	}
@@ -72,9 +98,9 @@ func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error
 		err := q.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
 			Action: orch.ActionReconcile, Actor: orch.ActorSystem, Metadata: meta})
 		if err != nil {
-			w.log.Warn("audit reconcile", "error", err)
+			rec.log.Warn("audit reconcile", "error", err)
 		}
-		w.log.Info("reconcile repair", "engine_id", e.ID, "repair", what)
+		rec.log.Info("reconcile repair", "engine_id", e.ID, "repair", what)
 		repairs++
 	}
 
@@ -85,13 +111,13 @@ func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error
 		if _, ok := byID[rt.EngineID]; ok {
 			continue
 		}
-		if time.Since(rt.CreatedAt) < w.cfg.OrphanGrace {
+		if time.Since(rt.CreatedAt) < rec.cfg.OrphanGrace {
 			continue
 		}
 		if rt.NoFleet {
 			// Made by an older version, before fleets were labelled: it
 			// may be another deployment's on this host. Never removed.
-			w.log.Warn("container kept: no fleet label and no engine row here; it may be another deployment's, remove it by hand once you are sure",
+			rec.log.Warn("container kept: no fleet label and no engine row here; it may be another deployment's, remove it by hand once you are sure",
 				"engine_id", rt.EngineID, "container", rt.Name)
 			continue
 		}
@@ -99,15 +125,15 @@ func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error
 		if _, err := q.EngineByID(ctx, rt.EngineID); err == nil {
 			continue
 		}
-		if err := w.backend.RemoveContainer(ctx, rt.EngineID); err != nil {
-			w.log.Warn("remove orphan container", "engine_id", rt.EngineID, "error", err)
+		if err := rec.backend.RemoveContainer(ctx, rt.EngineID); err != nil {
+			rec.log.Warn("remove orphan container", "engine_id", rt.EngineID, "error", err)
 			continue
 		}
 		audit(orch.Engine{ID: rt.EngineID, ProductID: rt.ProductID}, "orphan_container_removed", map[string]any{"name": rt.Name})
 	}
 	for _, v := range vols {
-		if _, ok := byID[v.EngineID]; !ok && time.Since(v.CreatedAt) > w.cfg.OrphanGrace {
-			w.log.Warn("orphan volume kept: no engine row references it; remove it by hand once you are sure", "volume", v.Name)
+		if _, ok := byID[v.EngineID]; !ok && time.Since(v.CreatedAt) > rec.cfg.OrphanGrace {
+			rec.log.Warn("orphan volume kept: no engine row references it; remove it by hand once you are sure", "volume", v.Name)
 		}
 	}
 
@@ -115,7 +141,7 @@ func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error
 	for _, e := range rows {
 		if rt, ok := present[e.ID]; ok && rt.Unisolated && isolateLeft > 0 && !e.Status.Transitional() {
 			isolateLeft--
-			if w.isolate(ctx, e, rt, lease) { // isolation.go
+			if rec.isolate(ctx, e, rt, lease) { // isolation.go
 				audit(e, "moved_to_isolated_network", nil)
 			}
 			continue
@@ -124,7 +150,7 @@ func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error
 			if e.StateDeadline == nil || time.Now().Before(*e.StateDeadline) {
 				continue
 			}
-			if fixed := w.finishStuck(ctx, e, lease); fixed != "" {
+			if fixed := rec.finishStuck(ctx, e, lease); fixed != "" {
 				audit(e, fixed, map[string]any{"status": string(e.Status)})
 			}
 			continue
@@ -133,12 +159,12 @@ func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error
 			continue
 		}
 		// Missing container for an engine that should run: recreate it.
-		got, err := q.AcquireLease(ctx, e.ID, lease, leaseUntil(ctx, w.jobTimeout()))
+		got, err := q.AcquireLease(ctx, e.ID, lease, leaseUntil(ctx, rec.jobTimeout()))
 		if err != nil || !got {
 			continue
 		}
-		_, err = w.bootAndWait(ctx, e, w.currentSpec(e))
-		w.releaseLease(ctx, e.ID, lease)
+		_, err = rec.bootAndWait(ctx, e, rec.currentSpec(e))
+		rec.releaseLease(ctx, e.ID, lease)
 		meta := map[string]any{}
 		if err != nil {
 			meta["error"] = errMessage(err)
@@ -150,19 +176,19 @@ func (w *Workers) Reconcile(ctx context.Context, lease schema.Lease) (int, error
 
 // finishStuck completes a transitional state whose deadline passed and
 // whose job is gone (its lease lapsed). Returns the repair made, or "".
-func (w *Workers) finishStuck(ctx context.Context, e orch.Engine, lease schema.Lease) string {
-	q := schema.New(w.pool)
-	got, err := q.AcquireLease(ctx, e.ID, lease, leaseUntil(ctx, w.jobTimeout()))
+func (rec *Reconciler) finishStuck(ctx context.Context, e orch.Engine, lease schema.Lease) string {
+	q := schema.New(rec.pool)
+	got, err := q.AcquireLease(ctx, e.ID, lease, leaseUntil(ctx, rec.jobTimeout()))
 	if err != nil || !got {
 		return ""
 	}
-	defer w.releaseLease(ctx, e.ID, lease)
+	defer rec.releaseLease(ctx, e.ID, lease)
 	switch e.Status {
 	case orch.StateDestroying:
-		if w.backend.RemoveContainer(ctx, e.ID) != nil || w.backend.RemoveVolume(ctx, e.ID) != nil {
+		if rec.backend.RemoveContainer(ctx, e.ID) != nil || rec.backend.RemoveVolume(ctx, e.ID) != nil {
 			return ""
 		}
-		err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+		err := inTx(ctx, rec.pool, func(tx pgx.Tx) error {
 			q := schema.New(tx)
 			if err := q.DeleteEngine(ctx, e.ID); err != nil {
 				return err
@@ -177,7 +203,7 @@ func (w *Workers) finishStuck(ctx context.Context, e orch.Engine, lease schema.L
 		}
 		return "stuck_destroy_finished"
 	case orch.StateProvisioning:
-		err := inTx(ctx, w.pool, func(tx pgx.Tx) error {
+		err := inTx(ctx, rec.pool, func(tx pgx.Tx) error {
 			q := schema.New(tx)
 			cur, err := q.EngineByIDForUpdate(ctx, e.ID)
 			if err != nil || cur.Status != orch.StateProvisioning {

@@ -35,10 +35,10 @@ import (
 // restart, stop or destroy finds it and cancels it (api operate); a
 // superseded attempt changes nothing and schedules nothing.
 
-func (w *Workers) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) error {
+func (h *Health) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) error {
 	n := max(j.Args.Attempt, 1)
-	maxN := w.cfg.RestartMaxAttempts
-	return w.run(ctx, j.JobRow, j.Args.Lifecycle, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, try int, last bool) outcome {
+	maxN := h.cfg.RestartMaxAttempts
+	return h.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, _ schema.OpPayload, try int, last bool) outcome {
 		meta := map[string]any{"attempt": n, "max_attempts": maxN}
 		if e.Status != orch.StateFailed {
 			// Nothing to restart (the row moved on without this operation).
@@ -47,26 +47,24 @@ func (w *Workers) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) e
 		if try > 1 {
 			meta["try"] = try
 		}
-		if err := schema.New(w.pool).InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
+		if err := schema.New(h.pool).InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
 			Action: orch.ActionAutoRestartStart, Actor: orch.ActorSystem,
 			Metadata: map[string]any{"attempt": n, "max_attempts": maxN, "operation_id": op.ID, "last_error": e.LastError}}); err != nil {
-			w.log.Warn("audit auto_restart_start", "engine_id", e.ID, "error", err)
+			h.log.Warn("audit auto_restart_start", "engine_id", e.ID, "error", err)
 		}
 		start := time.Now()
 		var out outcome
-		pctx, cancel := context.WithTimeout(ctx, w.cfg.ProbeTimeout)
-		perr := Probe(pctx, w.http, w.probeURL(e))
-		cancel()
+		perr := h.probeOnce(ctx, e)
 		switch {
 		case perr == nil:
 			meta["already_healthy"] = true
 			out = bootOutcome(orch.ActionAutoRestartSuccess, time.Since(start), nil, meta)
 		default:
-			if err := w.backend.Stop(ctx, e.ID, w.cfg.StopGrace); err != nil {
+			if err := h.backend.Stop(ctx, e.ID, h.eng.StopGrace); err != nil {
 				out = bootOutcome(orch.ActionAutoRestartFailed, time.Since(start), backendErr("stop engine", err), meta)
 				break
 			}
-			d, err := w.bootAndWait(ctx, e, w.currentSpec(e))
+			d, err := h.bootAndWait(ctx, e, h.currentSpec(e))
 			action := orch.ActionAutoRestartSuccess
 			if err != nil {
 				action = orch.ActionAutoRestartFailed
@@ -90,7 +88,7 @@ func (w *Workers) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) e
 					return err
 				}
 			}
-			return w.nextAutoRestart(ctx, q, tx, river.ClientFromContext[pgx.Tx](ctx), cur, n, out.err)
+			return h.nextAutoRestart(ctx, q, tx, river.ClientFromContext[pgx.Tx](ctx), cur, n, out.err)
 		}
 		return out
 	})
@@ -99,11 +97,30 @@ func (w *Workers) autoRestart(ctx context.Context, j *river.Job[jobs.Restart]) e
 // nextAutoRestart follows failed auto-restart attempt n of a failed engine
 // within tx: attempt n+1 is scheduled, or after ORCH_RESTART_MAX_ATTEMPTS
 // auto_restart_gave_up is audited and the engine stays failed.
-func (w *Workers) nextAutoRestart(ctx context.Context, q *schema.Queries, tx pgx.Tx, rc *river.Client[pgx.Tx], e orch.Engine, n int, cause error) error {
-	if n >= w.cfg.RestartMaxAttempts {
+func (h *Health) nextAutoRestart(ctx context.Context, q *schema.Queries, tx pgx.Tx, rc *river.Client[pgx.Tx], e orch.Engine, n int, cause error) error {
+	if n >= h.cfg.RestartMaxAttempts {
 		return q.InsertAudit(ctx, orch.AuditEntry{ProductID: e.ProductID, UserID: e.UserID, EngineID: e.ID,
 			Action: orch.ActionAutoRestartGaveUp, Actor: orch.ActorSystem,
 			Metadata: map[string]any{"attempts": n, "error_code": string(orch.ErrorCode(cause)), "error": errMessage(cause)}})
 	}
-	return w.scheduleAutoRestart(ctx, q, tx, rc, e, n+1)
+	return h.scheduleAutoRestart(ctx, q, tx, rc, e, n+1)
+}
+
+// Backoff is the delay before auto-restart attempt n (1-based):
+// min(base·2^(n-1), max), max 0 meaning no cap (SPEC §6).
+func Backoff(base, maxDelay time.Duration, attempt int) time.Duration {
+	if attempt < 1 {
+		attempt = 1
+	}
+	d := base
+	for i := 1; i < attempt; i++ {
+		d *= 2
+		if (maxDelay > 0 && d >= maxDelay) || d <= 0 || d > 24*time.Hour {
+			break
+		}
+	}
+	if maxDelay > 0 && d > maxDelay {
+		d = maxDelay
+	}
+	return d
 }

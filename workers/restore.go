@@ -47,26 +47,33 @@ import (
 // complete safety copy rather than copying the half-restored volume.
 // Audited as restore (with rolled_back when step 4 ran).
 
-type restoreWorker struct {
-	river.WorkerDefaults[jobs.Restore]
-	w *Workers
+// restoreTimeout bounds a restore job: a whole restore plus a rollback's
+// boot, all inside the job's own time (restore.go), so no attempt's work
+// outlives its lease and overlaps its retry.
+func (bk *Backups) restoreTimeout() time.Duration {
+	return bk.jobTimeout() + bk.eng.BootTimeout + time.Minute
 }
 
-func (r *restoreWorker) Timeout(*river.Job[jobs.Restore]) time.Duration { return r.w.restoreTimeout() }
+type restoreWorker struct {
+	river.WorkerDefaults[jobs.Restore]
+	bk *Backups
+}
+
+func (r *restoreWorker) Timeout(*river.Job[jobs.Restore]) time.Duration { return r.bk.restoreTimeout() }
 func (r *restoreWorker) NextRetry(j *river.Job[jobs.Restore]) time.Time {
 	return time.Now().Add(time.Duration(j.Attempt) * time.Second)
 }
 
 func (r *restoreWorker) Work(ctx context.Context, j *river.Job[jobs.Restore]) error {
-	return r.w.run(ctx, j.JobRow, j.Args.Lifecycle, r.w.restore)
+	return r.bk.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, r.bk.restore)
 }
 
-func (w *Workers) restore(jobCtx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
+func (bk *Backups) restore(jobCtx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {
 	start := time.Now()
 	ctx := jobCtx
 	if d, ok := jobCtx.Deadline(); ok {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithDeadline(jobCtx, d.Add(-w.rollbackReserve()))
+		ctx, cancel = context.WithDeadline(jobCtx, d.Add(-bk.rollbackReserve()))
 		defer cancel()
 	}
 	meta := map[string]any{"backup_id": p.BackupID}
@@ -74,17 +81,17 @@ func (w *Workers) restore(jobCtx context.Context, e orch.Engine, op orch.Operati
 		return outcome{action: orch.ActionRestore, duration: time.Since(start), meta: meta, err: err}
 	}
 	// The previous brain ought to be running again after a failure.
-	wantRunning := e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && w.cfg.SleepMode != SleepStop)
-	safety := w.safetyPath(e, op)
+	wantRunning := e.Status == orch.StateRunning || (e.Status == orch.StateSleeping && bk.sleepingRuns)
+	safety := bk.safetyPath(e, op)
 	// A retry after a worker died mid-restore finds the safety copy of its
 	// first attempt: any failure from here on must put it back.
 	_, err := os.Stat(safety)
 	resumed := err == nil
 
-	b, err := schema.New(w.pool).UserBackup(ctx, e.ProductID, e.UserID, p.BackupID)
+	b, err := schema.New(bk.pool).UserBackup(ctx, e.ProductID, e.UserID, p.BackupID)
 	if err != nil {
 		if resumed {
-			return w.rollBack(jobCtx, e, safety, wantRunning, fail(err), last)
+			return bk.rollBack(jobCtx, e, safety, wantRunning, fail(err), last)
 		}
 		return fail(err)
 	}
@@ -94,32 +101,32 @@ func (w *Workers) restore(jobCtx context.Context, e orch.Engine, op orch.Operati
 	meta["size_bytes"] = b.SizeBytes
 
 	// 1. Verify before touching anything.
-	file := filepath.Join(w.cfg.BackupDir, b.Path)
+	file := filepath.Join(bk.cfg.Dir, b.Path)
 	if err := verifyBackupFile(file, b); err != nil {
 		if resumed {
-			return w.rollBack(jobCtx, e, safety, wantRunning, fail(err), last)
+			return bk.rollBack(jobCtx, e, safety, wantRunning, fail(err), last)
 		}
 		return fail(err)
 	}
 
 	// 2. Stop, then a safety copy of the brain as it is now (unless an
 	// earlier attempt of this operation already took it).
-	if err := w.safetyCopy(ctx, e, safety); err != nil {
+	if err := bk.safetyCopy(ctx, e, safety); err != nil {
 		if wantRunning {
-			w.bootAndWait(ctx, e, w.currentSpec(e)) //nolint:errcheck // back as it was
+			bk.bootAndWait(ctx, e, bk.currentSpec(e)) //nolint:errcheck // back as it was
 		}
 		return fail(err)
 	}
 
 	// 3. Replace and boot.
-	rerr := w.copyBackupIn(ctx, e, file, b)
+	rerr := bk.copyBackupIn(ctx, e, file, b)
 	var d time.Duration
 	if rerr == nil {
-		d, rerr = w.bootAndWait(ctx, e, w.currentSpec(e))
+		d, rerr = bk.bootAndWait(ctx, e, bk.currentSpec(e))
 	}
 	if rerr != nil {
 		// 4. Put the previous brain back.
-		return w.rollBack(jobCtx, e, safety, wantRunning, fail(rerr), last)
+		return bk.rollBack(jobCtx, e, safety, wantRunning, fail(rerr), last)
 	}
 	os.Remove(safety) //nolint:errcheck
 	ms := d.Milliseconds()
@@ -131,7 +138,7 @@ func (w *Workers) restore(jobCtx context.Context, e orch.Engine, op orch.Operati
 
 // rollbackReserve is the time a restore keeps for its rollback (copy the
 // safety copy back, boot) before the job's deadline.
-func (w *Workers) rollbackReserve() time.Duration { return w.cfg.BootTimeout + time.Minute }
+func (bk *Backups) rollbackReserve() time.Duration { return bk.eng.BootTimeout + time.Minute }
 
 // rollBack puts the safety copy back as the engine's brain and brings the
 // engine back as it was (running or just created), within the job's time
@@ -140,13 +147,13 @@ func (w *Workers) rollbackReserve() time.Duration { return w.cfg.BootTimeout + t
 // the safety copy is kept (it is the user's previous brain), named in an
 // error log line (the audit row says safety_copy_kept), and the engine is
 // marked failed; a retry resumes from it.
-func (w *Workers) rollBack(ctx context.Context, e orch.Engine, safety string, wantRunning bool, out outcome, last bool) outcome {
+func (bk *Backups) rollBack(ctx context.Context, e orch.Engine, safety string, wantRunning bool, out outcome, last bool) outcome {
 	rctx := ctx
-	rbErr := w.copyTarIn(rctx, e, safety)
+	rbErr := bk.copyTarIn(rctx, e, safety)
 	if rbErr == nil {
 		if wantRunning {
-			_, rbErr = w.bootAndWait(rctx, e, w.currentSpec(e))
-		} else if err := w.backend.Ensure(rctx, w.currentSpec(e)); err != nil {
+			_, rbErr = bk.bootAndWait(rctx, e, bk.currentSpec(e))
+		} else if err := bk.backend.Ensure(rctx, bk.currentSpec(e)); err != nil {
 			rbErr = backendErr("create engine", err)
 		}
 	}
@@ -157,7 +164,7 @@ func (w *Workers) rollBack(ctx context.Context, e orch.Engine, safety string, wa
 		out.meta["safety_copy_kept"] = true
 		out.meta["rollback_error_code"] = string(orch.ErrorCode(rbErr))
 		out.meta["rollback_error"] = publicError(rbErr)
-		w.log.Error("restore rollback failed: previous brain kept in the safety copy", "engine_id", e.ID,
+		bk.log.Error("restore rollback failed: previous brain kept in the safety copy", "engine_id", e.ID,
 			"safety_copy", safety, "error", rbErr)
 		out.change = &schema.EngineChange{Status: orch.StateFailed, LastError: ptr("restore failed and its rollback failed")}
 		return out
@@ -190,15 +197,15 @@ func verifyBackupFile(path string, b schema.Backup) error {
 }
 
 // safetyPath is where a restore operation keeps the engine's previous brain.
-func (w *Workers) safetyPath(e orch.Engine, op orch.Operation) string {
-	return filepath.Join(w.cfg.BackupDir, safetyDir, e.ID+"-"+op.ID+".tar")
+func (bk *Backups) safetyPath(e orch.Engine, op orch.Operation) string {
+	return filepath.Join(bk.cfg.Dir, safetyDir, e.ID+"-"+op.ID+".tar")
 }
 
 // safetyCopy stops the engine and copies its volume to path, unless a
 // complete safety copy is there from an earlier attempt.
-func (w *Workers) safetyCopy(ctx context.Context, e orch.Engine, path string) error {
+func (bk *Backups) safetyCopy(ctx context.Context, e orch.Engine, path string) error {
 	dir := filepath.Dir(path)
-	if err := w.backend.Stop(ctx, e.ID, w.cfg.StopGrace); err != nil {
+	if err := bk.backend.Stop(ctx, e.ID, bk.eng.StopGrace); err != nil {
 		return backendErr("stop engine", err)
 	}
 	if _, err := os.Stat(path); err == nil {
@@ -213,7 +220,7 @@ func (w *Workers) safetyCopy(ctx context.Context, e orch.Engine, path string) er
 	}
 	defer func() { tmp.Close(); os.Remove(tmp.Name()) }() //nolint:errcheck
 	bw := bufio.NewWriterSize(tmp, 1<<20)
-	if err := w.backend.CopyDataOut(ctx, e.ID, bw); err != nil {
+	if err := bk.backend.CopyDataOut(ctx, e.ID, bw); err != nil {
 		return backendErr("copy current brain out", err)
 	}
 	if err := bw.Flush(); err != nil {
@@ -231,7 +238,7 @@ func (w *Workers) safetyCopy(ctx context.Context, e orch.Engine, path string) er
 // copyBackupIn makes the volume the backup's contents, hashing the file
 // again as it streams: a file changed since it was verified fails the
 // restore (which then rolls back).
-func (w *Workers) copyBackupIn(ctx context.Context, e orch.Engine, path string, b schema.Backup) error {
+func (bk *Backups) copyBackupIn(ctx context.Context, e orch.Engine, path string, b schema.Backup) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return &orch.Error{Code: orch.CodeBackupCorrupt, Message: "backup file cannot be read", Err: err}
@@ -243,7 +250,7 @@ func (w *Workers) copyBackupIn(ctx context.Context, e orch.Engine, path string, 
 	if err != nil {
 		return &orch.Error{Code: orch.CodeBackupCorrupt, Message: "backup file is not gzip", Err: err}
 	}
-	if err := w.backend.CopyDataIn(ctx, e.ID, e.EngineVersion, zr); err != nil {
+	if err := bk.backend.CopyDataIn(ctx, e.ID, e.EngineVersion, zr); err != nil {
 		if orch.IsCode(err, orch.CodeBackupCorrupt) {
 			return err
 		}
@@ -259,13 +266,13 @@ func (w *Workers) copyBackupIn(ctx context.Context, e orch.Engine, path string, 
 }
 
 // copyTarIn makes the volume the contents of a plain tar file (a safety copy).
-func (w *Workers) copyTarIn(ctx context.Context, e orch.Engine, path string) error {
+func (bk *Backups) copyTarIn(ctx context.Context, e orch.Engine, path string) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("open safety copy: %w", err)
 	}
 	defer f.Close()
-	if err := w.backend.CopyDataIn(ctx, e.ID, e.EngineVersion, bufio.NewReaderSize(f, 1<<20)); err != nil {
+	if err := bk.backend.CopyDataIn(ctx, e.ID, e.EngineVersion, bufio.NewReaderSize(f, 1<<20)); err != nil {
 		return backendErr("put the previous brain back", err)
 	}
 	return nil

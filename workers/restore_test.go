@@ -28,7 +28,7 @@ func TestRestoreResumedAfterCrash(t *testing.T) {
 	r := newRig(t, 40)
 	atBackup := r.export(t)
 	backupID := uuid.NewString()
-	f, err := r.w.WriteBackup(ctx, r.e, backupID)
+	f, err := r.w.Backups.WriteBackup(ctx, r.e, backupID)
 	require.NoError(t, err)
 	require.NoError(t, r.q.InsertBackup(ctx, schema.Backup{ID: backupID, EngineID: r.e.ID, ProductID: r.p.ID, UserID: r.e.UserID,
 		Node: r.e.Node, Path: f.Path, SizeBytes: f.SizeBytes, SHA256: f.SHA256, EngineVersion: r.e.EngineVersion, Trigger: schema.BackupManual}))
@@ -46,7 +46,7 @@ func TestRestoreResumedAfterCrash(t *testing.T) {
 		require.NoError(t, err)
 		_, err = r.q.SetEngineState(ctx, e, schema.EngineChange{Status: orch.StateRunning, OperationID: &op.ID})
 		require.NoError(t, err)
-		require.NoError(t, r.w.safetyCopy(ctx, e, r.w.safetyPath(e, op)))
+		require.NoError(t, r.w.Backups.safetyCopy(ctx, e, r.w.Backups.safetyPath(e, op)))
 		var half bytes.Buffer
 		tw := tar.NewWriter(&half)
 		junk := []byte("half of a brain")
@@ -58,13 +58,13 @@ func TestRestoreResumedAfterCrash(t *testing.T) {
 	}
 	retry := func(op orch.Operation) orch.Operation {
 		jobID++
-		rw := &restoreWorker{w: r.w}
+		rw := &restoreWorker{bk: r.w.Backups}
 		err := rw.Work(ctx, &river.Job[jobs.Restore]{JobRow: &rivertype.JobRow{ID: jobID, Attempt: 2, MaxAttempts: 5, Kind: "engine_restore"},
 			Args: jobs.Restore{Lifecycle: jobs.Lifecycle{EngineID: r.e.ID, OperationID: op.ID, Node: r.e.Node}}})
 		require.NoError(t, err)
 		got, _, err := r.q.OperationByID(ctx, op.ID)
 		require.NoError(t, err)
-		_, err = os.Stat(r.w.safetyPath(r.e, op))
+		_, err = os.Stat(r.w.Backups.safetyPath(r.e, op))
 		require.True(t, os.IsNotExist(err), "the safety copy is gone once the operation has an outcome")
 		return got
 	}

@@ -1,19 +1,9 @@
-// Package workers holds the River workers: the only code that drives a
-// backend. Each lifecycle job takes a lease on its engine row (so jobs of
-// different kinds never work one engine at once, on any replica), does its
-// idempotent backend work, then commits the state change, the audit row
-// and the operation's outcome in one transaction, which also notifies the
-// API requests waiting on it.
 package workers
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"log/slog"
-	"net/http"
-	"strconv"
-	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -23,117 +13,77 @@ import (
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/jobs"
-	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/metrics"
 )
 
-// Config is what the workers need; cmd/orchestrator fills it.
+// Config is what the workers need, one section per concept; cmd/orchestrator
+// fills it. Zero values take the defaults each section names.
 type Config struct {
-	Node             string
-	DefaultImage     string
-	BootTimeout      time.Duration
-	ProbeTimeout     time.Duration
-	ProbeURLTemplate string            // how a worker reaches an engine, e.g. http://127.0.0.1:{port}
-	EnvPassthrough   map[string]string // copied into every engine
-	KeyOverlap       time.Duration
-	StopGrace        time.Duration // SIGTERM → SIGKILL (30 s)
-	Concurrency      int
-	OrphanGrace      time.Duration // reconcile removes an unknown labelled container after this (10 min)
-	PortMin, PortMax int           // the node's engine ports (ORCH_PORT_MIN/MAX): where a refused port's engine moves (0 = never moved)
-	PortBlockTTL     time.Duration // how long a port the host refused is skipped (1 h)
+	Node        string           // this process's node: its queues, its engines ("local")
+	Concurrency int              // lifecycle jobs at once on the node's queue (50)
+	Metrics     *metrics.Metrics // job durations, lifecycle counters, boot times (nil = none)
 
-	Metrics *metrics.Metrics // job durations, lifecycle counters, boot times (nil = none)
-
-	// Health and auto-restart (SPEC §6), idle sleep (SPEC §7): see fleet.go.
-	HealthInterval     time.Duration // sweep period (30 s); paces the sampled health_check rows
-	HealthMaxFailures  int           // consecutive failed probes before failed (3)
-	HealthBatchSize    int           // engines per health_sweep_batch job (100)
-	ProbeConcurrency   int           // probes at once per worker process (50)
-	HealthAuditEvery   time.Duration // one sampled health_check row per engine per this (1 h)
-	RestartBackoffBase time.Duration // first auto-restart delay; doubles per attempt (0 = at once)
-	RestartBackoffMax  time.Duration // backoff cap (0 = no cap)
-	RestartMaxAttempts int           // auto-restart attempts before giving up (0 = no auto-restart)
-	IdleAfter          time.Duration // idle time before sleep (0 = never)
-	SleepMode          string        // "mark" (default) or "stop"
-
-	// Backups (SPEC §11) and audit exports (SPEC §10): see backup.go, restore.go, audit_export.go.
-	BackupDir         string        // ORCH_BACKUP_DIR
-	BackupRetention   time.Duration // ORCH_BACKUP_RETENTION_DAYS (7 days)
-	BackupConcurrency int           // backups at once per worker process (2)
-	AuditExportDir    string        // ORCH_AUDIT_EXPORT_DIR
-	AuditRetention    time.Duration // ORCH_AUDIT_RETENTION_DAYS (0 = keep forever)
-	AuditExportSettle time.Duration // an export runs this long after its range ends (10 s)
+	Engines   EngineConfig    // how engines are run, booted and probed (runner.go)
+	Health    HealthConfig    // health sweeps, crash checks, auto-restart (health.go)
+	Idle      IdleConfig      // idle sleep (idle.go)
+	Backups   BackupConfig    // brain backups and restores (backup.go)
+	Audit     AuditConfig     // audit exports and purge (audit_export.go)
+	Reconcile ReconcileConfig // drift repair (reconcile.go)
 }
 
-// Workers runs engine jobs against one backend.
+// Workers is the assembly of one worker process: the concept parts on
+// one shared runner, their River workers and configuration, and the
+// process's background loops (liveness, crash watching).
 type Workers struct {
-	cfg     Config
-	pool    *pgxpool.Pool
-	backend orch.Backend
-	keyring *keys.Keyring
-	log     *slog.Logger
-	http    *http.Client
-	fleet   fleetState
-	session *session // liveness.go
+	Health    *Health       // health sweeps, crash checks, auto-restart
+	Idle      *Idle         // idle sleep
+	Backups   *Backups      // brain backups, their retention, restores
+	Audit     *AuditExports // audit exports and their purge
+	Reconcile *Reconciler   // drift repair, the operation sweep
+
+	cfg       Config
+	r         *runner
+	lifecycle *lifecycleJobs
+	liveness  *liveness
 }
 
-// New builds the workers.
-func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, kr *keys.Keyring, log *slog.Logger) *Workers {
+// New builds the workers of one process on backend.
+func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, log *slog.Logger) *Workers {
 	if cfg.Node == "" {
 		cfg.Node = "local"
-	}
-	if cfg.StopGrace == 0 {
-		cfg.StopGrace = 30 * time.Second
-	}
-	if cfg.ProbeTimeout == 0 {
-		cfg.ProbeTimeout = 10 * time.Second
-	}
-	if cfg.ProbeURLTemplate == "" {
-		cfg.ProbeURLTemplate = "http://127.0.0.1:{port}"
 	}
 	if cfg.Concurrency == 0 {
 		cfg.Concurrency = 50
 	}
-	if cfg.OrphanGrace == 0 {
-		cfg.OrphanGrace = 10 * time.Minute
+	cfg.Engines = cfg.Engines.withDefaults()
+	cfg.Health = cfg.Health.withDefaults()
+	cfg.Idle = cfg.Idle.withDefaults()
+	cfg.Backups = cfg.Backups.withDefaults()
+	cfg.Audit = cfg.Audit.withDefaults()
+	cfg.Reconcile = cfg.Reconcile.withDefaults()
+	r := newRunner(cfg.Node, cfg.Engines, cfg.Metrics, pool, backend, log)
+	health := newHealth(r, cfg.Health)
+	return &Workers{
+		Health:    health,
+		Idle:      &Idle{runner: r, cfg: cfg.Idle},
+		Backups:   &Backups{runner: r, cfg: cfg.Backups, sleepingRuns: cfg.Idle.sleepingRuns()},
+		Audit:     &AuditExports{runner: r, cfg: cfg.Audit},
+		Reconcile: &Reconciler{runner: r, cfg: cfg.Reconcile, sleepingRuns: cfg.Idle.sleepingRuns(), nextAutoRestart: health.nextAutoRestart},
+		cfg:       cfg,
+		r:         r,
+		lifecycle: &lifecycleJobs{runner: r, autoRestart: health.autoRestart},
+		liveness:  &liveness{runner: r},
 	}
-	if cfg.PortBlockTTL <= 0 {
-		cfg.PortBlockTTL = DefaultPortBlockTTL
-	}
-	cfg = backupDefaults(cfg)
-	cfg = fleetDefaults(cfg)
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.MaxIdleConnsPerHost = 2
-	tr.IdleConnTimeout = 30 * time.Second
-	return &Workers{cfg: cfg, pool: pool, backend: backend, keyring: kr, log: log, http: &http.Client{Transport: tr},
-		fleet: newFleetState(cfg), session: newSession(cfg.Node)}
-}
-
-// jobTimeout bounds one lifecycle job: stop grace plus boot plus slack.
-// It is above the boot timeout, as River's default 1 minute is not.
-func (w *Workers) jobTimeout() time.Duration {
-	return w.cfg.StopGrace + 2*w.cfg.BootTimeout + 30*time.Second
-}
-
-// restoreTimeout bounds a restore job: a whole restore plus a rollback's
-// boot, all inside the job's own time (restore.go), so no attempt's work
-// outlives its lease and overlaps its retry.
-func (w *Workers) restoreTimeout() time.Duration {
-	return w.jobTimeout() + w.cfg.BootTimeout + time.Minute
 }
 
 // Register adds every worker to ws.
 func (w *Workers) Register(ws *river.Workers) {
-	river.AddWorker(ws, &provisionWorker{lifecycleWorker[jobs.Provision]{w: w}})
-	river.AddWorker(ws, &startWorker{lifecycleWorker[jobs.Start]{w: w}})
-	river.AddWorker(ws, &stopWorker{lifecycleWorker[jobs.Stop]{w: w}})
-	river.AddWorker(ws, &restartWorker{lifecycleWorker[jobs.Restart]{w: w}})
-	river.AddWorker(ws, &rotateKeyWorker{lifecycleWorker[jobs.RotateKey]{w: w}})
-	river.AddWorker(ws, &upgradeWorker{lifecycleWorker[jobs.Upgrade]{w: w}})
-	river.AddWorker(ws, &destroyWorker{lifecycleWorker[jobs.Destroy]{w: w}})
-	river.AddWorker(ws, &reconcileWorker{w: w})
-	w.registerBackups(ws)
-	w.registerFleet(ws)
+	w.lifecycle.register(ws)
+	w.Health.register(ws)
+	w.Idle.register(ws)
+	w.Backups.register(ws)
+	w.Audit.register(ws)
+	w.Reconcile.register(ws)
 }
 
 // RiverConfig is the River client configuration of a worker process: its
@@ -142,159 +92,46 @@ func (w *Workers) RiverConfig(log *slog.Logger) *river.Config {
 	ws := river.NewWorkers()
 	w.Register(ws)
 	return &river.Config{
-		ID:     w.session.id, // river_job.attempted_by names this process's liveness session
+		ID:     w.r.session.id, // river_job.attempted_by names this process's liveness session
 		Logger: log,
 		Queues: map[string]river.QueueConfig{
 			jobs.NodeQueue(w.cfg.Node):   {MaxWorkers: w.cfg.Concurrency},
 			jobs.QueueFleet:              {MaxWorkers: 10},
 			river.QueueDefault:           {MaxWorkers: 10},
-			jobs.BackupQueue(w.cfg.Node): {MaxWorkers: w.cfg.BackupConcurrency},
+			jobs.BackupQueue(w.cfg.Node): {MaxWorkers: w.cfg.Backups.Concurrency},
 		},
 		Workers:           ws,
-		Middleware:        []rivertype.Middleware{river.WorkerMiddlewareFunc(w.observeJob)},
+		Middleware:        []rivertype.Middleware{river.WorkerMiddlewareFunc(w.r.observeJob)},
 		FetchCooldown:     2 * time.Millisecond,
 		FetchPollInterval: 200 * time.Millisecond,
-		JobTimeout:        w.jobTimeout(),
+		JobTimeout:        w.r.jobTimeout(),
 		// A job whose worker process died is re-queued within seconds by
 		// the liveness rescuer (liveness.go); River's own rescue is the
 		// last resort for a live process stuck past every job's timeout
 		// (restore's is the longest) and its lease's slack.
-		RescueStuckJobsAfter: w.restoreTimeout() + time.Minute,
+		RescueStuckJobsAfter: w.Backups.restoreTimeout() + time.Minute,
 	}
 }
 
-// spec is the backend spec of an engine at image (SPEC §8 environment).
-func (w *Workers) spec(e orch.Engine, image, keyHash, prevHash string, prevExpires *time.Time) orch.EngineSpec {
-	env := map[string]string{}
-	for k, v := range w.cfg.EnvPassthrough {
-		env[k] = v
-	}
-	env["ENGINE_KEY_HASH"] = keyHash
-	env["SQLITE_DB_PATH"] = "/data/brain.sqlite"
-	env["CATALOG_DIR"] = "/catalog"
-	if prevHash != "" && prevExpires != nil && time.Now().Before(*prevExpires) {
-		env["ENGINE_KEY_HASH_PREVIOUS"] = prevHash
-		env["ENGINE_KEY_PREVIOUS_EXPIRES_AT"] = prevExpires.UTC().Format(time.RFC3339)
-	}
-	return orch.EngineSpec{EngineID: e.ID, ProductID: e.ProductID, Node: e.Node, Image: image, HostPort: e.Port, Env: env}
+// SessionID is this worker process's liveness session (and River client) id.
+func (w *Workers) SessionID() string { return w.r.session.id }
+
+// RunLiveness holds this process's liveness session, rescues the jobs of
+// dead workers and ends abandoned operations (abandoned.go), until ctx
+// ends; then it deletes the session (a clean exit). Start it with the
+// River client and stop it after River has stopped: while it runs, this
+// process counts as alive.
+func (w *Workers) RunLiveness(ctx context.Context, rc *river.Client[pgx.Tx]) {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); w.Reconcile.sweepOperationsLoop(ctx, rc) }()
+	w.liveness.run(ctx)
+	wg.Wait()
+	w.liveness.end()
 }
 
-// currentSpec is the spec of an engine as its row stands.
-func (w *Workers) currentSpec(e orch.Engine) orch.EngineSpec {
-	return w.spec(e, e.EngineVersion, e.KeyHash, e.PrevKeyHash, e.PrevKeyExpiresAt)
-}
-
-func (w *Workers) probeURL(e orch.Engine) string {
-	r := strings.NewReplacer("{port}", strconv.Itoa(e.Port), "{container}", orch.ContainerName(e.ID),
-		"{engine_id}", e.ID, "{node}", e.Node)
-	return strings.TrimRight(r.Replace(w.cfg.ProbeURLTemplate), "/") + "/health"
-}
-
-// errBootTimeout is returned by bootAndWait when the engine never became healthy.
-var errBootTimeout = orch.Errorf(orch.CodeBootTimeout, "engine did not become healthy in time")
-
-// bootAndWait ensures the container for spec, starts it and waits until its
-// /health is ok or the boot timeout passes. Returns the boot duration. A
-// host port the host refuses moves the engine to a free port first (its
-// row changes; see ports.go).
-func (w *Workers) bootAndWait(ctx context.Context, e orch.Engine, spec orch.EngineSpec) (time.Duration, error) {
-	start := time.Now()
-	if err := w.backend.Ensure(ctx, spec); err != nil {
-		if errors.Is(err, orch.ErrImageUnavailable) {
-			return 0, &orch.Error{Code: orch.CodeBackendFailed, Err: err,
-				Message: fmt.Sprintf("image %s is not available on node %s (not present, and it could not be pulled)", spec.Image, w.cfg.Node)}
-		}
-		return 0, backendErr("create engine", err)
-	}
-	e, _, err := w.startMovingPort(ctx, e, spec) // ports.go: a refused host port moves the engine
-	if err != nil {
-		return 0, err
-	}
-	if err := w.waitHealthy(ctx, e, start.Add(w.cfg.BootTimeout)); err != nil {
-		return time.Since(start), err
-	}
-	return time.Since(start), nil
-}
-
-// waitHealthy polls the engine's /health until it is ok or deadline.
-func (w *Workers) waitHealthy(ctx context.Context, e orch.Engine, deadline time.Time) error {
-	url := w.probeURL(e)
-	delay := 10 * time.Millisecond
-	lastLook, restartPause := time.Now(), 500*time.Millisecond
-	for {
-		pctx, cancel := context.WithTimeout(ctx, min(w.cfg.ProbeTimeout, time.Until(deadline)+time.Millisecond))
-		err := Probe(pctx, w.http, url)
-		cancel()
-		if err == nil {
-			return nil
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		// An engine that died while booting (a port briefly taken, a crash)
-		// is started again until the deadline, as Docker's restart policy
-		// would, with a growing pause; one that never comes up still ends
-		// in BOOT_TIMEOUT, as the contract says.
-		if time.Since(lastLook) >= restartPause {
-			lastLook = time.Now()
-			if info, ierr := w.backend.Inspect(ctx, e.ID); ierr == nil && info.State == orch.RuntimeExited {
-				w.log.Warn("engine exited while booting; starting it again", "engine_id", e.ID, "exit_code", info.ExitCode)
-				if err := w.backend.Start(ctx, e.ID); err != nil {
-					return backendErr("restart engine while booting", err)
-				}
-				restartPause = min(2*restartPause, 4*time.Second)
-			}
-		}
-		if time.Now().Add(delay).After(deadline) {
-			return errBootTimeout
-		}
-		time.Sleep(delay)
-		delay = min(delay*2, 250*time.Millisecond)
-	}
-}
-
-func backendErr(what string, err error) error {
-	return &orch.Error{Code: orch.CodeBackendFailed, Message: what + " failed", Err: err}
-}
-
-// observeJob times every job this process works, by kind and outcome, and
-// lists it in the liveness heartbeat while it runs.
-func (w *Workers) observeJob(ctx context.Context, job *rivertype.JobRow, doInner func(context.Context) error) error {
-	start := time.Now()
-	w.session.started(job.ID)
-	err := doInner(ctx)
-	w.session.finished(job.ID)
-	outcome := "completed"
-	var snooze *river.JobSnoozeError
-	var cancel *river.JobCancelError
-	switch {
-	case err == nil:
-	case errors.As(err, &snooze):
-		outcome = "snoozed"
-	case errors.As(err, &cancel):
-		outcome = "cancelled"
-	default:
-		outcome = "failed"
-	}
-	w.cfg.Metrics.ObserveJob(job.Kind, outcome, time.Since(start))
-	return err
-}
-
-// logJob writes the one log line per job.
-func (w *Workers) logJob(kind string, engineID string, attempt int, start time.Time, outcome string, err error) {
-	attrs := []any{"job_kind", kind, "engine_id", engineID, "attempt", attempt,
-		"duration_ms", time.Since(start).Milliseconds(), "outcome", outcome}
-	if err != nil {
-		attrs = append(attrs, "error", err.Error())
-		w.log.Warn("job", attrs...)
-		return
-	}
-	w.log.Info("job", attrs...)
-}
-
-func inTx(ctx context.Context, pool *pgxpool.Pool, fn func(tx pgx.Tx) error) error {
-	if err := pgx.BeginFunc(ctx, pool, fn); err != nil {
-		return fmt.Errorf("transaction: %w", err)
-	}
-	return nil
+// WatchEvents runs the crash watcher (events.go) until ctx ends. rc
+// enqueues the checks and the catch-up jobs.
+func (w *Workers) WatchEvents(ctx context.Context, rc *river.Client[pgx.Tx]) {
+	w.Health.watchEvents(ctx, rc)
 }

@@ -38,7 +38,7 @@ func TestPoolSize(t *testing.T) {
 
 	// The default concurrency (50) no longer outruns the pool: every job
 	// slot of the worker has a connection.
-	w := workers.New(workerConfig(cfg), nil, nil, nil, testenv.Quiet())
+	w := workers.New(workerConfig(cfg), nil, nil, testenv.Quiet())
 	slots := 0
 	for _, q := range w.RiverConfig(testenv.Quiet()).Queues {
 		slots += q.MaxWorkers

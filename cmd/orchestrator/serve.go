@@ -77,14 +77,15 @@ func apiConfig(cfg Config) api.Config {
 }
 
 func workerConfig(cfg Config) workers.Config {
-	return workers.Config{Node: cfg.Node, DefaultImage: cfg.EngineImage, BootTimeout: cfg.BootTimeout,
-		ProbeTimeout: cfg.HealthTimeout, ProbeURLTemplate: cfg.ProbeURLTemplate, EnvPassthrough: passthroughEnv(cfg.EnvPassthrough),
-		KeyOverlap: cfg.KeyOverlap, Concurrency: cfg.WorkerConcurrency, PortMin: cfg.PortMin, PortMax: cfg.PortMax,
-		HealthInterval: cfg.HealthInterval, HealthMaxFailures: cfg.HealthMaxFailures,
-		RestartBackoffBase: cfg.RestartBackoffBase, RestartBackoffMax: cfg.RestartBackoffMax, RestartMaxAttempts: cfg.RestartMaxAttempts,
-		IdleAfter: cfg.IdleAfter, SleepMode: cfg.SleepMode,
-		BackupDir: cfg.BackupDir, BackupRetention: time.Duration(cfg.BackupRetentionDays) * 24 * time.Hour,
-		AuditExportDir: cfg.AuditExportDir, AuditRetention: time.Duration(cfg.AuditRetentionDays) * 24 * time.Hour}
+	days := func(n int) time.Duration { return time.Duration(n) * 24 * time.Hour }
+	return workers.Config{Node: cfg.Node, Concurrency: cfg.WorkerConcurrency,
+		Engines: workers.EngineConfig{BootTimeout: cfg.BootTimeout, ProbeTimeout: cfg.HealthTimeout, ProbeURLTemplate: cfg.ProbeURLTemplate,
+			EnvPassthrough: passthroughEnv(cfg.EnvPassthrough), KeyOverlap: cfg.KeyOverlap, PortMin: cfg.PortMin, PortMax: cfg.PortMax},
+		Health: workers.HealthConfig{Interval: cfg.HealthInterval, MaxFailures: cfg.HealthMaxFailures,
+			RestartBackoffBase: cfg.RestartBackoffBase, RestartBackoffMax: cfg.RestartBackoffMax, RestartMaxAttempts: cfg.RestartMaxAttempts},
+		Idle:    workers.IdleConfig{After: cfg.IdleAfter, Mode: cfg.SleepMode},
+		Backups: workers.BackupConfig{Dir: cfg.BackupDir, Retention: days(cfg.BackupRetentionDays)},
+		Audit:   workers.AuditConfig{ExportDir: cfg.AuditExportDir, Retention: days(cfg.AuditRetentionDays)}}
 }
 
 // fleetConfig is the scheduler's view of the configuration: the sweeps'
