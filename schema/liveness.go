@@ -142,19 +142,6 @@ func (q *Queries) AcquireLease(ctx context.Context, engineID string, l Lease, un
 	return r.Got, nil
 }
 
-// HoldsLease reports whether l still holds the engine's lease (false when
-// the row is gone). Inside a transaction that locked the row, a true
-// answer fences the commit: no other attempt can have taken over.
-func (q *Queries) HoldsLease(ctx context.Context, engineID string, l Lease) (bool, error) {
-	holds, err := q.gen.HoldsLease(ctx, dbsqlc.HoldsLeaseParams{ID: engineID, Job: l.Job, Attempt: int32(l.Attempt), Owner: l.Owner})
-	if errors.Is(err, pgx.ErrNoRows) {
-		return false, nil
-	}
-	if err != nil {
-		return false, fmt.Errorf("check engine lease: %w", err)
-	}
-	return holds, nil
-}
 
 // ReleaseLease gives up l's lease on an engine (if it still holds it).
 func (q *Queries) ReleaseLease(ctx context.Context, engineID string, l Lease) error {
@@ -163,4 +150,34 @@ func (q *Queries) ReleaseLease(ctx context.Context, engineID string, l Lease) er
 		return fmt.Errorf("release engine lease: %w", err)
 	}
 	return nil
+}
+
+// TakeLease is AcquireLease returning the engine it leased, in the same
+// statement: a job's one read of its engine before its work. got is false
+// when another attempt holds it; ENGINE_NOT_FOUND when the row is gone.
+func (q *Queries) TakeLease(ctx context.Context, engineID string, l Lease, until time.Time) (orch.Engine, bool, error) {
+	r, err := q.gen.TakeLease(ctx, dbsqlc.TakeLeaseParams{ID: engineID, Job: l.Job, Attempt: int32(l.Attempt), Owner: l.Owner, Until: until})
+	if err == nil {
+		return toEngine(r), true, nil
+	}
+	if !errors.Is(err, pgx.ErrNoRows) {
+		return orch.Engine{}, false, fmt.Errorf("acquire engine lease: %w", err)
+	}
+	found, err := q.gen.EngineExists(ctx, engineID)
+	if err != nil {
+		return orch.Engine{}, false, fmt.Errorf("acquire engine lease: %w", err)
+	}
+	if !found {
+		return orch.Engine{}, false, orch.Errorf(orch.CodeEngineNotFound, "engine not found")
+	}
+	return orch.Engine{}, false, nil
+}
+
+// LockLeasedEngine reads and locks an engine for the transaction and says
+// whether l still holds its lease (the commit's fence), in one statement.
+// ENGINE_NOT_FOUND when the row is gone.
+func (q *Queries) LockLeasedEngine(ctx context.Context, engineID string, l Lease) (orch.Engine, bool, error) {
+	r, err := q.gen.LockLeasedEngine(ctx, dbsqlc.LockLeasedEngineParams{ID: engineID, Job: l.Job, Attempt: int32(l.Attempt), Owner: l.Owner})
+	e, err := oneEngine(r.Engine, err)
+	return e, r.Holds, err
 }

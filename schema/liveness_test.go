@@ -59,13 +59,14 @@ func TestLeaseFencesAttempts(t *testing.T) {
 	got, err = q.AcquireLease(ctx, id, retry, until)
 	require.NoError(t, err)
 	require.True(t, got)
-	holds, err := q.HoldsLease(ctx, id, first)
+	_, holds, err := q.LockLeasedEngine(ctx, id, first)
 	require.NoError(t, err)
 	require.False(t, holds, "the old attempt's commit is fenced")
 	require.NoError(t, q.ReleaseLease(ctx, id, first))
-	holds, err = q.HoldsLease(ctx, id, retry)
+	e, holds, err := q.LockLeasedEngine(ctx, id, retry)
 	require.NoError(t, err)
 	require.True(t, holds, "releasing someone else's lease is a no-op")
+	require.Equal(t, id, e.ID)
 
 	// An expired lease is free for anyone.
 	require.NoError(t, q.ReleaseLease(ctx, id, retry))

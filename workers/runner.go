@@ -151,7 +151,7 @@ func (r *runner) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecycl
 	start := time.Now()
 	q := schema.New(r.pool)
 	lease := r.leaseOf(job)
-	got, err := q.AcquireLease(ctx, a.EngineID, lease, leaseUntil(ctx, r.jobTimeout()))
+	e, got, err := q.TakeLease(ctx, a.EngineID, lease, leaseUntil(ctx, r.jobTimeout())) // lease and read in one
 	if orch.IsCode(err, orch.CodeEngineNotFound) {
 		// Destroyed meanwhile: nothing to do but close the operation.
 		r.finishOrphanOp(ctx, a.OperationID)
@@ -166,10 +166,6 @@ func (r *runner) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecycl
 	}
 	defer r.releaseLease(ctx, a.EngineID, lease)
 
-	e, err := q.EngineByID(ctx, a.EngineID)
-	if err != nil {
-		return err
-	}
 	var op orch.Operation
 	var payload schema.OpPayload
 	if a.OperationID != "" || !o.aside {
@@ -272,19 +268,13 @@ func (r *runner) commit(ctx context.Context, e orch.Engine, op orch.Operation, l
 
 // commitTx is commit's transaction body.
 func (r *runner) commitTx(ctx context.Context, q *schema.Queries, tx pgx.Tx, e orch.Engine, op orch.Operation, lease schema.Lease, out outcome) error {
-	cur, err := q.EngineByIDForUpdate(ctx, e.ID)
+	cur, holds, err := q.LockLeasedEngine(ctx, e.ID, lease) // the row and the fence in one read
 	if err != nil && !orch.IsCode(err, orch.CodeEngineNotFound) {
 		return err
 	}
 	gone := err != nil
-	if !gone {
-		holds, err := q.HoldsLease(ctx, e.ID, lease)
-		if err != nil {
-			return err
-		}
-		if !holds {
-			return errLeaseLost
-		}
+	if !gone && !holds {
+		return errLeaseLost
 	}
 	switch {
 	case gone:

@@ -74,12 +74,27 @@ WITH u AS (
 )
 SELECT EXISTS (SELECT 1 FROM engines x WHERE x.id = @id)::bool AS found, EXISTS (SELECT 1 FROM u)::bool AS got;
 
--- name: HoldsLease :one
-SELECT coalesce(lease_job_id = @job::bigint AND lease_attempt IS NOT DISTINCT FROM @attempt::int
-    AND lease_owner IS NOT DISTINCT FROM nullif(@owner::text, ''), false)::bool AS holds
-FROM engines WHERE id = @id;
-
 -- name: ReleaseLease :exec
 UPDATE engines SET lease_job_id = NULL, lease_attempt = NULL, lease_owner = NULL, lease_until = NULL
 WHERE id = @id AND lease_job_id = @job::bigint AND lease_attempt IS NOT DISTINCT FROM @attempt::int
   AND lease_owner IS NOT DISTINCT FROM nullif(@owner::text, '');
+
+-- name: TakeLease :one
+-- AcquireLease returning the engine row it leased (no row: not taken, or
+-- gone).
+UPDATE engines SET lease_job_id = @job::bigint, lease_attempt = @attempt::int, lease_owner = nullif(@owner::text, ''),
+    lease_until = @until::timestamptz
+WHERE id = @id AND (lease_job_id IS NULL OR lease_until < now()
+    OR (lease_job_id = @job::bigint AND lease_attempt IS NOT DISTINCT FROM @attempt::int
+        AND lease_owner IS NOT DISTINCT FROM nullif(@owner::text, '')))
+RETURNING *;
+
+-- name: EngineExists :one
+SELECT EXISTS (SELECT 1 FROM engines WHERE id = @id)::bool AS found;
+
+-- name: LockLeasedEngine :one
+-- The engine row, locked for the transaction, and whether the lease still
+-- holds it: a commit's one read.
+SELECT sqlc.embed(engines), coalesce(lease_job_id = @job::bigint AND lease_attempt IS NOT DISTINCT FROM @attempt::int
+    AND lease_owner IS NOT DISTINCT FROM nullif(@owner::text, ''), false)::bool AS holds
+FROM engines WHERE id = @id FOR UPDATE;

@@ -58,6 +58,17 @@ func (q *Queries) DeleteWorkerSession(ctx context.Context, id string) error {
 	return err
 }
 
+const engineExists = `-- name: EngineExists :one
+SELECT EXISTS (SELECT 1 FROM engines WHERE id = $1)::bool AS found
+`
+
+func (q *Queries) EngineExists(ctx context.Context, id string) (bool, error) {
+	row := q.db.QueryRow(ctx, engineExists, id)
+	var found bool
+	err := row.Scan(&found)
+	return found, err
+}
+
 const heartbeatWorkerSession = `-- name: HeartbeatWorkerSession :execrows
 UPDATE worker_sessions SET seen_at = now(), running = $1::bigint[] WHERE id = $2
 `
@@ -75,29 +86,65 @@ func (q *Queries) HeartbeatWorkerSession(ctx context.Context, arg HeartbeatWorke
 	return result.RowsAffected(), nil
 }
 
-const holdsLease = `-- name: HoldsLease :one
-SELECT coalesce(lease_job_id = $1::bigint AND lease_attempt IS NOT DISTINCT FROM $2::int
+const lockLeasedEngine = `-- name: LockLeasedEngine :one
+SELECT engines.id, engines.product_id, engines.user_id, engines.status, engines.node, engines.port, engines.engine_version, engines.engine_key_hash, engines.engine_key_enc, engines.prev_key_hash, engines.prev_key_expires_at, engines.boot_duration_ms, engines.health_failures, engines.restart_attempts, engines.last_health_at, engines.last_active_at, engines.sleep_reason, engines.slept_at, engines.state_deadline, engines.operation_id, engines.lease_job_id, engines.lease_until, engines.last_error, engines.created_at, engines.updated_at, engines.lease_attempt, engines.lease_owner, coalesce(lease_job_id = $1::bigint AND lease_attempt IS NOT DISTINCT FROM $2::int
     AND lease_owner IS NOT DISTINCT FROM nullif($3::text, ''), false)::bool AS holds
-FROM engines WHERE id = $4
+FROM engines WHERE id = $4 FOR UPDATE
 `
 
-type HoldsLeaseParams struct {
+type LockLeasedEngineParams struct {
 	Job     int64
 	Attempt int32
 	Owner   string
 	ID      string
 }
 
-func (q *Queries) HoldsLease(ctx context.Context, arg HoldsLeaseParams) (bool, error) {
-	row := q.db.QueryRow(ctx, holdsLease,
+type LockLeasedEngineRow struct {
+	Engine Engine
+	Holds  bool
+}
+
+// The engine row, locked for the transaction, and whether the lease still
+// holds it: a commit's one read.
+func (q *Queries) LockLeasedEngine(ctx context.Context, arg LockLeasedEngineParams) (LockLeasedEngineRow, error) {
+	row := q.db.QueryRow(ctx, lockLeasedEngine,
 		arg.Job,
 		arg.Attempt,
 		arg.Owner,
 		arg.ID,
 	)
-	var holds bool
-	err := row.Scan(&holds)
-	return holds, err
+	var i LockLeasedEngineRow
+	err := row.Scan(
+		&i.Engine.ID,
+		&i.Engine.ProductID,
+		&i.Engine.UserID,
+		&i.Engine.Status,
+		&i.Engine.Node,
+		&i.Engine.Port,
+		&i.Engine.EngineVersion,
+		&i.Engine.EngineKeyHash,
+		&i.Engine.EngineKeyEnc,
+		&i.Engine.PrevKeyHash,
+		&i.Engine.PrevKeyExpiresAt,
+		&i.Engine.BootDurationMs,
+		&i.Engine.HealthFailures,
+		&i.Engine.RestartAttempts,
+		&i.Engine.LastHealthAt,
+		&i.Engine.LastActiveAt,
+		&i.Engine.SleepReason,
+		&i.Engine.SleptAt,
+		&i.Engine.StateDeadline,
+		&i.Engine.OperationID,
+		&i.Engine.LeaseJobID,
+		&i.Engine.LeaseUntil,
+		&i.Engine.LastError,
+		&i.Engine.CreatedAt,
+		&i.Engine.UpdatedAt,
+		&i.Engine.LeaseAttempt,
+		&i.Engine.LeaseOwner,
+		&i.Holds,
+	)
+	return i, err
 }
 
 const lockWorkerSession = `-- name: LockWorkerSession :one
@@ -232,6 +279,66 @@ func (q *Queries) RescueLostJobs(ctx context.Context, arg RescueLostJobsParams) 
 		return nil, err
 	}
 	return items, nil
+}
+
+const takeLease = `-- name: TakeLease :one
+UPDATE engines SET lease_job_id = $1::bigint, lease_attempt = $2::int, lease_owner = nullif($3::text, ''),
+    lease_until = $4::timestamptz
+WHERE id = $5 AND (lease_job_id IS NULL OR lease_until < now()
+    OR (lease_job_id = $1::bigint AND lease_attempt IS NOT DISTINCT FROM $2::int
+        AND lease_owner IS NOT DISTINCT FROM nullif($3::text, '')))
+RETURNING id, product_id, user_id, status, node, port, engine_version, engine_key_hash, engine_key_enc, prev_key_hash, prev_key_expires_at, boot_duration_ms, health_failures, restart_attempts, last_health_at, last_active_at, sleep_reason, slept_at, state_deadline, operation_id, lease_job_id, lease_until, last_error, created_at, updated_at, lease_attempt, lease_owner
+`
+
+type TakeLeaseParams struct {
+	Job     int64
+	Attempt int32
+	Owner   string
+	Until   time.Time
+	ID      string
+}
+
+// AcquireLease returning the engine row it leased (no row: not taken, or
+// gone).
+func (q *Queries) TakeLease(ctx context.Context, arg TakeLeaseParams) (Engine, error) {
+	row := q.db.QueryRow(ctx, takeLease,
+		arg.Job,
+		arg.Attempt,
+		arg.Owner,
+		arg.Until,
+		arg.ID,
+	)
+	var i Engine
+	err := row.Scan(
+		&i.ID,
+		&i.ProductID,
+		&i.UserID,
+		&i.Status,
+		&i.Node,
+		&i.Port,
+		&i.EngineVersion,
+		&i.EngineKeyHash,
+		&i.EngineKeyEnc,
+		&i.PrevKeyHash,
+		&i.PrevKeyExpiresAt,
+		&i.BootDurationMs,
+		&i.HealthFailures,
+		&i.RestartAttempts,
+		&i.LastHealthAt,
+		&i.LastActiveAt,
+		&i.SleepReason,
+		&i.SleptAt,
+		&i.StateDeadline,
+		&i.OperationID,
+		&i.LeaseJobID,
+		&i.LeaseUntil,
+		&i.LastError,
+		&i.CreatedAt,
+		&i.UpdatedAt,
+		&i.LeaseAttempt,
+		&i.LeaseOwner,
+	)
+	return i, err
 }
 
 const upsertWorkerSession = `-- name: UpsertWorkerSession :exec
