@@ -142,7 +142,6 @@ func (q *Queries) AcquireLease(ctx context.Context, engineID string, l Lease, un
 	return r.Got, nil
 }
 
-
 // ReleaseLease gives up l's lease on an engine (if it still holds it).
 func (q *Queries) ReleaseLease(ctx context.Context, engineID string, l Lease) error {
 	err := q.gen.ReleaseLease(ctx, dbsqlc.ReleaseLeaseParams{ID: engineID, Job: l.Job, Attempt: int32(l.Attempt), Owner: l.Owner})
