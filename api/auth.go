@@ -45,8 +45,8 @@ func (s *Server) authMiddleware(ctx huma.Context, next func(huma.Context)) {
 		p, err = s.checkPlatform(ctx.Context(), ctx.Header("X-Platform-Key"))
 		if err == nil {
 			ctx = huma.WithValue(ctx, ctxProduct, p)
-			if la, ok := ctx.Context().Value(ctxLogAttrs).(*logAttrs); ok {
-				la.product = p.Slug
+			if ri, ok := ctx.Context().Value(ctxRequest).(*requestInfo); ok {
+				ri.product = p.Slug
 			}
 		}
 	}

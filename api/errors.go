@@ -82,22 +82,31 @@ func (e *ErrorResponse) GetHeaders() http.Header {
 type ctxKey int
 
 const (
-	ctxRequestID ctxKey = iota
+	ctxRequest ctxKey = iota
 	ctxProduct
-	ctxLogAttrs
-	ctxClient
 )
 
-// clientFrom is the address the request is throttled under (clientAddr).
-func clientFrom(ctx context.Context) netip.Addr {
-	a, _ := ctx.Value(ctxClient).(netip.Addr)
-	return a
+// requestInfo is what the access log and the handlers share about one
+// request: one context value (and one allocation) per request.
+type requestInfo struct {
+	id      string
+	client  netip.Addr // the address the request is throttled under (clientAddr)
+	product string     // the authenticated product's slug, for the log
+	err     error      // a 5xx's cause, for the log
 }
 
-func requestID(ctx context.Context) string {
-	s, _ := ctx.Value(ctxRequestID).(string)
-	return s
+func infoFrom(ctx context.Context) *requestInfo {
+	ri, _ := ctx.Value(ctxRequest).(*requestInfo)
+	if ri == nil {
+		return &requestInfo{}
+	}
+	return ri
 }
+
+// clientFrom is the address the request is throttled under (clientAddr).
+func clientFrom(ctx context.Context) netip.Addr { return infoFrom(ctx).client }
+
+func requestID(ctx context.Context) string { return infoFrom(ctx).id }
 
 // withRetryAfter sets a domain error's Retry-After hint (seconds).
 func withRetryAfter(err *orch.Error, seconds int) error {
@@ -136,8 +145,8 @@ func toHTTP(ctx context.Context, err error) error {
 		out.GetHeaders().Set("Retry-After", "60")
 	}
 	out.ErrorBody.Error.RequestID = requestID(ctx)
-	if la, ok := ctx.Value(ctxLogAttrs).(*logAttrs); ok && out.status >= 500 {
-		la.err = err
+	if ri, ok := ctx.Value(ctxRequest).(*requestInfo); ok && out.status >= 500 {
+		ri.err = err
 	}
 	return out
 }

@@ -15,6 +15,7 @@ import (
 	"net/netip"
 	"path"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -179,11 +180,6 @@ func (s *Server) Run(ctx context.Context) {
 
 var requestIDRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
 
-type logAttrs struct {
-	product string
-	err     error
-}
-
 // statusRecorder records the status for the access log, and gives the
 // response WriteTimeout to be written from the moment it starts: a client
 // that does not read it cannot hold the handler forever, and a handler
@@ -216,18 +212,13 @@ func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter 
 func (s *Server) withRequestLog(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		rid := r.Header.Get("X-Request-ID")
-		if !requestIDRE.MatchString(rid) {
-			b := make([]byte, 8)
-			rand.Read(b) //nolint:errcheck
-			rid = hex.EncodeToString(b)
+		ri := &requestInfo{id: r.Header.Get("X-Request-ID")}
+		if ri.id == "" || !requestIDRE.MatchString(ri.id) {
+			ri.id = newRequestID()
 		}
-		w.Header().Set("X-Request-ID", rid)
-		la := &logAttrs{}
-		ctx := context.WithValue(r.Context(), ctxRequestID, rid)
-		ctx = context.WithValue(ctx, ctxLogAttrs, la)
-		client := clientAddr(r, s.cfg.TrustedProxies)
-		ctx = context.WithValue(ctx, ctxClient, client)
+		w.Header().Set("X-Request-ID", ri.id)
+		ri.client = clientAddr(r, s.cfg.TrustedProxies)
+		ctx := context.WithValue(r.Context(), ctxRequest, ri)
 		// A kept-alive connection may carry the previous response's write
 		// deadline: this request's response sets its own when it starts.
 		http.NewResponseController(w).SetWriteDeadline(time.Time{}) //nolint:errcheck
@@ -235,9 +226,9 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 		r2 := r.WithContext(ctx) // the mux records the matched pattern on it
 		defer func() {
 			if p := recover(); p != nil {
-				s.log.Error("panic in handler", "request_id", rid, "panic", fmt.Sprint(p))
+				s.log.Error("panic in handler", "request_id", ri.id, "panic", fmt.Sprint(p))
 				if rec.status == 0 {
-					writeEnvelope(rec, r.WithContext(ctx), http.StatusInternalServerError, orch.CodeInternal, "internal error")
+					writeEnvelope(rec, r2, http.StatusInternalServerError, orch.CodeInternal, "internal error")
 				}
 			}
 			status, took, route := rec.status, time.Since(start), routeOf(r2.Pattern)
@@ -245,24 +236,44 @@ func (s *Server) withRequestLog(next http.Handler) http.Handler {
 				status = http.StatusOK // nothing written: net/http sends 200
 			}
 			s.cfg.Metrics.ObserveRequest(r.Method, route, status, took)
-			attrs := []any{"method", r.Method, "route", route, "path", r.URL.Path, "status", status,
-				"duration_ms", float64(took.Microseconds()) / 1000, "request_id", rid, "client", client.String()}
-			if la.product != "" {
-				attrs = append(attrs, "product", la.product)
-			}
-			if la.err != nil {
-				attrs = append(attrs, "error", la.err.Error())
-			}
 			level := slog.LevelInfo
 			if status >= 500 {
 				level = slog.LevelError
 			}
-			s.log.Log(ctx, level, "request", attrs...)
+			if !s.log.Enabled(ctx, level) {
+				return
+			}
+			attrs := make([]slog.Attr, 0, 10)
+			attrs = append(attrs, slog.String("method", r.Method), slog.String("route", route), slog.String("path", r.URL.Path),
+				slog.Int("status", status), slog.Float64("duration_ms", float64(took.Microseconds())/1000),
+				slog.String("request_id", ri.id), slog.String("client", ri.client.String()))
+			if ri.product != "" {
+				attrs = append(attrs, slog.String("product", ri.product))
+			}
+			if ri.err != nil {
+				attrs = append(attrs, slog.String("error", ri.err.Error()))
+			}
+			s.log.LogAttrs(ctx, level, "request", attrs...)
 		}()
 		if limitBody(rec, r2) {
 			next.ServeHTTP(rec, r2)
 		}
 	})
+}
+
+// requestIDs are this process's random prefix and a counter: unique, and
+// free of a random read per request.
+var (
+	requestIDPrefix = func() string {
+		b := make([]byte, 4)
+		rand.Read(b) //nolint:errcheck
+		return hex.EncodeToString(b)
+	}()
+	requestIDSeq atomic.Uint64
+)
+
+func newRequestID() string {
+	return requestIDPrefix + strconv.FormatUint(requestIDSeq.Add(1), 16)
 }
 
 // allowedMethods lists the methods some route serves at r's path.

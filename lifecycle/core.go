@@ -13,6 +13,7 @@ import (
 	"github.com/riverqueue/river/rivertype"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/internal/generations"
 	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/schema"
@@ -59,6 +60,12 @@ type Core struct {
 	stopOnce  sync.Once
 	activity  activity
 	denied    *deniedAudit // admit_denied rows, aggregated (denied.go)
+
+	// keys caches decrypted engine keys by their Fernet token: a warm
+	// admit answers the key, and a token always decrypts to the same key
+	// (a rotation makes a new token). Bounded; never persisted.
+	keysMu sync.Mutex
+	keys   generations.Map[string, string]
 }
 
 // New builds the core. rc may be an insert-only River client.
@@ -70,7 +77,8 @@ func New(cfg Config, pool *pgxpool.Pool, rc River, kr *keys.Keyring, log *slog.L
 		im, _ := orch.ParseImages(cfg.DefaultImage, "") // cannot fail without a list
 		cfg.Images = &im
 	}
-	c := &Core{cfg: cfg, pool: pool, river: rc, keyring: kr, log: log, waiters: newWaiters(), stopWaits: make(chan struct{})}
+	c := &Core{cfg: cfg, pool: pool, river: rc, keyring: kr, log: log, waiters: newWaiters(), stopWaits: make(chan struct{}),
+		keys: generations.New[string, string](keyCacheSize)}
 	c.denied = newDeniedAudit(pool, log, cfg.Metrics)
 	c.listener = &Listener{pool: pool, log: log, handlers: map[string]func(string){schema.ChannelOps: c.waiters.wake}}
 	c.listener.onReconnect = append(c.listener.onReconnect, c.waiters.wakeAll)
@@ -109,13 +117,25 @@ func (c *Core) URL(e orch.Engine) string {
 		"{engine_id}", e.ID, "{node}", e.Node).Replace(c.cfg.URLTemplate)
 }
 
+// keyCacheSize bounds the decrypted-key cache (two generations of it).
+const keyCacheSize = 8192
+
 // Key decrypts an engine's key for the answers that carry it.
 // INTERNAL_ERROR when the master keyring cannot open it.
 func (c *Core) Key(e orch.Engine) (string, error) {
+	c.keysMu.Lock()
+	k, ok := c.keys.Get(e.KeyEnc)
+	c.keysMu.Unlock()
+	if ok {
+		return k, nil
+	}
 	k, err := c.keyring.Decrypt(e.KeyEnc)
 	if err != nil {
 		return "", &orch.Error{Code: orch.CodeInternal, Message: "engine key cannot be decrypted: was ORCH_MASTER_KEY changed without ORCH_MASTER_KEY_PREVIOUS?", Err: err}
 	}
+	c.keysMu.Lock()
+	c.keys.Put(e.KeyEnc, k)
+	c.keysMu.Unlock()
 	return k, nil
 }
 

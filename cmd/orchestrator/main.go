@@ -167,7 +167,9 @@ func withDB(ctx context.Context, getenv func(string) string, serving *server.Rol
 	if err != nil {
 		return err
 	}
-	log := newLogger(cfg, os.Stdout)
+	out := newLogWriter(os.Stdout) // batched: see logwriter.go
+	defer out.Close()
+	log := newLogger(cfg, out)
 	for _, w := range cfg.Warnings {
 		log.Warn(w)
 	}
