@@ -104,7 +104,9 @@ func init() {
 		orch.ActionHealthCheck, orch.ActionHealthFailed, orch.ActionAutoRestartStart, orch.ActionAutoRestartSuccess,
 		orch.ActionAutoRestartFailed, orch.ActionAutoRestartGaveUp, orch.ActionPolicyRegister, orch.ActionPolicyUpdate,
 		orch.ActionAdmitDenied, orch.ActionBackup, orch.ActionRestore, orch.ActionReconcile, orch.ActionPlatformKeyRotated,
-		orch.ActionMasterKeyRotated, orch.ActionAdminRequest} {
+		orch.ActionMasterKeyRotated, orch.ActionAdminRequest, orch.ActionRolloutCreate, orch.ActionRolloutWave,
+		orch.ActionRolloutWaveBaked, orch.ActionRolloutEngineFail, orch.ActionRolloutGate, orch.ActionRolloutPause,
+		orch.ActionRolloutResume, orch.ActionRolloutAbort, orch.ActionRolloutDone} {
 		knownActions[a] = true
 	}
 }

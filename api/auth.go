@@ -38,7 +38,9 @@ func (s *Server) authMiddleware(ctx huma.Context, next func(huma.Context)) {
 	}
 	var err error
 	switch {
-	case hasScheme(op, securityAdmin):
+	case hasScheme(op, securityAdmin) && (!hasScheme(op, securityPlatform) || ctx.Header("X-Admin-Key") != ""):
+		// An operation open to both keys (rollouts) is the operator's when
+		// an admin key is sent, a product's otherwise.
 		err = s.checkAdmin(ctx.Context(), ctx.Header("X-Admin-Key"))
 	case hasScheme(op, securityPlatform):
 		var p orch.Product

@@ -411,6 +411,9 @@ func operations(t *testing.T, h *harness) []operation {
 			scheme := ""
 			for _, req := range mo.op.Security {
 				for name := range req {
+					if scheme != "" {
+						name = "either" // admin or platform key (rollouts)
+					}
 					scheme = name
 				}
 			}
@@ -423,7 +426,8 @@ func operations(t *testing.T, h *harness) []operation {
 // fill replaces path parameters with plausible values.
 func fill(path, productID string) string {
 	r := strings.NewReplacer("{product_id}", productID, "{user_id}", "user-1", "{operation_id}", uuid.NewString(),
-		"{backup_id}", uuid.NewString(), "{id}", uuid.NewString(), "{export_id}", uuid.NewString())
+		"{backup_id}", uuid.NewString(), "{id}", uuid.NewString(), "{export_id}", uuid.NewString(),
+		"{rollout_id}", uuid.NewString())
 	return r.Replace(path)
 }
 
@@ -441,7 +445,7 @@ func TestAuthMatrix(t *testing.T) {
 	rotatedAt := time.Now()
 
 	ops := operations(t, h)
-	var nAdmin, nPlatform int
+	var nAdmin, nPlatform, nEither int
 	for _, op := range ops {
 		path := fill(op.path, id)
 		name := op.method + " " + op.path
@@ -456,6 +460,20 @@ func TestAuthMatrix(t *testing.T) {
 			}
 			status, body, _ := h.do(op.method, path, `{}`, admin())
 			require.NotEqual(t, http.StatusUnauthorized, status, "%s with the admin key: %v", name, body)
+		case "either":
+			nEither++
+			for _, hdr := range []map[string]string{nil, platform("not-a-key")} {
+				status, body, _ := h.do(op.method, path, `{}`, hdr)
+				require.Equal(t, http.StatusUnauthorized, status, "%s with %v", name, hdr)
+				require.Equal(t, "INVALID_PLATFORM_KEY", errCode(body), name)
+			}
+			status, body, _ := h.do(op.method, path, `{}`, map[string]string{"X-Admin-Key": "wrong-admin-key-0123456789", "X-Platform-Key": key})
+			require.Equal(t, http.StatusUnauthorized, status, "%s: a wrong admin key is refused, whatever else is sent", name)
+			require.Equal(t, "INVALID_ADMIN_KEY", errCode(body), name)
+			for _, hdr := range []map[string]string{admin(), platform(key)} {
+				status, body, _ := h.do(op.method, path, `{}`, hdr)
+				require.NotEqual(t, http.StatusUnauthorized, status, "%s with %v: %v", name, hdr, body)
+			}
 		case "platformKey":
 			nPlatform++
 			for _, hdr := range []map[string]string{nil, platform("not-a-key"), admin()} {
@@ -467,6 +485,7 @@ func TestAuthMatrix(t *testing.T) {
 	}
 	require.GreaterOrEqual(t, nAdmin, 5, "admin routes")
 	require.GreaterOrEqual(t, nPlatform, 9, "platform routes")
+	require.GreaterOrEqual(t, nEither, 5, "rollout routes")
 
 	// After the overlap the rotated-out key is refused on every product route.
 	time.Sleep(time.Until(rotatedAt.Add(1100 * time.Millisecond)))

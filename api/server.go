@@ -133,6 +133,7 @@ func (s *Server) register() {
 	s.registerBackups()
 	s.registerAudit()
 	s.registerFleet()
+	s.registerRollouts()
 }
 
 // Handler is the root HTTP handler: request ids, recovery, access log.

@@ -62,6 +62,7 @@ type fleetOpts struct {
 	events         bool          // watch the backend's runtime events (crash detection)
 	scheduler      bool          // run the scheduler role: sweeps every healthInterval, idle sweeps every idleEvery
 	idleEvery      time.Duration // scheduler's idle sweep period (default 1 s here)
+	allowImages    string        // ORCH_ENGINE_IMAGE_ALLOWLIST ("" = the default image's repository)
 }
 
 // fleet is a whole orchestrator on a fresh database.
@@ -153,6 +154,8 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	if o.idleEvery == 0 {
 		o.idleEvery = time.Second
 	}
+	images, err := orch.ParseImages(f.Image, o.allowImages)
+	require.NoError(t, err)
 	// The process the tests run is the one cmd/orchestrator runs
 	// (server.Process), with every role in this test process.
 	cfg := server.Config{
@@ -160,7 +163,7 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 		Version: "e2e",
 		API:     api.Config{AdminKey: adminKey, PortMin: f.PortMin, PortMax: f.PortMax},
 		Core: lifecycle.Config{DefaultImage: f.Image, PortMin: f.PortMin, PortMax: f.PortMax, Node: f.Node,
-			BootTimeout: o.bootTimeout, URLTemplate: "http://127.0.0.1:{port}"},
+			BootTimeout: o.bootTimeout, URLTemplate: "http://127.0.0.1:{port}", Images: &images},
 		Workers: workers.Config{Node: f.Node,
 			Engines: workers.EngineConfig{BootTimeout: o.bootTimeout, ProbeTimeout: o.probeTimeout, EnvPassthrough: o.engineEnv,
 				KeyOverlap: o.keyOverlap, StopGrace: 5 * time.Second, PortMin: f.PortMin, PortMax: f.PortMax},
@@ -169,7 +172,8 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 			Idle:      workers.IdleConfig{After: o.idleAfter, Mode: o.sleepMode},
 			Backups:   workers.BackupConfig{Dir: f.Backups},
 			Audit:     workers.AuditConfig{ExportDir: f.Exports, Retention: 30 * 24 * time.Hour, ExportSettle: 50 * time.Millisecond},
-			Reconcile: workers.ReconcileConfig{OrphanGrace: o.orphanGrace}},
+			Reconcile: workers.ReconcileConfig{OrphanGrace: o.orphanGrace},
+			Rollouts:  workers.RolloutConfig{Tick: 100 * time.Millisecond}},
 		Fleet: scheduler.FleetConfig{Nodes: []string{f.Node}, HealthInterval: o.healthInterval,
 			IdleAfter: o.idleAfter, IdleEvery: o.idleEvery},
 		Scheduler:       scheduler.Config{Poll: 200 * time.Millisecond},

@@ -140,6 +140,10 @@ type Request struct {
 	Payload schema.OpPayload
 	State   orch.State // the row's state while the operation runs ("" = unchanged)
 	Actor   string     // who asks: the product's slug (default) or "admin"
+	// ReplacesAutoRestart: a pending auto-restart is cancelled for this
+	// request, as for a manual start (a rollout's rollback recreates the
+	// engine anyway).
+	ReplacesAutoRestart bool
 }
 
 // The requests products make. Each refuses what the contract refuses.
@@ -172,6 +176,36 @@ var (
 // (ENGINE_NOT_RUNNING).
 func Upgrade(image string) Request {
 	return Request{Kind: orch.OpUpgrade, Check: MustRun, Payload: schema.OpPayload{Image: image}}
+}
+
+// RolloutUpgrade is a fleet rollout's upgrade of one engine: Upgrade, also
+// refused (OPERATION_IN_PROGRESS) while the engine is in use: its product
+// admitted it within inUse (0 = never in use). Admits record activity at
+// most once a minute, so a window under a minute misses some users.
+func RolloutUpgrade(image string, inUse time.Duration) Request {
+	return Request{Kind: orch.OpUpgrade, Actor: orch.ActorSystem, Payload: schema.OpPayload{Image: image},
+		Check: func(e orch.Engine) error {
+			if err := MustRun(e); err != nil {
+				return err
+			}
+			if inUse > 0 && e.LastActiveAt != nil && time.Since(*e.LastActiveAt) < inUse {
+				return orch.Errorf(orch.CodeOperationInProgress, "engine is in use (active %s ago)", time.Since(*e.LastActiveAt).Round(time.Second))
+			}
+			return nil
+		}}
+}
+
+// RolloutRollback puts one engine of a rollout back on its previous image,
+// whether it runs or failed on the new one (ENGINE_NOT_RUNNING otherwise);
+// a pending auto-restart of a failed one is replaced.
+func RolloutRollback(image string) Request {
+	return Request{Kind: orch.OpUpgrade, Actor: orch.ActorSystem, Payload: schema.OpPayload{Image: image}, ReplacesAutoRestart: true,
+		Check: func(e orch.Engine) error {
+			if e.Status != orch.StateRunning && e.Status != orch.StateFailed {
+				return orch.Errorf(orch.CodeEngineNotRunning, "engine is %s, neither running nor failed", e.Status)
+			}
+			return nil
+		}}
 }
 
 // NotTransitional refuses an engine being created or destroyed
@@ -214,7 +248,7 @@ func (c *Core) Operate(ctx context.Context, p orch.Product, userID string, r Req
 			if err != nil && !orch.IsCode(err, orch.CodeOperationNotFound) {
 				return err
 			}
-			if err == nil && !cur.Status.Done() && isAutoRestart(cur) && cancelsAutoRestart(r.Kind) {
+			if err == nil && !cur.Status.Done() && isAutoRestart(cur) && (cancelsAutoRestart(r.Kind) || r.ReplacesAutoRestart) {
 				joined, err := c.cancelAutoRestart(ctx, q, tx, cur, r.Kind)
 				if err != nil {
 					return err

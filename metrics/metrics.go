@@ -69,6 +69,8 @@ type Metrics struct {
 	crashes       *prometheus.CounterVec
 	probeFailures prometheus.Counter
 	rescued       prometheus.Counter
+	rolloutEng    *prometheus.CounterVec
+	rolloutGates  prometheus.Counter
 	abandoned     *prometheus.CounterVec
 	admit         *prometheus.HistogramVec
 	boot          *prometheus.HistogramVec
@@ -100,6 +102,11 @@ func New(cfg Config) *Metrics {
 	m.abandoned = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: "operations_abandoned_total",
 		Help: "Operations this process ended because nothing else would: their job was cancelled, discarded or deleted, or their deadline passed (by reason)."},
 		[]string{"reason"})
+	m.rolloutEng = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: "rollout_engines_total",
+		Help: "Engines of fleet rollouts whose step this process's rollout drivers settled, by result (upgraded, failed, skipped, rolled_back, rollback_failed)."},
+		[]string{"result"})
+	m.rolloutGates = prometheus.NewCounter(prometheus.CounterOpts{Namespace: Namespace, Name: "rollout_gate_trips_total",
+		Help: "Fleet rollouts this process's drivers stopped and started rolling back because a wave exceeded its failure budget."})
 	m.admit = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: Namespace, Name: "admit_duration_seconds",
 		Help:    "POST /engines/{user_id}/admit latency by outcome (warm, cold, wake, denied, error).",
 		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120}}, []string{"outcome"})
@@ -117,7 +124,7 @@ func New(cfg Config) *Metrics {
 	build := prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Name: "build_info",
 		Help: "Always 1; the version label is the running build.", ConstLabels: prometheus.Labels{"version": cfg.Version}})
 	build.Set(1)
-	m.reg.MustRegister(m.provisions, m.destroys, m.restarts, m.crashes, m.probeFailures, m.rescued, m.abandoned, m.admit, m.boot, m.jobs,
+	m.reg.MustRegister(m.provisions, m.destroys, m.restarts, m.crashes, m.probeFailures, m.rescued, m.rolloutEng, m.rolloutGates, m.abandoned, m.admit, m.boot, m.jobs,
 		m.requests, leader, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Series that alerts and dashboards rate() exist from the start at 0,
@@ -130,6 +137,9 @@ func New(cfg Config) *Metrics {
 	}
 	for _, r := range []string{"health", "crash"} {
 		m.crashes.WithLabelValues(r)
+	}
+	for _, r := range []string{"upgraded", "failed", "rolled_back", "rollback_failed"} {
+		m.rolloutEng.WithLabelValues(r)
 	}
 	m.registerAPIGuards()
 	if cfg.Source != nil {
@@ -338,4 +348,21 @@ func (m *Metrics) leaderValue() float64 {
 		return b2f((*f)())
 	}
 	return math.Float64frombits(m.leader.Load())
+}
+
+// RolloutEngine counts an engine of a rollout whose step settled (result:
+// its new rollout status).
+func (m *Metrics) RolloutEngine(result string) {
+	if m == nil {
+		return
+	}
+	m.rolloutEng.WithLabelValues(result).Inc()
+}
+
+// RolloutGateTripped counts a rollout stopped by its failure budget.
+func (m *Metrics) RolloutGateTripped() {
+	if m == nil {
+		return
+	}
+	m.rolloutGates.Inc()
 }

@@ -42,6 +42,10 @@ type Config struct {
 	BootDelay time.Duration
 	// ForceUnhealthy starts the engine unhealthy (as if the marker existed).
 	ForceUnhealthy bool
+	// UnhealthyAfter, when set, makes /health fail from this long after
+	// start on: an engine release that boots fine and then breaks (the
+	// rollout tests' bad image).
+	UnhealthyAfter time.Duration
 	// TokenDelay is slept between the token events of /execute, to mimic
 	// a model that streams.
 	TokenDelay time.Duration

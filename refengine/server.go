@@ -308,6 +308,10 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 		resp.Subsystems["debug"] = "error: forced unhealthy (PUT /debug/health, marker file or ENGINE_UNHEALTHY)"
 		failed = true
 	}
+	if s.cfg.UnhealthyAfter > 0 && uptime >= s.cfg.UnhealthyAfter {
+		resp.Subsystems["debug"] = "error: unhealthy since ENGINE_UNHEALTHY_AFTER_S after start"
+		failed = true
+	}
 	code := http.StatusOK
 	switch {
 	case uptime < s.cfg.BootDelay:

@@ -20,7 +20,8 @@ type FleetConfig struct {
 }
 
 // Fleet is the orchestrator's schedule list (SPEC §1): health sweeps,
-// idle sweeps, reconciles, nightly backups, audit exports. A new
+// idle sweeps, reconciles, the rollouts' watch, nightly backups, audit
+// exports. A new
 // periodic job is one more line here.
 func Fleet(c FleetConfig) []Schedule {
 	if len(c.Nodes) == 0 {
@@ -38,6 +39,7 @@ func Fleet(c FleetConfig) []Schedule {
 	s := []Schedule{
 		Every("health_sweep", c.HealthInterval, func(t time.Time) river.JobArgs { return jobs.HealthSweep{Tick: t} }),
 		{Name: "reconcile", Every: c.ReconcileEvery, Jobs: func(time.Time) []river.JobArgs { return reconciles(c.Nodes) }},
+		Every("rollout_watch", time.Minute, func(t time.Time) river.JobArgs { return jobs.RolloutWatch{Tick: t} }),
 	}
 	if c.IdleAfter > 0 {
 		s = append(s, Every("idle_sweep", c.IdleEvery, func(t time.Time) river.JobArgs { return jobs.IdleSweep{Tick: t} }))

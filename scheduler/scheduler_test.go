@@ -157,14 +157,15 @@ func TestFleetSchedules(t *testing.T) {
 		}
 		return out
 	}
-	require.Equal(t, []string{"health_sweep", "reconcile"}, names(scheduler.Fleet(scheduler.FleetConfig{})))
+	require.Equal(t, []string{"health_sweep", "reconcile", "rollout_watch"}, names(scheduler.Fleet(scheduler.FleetConfig{})))
 	ss := scheduler.Fleet(scheduler.FleetConfig{Nodes: []string{"a", "b"}, HealthInterval: 7 * time.Second, IdleAfter: time.Hour})
-	require.Equal(t, []string{"health_sweep", "reconcile", "idle_sweep"}, names(ss))
+	require.Equal(t, []string{"health_sweep", "reconcile", "rollout_watch", "idle_sweep"}, names(ss))
 	require.Equal(t, 7*time.Second, ss[0].Every)
 	tick := time.Date(2026, 1, 1, 0, 0, 7, 0, time.UTC)
 	require.Equal(t, []river.JobArgs{jobs.HealthSweep{Tick: tick}}, ss[0].Jobs(tick))
 	require.Equal(t, []river.JobArgs{jobs.Reconcile{Node: "a"}, jobs.Reconcile{Node: "b"}}, ss[1].Jobs(tick))
-	require.Equal(t, time.Minute, ss[2].Every)
+	require.Equal(t, []river.JobArgs{jobs.RolloutWatch{Tick: tick}}, ss[2].Jobs(tick))
+	require.Equal(t, time.Minute, ss[3].Every)
 }
 
 func TestNewRejectsBadSchedules(t *testing.T) {

@@ -2,7 +2,10 @@ package workers
 
 import (
 	"context"
+	"fmt"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"github.com/riverqueue/river"
 
@@ -72,9 +75,53 @@ func (s *startWorker) Work(ctx context.Context, j *river.Job[jobs.Start]) error 
 			meta["sleep_reason"] = e.SleepReason
 		}
 		wakeMeta(e, meta) // idle.go
+		w, pending, err := schema.New(s.l.pool).PendingWakeImage(ctx, e.ID)
+		if err != nil {
+			return outcome{err: &orch.Error{Code: orch.CodeBackendFailed, Message: "read the engine's rollout", Err: err}, action: action}
+		}
+		if pending {
+			return s.l.startOnImage(ctx, e, action, meta, w)
+		}
 		d, err := s.l.bootAndWait(ctx, e, s.l.currentSpec(e))
 		return bootOutcome(action, d, err, meta)
 	})
+}
+
+// startOnImage starts an engine that a fleet rollout left for its wake
+// (it was asleep when its wave came) on the rollout's image, or on its
+// previous image when that rollout rolled back meanwhile. An image that
+// does not boot is a failure of the rollout's, not of the user's: the
+// engine is started on the image it had, as an upgrade rolls back.
+func (l *lifecycleJobs) startOnImage(ctx context.Context, e orch.Engine, action orch.Action, meta map[string]any, w schema.WakeImage) outcome {
+	meta["rollout_id"], meta["from_version"], meta["to_version"] = w.RolloutID, e.EngineVersion, w.Image
+	if w.Image == e.EngineVersion {
+		d, err := l.bootAndWait(ctx, e, l.currentSpec(e))
+		out := bootOutcome(action, d, err, meta)
+		out.after = func(ctx context.Context, q *schema.Queries, _ pgx.Tx) error {
+			return q.WokeOnImage(ctx, w, e.ID, err == nil, "")
+		}
+		return out
+	}
+	d, err := l.bootAndWait(ctx, e, l.spec(e, w.Image, e.KeyHash, e.PrevKeyHash, e.PrevKeyExpiresAt))
+	if err == nil {
+		out := bootOutcome(action, d, nil, meta)
+		out.change.EngineVersion = &w.Image
+		out.after = func(ctx context.Context, q *schema.Queries, _ pgx.Tx) error {
+			return q.WokeOnImage(ctx, w, e.ID, true, "")
+		}
+		return out
+	}
+	if ctx.Err() != nil {
+		return outcome{err: ctx.Err(), action: action}
+	}
+	why := fmt.Sprintf("%s: %s (at its wake)", orch.ErrorCode(err), errMessage(err))
+	meta["rolled_back"] = true
+	d2, rbErr := l.bootAndWait(ctx, e, l.currentSpec(e))
+	out := bootOutcome(action, d+d2, rbErr, meta)
+	out.after = func(ctx context.Context, q *schema.Queries, _ pgx.Tx) error {
+		return q.WokeOnImage(ctx, w, e.ID, false, why)
+	}
+	return out
 }
 
 type stopWorker struct{ lifecycleWorker[jobs.Stop] }
@@ -159,7 +206,7 @@ func (u *upgradeWorker) Work(ctx context.Context, j *river.Job[jobs.Upgrade]) er
 		}
 		ms := d.Milliseconds()
 		return outcome{action: orch.ActionUpgrade, duration: d, meta: meta, change: &schema.EngineChange{
-			Status: orch.StateRunning, EngineVersion: &p.Image, BootDurationMS: &ms, ResetHealth: true, SleepReason: ptr("")}}
+			Status: orch.StateRunning, EngineVersion: &p.Image, BootDurationMS: &ms, ResetHealth: true, RestartAttempts: ptr(0), SleepReason: ptr("")}}
 	})
 }
 

@@ -29,6 +29,7 @@ type Config struct {
 	Backups   BackupConfig    // brain backups and restores (backup.go)
 	Audit     AuditConfig     // audit exports and purge (audit_export.go)
 	Reconcile ReconcileConfig // drift repair (reconcile.go)
+	Rollouts  RolloutConfig   // fleet rollouts' driver (rollout.go)
 }
 
 // Workers is the assembly of one worker process: the concept parts on
@@ -40,6 +41,7 @@ type Workers struct {
 	Backups   *Backups      // brain backups, their retention, restores
 	Audit     *AuditExports // audit exports and their purge
 	Reconcile *Reconciler   // drift repair, the operation sweep
+	Rollouts  *Rollouts     // fleet rollouts
 
 	cfg       Config
 	r         *runner
@@ -69,6 +71,7 @@ func New(cfg Config, pool *pgxpool.Pool, backend orch.Backend, log *slog.Logger)
 		Backups:   &Backups{runner: r, cfg: cfg.Backups, sleepingRuns: cfg.Idle.sleepingRuns()},
 		Audit:     &AuditExports{runner: r, cfg: cfg.Audit},
 		Reconcile: &Reconciler{runner: r, cfg: cfg.Reconcile, sleepingRuns: cfg.Idle.sleepingRuns(), nextAutoRestart: health.nextAutoRestart},
+		Rollouts:  &Rollouts{runner: r, cfg: cfg.Rollouts},
 		cfg:       cfg,
 		r:         r,
 		lifecycle: &lifecycleJobs{runner: r, autoRestart: health.autoRestart},
@@ -84,6 +87,7 @@ func (w *Workers) Register(ws *river.Workers) {
 	w.Backups.register(ws)
 	w.Audit.register(ws)
 	w.Reconcile.register(ws)
+	w.Rollouts.register(ws)
 }
 
 // RiverConfig is the River client configuration of a worker process: its

@@ -15,6 +15,7 @@
 //
 //	ENGINE_BOOT_DELAY_S     /health says 503 "starting" this long after start (float seconds)
 //	ENGINE_UNHEALTHY        "1"/"true": start unhealthy
+//	ENGINE_UNHEALTHY_AFTER_S /health fails from this long after start on (float seconds): a release that breaks after boot
 //	ENGINE_TOKEN_DELAY_MS   pause between /execute token events
 //
 // The version reported by /health is set at build time with
@@ -94,6 +95,13 @@ func loadConfig(getenv func(string) string) (refengine.Config, slog.Level, error
 			errs = append(errs, fmt.Errorf("ENGINE_TOKEN_DELAY_MS: want a non-negative integer, got %q", v))
 		}
 		cfg.TokenDelay = time.Duration(n) * time.Millisecond
+	}
+	if v := strings.TrimSpace(getenv("ENGINE_UNHEALTHY_AFTER_S")); v != "" {
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil || f <= 0 || f > 24*3600 {
+			errs = append(errs, fmt.Errorf("ENGINE_UNHEALTHY_AFTER_S: want seconds from 0 to 86400, got %q", v))
+		}
+		cfg.UnhealthyAfter = time.Duration(f * float64(time.Second))
 	}
 	if v := strings.TrimSpace(getenv("ENGINE_UNHEALTHY")); v != "" {
 		b, err := strconv.ParseBool(v)

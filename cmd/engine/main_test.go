@@ -40,6 +40,7 @@ func TestLoadConfig(t *testing.T) {
 			"ENGINE_LISTEN_ADDR":             "127.0.0.1:9001",
 			"ENGINE_BOOT_DELAY_S":            "1.5",
 			"ENGINE_UNHEALTHY":               "1",
+			"ENGINE_UNHEALTHY_AFTER_S":       "2.5",
 			"ENGINE_TOKEN_DELAY_MS":          "20",
 			"ENGINE_LOG_LEVEL":               "debug",
 		}))
@@ -55,6 +56,7 @@ func TestLoadConfig(t *testing.T) {
 			Version:          "dev",
 			BootDelay:        1500 * time.Millisecond,
 			ForceUnhealthy:   true,
+			UnhealthyAfter:   2500 * time.Millisecond,
 			TokenDelay:       20 * time.Millisecond,
 		}, normalise(cfg))
 	})
@@ -64,13 +66,14 @@ func TestLoadConfig(t *testing.T) {
 			"ENGINE_KEY_PREVIOUS_EXPIRES_AT": "tomorrow",
 			"ENGINE_BOOT_DELAY_S":            "-1",
 			"ENGINE_UNHEALTHY":               "maybe",
+			"ENGINE_UNHEALTHY_AFTER_S":       "0",
 			"ENGINE_TOKEN_DELAY_MS":          "x",
 			"ENGINE_LOG_LEVEL":               "loud",
 		}))
 		require.Error(t, err)
 		for _, want := range []string{
 			"ENGINE_KEY_HASH is required", "ENGINE_KEY_HASH_PREVIOUS", "ENGINE_KEY_PREVIOUS_EXPIRES_AT",
-			"ENGINE_BOOT_DELAY_S", "ENGINE_UNHEALTHY", "ENGINE_TOKEN_DELAY_MS", "ENGINE_LOG_LEVEL",
+			"ENGINE_BOOT_DELAY_S", "ENGINE_UNHEALTHY", "ENGINE_UNHEALTHY_AFTER_S", "ENGINE_TOKEN_DELAY_MS", "ENGINE_LOG_LEVEL",
 		} {
 			assert.Contains(t, err.Error(), want)
 		}

@@ -231,6 +231,60 @@ func (e OperationBodyStatus) Valid() bool {
 	}
 }
 
+// Defines values for RolloutBodyStatus.
+const (
+	RolloutBodyStatusAborted     RolloutBodyStatus = "aborted"
+	RolloutBodyStatusCompleted   RolloutBodyStatus = "completed"
+	RolloutBodyStatusPaused      RolloutBodyStatus = "paused"
+	RolloutBodyStatusRolledBack  RolloutBodyStatus = "rolled_back"
+	RolloutBodyStatusRollingBack RolloutBodyStatus = "rolling_back"
+	RolloutBodyStatusRunning     RolloutBodyStatus = "running"
+)
+
+// Valid indicates whether the value is a known member of the RolloutBodyStatus enum.
+func (e RolloutBodyStatus) Valid() bool {
+	switch e {
+	case RolloutBodyStatusAborted:
+		return true
+	case RolloutBodyStatusCompleted:
+		return true
+	case RolloutBodyStatusPaused:
+		return true
+	case RolloutBodyStatusRolledBack:
+		return true
+	case RolloutBodyStatusRollingBack:
+		return true
+	case RolloutBodyStatusRunning:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for RolloutWaveStatus.
+const (
+	RolloutWaveStatusBaking    RolloutWaveStatus = "baking"
+	RolloutWaveStatusDone      RolloutWaveStatus = "done"
+	RolloutWaveStatusPending   RolloutWaveStatus = "pending"
+	RolloutWaveStatusUpgrading RolloutWaveStatus = "upgrading"
+)
+
+// Valid indicates whether the value is a known member of the RolloutWaveStatus enum.
+func (e RolloutWaveStatus) Valid() bool {
+	switch e {
+	case RolloutWaveStatusBaking:
+		return true
+	case RolloutWaveStatusDone:
+		return true
+	case RolloutWaveStatusPending:
+		return true
+	case RolloutWaveStatusUpgrading:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for StatusBodyHealth.
 const (
 	StatusBodyHealthCritical StatusBodyHealth = "critical"
@@ -301,6 +355,14 @@ func (e ListEnginesParamsStatus) Valid() bool {
 	default:
 		return false
 	}
+}
+
+// AbortInputBody defines model for AbortInputBody.
+type AbortInputBody struct {
+	Reason *string `json:"reason,omitempty"`
+
+	// Rollback Also put every engine it upgraded back on its previous image (a completed rollout too)
+	Rollback *bool `json:"rollback,omitempty"`
 }
 
 // AdmitBody defines model for AdmitBody.
@@ -443,6 +505,32 @@ type CreateExportInputBody struct {
 	To time.Time `json:"to"`
 }
 
+// CreateRolloutInputBody defines model for CreateRolloutInputBody.
+type CreateRolloutInputBody struct {
+	// BakeSeconds How long a wave must stay healthy before the next starts (default 300)
+	BakeSeconds *int64 `json:"bake_seconds,omitempty"`
+
+	// FailureBudget Engines of one wave that may fail (boot, health, crash) before the rollout stops and rolls back (default 0)
+	FailureBudget *int64 `json:"failure_budget,omitempty"`
+
+	// Image The engine image to roll out (ORCH_ENGINE_IMAGE_ALLOWLIST applies)
+	//
+	// Example: enginefleet/engine:1.4.0
+	Image string `json:"image"`
+
+	// InUseSeconds An engine admitted this recently is in use and waits (default 120; 0 = never wait). Admits record activity at most once a minute.
+	InUseSeconds *int64 `json:"in_use_seconds,omitempty"`
+
+	// MaxConcurrent Engines upgrading at once (default 10)
+	MaxConcurrent *int64 `json:"max_concurrent,omitempty"`
+
+	// ProductId Admin only: the product whose engines it covers (default: every product's). A product's rollout always covers its own engines.
+	ProductId *string `json:"product_id,omitempty"`
+
+	// Waves Waves in order (default one wave of 100 %); engines left after the last make one more
+	Waves *[]WaveIn `json:"waves,omitempty"`
+}
+
 // EngineDetail defines model for EngineDetail.
 type EngineDetail struct {
 	// ApiKey The engine key: send it as X-Engine-Key
@@ -505,6 +593,11 @@ type HealthOutputBody struct {
 
 // HealthOutputBodyStatus ok when the process is up, Postgres reachable and migrations applied
 type HealthOutputBodyStatus string
+
+// ListRolloutsResponse defines model for List-rolloutsResponse.
+type ListRolloutsResponse struct {
+	Rollouts *[]RolloutBody `json:"rollouts"`
+}
 
 // ListBackupsOutputBody defines model for ListBackupsOutputBody.
 type ListBackupsOutputBody struct {
@@ -652,6 +745,73 @@ type RestoreInputBody struct {
 	BackupId openapi_types.UUID `json:"backup_id"`
 }
 
+// RolloutActionInputBody defines model for RolloutActionInputBody.
+type RolloutActionInputBody struct {
+	// Reason Recorded in the audit log and stop_reason
+	Reason *string `json:"reason,omitempty"`
+}
+
+// RolloutBody defines model for RolloutBody.
+type RolloutBody struct {
+	Actor       string `json:"actor"`
+	BakeSeconds int64  `json:"bake_seconds"`
+
+	// Counts Engines per rollout status, all waves
+	Counts    map[string]int64 `json:"counts"`
+	CreatedAt time.Time        `json:"created_at"`
+
+	// CurrentWave 1-based
+	CurrentWave   int64 `json:"current_wave"`
+	Engines       int64 `json:"engines"`
+	FailureBudget int64 `json:"failure_budget"`
+
+	// Failures The latest failed engines (at most 20)
+	Failures      *[]RolloutFailure `json:"failures,omitempty"`
+	FinishedAt    *time.Time        `json:"finished_at,omitempty"`
+	Image         string            `json:"image"`
+	InUseSeconds  int64             `json:"in_use_seconds"`
+	MaxConcurrent int64             `json:"max_concurrent"`
+
+	// ProductId Absent for a fleet-wide rollout
+	ProductId *openapi_types.UUID `json:"product_id,omitempty"`
+	RolloutId openapi_types.UUID  `json:"rollout_id"`
+	Status    RolloutBodyStatus   `json:"status"`
+
+	// StopReason Why it paused, stopped or rolled back
+	StopReason *string        `json:"stop_reason,omitempty"`
+	UpdatedAt  time.Time      `json:"updated_at"`
+	Waves      *[]RolloutWave `json:"waves,omitempty"`
+}
+
+// RolloutBodyStatus defines model for RolloutBody.Status.
+type RolloutBodyStatus string
+
+// RolloutFailure defines model for RolloutFailure.
+type RolloutFailure struct {
+	At       time.Time          `json:"at"`
+	EngineId openapi_types.UUID `json:"engine_id"`
+	Error    string             `json:"error"`
+	Status   string             `json:"status"`
+	UserId   string             `json:"user_id"`
+	Wave     int64              `json:"wave"`
+}
+
+// RolloutWave defines model for RolloutWave.
+type RolloutWave struct {
+	// Counts Engines per rollout status: pending, upgrading, upgraded, lazy (asleep: upgraded at its next wake), failed, skipped, rolling_back, rolled_back, rollback_lazy, rollback_failed, cancelled
+	Counts  map[string]int64 `json:"counts"`
+	Engines int64            `json:"engines"`
+
+	// Status Where the wave stands
+	Status RolloutWaveStatus `json:"status"`
+
+	// Wave 1-based
+	Wave int64 `json:"wave"`
+}
+
+// RolloutWaveStatus Where the wave stands
+type RolloutWaveStatus string
+
 // RotateOutputBody defines model for RotateOutputBody.
 type RotateOutputBody struct {
 	// ApiKey The new engine key; the previous one works until the overlap ends
@@ -715,6 +875,15 @@ type UpgradeInputBody struct {
 	// EngineVersion The image to recreate the engine on (ORCH_ENGINE_IMAGE_ALLOWLIST applies)
 	EngineVersion        string                 `json:"engine_version"`
 	AdditionalProperties map[string]interface{} `json:"-"`
+}
+
+// WaveIn defines model for WaveIn.
+type WaveIn struct {
+	// Count Engines in this wave
+	Count *int64 `json:"count,omitempty"`
+
+	// Percent Share of the rollout's engines reached by the end of this wave (cumulative: 1, 10, 50, 100)
+	Percent *float64 `json:"percent,omitempty"`
 }
 
 // ListAuditParams defines parameters for ListAudit.
@@ -821,6 +990,11 @@ type ListProductsParams struct {
 	Offset *int64 `form:"offset,omitempty" json:"offset,omitempty"`
 }
 
+// ListRolloutsParams defines parameters for ListRollouts.
+type ListRolloutsParams struct {
+	Limit *int64 `form:"limit,omitempty" json:"limit,omitempty"`
+}
+
 // CreateAuditExportJSONRequestBody defines body for CreateAuditExport for application/json ContentType.
 type CreateAuditExportJSONRequestBody = CreateExportInputBody
 
@@ -844,6 +1018,18 @@ type UpdateProductPolicyJSONRequestBody = PolicyInputBody
 
 // RotatePlatformKeyJSONRequestBody defines body for RotatePlatformKey for application/json ContentType.
 type RotatePlatformKeyJSONRequestBody = RotatePlatformKeyInputBody
+
+// CreateRolloutJSONRequestBody defines body for CreateRollout for application/json ContentType.
+type CreateRolloutJSONRequestBody = CreateRolloutInputBody
+
+// AbortRolloutJSONRequestBody defines body for AbortRollout for application/json ContentType.
+type AbortRolloutJSONRequestBody = AbortInputBody
+
+// PauseRolloutJSONRequestBody defines body for PauseRollout for application/json ContentType.
+type PauseRolloutJSONRequestBody = RolloutActionInputBody
+
+// ResumeRolloutJSONRequestBody defines body for ResumeRollout for application/json ContentType.
+type ResumeRolloutJSONRequestBody = RolloutActionInputBody
 
 // Getter for additional properties for AdmitInputBody. Returns the specified
 // element and whether it was found
@@ -1389,6 +1575,76 @@ type ClientInterface interface {
 	//
 	// Corresponds with POST /products/{product_id}/rotate-platform-key (the `RotatePlatformKey` operationId).
 	RotatePlatformKey(ctx context.Context, productId string, body RotatePlatformKeyJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ListRollouts List rollouts, newest first (a product sees its own)
+	//
+	// Corresponds with GET /rollouts (the `ListRollouts` operationId).
+	ListRollouts(ctx context.Context, params *ListRolloutsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreateRolloutWithBody Roll a new engine image out to a fleet in health-gated waves
+	//
+	// Engines of each wave are upgraded through the per-engine upgrade (brain and key kept, that engine rolled back if it does not boot), max_concurrent at a time. Sleeping and stopped engines take the image at their next wake; an engine in use (admitted within in_use_seconds) waits. A wave must stay healthy for bake_seconds before the next starts; when its failures (boot, health, crash) exceed failure_budget the rollout stops and puts every engine it upgraded back on its previous image. One rollout at a time owns an engine (409 otherwise).
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /rollouts (the `CreateRollout` operationId).
+	CreateRolloutWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreateRollout Roll a new engine image out to a fleet in health-gated waves
+	//
+	// Engines of each wave are upgraded through the per-engine upgrade (brain and key kept, that engine rolled back if it does not boot), max_concurrent at a time. Sleeping and stopped engines take the image at their next wake; an engine in use (admitted within in_use_seconds) waits. A wave must stay healthy for bake_seconds before the next starts; when its failures (boot, health, crash) exceed failure_budget the rollout stops and puts every engine it upgraded back on its previous image. One rollout at a time owns an engine (409 otherwise).
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /rollouts (the `CreateRollout` operationId).
+	CreateRollout(ctx context.Context, body CreateRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// GetRollout A rollout: its waves, counts, failures and why it stopped
+	//
+	// Corresponds with GET /rollouts/{rollout_id} (the `GetRollout` operationId).
+	GetRollout(ctx context.Context, rolloutId openapi_types.UUID, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AbortRolloutWithBody Stop a rollout for good; with rollback, also put every engine it upgraded back on its previous image
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /rollouts/{rollout_id}/abort (the `AbortRollout` operationId).
+	AbortRolloutWithBody(ctx context.Context, rolloutId openapi_types.UUID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AbortRollout Stop a rollout for good; with rollback, also put every engine it upgraded back on its previous image
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /rollouts/{rollout_id}/abort (the `AbortRollout` operationId).
+	AbortRollout(ctx context.Context, rolloutId openapi_types.UUID, body AbortRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PauseRolloutWithBody Pause a running rollout: no new upgrades start (those in flight finish; the health gate keeps watching)
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /rollouts/{rollout_id}/pause (the `PauseRollout` operationId).
+	PauseRolloutWithBody(ctx context.Context, rolloutId openapi_types.UUID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PauseRollout Pause a running rollout: no new upgrades start (those in flight finish; the health gate keeps watching)
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /rollouts/{rollout_id}/pause (the `PauseRollout` operationId).
+	PauseRollout(ctx context.Context, rolloutId openapi_types.UUID, body PauseRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ResumeRolloutWithBody Resume a paused rollout
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /rollouts/{rollout_id}/resume (the `ResumeRollout` operationId).
+	ResumeRolloutWithBody(ctx context.Context, rolloutId openapi_types.UUID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ResumeRollout Resume a paused rollout
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /rollouts/{rollout_id}/resume (the `ResumeRollout` operationId).
+	ResumeRollout(ctx context.Context, rolloutId openapi_types.UUID, body ResumeRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// FleetStatus The product's fleet by state and its health
 	//
@@ -1957,6 +2213,176 @@ func (c *Client) RotatePlatformKeyWithBody(ctx context.Context, productId string
 // Corresponds with POST /products/{product_id}/rotate-platform-key (the `RotatePlatformKey` operationId).
 func (c *Client) RotatePlatformKey(ctx context.Context, productId string, body RotatePlatformKeyJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewRotatePlatformKeyRequest(c.Server, productId, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ListRollouts List rollouts, newest first (a product sees its own)
+//
+// Corresponds with GET /rollouts (the `ListRollouts` operationId).
+func (c *Client) ListRollouts(ctx context.Context, params *ListRolloutsParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewListRolloutsRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreateRolloutWithBody Roll a new engine image out to a fleet in health-gated waves
+//
+// Engines of each wave are upgraded through the per-engine upgrade (brain and key kept, that engine rolled back if it does not boot), max_concurrent at a time. Sleeping and stopped engines take the image at their next wake; an engine in use (admitted within in_use_seconds) waits. A wave must stay healthy for bake_seconds before the next starts; when its failures (boot, health, crash) exceed failure_budget the rollout stops and puts every engine it upgraded back on its previous image. One rollout at a time owns an engine (409 otherwise).
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /rollouts (the `CreateRollout` operationId).
+func (c *Client) CreateRolloutWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreateRolloutRequestWithBody(c.Server, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreateRollout Roll a new engine image out to a fleet in health-gated waves
+//
+// Engines of each wave are upgraded through the per-engine upgrade (brain and key kept, that engine rolled back if it does not boot), max_concurrent at a time. Sleeping and stopped engines take the image at their next wake; an engine in use (admitted within in_use_seconds) waits. A wave must stay healthy for bake_seconds before the next starts; when its failures (boot, health, crash) exceed failure_budget the rollout stops and puts every engine it upgraded back on its previous image. One rollout at a time owns an engine (409 otherwise).
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /rollouts (the `CreateRollout` operationId).
+func (c *Client) CreateRollout(ctx context.Context, body CreateRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreateRolloutRequest(c.Server, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// GetRollout A rollout: its waves, counts, failures and why it stopped
+//
+// Corresponds with GET /rollouts/{rollout_id} (the `GetRollout` operationId).
+func (c *Client) GetRollout(ctx context.Context, rolloutId openapi_types.UUID, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewGetRolloutRequest(c.Server, rolloutId)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AbortRolloutWithBody Stop a rollout for good; with rollback, also put every engine it upgraded back on its previous image
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /rollouts/{rollout_id}/abort (the `AbortRollout` operationId).
+func (c *Client) AbortRolloutWithBody(ctx context.Context, rolloutId openapi_types.UUID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAbortRolloutRequestWithBody(c.Server, rolloutId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AbortRollout Stop a rollout for good; with rollback, also put every engine it upgraded back on its previous image
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /rollouts/{rollout_id}/abort (the `AbortRollout` operationId).
+func (c *Client) AbortRollout(ctx context.Context, rolloutId openapi_types.UUID, body AbortRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAbortRolloutRequest(c.Server, rolloutId, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PauseRolloutWithBody Pause a running rollout: no new upgrades start (those in flight finish; the health gate keeps watching)
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /rollouts/{rollout_id}/pause (the `PauseRollout` operationId).
+func (c *Client) PauseRolloutWithBody(ctx context.Context, rolloutId openapi_types.UUID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPauseRolloutRequestWithBody(c.Server, rolloutId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PauseRollout Pause a running rollout: no new upgrades start (those in flight finish; the health gate keeps watching)
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /rollouts/{rollout_id}/pause (the `PauseRollout` operationId).
+func (c *Client) PauseRollout(ctx context.Context, rolloutId openapi_types.UUID, body PauseRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPauseRolloutRequest(c.Server, rolloutId, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ResumeRolloutWithBody Resume a paused rollout
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /rollouts/{rollout_id}/resume (the `ResumeRollout` operationId).
+func (c *Client) ResumeRolloutWithBody(ctx context.Context, rolloutId openapi_types.UUID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewResumeRolloutRequestWithBody(c.Server, rolloutId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ResumeRollout Resume a paused rollout
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /rollouts/{rollout_id}/resume (the `ResumeRollout` operationId).
+func (c *Client) ResumeRollout(ctx context.Context, rolloutId openapi_types.UUID, body ResumeRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewResumeRolloutRequest(c.Server, rolloutId, body)
 	if err != nil {
 		return nil, err
 	}
@@ -3254,6 +3680,275 @@ func NewRotatePlatformKeyRequestWithBody(server string, productId string, conten
 	return req, nil
 }
 
+// NewListRolloutsRequest constructs an http.Request for the ListRollouts method
+func NewListRolloutsRequest(server string, params *ListRolloutsParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/rollouts")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", false, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: "int64"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewCreateRolloutRequest calls the generic CreateRollout builder with application/json body
+func NewCreateRolloutRequest(server string, body CreateRolloutJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewCreateRolloutRequestWithBody(server, "application/json", bodyReader)
+}
+
+// NewCreateRolloutRequestWithBody constructs an http.Request for the CreateRollout method, with any body, and a specified content type
+func NewCreateRolloutRequestWithBody(server string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/rollouts")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewGetRolloutRequest constructs an http.Request for the GetRollout method
+func NewGetRolloutRequest(server string, rolloutId openapi_types.UUID) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "rollout_id", rolloutId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/rollouts/%s", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewAbortRolloutRequest calls the generic AbortRollout builder with application/json body
+func NewAbortRolloutRequest(server string, rolloutId openapi_types.UUID, body AbortRolloutJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAbortRolloutRequestWithBody(server, rolloutId, "application/json", bodyReader)
+}
+
+// NewAbortRolloutRequestWithBody constructs an http.Request for the AbortRollout method, with any body, and a specified content type
+func NewAbortRolloutRequestWithBody(server string, rolloutId openapi_types.UUID, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "rollout_id", rolloutId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/rollouts/%s/abort", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewPauseRolloutRequest calls the generic PauseRollout builder with application/json body
+func NewPauseRolloutRequest(server string, rolloutId openapi_types.UUID, body PauseRolloutJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewPauseRolloutRequestWithBody(server, rolloutId, "application/json", bodyReader)
+}
+
+// NewPauseRolloutRequestWithBody constructs an http.Request for the PauseRollout method, with any body, and a specified content type
+func NewPauseRolloutRequestWithBody(server string, rolloutId openapi_types.UUID, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "rollout_id", rolloutId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/rollouts/%s/pause", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewResumeRolloutRequest calls the generic ResumeRollout builder with application/json body
+func NewResumeRolloutRequest(server string, rolloutId openapi_types.UUID, body ResumeRolloutJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewResumeRolloutRequestWithBody(server, rolloutId, "application/json", bodyReader)
+}
+
+// NewResumeRolloutRequestWithBody constructs an http.Request for the ResumeRollout method, with any body, and a specified content type
+func NewResumeRolloutRequestWithBody(server string, rolloutId openapi_types.UUID, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "rollout_id", rolloutId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/rollouts/%s/resume", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
 // NewFleetStatusRequest constructs an http.Request for the FleetStatus method
 func NewFleetStatusRequest(server string) (*http.Request, error) {
 	var err error
@@ -3599,6 +4294,80 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with POST /products/{product_id}/rotate-platform-key (the `RotatePlatformKey` operationId).
 	RotatePlatformKeyWithResponse(ctx context.Context, productId string, body RotatePlatformKeyJSONRequestBody, reqEditors ...RequestEditorFn) (*RotatePlatformKeyResponse, error)
+
+	// ListRolloutsWithResponse List rollouts, newest first (a product sees its own)
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /rollouts (the `ListRollouts` operationId).
+	ListRolloutsWithResponse(ctx context.Context, params *ListRolloutsParams, reqEditors ...RequestEditorFn) (*ListRolloutsResponse, error)
+
+	// CreateRolloutWithBodyWithResponse Roll a new engine image out to a fleet in health-gated waves
+	//
+	// Engines of each wave are upgraded through the per-engine upgrade (brain and key kept, that engine rolled back if it does not boot), max_concurrent at a time. Sleeping and stopped engines take the image at their next wake; an engine in use (admitted within in_use_seconds) waits. A wave must stay healthy for bake_seconds before the next starts; when its failures (boot, health, crash) exceed failure_budget the rollout stops and puts every engine it upgraded back on its previous image. One rollout at a time owns an engine (409 otherwise).
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /rollouts (the `CreateRollout` operationId).
+	CreateRolloutWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreateRolloutResponse, error)
+
+	// CreateRolloutWithResponse Roll a new engine image out to a fleet in health-gated waves
+	//
+	// Engines of each wave are upgraded through the per-engine upgrade (brain and key kept, that engine rolled back if it does not boot), max_concurrent at a time. Sleeping and stopped engines take the image at their next wake; an engine in use (admitted within in_use_seconds) waits. A wave must stay healthy for bake_seconds before the next starts; when its failures (boot, health, crash) exceed failure_budget the rollout stops and puts every engine it upgraded back on its previous image. One rollout at a time owns an engine (409 otherwise).
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /rollouts (the `CreateRollout` operationId).
+	CreateRolloutWithResponse(ctx context.Context, body CreateRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*CreateRolloutResponse, error)
+
+	// GetRolloutWithResponse A rollout: its waves, counts, failures and why it stopped
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /rollouts/{rollout_id} (the `GetRollout` operationId).
+	GetRolloutWithResponse(ctx context.Context, rolloutId openapi_types.UUID, reqEditors ...RequestEditorFn) (*GetRolloutResponse, error)
+
+	// AbortRolloutWithBodyWithResponse Stop a rollout for good; with rollback, also put every engine it upgraded back on its previous image
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /rollouts/{rollout_id}/abort (the `AbortRollout` operationId).
+	AbortRolloutWithBodyWithResponse(ctx context.Context, rolloutId openapi_types.UUID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AbortRolloutResponse, error)
+
+	// AbortRolloutWithResponse Stop a rollout for good; with rollback, also put every engine it upgraded back on its previous image
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /rollouts/{rollout_id}/abort (the `AbortRollout` operationId).
+	AbortRolloutWithResponse(ctx context.Context, rolloutId openapi_types.UUID, body AbortRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*AbortRolloutResponse, error)
+
+	// PauseRolloutWithBodyWithResponse Pause a running rollout: no new upgrades start (those in flight finish; the health gate keeps watching)
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /rollouts/{rollout_id}/pause (the `PauseRollout` operationId).
+	PauseRolloutWithBodyWithResponse(ctx context.Context, rolloutId openapi_types.UUID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PauseRolloutResponse, error)
+
+	// PauseRolloutWithResponse Pause a running rollout: no new upgrades start (those in flight finish; the health gate keeps watching)
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /rollouts/{rollout_id}/pause (the `PauseRollout` operationId).
+	PauseRolloutWithResponse(ctx context.Context, rolloutId openapi_types.UUID, body PauseRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*PauseRolloutResponse, error)
+
+	// ResumeRolloutWithBodyWithResponse Resume a paused rollout
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /rollouts/{rollout_id}/resume (the `ResumeRollout` operationId).
+	ResumeRolloutWithBodyWithResponse(ctx context.Context, rolloutId openapi_types.UUID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*ResumeRolloutResponse, error)
+
+	// ResumeRolloutWithResponse Resume a paused rollout
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /rollouts/{rollout_id}/resume (the `ResumeRollout` operationId).
+	ResumeRolloutWithResponse(ctx context.Context, rolloutId openapi_types.UUID, body ResumeRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*ResumeRolloutResponse, error)
 
 	// FleetStatusWithResponse The product's fleet by state and its health
 	//
@@ -5894,6 +6663,525 @@ func (r RotatePlatformKeyResponse) ContentType() string {
 	return ""
 }
 
+// ListRolloutsResponse503Headers the declared response headers of an HTTP 503 response for ListRollouts
+type ListRolloutsResponse503Headers struct {
+	RetryAfter *int
+}
+
+type ListRolloutsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *ListRolloutsResponse
+	// JSON400 the response for an HTTP 400 `application/json` response
+	JSON400 *ErrorResponse
+	// JSON401 the response for an HTTP 401 `application/json` response
+	JSON401 *ErrorResponse
+	// JSON500 the response for an HTTP 500 `application/json` response
+	JSON500 *ErrorResponse
+	// JSON503 the response for an HTTP 503 `application/json` response
+	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *ListRolloutsResponse503Headers
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ListRolloutsResponse) GetJSON200() *ListRolloutsResponse {
+	return r.JSON200
+}
+
+// GetJSON400 returns the response for an HTTP 400 `application/json` response
+func (r ListRolloutsResponse) GetJSON400() *ErrorResponse {
+	return r.JSON400
+}
+
+// GetJSON401 returns the response for an HTTP 401 `application/json` response
+func (r ListRolloutsResponse) GetJSON401() *ErrorResponse {
+	return r.JSON401
+}
+
+// GetJSON500 returns the response for an HTTP 500 `application/json` response
+func (r ListRolloutsResponse) GetJSON500() *ErrorResponse {
+	return r.JSON500
+}
+
+// GetJSON503 returns the response for an HTTP 503 `application/json` response
+func (r ListRolloutsResponse) GetJSON503() *ErrorResponse {
+	return r.JSON503
+}
+
+// GetBody returns the raw response body bytes
+func (r ListRolloutsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ListRolloutsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ListRolloutsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ListRolloutsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// CreateRolloutResponse503Headers the declared response headers of an HTTP 503 response for CreateRollout
+type CreateRolloutResponse503Headers struct {
+	RetryAfter *int
+}
+
+type CreateRolloutResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *RolloutBody
+	// JSON400 the response for an HTTP 400 `application/json` response
+	JSON400 *ErrorResponse
+	// JSON401 the response for an HTTP 401 `application/json` response
+	JSON401 *ErrorResponse
+	// JSON404 the response for an HTTP 404 `application/json` response
+	JSON404 *ErrorResponse
+	// JSON409 the response for an HTTP 409 `application/json` response
+	JSON409 *ErrorResponse
+	// JSON500 the response for an HTTP 500 `application/json` response
+	JSON500 *ErrorResponse
+	// JSON503 the response for an HTTP 503 `application/json` response
+	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *CreateRolloutResponse503Headers
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r CreateRolloutResponse) GetJSON200() *RolloutBody {
+	return r.JSON200
+}
+
+// GetJSON400 returns the response for an HTTP 400 `application/json` response
+func (r CreateRolloutResponse) GetJSON400() *ErrorResponse {
+	return r.JSON400
+}
+
+// GetJSON401 returns the response for an HTTP 401 `application/json` response
+func (r CreateRolloutResponse) GetJSON401() *ErrorResponse {
+	return r.JSON401
+}
+
+// GetJSON404 returns the response for an HTTP 404 `application/json` response
+func (r CreateRolloutResponse) GetJSON404() *ErrorResponse {
+	return r.JSON404
+}
+
+// GetJSON409 returns the response for an HTTP 409 `application/json` response
+func (r CreateRolloutResponse) GetJSON409() *ErrorResponse {
+	return r.JSON409
+}
+
+// GetJSON500 returns the response for an HTTP 500 `application/json` response
+func (r CreateRolloutResponse) GetJSON500() *ErrorResponse {
+	return r.JSON500
+}
+
+// GetJSON503 returns the response for an HTTP 503 `application/json` response
+func (r CreateRolloutResponse) GetJSON503() *ErrorResponse {
+	return r.JSON503
+}
+
+// GetBody returns the raw response body bytes
+func (r CreateRolloutResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CreateRolloutResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CreateRolloutResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CreateRolloutResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// GetRolloutResponse503Headers the declared response headers of an HTTP 503 response for GetRollout
+type GetRolloutResponse503Headers struct {
+	RetryAfter *int
+}
+
+type GetRolloutResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *RolloutBody
+	// JSON400 the response for an HTTP 400 `application/json` response
+	JSON400 *ErrorResponse
+	// JSON401 the response for an HTTP 401 `application/json` response
+	JSON401 *ErrorResponse
+	// JSON404 the response for an HTTP 404 `application/json` response
+	JSON404 *ErrorResponse
+	// JSON500 the response for an HTTP 500 `application/json` response
+	JSON500 *ErrorResponse
+	// JSON503 the response for an HTTP 503 `application/json` response
+	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *GetRolloutResponse503Headers
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r GetRolloutResponse) GetJSON200() *RolloutBody {
+	return r.JSON200
+}
+
+// GetJSON400 returns the response for an HTTP 400 `application/json` response
+func (r GetRolloutResponse) GetJSON400() *ErrorResponse {
+	return r.JSON400
+}
+
+// GetJSON401 returns the response for an HTTP 401 `application/json` response
+func (r GetRolloutResponse) GetJSON401() *ErrorResponse {
+	return r.JSON401
+}
+
+// GetJSON404 returns the response for an HTTP 404 `application/json` response
+func (r GetRolloutResponse) GetJSON404() *ErrorResponse {
+	return r.JSON404
+}
+
+// GetJSON500 returns the response for an HTTP 500 `application/json` response
+func (r GetRolloutResponse) GetJSON500() *ErrorResponse {
+	return r.JSON500
+}
+
+// GetJSON503 returns the response for an HTTP 503 `application/json` response
+func (r GetRolloutResponse) GetJSON503() *ErrorResponse {
+	return r.JSON503
+}
+
+// GetBody returns the raw response body bytes
+func (r GetRolloutResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r GetRolloutResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r GetRolloutResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r GetRolloutResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// AbortRolloutResponse503Headers the declared response headers of an HTTP 503 response for AbortRollout
+type AbortRolloutResponse503Headers struct {
+	RetryAfter *int
+}
+
+type AbortRolloutResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *RolloutBody
+	// JSON400 the response for an HTTP 400 `application/json` response
+	JSON400 *ErrorResponse
+	// JSON401 the response for an HTTP 401 `application/json` response
+	JSON401 *ErrorResponse
+	// JSON404 the response for an HTTP 404 `application/json` response
+	JSON404 *ErrorResponse
+	// JSON409 the response for an HTTP 409 `application/json` response
+	JSON409 *ErrorResponse
+	// JSON500 the response for an HTTP 500 `application/json` response
+	JSON500 *ErrorResponse
+	// JSON503 the response for an HTTP 503 `application/json` response
+	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *AbortRolloutResponse503Headers
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AbortRolloutResponse) GetJSON200() *RolloutBody {
+	return r.JSON200
+}
+
+// GetJSON400 returns the response for an HTTP 400 `application/json` response
+func (r AbortRolloutResponse) GetJSON400() *ErrorResponse {
+	return r.JSON400
+}
+
+// GetJSON401 returns the response for an HTTP 401 `application/json` response
+func (r AbortRolloutResponse) GetJSON401() *ErrorResponse {
+	return r.JSON401
+}
+
+// GetJSON404 returns the response for an HTTP 404 `application/json` response
+func (r AbortRolloutResponse) GetJSON404() *ErrorResponse {
+	return r.JSON404
+}
+
+// GetJSON409 returns the response for an HTTP 409 `application/json` response
+func (r AbortRolloutResponse) GetJSON409() *ErrorResponse {
+	return r.JSON409
+}
+
+// GetJSON500 returns the response for an HTTP 500 `application/json` response
+func (r AbortRolloutResponse) GetJSON500() *ErrorResponse {
+	return r.JSON500
+}
+
+// GetJSON503 returns the response for an HTTP 503 `application/json` response
+func (r AbortRolloutResponse) GetJSON503() *ErrorResponse {
+	return r.JSON503
+}
+
+// GetBody returns the raw response body bytes
+func (r AbortRolloutResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AbortRolloutResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AbortRolloutResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AbortRolloutResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// PauseRolloutResponse503Headers the declared response headers of an HTTP 503 response for PauseRollout
+type PauseRolloutResponse503Headers struct {
+	RetryAfter *int
+}
+
+type PauseRolloutResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *RolloutBody
+	// JSON400 the response for an HTTP 400 `application/json` response
+	JSON400 *ErrorResponse
+	// JSON401 the response for an HTTP 401 `application/json` response
+	JSON401 *ErrorResponse
+	// JSON404 the response for an HTTP 404 `application/json` response
+	JSON404 *ErrorResponse
+	// JSON409 the response for an HTTP 409 `application/json` response
+	JSON409 *ErrorResponse
+	// JSON500 the response for an HTTP 500 `application/json` response
+	JSON500 *ErrorResponse
+	// JSON503 the response for an HTTP 503 `application/json` response
+	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *PauseRolloutResponse503Headers
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r PauseRolloutResponse) GetJSON200() *RolloutBody {
+	return r.JSON200
+}
+
+// GetJSON400 returns the response for an HTTP 400 `application/json` response
+func (r PauseRolloutResponse) GetJSON400() *ErrorResponse {
+	return r.JSON400
+}
+
+// GetJSON401 returns the response for an HTTP 401 `application/json` response
+func (r PauseRolloutResponse) GetJSON401() *ErrorResponse {
+	return r.JSON401
+}
+
+// GetJSON404 returns the response for an HTTP 404 `application/json` response
+func (r PauseRolloutResponse) GetJSON404() *ErrorResponse {
+	return r.JSON404
+}
+
+// GetJSON409 returns the response for an HTTP 409 `application/json` response
+func (r PauseRolloutResponse) GetJSON409() *ErrorResponse {
+	return r.JSON409
+}
+
+// GetJSON500 returns the response for an HTTP 500 `application/json` response
+func (r PauseRolloutResponse) GetJSON500() *ErrorResponse {
+	return r.JSON500
+}
+
+// GetJSON503 returns the response for an HTTP 503 `application/json` response
+func (r PauseRolloutResponse) GetJSON503() *ErrorResponse {
+	return r.JSON503
+}
+
+// GetBody returns the raw response body bytes
+func (r PauseRolloutResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r PauseRolloutResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r PauseRolloutResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r PauseRolloutResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// ResumeRolloutResponse503Headers the declared response headers of an HTTP 503 response for ResumeRollout
+type ResumeRolloutResponse503Headers struct {
+	RetryAfter *int
+}
+
+type ResumeRolloutResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *RolloutBody
+	// JSON400 the response for an HTTP 400 `application/json` response
+	JSON400 *ErrorResponse
+	// JSON401 the response for an HTTP 401 `application/json` response
+	JSON401 *ErrorResponse
+	// JSON404 the response for an HTTP 404 `application/json` response
+	JSON404 *ErrorResponse
+	// JSON409 the response for an HTTP 409 `application/json` response
+	JSON409 *ErrorResponse
+	// JSON500 the response for an HTTP 500 `application/json` response
+	JSON500 *ErrorResponse
+	// JSON503 the response for an HTTP 503 `application/json` response
+	JSON503 *ErrorResponse
+	// Headers503 the parsed response headers for an HTTP 503 response
+	Headers503 *ResumeRolloutResponse503Headers
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ResumeRolloutResponse) GetJSON200() *RolloutBody {
+	return r.JSON200
+}
+
+// GetJSON400 returns the response for an HTTP 400 `application/json` response
+func (r ResumeRolloutResponse) GetJSON400() *ErrorResponse {
+	return r.JSON400
+}
+
+// GetJSON401 returns the response for an HTTP 401 `application/json` response
+func (r ResumeRolloutResponse) GetJSON401() *ErrorResponse {
+	return r.JSON401
+}
+
+// GetJSON404 returns the response for an HTTP 404 `application/json` response
+func (r ResumeRolloutResponse) GetJSON404() *ErrorResponse {
+	return r.JSON404
+}
+
+// GetJSON409 returns the response for an HTTP 409 `application/json` response
+func (r ResumeRolloutResponse) GetJSON409() *ErrorResponse {
+	return r.JSON409
+}
+
+// GetJSON500 returns the response for an HTTP 500 `application/json` response
+func (r ResumeRolloutResponse) GetJSON500() *ErrorResponse {
+	return r.JSON500
+}
+
+// GetJSON503 returns the response for an HTTP 503 `application/json` response
+func (r ResumeRolloutResponse) GetJSON503() *ErrorResponse {
+	return r.JSON503
+}
+
+// GetBody returns the raw response body bytes
+func (r ResumeRolloutResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ResumeRolloutResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ResumeRolloutResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ResumeRolloutResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 // FleetStatusResponse503Headers the declared response headers of an HTTP 503 response for FleetStatus
 type FleetStatusResponse503Headers struct {
 	RetryAfter *int
@@ -6434,6 +7722,140 @@ func (c *ClientWithResponses) RotatePlatformKeyWithResponse(ctx context.Context,
 		return nil, err
 	}
 	return ParseRotatePlatformKeyResponse(rsp)
+}
+
+// ListRolloutsWithResponse List rollouts, newest first (a product sees its own)
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /rollouts (the `ListRollouts` operationId).
+func (c *ClientWithResponses) ListRolloutsWithResponse(ctx context.Context, params *ListRolloutsParams, reqEditors ...RequestEditorFn) (*ListRolloutsResponse, error) {
+	rsp, err := c.ListRollouts(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseListRolloutsResponse(rsp)
+}
+
+// CreateRolloutWithBodyWithResponse Roll a new engine image out to a fleet in health-gated waves
+//
+// Engines of each wave are upgraded through the per-engine upgrade (brain and key kept, that engine rolled back if it does not boot), max_concurrent at a time. Sleeping and stopped engines take the image at their next wake; an engine in use (admitted within in_use_seconds) waits. A wave must stay healthy for bake_seconds before the next starts; when its failures (boot, health, crash) exceed failure_budget the rollout stops and puts every engine it upgraded back on its previous image. One rollout at a time owns an engine (409 otherwise).
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /rollouts (the `CreateRollout` operationId).
+func (c *ClientWithResponses) CreateRolloutWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreateRolloutResponse, error) {
+	rsp, err := c.CreateRolloutWithBody(ctx, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreateRolloutResponse(rsp)
+}
+
+// CreateRolloutWithResponse Roll a new engine image out to a fleet in health-gated waves
+//
+// Engines of each wave are upgraded through the per-engine upgrade (brain and key kept, that engine rolled back if it does not boot), max_concurrent at a time. Sleeping and stopped engines take the image at their next wake; an engine in use (admitted within in_use_seconds) waits. A wave must stay healthy for bake_seconds before the next starts; when its failures (boot, health, crash) exceed failure_budget the rollout stops and puts every engine it upgraded back on its previous image. One rollout at a time owns an engine (409 otherwise).
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /rollouts (the `CreateRollout` operationId).
+func (c *ClientWithResponses) CreateRolloutWithResponse(ctx context.Context, body CreateRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*CreateRolloutResponse, error) {
+	rsp, err := c.CreateRollout(ctx, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreateRolloutResponse(rsp)
+}
+
+// GetRolloutWithResponse A rollout: its waves, counts, failures and why it stopped
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /rollouts/{rollout_id} (the `GetRollout` operationId).
+func (c *ClientWithResponses) GetRolloutWithResponse(ctx context.Context, rolloutId openapi_types.UUID, reqEditors ...RequestEditorFn) (*GetRolloutResponse, error) {
+	rsp, err := c.GetRollout(ctx, rolloutId, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseGetRolloutResponse(rsp)
+}
+
+// AbortRolloutWithBodyWithResponse Stop a rollout for good; with rollback, also put every engine it upgraded back on its previous image
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /rollouts/{rollout_id}/abort (the `AbortRollout` operationId).
+func (c *ClientWithResponses) AbortRolloutWithBodyWithResponse(ctx context.Context, rolloutId openapi_types.UUID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AbortRolloutResponse, error) {
+	rsp, err := c.AbortRolloutWithBody(ctx, rolloutId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAbortRolloutResponse(rsp)
+}
+
+// AbortRolloutWithResponse Stop a rollout for good; with rollback, also put every engine it upgraded back on its previous image
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /rollouts/{rollout_id}/abort (the `AbortRollout` operationId).
+func (c *ClientWithResponses) AbortRolloutWithResponse(ctx context.Context, rolloutId openapi_types.UUID, body AbortRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*AbortRolloutResponse, error) {
+	rsp, err := c.AbortRollout(ctx, rolloutId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAbortRolloutResponse(rsp)
+}
+
+// PauseRolloutWithBodyWithResponse Pause a running rollout: no new upgrades start (those in flight finish; the health gate keeps watching)
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /rollouts/{rollout_id}/pause (the `PauseRollout` operationId).
+func (c *ClientWithResponses) PauseRolloutWithBodyWithResponse(ctx context.Context, rolloutId openapi_types.UUID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PauseRolloutResponse, error) {
+	rsp, err := c.PauseRolloutWithBody(ctx, rolloutId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePauseRolloutResponse(rsp)
+}
+
+// PauseRolloutWithResponse Pause a running rollout: no new upgrades start (those in flight finish; the health gate keeps watching)
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /rollouts/{rollout_id}/pause (the `PauseRollout` operationId).
+func (c *ClientWithResponses) PauseRolloutWithResponse(ctx context.Context, rolloutId openapi_types.UUID, body PauseRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*PauseRolloutResponse, error) {
+	rsp, err := c.PauseRollout(ctx, rolloutId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePauseRolloutResponse(rsp)
+}
+
+// ResumeRolloutWithBodyWithResponse Resume a paused rollout
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /rollouts/{rollout_id}/resume (the `ResumeRollout` operationId).
+func (c *ClientWithResponses) ResumeRolloutWithBodyWithResponse(ctx context.Context, rolloutId openapi_types.UUID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*ResumeRolloutResponse, error) {
+	rsp, err := c.ResumeRolloutWithBody(ctx, rolloutId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseResumeRolloutResponse(rsp)
+}
+
+// ResumeRolloutWithResponse Resume a paused rollout
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /rollouts/{rollout_id}/resume (the `ResumeRollout` operationId).
+func (c *ClientWithResponses) ResumeRolloutWithResponse(ctx context.Context, rolloutId openapi_types.UUID, body ResumeRolloutJSONRequestBody, reqEditors ...RequestEditorFn) (*ResumeRolloutResponse, error) {
+	rsp, err := c.ResumeRollout(ctx, rolloutId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseResumeRolloutResponse(rsp)
 }
 
 // FleetStatusWithResponse The product's fleet by state and its health
@@ -8515,6 +9937,471 @@ func ParseRotatePlatformKeyResponse(rsp *http.Response) (*RotatePlatformKeyRespo
 	switch {
 	case rsp.StatusCode == 503:
 		var headers RotatePlatformKeyResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
+	return response, nil
+}
+
+// ParseListRolloutsResponse parses an HTTP response from a ListRolloutsWithResponse call
+func ParseListRolloutsResponse(rsp *http.Response) (*ListRolloutsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ListRolloutsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest ListRolloutsResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON400 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 401:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON401 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON500 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 503:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON503 = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers ListRolloutsResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
+	return response, nil
+}
+
+// ParseCreateRolloutResponse parses an HTTP response from a CreateRolloutWithResponse call
+func ParseCreateRolloutResponse(rsp *http.Response) (*CreateRolloutResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CreateRolloutResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest RolloutBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON400 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 401:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON401 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 404:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON404 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON409 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON500 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 503:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON503 = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers CreateRolloutResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
+	return response, nil
+}
+
+// ParseGetRolloutResponse parses an HTTP response from a GetRolloutWithResponse call
+func ParseGetRolloutResponse(rsp *http.Response) (*GetRolloutResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &GetRolloutResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest RolloutBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON400 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 401:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON401 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 404:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON404 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON500 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 503:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON503 = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers GetRolloutResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
+	return response, nil
+}
+
+// ParseAbortRolloutResponse parses an HTTP response from a AbortRolloutWithResponse call
+func ParseAbortRolloutResponse(rsp *http.Response) (*AbortRolloutResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AbortRolloutResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest RolloutBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON400 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 401:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON401 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 404:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON404 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON409 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON500 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 503:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON503 = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers AbortRolloutResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
+	return response, nil
+}
+
+// ParsePauseRolloutResponse parses an HTTP response from a PauseRolloutWithResponse call
+func ParsePauseRolloutResponse(rsp *http.Response) (*PauseRolloutResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &PauseRolloutResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest RolloutBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON400 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 401:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON401 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 404:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON404 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON409 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON500 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 503:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON503 = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers PauseRolloutResponse503Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers503 = &headers
+	}
+
+	return response, nil
+}
+
+// ParseResumeRolloutResponse parses an HTTP response from a ResumeRolloutWithResponse call
+func ParseResumeRolloutResponse(rsp *http.Response) (*ResumeRolloutResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ResumeRolloutResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest RolloutBody
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON400 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 401:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON401 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 404:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON404 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON409 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON500 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 503:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON503 = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 503:
+		var headers ResumeRolloutResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
 			var value int
 			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {

@@ -215,6 +215,42 @@ type RiverJob struct {
 	ScheduledAt time.Time
 }
 
+type Rollout struct {
+	ID            string
+	ProductID     *string
+	Image         string
+	Status        string
+	Waves         []int32
+	BakeSeconds   int32
+	FailureBudget int32
+	MaxConcurrent int32
+	InUseSeconds  int32
+	CurrentWave   int32
+	WaveStartedAt *time.Time
+	WaveDoneAt    *time.Time
+	StopReason    *string
+	Actor         string
+	ProgressAt    time.Time
+	CreatedAt     time.Time
+	UpdatedAt     time.Time
+	FinishedAt    *time.Time
+}
+
+type RolloutEngine struct {
+	RolloutID   string
+	EngineID    string
+	ProductID   string
+	UserID      string
+	Wave        int32
+	FromImage   string
+	Status      string
+	OperationID *string
+	Error       *string
+	Active      bool
+	UpgradedAt  *time.Time
+	UpdatedAt   time.Time
+}
+
 type SchedulerTick struct {
 	Schedule  string
 	LastTick  time.Time
