@@ -79,6 +79,11 @@ type RolloutBody struct {
 	FinishedAt    *time.Time       `json:"finished_at,omitempty"`
 }
 
+// RolloutList is GET /rollouts.
+type RolloutList struct {
+	Rollouts []RolloutBody `json:"rollouts"`
+}
+
 type rolloutPath struct {
 	ID string `path:"rollout_id" format:"uuid"`
 }
@@ -147,21 +152,13 @@ func (s *Server) registerRollouts() {
 		Summary: "List rollouts, newest first (a product sees its own)", Errors: errs(400, 401),
 	}), func(ctx context.Context, in *struct {
 		Limit int `query:"limit" default:"50" minimum:"1" maximum:"500"`
-	}) (*struct {
-		Body struct {
-			Rollouts []RolloutBody `json:"rollouts"`
-		}
-	}, error) {
+	}) (*struct{ Body RolloutList }, error) {
 		productID, _ := scope(ctx)
 		rs, err := schema.New(s.pool).Rollouts(ctx, productID, in.Limit)
 		if err != nil {
 			return nil, toHTTP(ctx, err)
 		}
-		out := &struct {
-			Body struct {
-				Rollouts []RolloutBody `json:"rollouts"`
-			}
-		}{}
+		out := &struct{ Body RolloutList }{}
 		out.Body.Rollouts = make([]RolloutBody, 0, len(rs))
 		for _, r := range rs {
 			counts, err := schema.New(s.pool).RolloutCounts(ctx, r.ID)

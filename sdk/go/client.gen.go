@@ -594,11 +594,6 @@ type HealthOutputBody struct {
 // HealthOutputBodyStatus ok when the process is up, Postgres reachable and migrations applied
 type HealthOutputBodyStatus string
 
-// ListRolloutsResponse defines model for List-rolloutsResponse.
-type ListRolloutsResponse struct {
-	Rollouts *[]RolloutBody `json:"rollouts"`
-}
-
 // ListBackupsOutputBody defines model for ListBackupsOutputBody.
 type ListBackupsOutputBody struct {
 	Backups *[]BackupBody `json:"backups"`
@@ -794,6 +789,11 @@ type RolloutFailure struct {
 	Status   string             `json:"status"`
 	UserId   string             `json:"user_id"`
 	Wave     int64              `json:"wave"`
+}
+
+// RolloutList defines model for RolloutList.
+type RolloutList struct {
+	Rollouts *[]RolloutBody `json:"rollouts"`
 }
 
 // RolloutWave defines model for RolloutWave.
@@ -6672,7 +6672,7 @@ type ListRolloutsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
-	JSON200 *ListRolloutsResponse
+	JSON200 *RolloutList
 	// JSON400 the response for an HTTP 400 `application/json` response
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
@@ -6686,7 +6686,7 @@ type ListRolloutsResponse struct {
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
-func (r ListRolloutsResponse) GetJSON200() *ListRolloutsResponse {
+func (r ListRolloutsResponse) GetJSON200() *RolloutList {
 	return r.JSON200
 }
 
@@ -9965,7 +9965,7 @@ func ParseListRolloutsResponse(rsp *http.Response) (*ListRolloutsResponse, error
 
 	switch {
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
-		var dest ListRolloutsResponse
+		var dest RolloutList
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
 			return nil, err
 		}
