@@ -48,19 +48,6 @@ const (
 var RolloutEngineStatuses = []RolloutEngineStatus{REPending, REUpgrading, REUpgraded, RELazy, REFailed, RESkipped,
 	RERollingBack, RERolledBack, RERollbackLazy, RERollbackFailed, RECancelled}
 
-// Rollout audit actions (product_id empty for a fleet-wide rollout).
-const (
-	ActionRolloutCreate     Action = "rollout_create"
-	ActionRolloutWave       Action = "rollout_wave"        // a wave started (metadata wave, engines)
-	ActionRolloutWaveBaked  Action = "rollout_wave_baked"  // a wave baked with its gate green
-	ActionRolloutEngineFail Action = "rollout_engine_fail" // an engine of the rollout failed (boot, health, crash)
-	ActionRolloutGate       Action = "rollout_gate"        // a wave exceeded its failure budget: rollback starts
-	ActionRolloutPause      Action = "rollout_pause"
-	ActionRolloutResume     Action = "rollout_resume"
-	ActionRolloutAbort      Action = "rollout_abort"
-	ActionRolloutDone       Action = "rollout_done" // completed, rolled back or aborted (metadata status)
-)
-
 // Rollout is a fleet rollout as recorded.
 type Rollout struct {
 	ID            string

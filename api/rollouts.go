@@ -124,7 +124,7 @@ func (s *Server) registerRollouts() {
 			"max_concurrent at a time. Sleeping and stopped engines take the image at their next wake; an engine in use (admitted within in_use_seconds) waits. " +
 			"A wave must stay healthy for bake_seconds before the next starts; when its failures (boot, health, crash) exceed failure_budget " +
 			"the rollout stops and puts every engine it upgraded back on its previous image. One rollout at a time owns an engine (409 otherwise).",
-		Errors: errs(400, 401, 404, 409),
+		Metadata: codes(orch.CodeRolloutNotFound, orch.CodeProductNotFound, orch.CodeOperationInProgress),
 	}), func(ctx context.Context, in *createRolloutInput) (*struct{ Body RolloutBody }, error) {
 		productID, actor := scope(ctx)
 		if productID == "" && in.Body.ProductID != "" {
@@ -149,7 +149,7 @@ func (s *Server) registerRollouts() {
 
 	huma.Register(s.api, op(huma.Operation{
 		OperationID: "list-rollouts", Method: http.MethodGet, Path: "/rollouts",
-		Summary: "List rollouts, newest first (a product sees its own)", Errors: errs(400, 401),
+		Summary: "List rollouts, newest first (a product sees its own)", Metadata: codes(),
 	}), func(ctx context.Context, in *struct {
 		Limit int `query:"limit" default:"50" minimum:"1" maximum:"500"`
 	}) (*struct{ Body RolloutList }, error) {
@@ -174,7 +174,7 @@ func (s *Server) registerRollouts() {
 
 	huma.Register(s.api, op(huma.Operation{
 		OperationID: "get-rollout", Method: http.MethodGet, Path: "/rollouts/{rollout_id}",
-		Summary: "A rollout: its waves, counts, failures and why it stopped", Errors: errs(401, 404),
+		Summary: "A rollout: its waves, counts, failures and why it stopped", Metadata: codes(orch.CodeRolloutNotFound),
 	}), func(ctx context.Context, in *rolloutPath) (*struct{ Body RolloutBody }, error) {
 		productID, _ := scope(ctx)
 		r, err := schema.New(s.pool).Rollout(ctx, in.ID, productID)
@@ -187,7 +187,7 @@ func (s *Server) registerRollouts() {
 	act := func(id, summary string, a lifecycle.RolloutAction) {
 		huma.Register(s.api, op(huma.Operation{
 			OperationID: id + "-rollout", Method: http.MethodPost, Path: "/rollouts/{rollout_id}/" + id,
-			Summary: summary, Errors: errs(400, 401, 404, 409),
+			Summary: summary, Metadata: codes(orch.CodeRolloutNotFound, orch.CodeInvalidState),
 		}), func(ctx context.Context, in *rolloutActionInput) (*struct{ Body RolloutBody }, error) {
 			reason := ""
 			if in.Body != nil {
@@ -200,8 +200,8 @@ func (s *Server) registerRollouts() {
 	act("resume", "Resume a paused rollout", lifecycle.ActResume)
 	huma.Register(s.api, op(huma.Operation{
 		OperationID: "abort-rollout", Method: http.MethodPost, Path: "/rollouts/{rollout_id}/abort",
-		Summary: "Stop a rollout for good; with rollback, also put every engine it upgraded back on its previous image",
-		Errors:  errs(400, 401, 404, 409),
+		Summary:  "Stop a rollout for good; with rollback, also put every engine it upgraded back on its previous image",
+		Metadata: codes(orch.CodeRolloutNotFound, orch.CodeInvalidState),
 	}), func(ctx context.Context, in *abortInput) (*struct{ Body RolloutBody }, error) {
 		a, reason := lifecycle.ActAbort, ""
 		if in.Body != nil {

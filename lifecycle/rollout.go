@@ -107,7 +107,7 @@ const (
 // INVALID_STATE (the rollout is not in a state the action applies to).
 func (c *Core) ActOnRollout(ctx context.Context, id, productID string, a RolloutAction, actor, reason string) (orch.Rollout, error) {
 	if _, err := uuid.Parse(id); err != nil {
-		return orch.Rollout{}, orch.Errorf(orch.CodeNotFound, "rollout not found")
+		return orch.Rollout{}, orch.Errorf(orch.CodeRolloutNotFound, "rollout not found")
 	}
 	err := c.inTx(ctx, func(q *schema.Queries, tx pgx.Tx) error {
 		r, err := q.Rollout(ctx, id, productID)

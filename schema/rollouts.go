@@ -30,7 +30,7 @@ func scanRollout(row pgx.Row) (orch.Rollout, error) {
 	err := row.Scan(&r.ID, &r.ProductID, &r.Image, &status, &waves, &bake, &budget, &maxc, &inUse, &cur,
 		&r.WaveStartedAt, &r.WaveDoneAt, &r.StopReason, &r.Actor, &r.CreatedAt, &r.UpdatedAt, &r.FinishedAt)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return r, orch.Errorf(orch.CodeNotFound, "rollout not found")
+		return r, orch.Errorf(orch.CodeRolloutNotFound, "rollout not found")
 	}
 	if err != nil {
 		return r, fmt.Errorf("read rollout: %w", err)

@@ -117,7 +117,7 @@ func (ro *Rollouts) lifecycleCore(rc *river.Client[pgx.Tx]) *lifecycle.Core {
 func (ro *Rollouts) tick(ctx context.Context, rc *river.Client[pgx.Tx], id string) (bool, error) {
 	q := schema.New(ro.pool)
 	r, err := q.Rollout(ctx, id, "")
-	if orch.IsCode(err, orch.CodeNotFound) {
+	if orch.IsCode(err, orch.CodeRolloutNotFound) {
 		return true, nil
 	}
 	if err != nil {
