@@ -29,7 +29,7 @@ type Config struct {
 	BootTimeout  time.Duration // ORCH_BOOT_TIMEOUT_S: how long a synchronous boot is waited for
 	URLTemplate  string        // ORCH_ENGINE_URL_TEMPLATE, e.g. http://127.0.0.1:{port}
 
-	Metrics *metrics.Metrics // dropped denial audits (nil = none)
+	Metrics *metrics.Metrics // dropped denial audits, the wake step of waits (nil = none)
 }
 
 // River is what the request side needs of a River client: enqueue within

@@ -256,6 +256,9 @@ type Backend struct {
 	openKey   string
 	openAt    time.Time
 	openInUse bool
+	// images spares Ensure an image inspect and a fresh volume's owner
+	// check (images.go).
+	images imageMemo
 }
 
 var _ orchestrator.Backend = (*Backend)(nil)
