@@ -52,7 +52,7 @@ func (b *Backend) Ensure(ctx context.Context, spec orchestrator.EngineSpec) erro
 	if err := b.ensureImage(ctx, spec.Image); err != nil {
 		return err
 	}
-	freshVolume, err := b.ensureVolume(ctx, spec.EngineID, spec.ProductID)
+	freshVolume, err := b.ensureVolume(ctx, spec.EngineID, spec.ProductID, spec.Image)
 	if err != nil {
 		return err
 	}
@@ -149,9 +149,9 @@ func (b *Backend) Ensure(ctx context.Context, spec orchestrator.EngineSpec) erro
 }
 
 // adoptAtOnce reports whether the engine's container exists as spec
-// wants it on the network this process settled on: a start, a wake or a
-// restart then costs one inspect, not an image, volume and network look
-// too. Its image and volume are there (docker removes neither while a
+// wants it on the network this process settled on (and, with a data
+// root, its volume bound there): a start, a wake or a restart then costs
+// an inspect or two, not an image, volume and network look too. Its image and volume are there (docker removes neither while a
 // container uses it); a network removed since is found by Start, which
 // makes the next Ensure look again (forgetNetwork).
 func (b *Backend) adoptAtOnce(ctx context.Context, spec orchestrator.EngineSpec, hash string) bool {
@@ -165,10 +165,16 @@ func (b *Backend) adoptAtOnce(ctx context.Context, spec orchestrator.EngineSpec,
 	if err != nil || !found || cur.Config == nil {
 		return false
 	}
-	if mine, _ := b.ours(cur.Config.Labels); !mine {
+	if mine, _ := b.ours(cur.Config.Labels); !mine || b.mismatch(cur, spec.EngineID, hash, netID) != "" {
 		return false
 	}
-	return b.mismatch(cur, spec.EngineID, hash, netID) == ""
+	if b.cfg.DataRoot != "" {
+		// A volume of an older version (or another data root) is moved
+		// under this one by ensureVolume: look at it.
+		v, err := b.cli.VolumeInspect(ctx, orchestrator.VolumeName(spec.EngineID), client.VolumeInspectOptions{})
+		return err == nil && b.boundHere(v.Volume, spec.EngineID)
+	}
+	return true
 }
 
 func (b *Backend) validSpec(spec orchestrator.EngineSpec) error {
@@ -362,28 +368,37 @@ func (b *Backend) ensureImage(ctx context.Context, image string) error {
 	return nil
 }
 
-// ensureVolume creates the engine's named volume unless it exists, and
-// says whether it created it. Creating an existing local volume is a
-// no-op in docker, so concurrent callers are safe (both may say created:
-// the volume is fresh either way).
-func (b *Backend) ensureVolume(ctx context.Context, engineID, productID string) (created bool, err error) {
-	name := orchestrator.VolumeName(engineID)
-	_, err = b.cli.VolumeInspect(ctx, name, client.VolumeInspectOptions{})
+// ensureVolume creates the engine's volume unless it exists: with a data
+// root, bound to its brain directory there (made first, through a helper
+// container of image). An existing volume that is not bound there (a
+// Docker-managed one of an older version, or of another data root) is
+// moved there first (migrateVolume). A volume already right costs one
+// inspect. fresh says the volume holds nothing but what the image's /data
+// gives it: a Docker-managed volume it created (a brain directory under a
+// data root may hold a brain a killed migration left there).
+func (b *Backend) ensureVolume(ctx context.Context, engineID, productID, image string) (fresh bool, err error) {
+	v, err := b.cli.VolumeInspect(ctx, orchestrator.VolumeName(engineID), client.VolumeInspectOptions{})
 	if err == nil {
-		return false, nil
+		if b.cfg.DataRoot == "" || b.boundHere(v.Volume, engineID) {
+			return false, nil
+		}
+		if mine, _ := b.ours(v.Volume.Labels); !mine {
+			return false, fmt.Errorf("ensure engine: volume %s belongs to another fleet (%s): left alone", v.Volume.Name, v.Volume.Labels[orchestrator.LabelFleet])
+		}
+		return false, b.migrateVolume(ctx, engineID, productID, image, v.Volume)
 	}
 	if !cerrdefs.IsNotFound(err) {
 		return false, fmt.Errorf("inspect volume: %w", err)
 	}
-	if _, err := b.cli.VolumeCreate(ctx, client.VolumeCreateOptions{
-		Name:   name,
-		Driver: "local",
-		Labels: b.baseLabels(engineID, productID),
-	}); err != nil {
-		return false, fmt.Errorf("create volume: %w", err)
+	if b.cfg.DataRoot != "" {
+		// Kept as it is when it exists: a migration killed after
+		// removing the old volume left the brain there.
+		if err := b.newBrainDir(ctx, engineID, image); err != nil {
+			return false, err
+		}
+		return false, b.createVolume(ctx, engineID, productID)
 	}
-	b.log.Info("created volume", "engine_id", engineID, "volume", name)
-	return true, nil
+	return true, b.createVolume(ctx, engineID, productID)
 }
 
 // removeContainerByID removes c, first giving a running container grace
