@@ -39,6 +39,8 @@ const (
 	CodeExportNotFound      Code = "EXPORT_NOT_FOUND"
 	CodeInvalidState        Code = "INVALID_STATE"
 	CodeMethodNotAllowed    Code = "METHOD_NOT_ALLOWED"
+	CodeWebhookNotFound     Code = "WEBHOOK_NOT_FOUND"
+	CodeDeliveryNotFound    Code = "DELIVERY_NOT_FOUND"
 )
 
 // Error is a domain error carrying a stable code and a message safe to

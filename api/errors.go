@@ -24,7 +24,8 @@ func statusOf(c orch.Code) int {
 	case orch.CodePolicyDenied:
 		return http.StatusForbidden
 	case orch.CodeProductNotFound, orch.CodeEngineNotFound, orch.CodeOperationNotFound,
-		orch.CodeBackupNotFound, orch.CodeExportNotFound, orch.CodeNotFound:
+		orch.CodeBackupNotFound, orch.CodeExportNotFound, orch.CodeNotFound,
+		orch.CodeWebhookNotFound, orch.CodeDeliveryNotFound:
 		return http.StatusNotFound
 	case orch.CodeMethodNotAllowed:
 		return http.StatusMethodNotAllowed
