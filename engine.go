@@ -1,6 +1,10 @@
 package orchestrator
 
-import "time"
+import (
+	"strconv"
+	"strings"
+	"time"
+)
 
 // Engine is one user's engine as the orchestrator records it.
 type Engine struct {
@@ -31,6 +35,17 @@ type Engine struct {
 
 // ContainerName is the deterministic backend name of an engine.
 func ContainerName(engineID string) string { return "engine-" + engineID }
+
+// EngineURL renders an engine URL template (ORCH_ENGINE_URL_TEMPLATE and
+// the probe template): {port} (the host port, 0 on backends without one),
+// {container} and {service} (the engine's backend name: container, or the
+// kubernetes Service), {engine_id}, {node} and {namespace} (the kubernetes
+// backend's engine namespace, "" elsewhere).
+func EngineURL(template string, e Engine, namespace string) string {
+	name := ContainerName(e.ID)
+	return strings.NewReplacer("{port}", strconv.Itoa(e.Port), "{container}", name, "{service}", name,
+		"{engine_id}", e.ID, "{node}", e.Node, "{namespace}", namespace).Replace(template)
+}
 
 // VolumeName is the deterministic name of an engine's brain volume.
 func VolumeName(engineID string) string { return "engine-data-" + engineID }

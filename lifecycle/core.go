@@ -3,8 +3,6 @@ package lifecycle
 import (
 	"context"
 	"log/slog"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -28,6 +26,11 @@ type Config struct {
 	Node         string        // the engine host new engines go to ("local")
 	BootTimeout  time.Duration // ORCH_BOOT_TIMEOUT_S: how long a synchronous boot is waited for
 	URLTemplate  string        // ORCH_ENGINE_URL_TEMPLATE, e.g. http://127.0.0.1:{port}
+	// NoHostPorts: the backend publishes no host port (kubernetes, where a
+	// Service is each engine's address). New engines get port 0 and no
+	// port range is searched, so PORT_EXHAUSTION never happens.
+	NoHostPorts bool
+	Namespace   string // the kubernetes backend's engine namespace ({namespace} in URLTemplate)
 
 	Metrics *metrics.Metrics // dropped denial audits (nil = none)
 }
@@ -113,8 +116,7 @@ func (c *Core) StopWaiting() { c.stopOnce.Do(func() { close(c.stopWaits) }) }
 // URL renders ORCH_ENGINE_URL_TEMPLATE for an engine: where its product
 // reaches it.
 func (c *Core) URL(e orch.Engine) string {
-	return strings.NewReplacer("{port}", strconv.Itoa(e.Port), "{container}", orch.ContainerName(e.ID),
-		"{engine_id}", e.ID, "{node}", e.Node).Replace(c.cfg.URLTemplate)
+	return orch.EngineURL(c.cfg.URLTemplate, e, c.cfg.Namespace)
 }
 
 // keyCacheSize bounds the decrypted-key cache (two generations of it).

@@ -107,9 +107,12 @@ func (c *Core) Provision(ctx context.Context, p orch.Product, userID, image stri
 				return orch.Errorf(orch.CodeQuotaExceeded, "product has %d engines, its policy allows %d", n, *p.Policy.MaxEngines)
 			}
 		}
-		port, err := q.FreePort(ctx, c.cfg.Node, c.cfg.PortMin, c.cfg.PortMax)
-		if err != nil {
-			return err
+		port := 0
+		if !c.cfg.NoHostPorts {
+			var err error
+			if port, err = q.FreePort(ctx, c.cfg.Node, c.cfg.PortMin, c.cfg.PortMax); err != nil {
+				return err
+			}
 		}
 		key := keys.Generate()
 		enc, err := c.keyring.Encrypt(key)

@@ -152,7 +152,7 @@ type fakeSource struct {
 
 func (f *fakeSource) MetricsSnapshot(ctx context.Context, portMin, portMax int) (metrics.Snapshot, error) {
 	f.calls.Add(1)
-	time.Sleep(f.delay)
+	time.Sleep(f.delay) // a slow read on purpose: concurrent scrapes arrive while it runs
 	return f.snap, f.err
 }
 
@@ -189,7 +189,7 @@ func TestFleetCollectorReadsOncePerPeriod(t *testing.T) {
 	require.Equal(t, 1.0, gauge(t, g, "orchestrator_ready", nil))
 	require.EqualValues(t, 1, src.calls.Load(), "still cached")
 
-	time.Sleep(350 * time.Millisecond)
+	time.Sleep(350 * time.Millisecond) // the cache period (300 ms) passes: time itself is what is tested
 	_, err := g.Gather()
 	require.NoError(t, err)
 	require.EqualValues(t, 2, src.calls.Load(), "read again once the period passed")

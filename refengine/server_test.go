@@ -689,7 +689,16 @@ func TestExecuteStreams(t *testing.T) {
 
 func TestExecuteClientDisconnect(t *testing.T) {
 	s := newServer(t, "", func(c *Config) { c.TokenDelay = 50 * time.Millisecond })
-	c := start(t, s)
+	// Signalled when the execute handler returns.
+	returned := make(chan struct{})
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.ServeHTTP(w, r)
+		if r.URL.Path == "/execute" {
+			close(returned)
+		}
+	}))
+	t.Cleanup(ts.Close)
+	c := &client{t: t, url: ts.URL, key: testKey}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	resp := postExecute(t, ctx, c, "remember this please")
@@ -699,7 +708,11 @@ func TestExecuteClientDisconnect(t *testing.T) {
 	cancel()
 
 	// The handler notices and stores nothing.
-	time.Sleep(300 * time.Millisecond)
+	select {
+	case <-returned:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the execute handler still runs 5 s after its client went away")
+	}
 	var r MemoriesResponse
 	c.json("GET", "/memories", nil, http.StatusOK, &r)
 	assert.Empty(t, r.Memories, "an abandoned turn is not stored")

@@ -63,3 +63,25 @@ func TestAuditLogAppendOnly(t *testing.T) {
 	_, err = pool.Exec(ctx, "TRUNCATE audit_log")
 	require.ErrorContains(t, err, "append-only")
 }
+
+// Engines without a host port (kubernetes: port 0) share a node; a real
+// port stays unique per node.
+func TestPortZeroIsNotUnique(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := testenv.Pool(t, testenv.DB(t))
+	var product string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO products (slug, display_name, api_key_hash)
+		VALUES ('p', 'P', 'h') RETURNING id`).Scan(&product))
+	insert := func(user string, port int) error {
+		_, err := pool.Exec(ctx, `INSERT INTO engines (id, product_id, user_id, status, node, port, engine_version,
+			engine_key_hash, engine_key_enc) VALUES (gen_random_uuid(), $1, $2, 'running', 'cluster', $3, 'img', 'h', 'e')`,
+			product, user, port)
+		return err
+	}
+	require.NoError(t, insert("a", 0))
+	require.NoError(t, insert("b", 0))
+	require.NoError(t, insert("c", 9001))
+	require.ErrorContains(t, insert("d", 9001), "engines_node_port_key")
+	require.ErrorContains(t, insert("e", -1), "engines_port_range")
+}

@@ -5,8 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
-	"strconv"
 	"strings"
 	"time"
 
@@ -23,9 +23,14 @@ import (
 
 // EngineConfig is how a worker runs, boots and reaches its engines.
 type EngineConfig struct {
-	BootTimeout      time.Duration     // boot deadline of provision, start, restart… (no default)
-	ProbeTimeout     time.Duration     // one /health probe (10 s)
-	ProbeURLTemplate string            // how a worker reaches an engine ("http://127.0.0.1:{port}")
+	BootTimeout      time.Duration // boot deadline of provision, start, restart… (no default)
+	ProbeTimeout     time.Duration // one /health probe (10 s)
+	ProbeURLTemplate string        // how a worker reaches an engine ("http://127.0.0.1:{port}")
+	Namespace        string        // the kubernetes backend's engine namespace ({namespace} in ProbeURLTemplate)
+	// Dial, when set, opens the workers' connections to engines (probes,
+	// brain export and import) instead of the system dialer: tests stand
+	// in for cluster DNS with it.
+	Dial             func(ctx context.Context, network, addr string) (net.Conn, error)
 	EnvPassthrough   map[string]string // copied into every engine
 	KeyOverlap       time.Duration     // rotate-key: how long the previous key keeps working
 	StopGrace        time.Duration     // SIGTERM → SIGKILL (30 s)
@@ -67,6 +72,9 @@ func newRunner(node string, eng EngineConfig, m *metrics.Metrics, pool *pgxpool.
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.MaxIdleConnsPerHost = 2
 	tr.IdleConnTimeout = 30 * time.Second
+	if eng.Dial != nil {
+		tr.DialContext = eng.Dial
+	}
 	return &runner{node: node, eng: eng, pool: pool, backend: backend, log: log, metrics: m,
 		http: &http.Client{Transport: tr}, session: newSession(node)}
 }
@@ -421,9 +429,7 @@ func (r *runner) currentSpec(e orch.Engine) orch.EngineSpec {
 }
 
 func (r *runner) probeURL(e orch.Engine) string {
-	rp := strings.NewReplacer("{port}", strconv.Itoa(e.Port), "{container}", orch.ContainerName(e.ID),
-		"{engine_id}", e.ID, "{node}", e.Node)
-	return strings.TrimRight(rp.Replace(r.eng.ProbeURLTemplate), "/") + "/health"
+	return strings.TrimRight(orch.EngineURL(r.eng.ProbeURLTemplate, e, r.eng.Namespace), "/") + "/health"
 }
 
 // probeOnce checks e's /health once, within ProbeTimeout.

@@ -186,26 +186,7 @@ func (e *testEngine) url(path string) string {
 // waitHealthy polls GET /health until 200 {"status":"ok"}.
 func (e *testEngine) waitHealthy(t *testing.T) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	var last string
-	for time.Now().Before(deadline) {
-		resp, err := http.Get(e.url("/health"))
-		if err == nil {
-			var body struct {
-				Status string `json:"status"`
-			}
-			derr := json.NewDecoder(resp.Body).Decode(&body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK && derr == nil && body.Status == "ok" {
-				return
-			}
-			last = fmt.Sprintf("status %d, body status %q", resp.StatusCode, body.Status)
-		} else {
-			last = err.Error()
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("engine %s not healthy: %s", e.spec.EngineID, last)
+	testenv.Await(t, 30*time.Second, "engine "+e.spec.EngineID+" healthy", func() error { return testenv.Healthy(e.url("/health")) })
 }
 
 func (e *testEngine) do(t *testing.T, method, path string, body any) []byte {

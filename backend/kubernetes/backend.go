@@ -131,6 +131,11 @@ type Config struct {
 	// orchestrator.node label; List and Events see only it); default
 	// "local". The cluster decides which Kubernetes node runs a pod.
 	Node string
+	// Fleet is the id of the fleet (one per database) whose engines these
+	// are: every object carries it as orchestrator.fleet and List sees only
+	// it, so two deployments sharing a namespace and a node name never
+	// take each other's engines for orphans. "" labels nothing (tests).
+	Fleet string
 	// StorageClass of brain claims; "" takes the cluster's default class.
 	StorageClass string
 	// BrainSize is the brain claim's requested size; default 1Gi.
@@ -208,6 +213,9 @@ func (c Config) validate() error {
 	}
 	if errs := validation.IsValidLabelValue(c.Node); len(errs) > 0 {
 		problems = append(problems, "node is not a valid label value")
+	}
+	if errs := validation.IsValidLabelValue(c.Fleet); len(errs) > 0 {
+		problems = append(problems, "fleet is not a valid label value")
 	}
 	for name, q := range map[string]string{"brain size": c.BrainSize, "tmp size": c.TmpSize, "cpu request": c.RequestCPU, "memory request": c.RequestMemory} {
 		if _, err := resource.ParseQuantity(q); err != nil {
@@ -410,12 +418,16 @@ func (b *Backend) connect(ctx context.Context) error {
 	return nil
 }
 
-// nodeSelector selects this node's managed objects.
+// nodeSelector selects this node's (and this fleet's) managed objects.
 func (b *Backend) nodeSelector() labels.Selector {
-	return labels.SelectorFromSet(labels.Set{
+	set := labels.Set{
 		orchestrator.LabelManaged: "true",
 		orchestrator.LabelNode:    b.cfg.Node,
-	})
+	}
+	if b.cfg.Fleet != "" {
+		set[orchestrator.LabelFleet] = b.cfg.Fleet
+	}
+	return labels.SelectorFromSet(set)
 }
 
 // baseLabels are the labels on every object made for engineID.
@@ -426,6 +438,9 @@ func (b *Backend) baseLabels(engineID, productID string) map[string]string {
 	}
 	l[orchestrator.LabelManaged] = "true"
 	l[orchestrator.LabelNode] = b.cfg.Node
+	if b.cfg.Fleet != "" {
+		l[orchestrator.LabelFleet] = b.cfg.Fleet
+	}
 	l[orchestrator.LabelEngineID] = engineID
 	if productID != "" {
 		l[orchestrator.LabelProductID] = productID

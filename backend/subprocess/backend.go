@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -65,6 +66,7 @@ type Backend struct {
 	hubMu     sync.Mutex
 	subs      map[chan orchestrator.RuntimeEvent]struct{}
 	watchStop chan struct{} // non-nil while the adopted-engine watcher runs
+	scans     atomic.Int64  // completed scans of the watcher: tests wait for one instead of a poll interval
 }
 
 var _ orchestrator.Backend = (*Backend)(nil)

@@ -3,6 +3,7 @@ package subprocess
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 func TestEnsureStartHealthyAndAdopt(t *testing.T) {
@@ -209,7 +211,8 @@ func TestKillNineEmitsDie(t *testing.T) {
 	if info.ExitCode != 137 {
 		t.Errorf("Inspect exit code = %d, want 137", info.ExitCode)
 	}
-	// No auto-restart: still exited a moment later.
+	// No auto-restart: still exited a moment later. (Nothing to wait for:
+	// the sleep is the moment in which a restart would have happened.)
 	time.Sleep(200 * time.Millisecond)
 	wantState(t, b, spec.EngineID, orchestrator.RuntimeExited)
 
@@ -234,7 +237,7 @@ func TestAdoptedEngineDeathIsPolled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(pollInterval + 200*time.Millisecond) // the watcher has scanned it alive, however late it started
+	waitScanned(t, b2) // the watcher has seen it alive
 	rec := pidOf(t, b2, spec.EngineID)
 	if err := syscall.Kill(rec.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -316,7 +319,9 @@ func TestStopKillsEngineIgnoringSIGTERM(t *testing.T) {
 	if exe, _ := os.Readlink("/proc/" + itoa(rec.PID) + "/exe"); !strings.HasSuffix(exe, "sh") && !strings.Contains(exe, "dash") && !strings.Contains(exe, "bash") {
 		t.Errorf("engine runs %s, want the image's script interpreter", exe)
 	}
-	time.Sleep(100 * time.Millisecond) // let the trap be installed
+	testenv.Await(t, 5*time.Second, "the script ignores SIGTERM (its trap is installed)", func() error {
+		return ignoresSignal(rec.PID, syscall.SIGTERM)
+	})
 	start := time.Now()
 	if err := b.Stop(ctx, spec.EngineID, 300*time.Millisecond); err != nil {
 		t.Fatal(err)
@@ -605,7 +610,7 @@ func TestEngineSurvivesOrchestratorExit(t *testing.T) {
 	ctx, cancel := context.WithCancel(ctxT(t))
 	defer cancel()
 	events, _ := b.Events(ctx)
-	time.Sleep(pollInterval + 200*time.Millisecond) // the watcher has scanned it alive
+	waitScanned(t, b) // the watcher has seen it alive
 
 	// Adopted: Pause/Unpause and Stop work on it.
 	if err := b.Pause(ctx, spec.EngineID); err != nil {
@@ -653,4 +658,23 @@ func TestRemoveVolumeRemovesContainer(t *testing.T) {
 	if exists(b.engineDir(spec.EngineID)) {
 		t.Error("engine dir left behind")
 	}
+}
+
+// ignoresSignal returns nil when process pid ignores sig (per the SigIgn
+// mask in /proc/pid/status), else what it found.
+func ignoresSignal(pid int, sig syscall.Signal) error {
+	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if mask, ok := strings.CutPrefix(line, "SigIgn:"); ok {
+			m, err := strconv.ParseUint(strings.TrimSpace(mask), 16, 64)
+			if err != nil {
+				return err
+			}
+			return testenv.Check(m&(1<<(uint(sig)-1)) != 0, "SigIgn %s", strings.TrimSpace(mask))
+		}
+	}
+	return fmt.Errorf("no SigIgn in /proc/%d/status", pid)
 }

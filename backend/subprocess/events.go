@@ -70,6 +70,7 @@ func (b *Backend) watch(stop <-chan struct{}) {
 	defer t.Stop()
 	for {
 		b.scanAdopted(alive)
+		b.scans.Add(1)
 		select {
 		case <-stop:
 			return

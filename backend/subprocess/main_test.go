@@ -122,17 +122,12 @@ func (f *fleet) killAll() {
 	// Let the reapers finish writing before the directory is removed.
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	deadline := time.Now().Add(5 * time.Second)
 	for _, b := range f.backends {
-		for time.Now().Before(deadline) {
+		testenv.Poll(5*time.Second, func() error { //nolint:errcheck // best effort: the directory goes anyway
 			b.childMu.Lock()
-			n := len(b.children)
-			b.childMu.Unlock()
-			if n == 0 {
-				break
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
+			defer b.childMu.Unlock()
+			return testenv.Check(len(b.children) == 0, "%d children not reaped", len(b.children))
+		})
 	}
 }
 
@@ -232,16 +227,21 @@ func health(port int, timeout time.Duration) error {
 
 func waitHealthy(t testing.TB, b *Backend, spec orchestrator.EngineSpec) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = health(spec.HostPort, time.Second); err == nil {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
+	err := testenv.Poll(20*time.Second, func() error { return health(spec.HostPort, time.Second) })
+	if err != nil {
+		logData, _ := os.ReadFile(b.LogPath(spec.EngineID))
+		t.Fatalf("engine %s not healthy: %v\nlog:\n%s", spec.EngineID, err, logData)
 	}
-	logData, _ := os.ReadFile(b.LogPath(spec.EngineID))
-	t.Fatalf("engine %s not healthy: %v\nlog:\n%s", spec.EngineID, err, logData)
+}
+
+// waitScanned waits for the first scan of b's adopted-engine watcher
+// (started by b's first Events): the engines alive before Events are then
+// known to it, so their death is reported.
+func waitScanned(t testing.TB, b *Backend) {
+	t.Helper()
+	testenv.Await(t, 5*time.Second, "the adopted-engine watcher's first scan", func() error {
+		return testenv.Check(b.scans.Load() > 0, "no scan yet")
+	})
 }
 
 func engineReq(t testing.TB, spec orchestrator.EngineSpec, method, path string, body any) []byte {

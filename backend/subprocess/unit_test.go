@@ -33,21 +33,27 @@ func TestEmitDropsForSlowSubscriber(t *testing.T) {
 	slow, _ := b.Events(ctx) // never read until the end
 	fast, _ := b.Events(ctx)
 	var read atomic.Int64
+	acks := make(chan struct{}, eventBuffer*2) // one per event the fast subscriber read
 	got := make(chan int64)
 	go func() {
 		for ev := range fast {
-			if ev.Kind == "die" && read.Add(1) == eventBuffer*2 {
-				break
+			if ev.Kind == "die" {
+				n := read.Add(1)
+				acks <- struct{}{}
+				if n == eventBuffer*2 {
+					break
+				}
 			}
 		}
 		got <- read.Load()
 	}()
 	done := make(chan struct{})
 	go func() {
+		acked := int64(0)
 		for i := int64(1); i <= eventBuffer*2; i++ {
 			b.emit("e", "die", 1, time.Now())
-			for read.Load() < i-eventBuffer/2 { // keep the fast one within its buffer
-				time.Sleep(time.Millisecond)
+			for ; acked < i-eventBuffer/2; acked++ { // keep the fast one within its buffer
+				<-acks
 			}
 		}
 		close(done)

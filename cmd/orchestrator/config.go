@@ -15,6 +15,7 @@ import (
 
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/backend/docker"
+	"github.com/enginefleet/orchestrator/backend/kubernetes"
 	"github.com/enginefleet/orchestrator/keys"
 )
 
@@ -47,6 +48,9 @@ type Config struct {
 	Pids             int64
 	EngineUser       string
 	DockerHost       string
+	// Kube is the kubernetes backend's configuration (ORCH_KUBE_*,
+	// KUBECONFIG), read only with ORCH_ENGINE_BACKEND=kubernetes.
+	Kube kubernetes.Config
 
 	HealthInterval     time.Duration
 	HealthTimeout      time.Duration
@@ -105,21 +109,32 @@ var envVars = []envVar{
 	{"ORCH_NODE", "local", "name of the engine host this process provisions on / works for"},
 	{"ORCH_ENGINE_IMAGE", "enginefleet/engine:dev", "default engine image (pin a version, not latest)"},
 	{"ORCH_ENGINE_IMAGE_ALLOWLIST", "", "images products may ask for as engine_version: comma-separated repositories (any pinned tag) or exact references; empty = ORCH_ENGINE_IMAGE's repository; * = any (trusted products only)"},
-	{"ORCH_ENGINE_BACKEND", "docker", "docker (production) or subprocess (development, no Docker)"},
+	{"ORCH_ENGINE_BACKEND", "docker", "docker (one host), kubernetes (a cluster: ORCH_KUBE_*) or subprocess (development, no Docker)"},
 	{"ORCH_ENGINE_BINARY", "", "subprocess backend: path of the engine binary"},
 	{"ORCH_ENGINE_ENV_PASSTHROUGH", "", "comma-separated variable names copied from this process's environment into every engine"},
 	{"ORCH_ENGINE_NETWORK", "engine_net", "Docker bridge engines join; created if missing with inter-container traffic off (engines cannot reach each other)"},
-	{"ORCH_PORT_MIN", "9001", "first host port for engines"},
-	{"ORCH_PORT_MAX", "9999", "last host port for engines"},
+	{"ORCH_PORT_MIN", "9001", "first host port for engines (not used by the kubernetes backend)"},
+	{"ORCH_PORT_MAX", "9999", "last host port for engines (not used by the kubernetes backend)"},
 	{"ORCH_CATALOG_MOUNT_PATH", "", "host directory mounted read-only at /catalog in every engine"},
 	{"ORCH_DATA_ROOT_PATH", ".data/engines", "subprocess backend: where engine data lives"},
-	{"ORCH_ENGINE_URL_TEMPLATE", "http://127.0.0.1:{port}", "URL handed to products; {port}, {container}, {engine_id}, {node} are replaced"},
-	{"ORCH_ENGINE_PROBE_URL_TEMPLATE", "http://127.0.0.1:{port}", "how workers reach an engine's /health: engines answer on the engine host's 127.0.0.1 only, so workers run in its network namespace"},
+	{"ORCH_ENGINE_URL_TEMPLATE", "http://127.0.0.1:{port}", "URL handed to products; {port}, {container}, {engine_id}, {node}, and on kubernetes {service} and {namespace} are replaced. Kubernetes default: " + kubeURLTemplate + " ({port} refused there: no host ports)"},
+	{"ORCH_ENGINE_PROBE_URL_TEMPLATE", "http://127.0.0.1:{port}", "how workers reach an engine's /health: engines answer on the engine host's 127.0.0.1 only, so workers run in its network namespace. Kubernetes default: " + kubeURLTemplate},
 	{"ORCH_ENGINE_MEMORY_MB", strconv.Itoa(docker.DefaultMemoryMB), "per-engine memory limit in MB, /tmp's tmpfs included; swap off (0 = none)"},
 	{"ORCH_ENGINE_CPUS", strconv.FormatFloat(docker.DefaultCPUs, 'f', -1, 64), "per-engine CPU limit, in CPUs (0 = none)"},
 	{"ORCH_ENGINE_PIDS", strconv.Itoa(docker.DefaultPids), "per-engine limit of processes and threads (0 = none)"},
 	{"ORCH_ENGINE_USER", docker.DefaultUser, "numeric uid:gid engines run as, whatever the image says (never root); brain volumes are made theirs"},
 	{"DOCKER_HOST", "", "Docker daemon address (default: the local socket)"},
+	{"KUBECONFIG", "", "kubernetes backend: kubeconfig file of the cluster; empty = the pod's service account (in-cluster), else ~/.kube/config"},
+	{"ORCH_KUBE_NAMESPACE", kubernetes.DefaultNamespace, "kubernetes backend: namespace of every engine object (must exist; the orchestrator's Role is granted there)"},
+	{"ORCH_KUBE_STORAGE_CLASS", "", "kubernetes backend: storage class of brain claims; empty = the cluster's default class"},
+	{"ORCH_KUBE_BRAIN_SIZE", kubernetes.DefaultBrainSize, "kubernetes backend: size each brain claim requests"},
+	{"ORCH_KUBE_IMAGE_PULL_SECRETS", "", "kubernetes backend: comma-separated Secret names (in the namespace) for a private registry"},
+	{"ORCH_KUBE_NODE_SELECTOR", "", "kubernetes backend: k=v,k2=v2 labels a node must have to run engines"},
+	{"ORCH_KUBE_TOLERATIONS", "", "kubernetes backend: comma-separated taints engines tolerate: key=value:Effect, key:Effect or key"},
+	{"ORCH_KUBE_CATALOG", "", "kubernetes backend: catalog mounted read-only at /catalog: pvc:<claim> or configmap:<name>"},
+	{"ORCH_KUBE_ORCHESTRATOR_POD_LABELS", "app.kubernetes.io/name=enginefleet-orchestrator", "kubernetes backend: labels of the orchestrator's pods, which the engines' NetworkPolicy admits"},
+	{"ORCH_KUBE_PRODUCT_POD_LABELS", "", "kubernetes backend: labels of the product pods the NetworkPolicy admits (with no namespace labels: pods of the engines' namespace); empty = none"},
+	{"ORCH_KUBE_PRODUCT_NAMESPACE_LABELS", "", "kubernetes backend: labels of the namespaces whose pods (those matching ORCH_KUBE_PRODUCT_POD_LABELS, or all) the NetworkPolicy admits"},
 	{"ORCH_HEALTH_CHECK_INTERVAL_S", "30", "health sweep period"},
 	{"ORCH_HEALTH_CHECK_TIMEOUT_S", "10", "per-probe timeout"},
 	{"ORCH_HEALTH_MAX_FAILURES", "3", "consecutive failures before failed"},
@@ -232,9 +247,10 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		c.Images = im
 	}
 	c.Backend = get("ORCH_ENGINE_BACKEND")
-	if !oneOf(c.Backend, "docker", "subprocess") {
-		bad("ORCH_ENGINE_BACKEND", "must be docker or subprocess, got %q", c.Backend)
+	if !oneOf(c.Backend, "docker", "kubernetes", "subprocess") {
+		bad("ORCH_ENGINE_BACKEND", "must be docker, kubernetes or subprocess, got %q", c.Backend)
 	}
+	kube := c.Backend == "kubernetes"
 	c.EngineBinary = get("ORCH_ENGINE_BINARY")
 	if c.Backend == "subprocess" && c.EngineBinary == "" {
 		bad("ORCH_ENGINE_BINARY", "is required with the subprocess backend")
@@ -256,10 +272,24 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	c.CatalogMountPath = get("ORCH_CATALOG_MOUNT_PATH")
 	c.DataRootPath = get("ORCH_DATA_ROOT_PATH")
 	c.URLTemplate = get("ORCH_ENGINE_URL_TEMPLATE")
-	if !strings.Contains(c.URLTemplate, "{") {
-		bad("ORCH_ENGINE_URL_TEMPLATE", "must contain {port} or {container}")
-	}
 	c.ProbeURLTemplate = get("ORCH_ENGINE_PROBE_URL_TEMPLATE")
+	for _, name := range []string{"ORCH_ENGINE_URL_TEMPLATE", "ORCH_ENGINE_PROBE_URL_TEMPLATE"} {
+		tmpl := &c.URLTemplate
+		if name == "ORCH_ENGINE_PROBE_URL_TEMPLATE" {
+			tmpl = &c.ProbeURLTemplate
+		}
+		if _, set := lookup(getenv, name); kube && !set {
+			*tmpl = kubeURLTemplate
+		}
+		switch {
+		case !strings.Contains(*tmpl, "{"):
+			bad(name, "must contain {port}, {container}, {service} or {engine_id}")
+		case kube && strings.Contains(*tmpl, "{port}"):
+			bad(name, "{port} has no value on the kubernetes backend (no host ports): use {service} and {namespace}")
+		case !kube && strings.Contains(*tmpl, "{namespace}"):
+			bad(name, "{namespace} has a value only on the kubernetes backend")
+		}
+	}
 	c.MemoryMB = int64(intv("ORCH_ENGINE_MEMORY_MB", 0, 1<<20))
 	if s := get("ORCH_ENGINE_CPUS"); s != "" {
 		f, err := strconv.ParseFloat(s, 64)
@@ -274,6 +304,19 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		bad("ORCH_ENGINE_USER", "%v", err)
 	}
 	c.DockerHost = get("DOCKER_HOST")
+	if kube {
+		c.Kube = kubeConfig(get, bad)
+		c.Kube.Node = c.Node
+		if c.CatalogMountPath != "" {
+			bad("ORCH_CATALOG_MOUNT_PATH", "is a host directory, which the kubernetes backend cannot mount: use ORCH_KUBE_CATALOG")
+		}
+		if c.EngineUser != docker.DefaultUser {
+			bad("ORCH_ENGINE_USER", "the kubernetes backend runs engines as %s (the restricted Pod Security profile's non-root user); other users are not supported", docker.DefaultUser)
+		}
+		if c.Pids != docker.DefaultPids && c.Pids != 0 {
+			c.Warnings = append(c.Warnings, "ORCH_ENGINE_PIDS is ignored on kubernetes: the kubelet's podPidsLimit bounds a pod's processes")
+		}
+	}
 
 	c.HealthInterval = secs("ORCH_HEALTH_CHECK_INTERVAL_S", 1)
 	c.HealthTimeout = secs("ORCH_HEALTH_CHECK_TIMEOUT_S", 1)

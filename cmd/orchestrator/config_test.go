@@ -215,3 +215,95 @@ func TestConfigEngineLimitsAndUser(t *testing.T) {
 		require.Contains(t, err.Error(), "ORCH_ENGINE_USER", user)
 	}
 }
+
+func kubeEnv(extra map[string]string) map[string]string {
+	m := map[string]string{
+		"ORCH_DATABASE_URL":   "postgresql://u:p@localhost:5432/db",
+		"ORCH_MASTER_KEY":     keys.GenerateMasterKey(),
+		"ORCH_ADMIN_KEY":      strings.Repeat("a", 32),
+		"ORCH_ENGINE_BACKEND": "kubernetes",
+	}
+	for k, v := range extra {
+		m[k] = v
+	}
+	return m
+}
+
+// On kubernetes the URL handed to products is the engine's Service by
+// default, and the backend's settings are read and parsed.
+func TestConfigKubernetes(t *testing.T) {
+	c, err := loadConfig(envOf(kubeEnv(map[string]string{
+		"KUBECONFIG":                         "/etc/orch/kubeconfig",
+		"ORCH_NODE":                          "cluster-a",
+		"ORCH_KUBE_NAMESPACE":                "engines",
+		"ORCH_KUBE_STORAGE_CLASS":            "fast-ssd",
+		"ORCH_KUBE_IMAGE_PULL_SECRETS":       "regcred, other",
+		"ORCH_KUBE_NODE_SELECTOR":            "pool=engines,topology.kubernetes.io/zone=a",
+		"ORCH_KUBE_TOLERATIONS":              "dedicated=engines:NoSchedule,spot:NoExecute,gpu",
+		"ORCH_KUBE_CATALOG":                  "pvc:catalog",
+		"ORCH_KUBE_PRODUCT_NAMESPACE_LABELS": "team=product",
+	})))
+	require.NoError(t, err)
+	require.Equal(t, "http://{service}.{namespace}.svc:8000", c.URLTemplate)
+	require.Equal(t, c.URLTemplate, c.ProbeURLTemplate)
+	k := c.Kube
+	require.Equal(t, "/etc/orch/kubeconfig", k.Kubeconfig)
+	require.Equal(t, "engines", k.Namespace)
+	require.Equal(t, "cluster-a", k.Node)
+	require.Equal(t, "fast-ssd", k.StorageClass)
+	require.Equal(t, "1Gi", k.BrainSize)
+	require.Equal(t, []string{"regcred", "other"}, k.ImagePullSecrets)
+	require.Equal(t, map[string]string{"pool": "engines", "topology.kubernetes.io/zone": "a"}, k.NodeSelector)
+	require.Len(t, k.Tolerations, 3)
+	require.Equal(t, "Equal", k.Tolerations[0].Operator)
+	require.Equal(t, "engines", k.Tolerations[0].Value)
+	require.Equal(t, "NoSchedule", k.Tolerations[0].Effect)
+	require.Equal(t, "Exists", k.Tolerations[1].Operator)
+	require.Equal(t, "NoExecute", k.Tolerations[1].Effect)
+	require.Equal(t, "", k.Tolerations[2].Effect)
+	require.Equal(t, "pvc", k.CatalogKind)
+	require.Equal(t, map[string]string{"app.kubernetes.io/name": "enginefleet-orchestrator"}, k.Orchestrator.PodLabels)
+	require.Len(t, k.Products, 1)
+	require.Equal(t, map[string]string{"team": "product"}, k.Products[0].NamespaceLabels)
+
+	// The request side allocates no host port; workers never move one.
+	require.True(t, coreConfig(c).NoHostPorts)
+	require.Equal(t, "engines", coreConfig(c).Namespace)
+	require.Zero(t, workerConfig(c).Engines.PortMax)
+
+	// An explicit template is kept.
+	c, err = loadConfig(envOf(kubeEnv(map[string]string{"ORCH_ENGINE_URL_TEMPLATE": "https://engines.example.com/{engine_id}"})))
+	require.NoError(t, err)
+	require.Equal(t, "https://engines.example.com/{engine_id}", c.URLTemplate)
+	require.Equal(t, "http://{service}.{namespace}.svc:8000", c.ProbeURLTemplate)
+}
+
+// Every bad kubernetes setting is named in the one error, with the rest.
+func TestConfigKubernetesProblems(t *testing.T) {
+	_, err := loadConfig(envOf(kubeEnv(map[string]string{
+		"ORCH_KUBE_NAMESPACE":               "Not_A_Namespace",
+		"ORCH_KUBE_BRAIN_SIZE":              "lots",
+		"ORCH_KUBE_NODE_SELECTOR":           "pool",
+		"ORCH_KUBE_TOLERATIONS":             "dedicated=engines:Sometimes",
+		"ORCH_KUBE_CATALOG":                 "nfs:catalog",
+		"ORCH_KUBE_ORCHESTRATOR_POD_LABELS": ",",
+		"ORCH_KUBE_IMAGE_PULL_SECRETS":      "Bad Secret",
+		"ORCH_ENGINE_URL_TEMPLATE":          "http://127.0.0.1:{port}",
+		"ORCH_CATALOG_MOUNT_PATH":           "/srv/catalog",
+		"ORCH_ENGINE_USER":                  "1000:1000",
+		"ORCH_SLEEP_MODE":                   "hibernate",
+	})))
+	require.Error(t, err)
+	for _, want := range []string{"ORCH_KUBE_NAMESPACE", "ORCH_KUBE_BRAIN_SIZE", "ORCH_KUBE_NODE_SELECTOR: \"pool\"",
+		"ORCH_KUBE_TOLERATIONS", "ORCH_KUBE_CATALOG", "ORCH_KUBE_ORCHESTRATOR_POD_LABELS", "ORCH_KUBE_IMAGE_PULL_SECRETS",
+		"ORCH_ENGINE_URL_TEMPLATE: {port} has no value on the kubernetes backend", "ORCH_CATALOG_MOUNT_PATH",
+		"ORCH_ENGINE_USER", "ORCH_SLEEP_MODE"} {
+		require.Contains(t, err.Error(), want)
+	}
+
+	// {namespace} means nothing off kubernetes.
+	env := kubeEnv(map[string]string{"ORCH_ENGINE_URL_TEMPLATE": "http://{service}.{namespace}.svc:8000"})
+	delete(env, "ORCH_ENGINE_BACKEND")
+	_, err = loadConfig(envOf(env))
+	require.ErrorContains(t, err, "ORCH_ENGINE_URL_TEMPLATE: {namespace} has a value only on the kubernetes backend")
+}

@@ -11,6 +11,7 @@ import (
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/api"
 	"github.com/enginefleet/orchestrator/backend/docker"
+	"github.com/enginefleet/orchestrator/backend/kubernetes"
 	"github.com/enginefleet/orchestrator/backend/subprocess"
 	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/lifecycle"
@@ -72,7 +73,8 @@ func webhookConfig(cfg Config) webhooks.Config {
 // coreConfig is the request side's: what engines are and where they go.
 func coreConfig(cfg Config) lifecycle.Config {
 	return lifecycle.Config{DefaultImage: cfg.EngineImage, Images: &cfg.Images, PortMin: cfg.PortMin, PortMax: cfg.PortMax,
-		Node: cfg.Node, BootTimeout: cfg.BootTimeout, URLTemplate: cfg.URLTemplate}
+		Node: cfg.Node, BootTimeout: cfg.BootTimeout, URLTemplate: cfg.URLTemplate,
+		NoHostPorts: cfg.Backend == "kubernetes", Namespace: cfg.Kube.Namespace}
 }
 
 func apiConfig(cfg Config) api.Config {
@@ -86,9 +88,14 @@ func apiConfig(cfg Config) api.Config {
 
 func workerConfig(cfg Config) workers.Config {
 	days := func(n int) time.Duration { return time.Duration(n) * 24 * time.Hour }
+	portMin, portMax := cfg.PortMin, cfg.PortMax
+	if cfg.Backend == "kubernetes" {
+		portMin, portMax = 0, 0 // no host ports: an engine is never moved to another
+	}
 	return workers.Config{Node: cfg.Node, Concurrency: cfg.WorkerConcurrency,
 		Engines: workers.EngineConfig{BootTimeout: cfg.BootTimeout, ProbeTimeout: cfg.HealthTimeout, ProbeURLTemplate: cfg.ProbeURLTemplate,
-			EnvPassthrough: passthroughEnv(cfg.EnvPassthrough), KeyOverlap: cfg.KeyOverlap, PortMin: cfg.PortMin, PortMax: cfg.PortMax},
+			Namespace: cfg.Kube.Namespace, EnvPassthrough: passthroughEnv(cfg.EnvPassthrough), KeyOverlap: cfg.KeyOverlap,
+			PortMin: portMin, PortMax: portMax},
 		Health: workers.HealthConfig{Interval: cfg.HealthInterval, MaxFailures: cfg.HealthMaxFailures,
 			RestartBackoffBase: cfg.RestartBackoffBase, RestartBackoffMax: cfg.RestartBackoffMax, RestartMaxAttempts: cfg.RestartMaxAttempts},
 		Idle:    workers.IdleConfig{After: cfg.IdleAfter, Mode: cfg.SleepMode},
@@ -104,9 +111,23 @@ func fleetConfig(cfg Config) scheduler.FleetConfig {
 }
 
 // newBackend builds the configured backend; fleetID (the database's) labels
-// what the Docker backend creates.
+// what the Docker and kubernetes backends create.
 func newBackend(ctx context.Context, cfg Config, fleetID string, log *slog.Logger) (orch.Backend, error) {
 	switch cfg.Backend {
+	case "kubernetes":
+		kc := cfg.Kube
+		kc.Fleet, kc.MemoryMB, kc.CPUs, kc.StartTimeout = fleetID, cfg.MemoryMB, cfg.CPUs, cfg.BootTimeout
+		b, err := kubernetes.New(kc, log)
+		if err != nil {
+			return nil, fmt.Errorf("kubernetes backend (KUBECONFIG=%q, empty = in-cluster): %w", cfg.Kube.Kubeconfig, err)
+		}
+		pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		if err := b.Ping(pctx); err != nil {
+			b.Close() //nolint:errcheck
+			return nil, fmt.Errorf("kubernetes backend: namespace %q: %w", kc.Namespace, err)
+		}
+		return b, nil
 	case "subprocess":
 		return subprocess.New(subprocess.Config{DataRoot: cfg.DataRootPath, EngineBinary: cfg.EngineBinary,
 			CatalogMountPath: cfg.CatalogMountPath, Node: cfg.Node}, log)

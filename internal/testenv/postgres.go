@@ -139,13 +139,16 @@ func newDB(t testing.TB, migrated bool) string {
 		stmt += " TEMPLATE " + ensureTemplate(ctx, t, conn)
 	}
 	var err error
-	for i := 0; i < 20; i++ { // the template may be briefly in use by a concurrent CREATE
-		if _, err = conn.Exec(ctx, stmt); err == nil || !strings.Contains(err.Error(), "being accessed by other users") {
-			break
+	// The template may be briefly in use by a concurrent CREATE: wait for
+	// it to be free; any other error ends the wait.
+	busy := Poll(10*time.Second, func() error {
+		_, err = conn.Exec(ctx, stmt)
+		if err != nil && strings.Contains(err.Error(), "being accessed by other users") {
+			return err
 		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if err != nil {
+		return nil
+	})
+	if busy != nil || err != nil {
 		t.Fatalf("create test database: %v", err)
 	}
 	t.Cleanup(func() {
