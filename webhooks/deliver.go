@@ -313,7 +313,7 @@ func (d *Deliverer) listen(ctx context.Context, rc Inserter) error {
 		return err
 	}
 	defer func() {
-		c := conn.Hijack() // it carries LISTEN state: never back to the pool
+		c := conn.Hijack()            // it carries LISTEN state: never back to the pool
 		c.Close(context.Background()) //nolint:errcheck
 	}()
 	if _, err := conn.Exec(ctx, `LISTEN "`+schema.ChannelWebhooks+`"`); err != nil {
