@@ -355,7 +355,7 @@ func TestRotatePlatformKey(t *testing.T) {
 		status, _, _ = h.do("GET", "/engines", nil, platform(k))
 		require.Equal(t, http.StatusOK, status)
 	}
-	time.Sleep(time.Until(exp) + 50*time.Millisecond)
+	time.Sleep(time.Until(exp) + 50*time.Millisecond) // the overlap runs out: the passage of time is what is tested
 	status, body, _ = h.do("GET", "/engines", nil, platform(oldKey))
 	require.Equal(t, http.StatusUnauthorized, status)
 	require.Equal(t, "INVALID_PLATFORM_KEY", errCode(body))
@@ -469,7 +469,7 @@ func TestAuthMatrix(t *testing.T) {
 	require.GreaterOrEqual(t, nPlatform, 9, "platform routes")
 
 	// After the overlap the rotated-out key is refused on every product route.
-	time.Sleep(time.Until(rotatedAt.Add(1100 * time.Millisecond)))
+	time.Sleep(time.Until(rotatedAt.Add(1100 * time.Millisecond))) // the 1 s overlap runs out: time is what is tested
 	for _, op := range ops {
 		if op.scheme != "platformKey" {
 			continue
@@ -487,13 +487,15 @@ func TestProductCacheNoRoundTrip(t *testing.T) {
 	qc := &queryCounter{}
 	h := newReplica(t, "", testConfig(), replicaOpts{tracer: qc})
 	waitListeners(t, h.Pool, 1)
-	id, key := h.register("acme", map[string]any{"rate_limit_rpm": 100000})
+	// Inserted directly: a registration through the API sends a NOTIFY that
+	// could land in the middle of the count below and drop the entry once.
+	key := keys.Generate()
+	rpm := 100000
+	p, err := schema.New(h.Pool).InsertProduct(context.Background(), "acme", "acme", orch.Policy{RateLimitRPM: &rpm}, keys.Hash(key))
+	require.NoError(t, err)
+	id := p.ID
 	const lookup = "api_key_hash = $1"
-	// Warm up, and let the registration's own NOTIFY land (it drops the entry once).
-	status, _, _ := h.do("GET", "/engines", nil, platform(key))
-	require.Equal(t, http.StatusOK, status)
-	time.Sleep(200 * time.Millisecond)
-	status, _, _ = h.do("GET", "/engines", nil, platform(key))
+	status, _, _ := h.do("GET", "/engines", nil, platform(key)) // warm up
 	require.Equal(t, http.StatusOK, status)
 	lookups, leases := qc.count(lookup), qc.count("INSERT INTO rate_windows")
 	require.GreaterOrEqual(t, lookups, 1)
@@ -549,16 +551,6 @@ func TestSecondReplicaSeesChanges(t *testing.T) {
 
 // ---- rate limit across replicas ----
 
-// awayFromMinuteEnd waits, if needed, so that the next few seconds stay
-// inside one rate window.
-func awayFromMinuteEnd(t *testing.T, need time.Duration) {
-	now := time.Now()
-	end := now.Truncate(time.Minute).Add(time.Minute)
-	if end.Sub(now) < need {
-		time.Sleep(end.Sub(now) + 100*time.Millisecond)
-	}
-}
-
 func TestRateLimitAcrossReplicas(t *testing.T) {
 	t.Parallel()
 	const limit = 40
@@ -568,7 +560,7 @@ func TestRateLimitAcrossReplicas(t *testing.T) {
 	// A user with a running engine and a missing user (answered 200 admitted:false).
 	a.insertEngine(id, "alice", 20001, orch.StateRunning)
 
-	awayFromMinuteEnd(t, 4*time.Second)
+	testenv.AwayFromMinuteEnd(4 * time.Second)
 	var mu sync.Mutex
 	counts := map[int]int{}
 	var wg sync.WaitGroup

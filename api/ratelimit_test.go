@@ -60,16 +60,6 @@ func withRPM(p orch.Product, rpm int) orch.Product {
 	return p
 }
 
-// awayFromWindowEnd waits, if needed, so the next few seconds stay inside
-// one minute window.
-func awayFromWindowEnd(need time.Duration) {
-	now := time.Now()
-	end := now.Truncate(time.Minute).Add(time.Minute)
-	if end.Sub(now) < need {
-		time.Sleep(end.Sub(now) + 100*time.Millisecond)
-	}
-}
-
 func TestRateLimitSharedAcrossReplicas(t *testing.T) {
 	t.Parallel()
 	const limit = 500 // leases of 25
@@ -77,7 +67,7 @@ func TestRateLimitSharedAcrossReplicas(t *testing.T) {
 	b, leasesB, _ := limiterReplica(t, dbURL)
 	p := limitedProduct(t, a, "acme", new(limit))
 
-	awayFromWindowEnd(5 * time.Second)
+	testenv.AwayFromMinuteEnd(5 * time.Second)
 	var admitted, denied atomic.Int64
 	var wg sync.WaitGroup
 	for i := range 32 {
@@ -116,7 +106,7 @@ func TestRateLimitDeniesLocally(t *testing.T) {
 	t.Parallel()
 	s, leases, _ := limiterReplica(t, "")
 	p := limitedProduct(t, s, "acme", new(5))
-	awayFromWindowEnd(3 * time.Second)
+	testenv.AwayFromMinuteEnd(3 * time.Second)
 	for i := range 5 {
 		limit, rem, err := s.rateLimit(context.Background(), p)
 		require.NoError(t, err)

@@ -113,7 +113,7 @@ func TestWorkerKilledMidProvisionDocker(t *testing.T) {
 	env := append(os.Environ(),
 		"ORCH_DATABASE_URL="+dbURL, "ORCH_MASTER_KEY="+master, "ORCH_ADMIN_KEY="+adminKey,
 		"ORCH_ENGINE_BACKEND=docker", "ORCH_ENGINE_IMAGE="+image, "ORCH_NODE="+node,
-		"ORCH_ENGINE_NETWORK="+e2eNetwork, "ORCH_BOOT_TIMEOUT_S=10",
+		"ORCH_ENGINE_NETWORK="+e2eNetwork, "ORCH_BOOT_TIMEOUT_S=10", "ORCH_DATA_ROOT_PATH="+t.TempDir(),
 		fmt.Sprintf("ORCH_PORT_MIN=%d", portMin), fmt.Sprintf("ORCH_PORT_MAX=%d", portMin+19),
 		"ORCH_METRICS_ADDR=off", "ORCH_LOG_LEVEL=debug")
 	logPath := filepath.Join(t.TempDir(), "worker.log")

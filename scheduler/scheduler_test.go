@@ -2,6 +2,7 @@ package scheduler_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -62,6 +63,15 @@ func ticks(t *testing.T, pool *pgxpool.Pool) ([]time.Time, int) {
 	return ts, n
 }
 
+// waitTicks waits until at least n ticks are enqueued.
+func waitTicks(t *testing.T, pool *pgxpool.Pool, n int) {
+	t.Helper()
+	testenv.Await(t, time.Duration(n+5)*time.Second, fmt.Sprintf("%d ticks enqueued", n), func() error {
+		ts, _ := ticks(t, pool)
+		return testenv.Check(len(ts) >= n, "%d ticks", len(ts))
+	})
+}
+
 // requireContiguous checks one job per second, none missing, none doubled.
 func requireContiguous(t *testing.T, ts []time.Time, rows int) {
 	t.Helper()
@@ -82,7 +92,7 @@ func TestTwoReplicasHandOver(t *testing.T) {
 	b := startReplica(t, dbURL, "b-"+t.Name(), 0)
 
 	require.Eventually(t, func() bool { return a.s.Leader() != b.s.Leader() }, 5*time.Second, 50*time.Millisecond)
-	time.Sleep(3 * time.Second)
+	waitTicks(t, pool, 3)
 	require.True(t, a.s.Leader() != b.s.Leader(), "exactly one leader")
 	leader, follower := a, b
 	if b.s.Leader() {
@@ -103,7 +113,7 @@ func TestTwoReplicasHandOver(t *testing.T) {
 	require.Eventually(t, func() bool { return !leader.s.Leader() }, 2*time.Second, 20*time.Millisecond)
 	t.Logf("hand-over took %s", handover)
 
-	time.Sleep(3 * time.Second)
+	waitTicks(t, pool, len(before)+3) // ticks keep coming after the hand-over
 	require.True(t, follower.s.Leader())
 	require.False(t, leader.s.Leader(), "the old leader reconnected as a follower")
 	after, rows := ticks(t, pool)
@@ -122,7 +132,7 @@ func TestTwoLeadersDoNotDoubleWork(t *testing.T) {
 	a := startReplica(t, dbURL, "a-"+t.Name(), 1)
 	b := startReplica(t, dbURL, "b-"+t.Name(), 2)
 	require.Eventually(t, func() bool { return a.s.Leader() && b.s.Leader() }, 5*time.Second, 50*time.Millisecond)
-	time.Sleep(3500 * time.Millisecond)
+	waitTicks(t, pool, 4) // both leaders had three periods to double a tick
 	ts, rows := ticks(t, pool)
 	require.GreaterOrEqual(t, len(ts), 3)
 	requireContiguous(t, ts, rows)
@@ -136,13 +146,20 @@ func TestCatchUpAfterDowntime(t *testing.T) {
 	pool := testenv.Pool(t, dbURL)
 	a := startReplica(t, dbURL, "a-"+t.Name(), 0)
 	require.Eventually(t, a.s.Leader, 5*time.Second, 20*time.Millisecond)
-	time.Sleep(2 * time.Second)
+	waitTicks(t, pool, 2)
 	a.stop()
 	<-a.done
-	time.Sleep(2200 * time.Millisecond) // two periods or so with no scheduler
+	// Downtime is what is tested: two periods or so with no scheduler.
+	time.Sleep(2200 * time.Millisecond)
 	b := startReplica(t, dbURL, "b-"+t.Name(), 0)
 	require.Eventually(t, b.s.Leader, 5*time.Second, 20*time.Millisecond)
-	time.Sleep(1500 * time.Millisecond)
+	// The new leader replays the missed ticks when elected, before its
+	// first own tick: once that one is in, the replay is too.
+	led := time.Now().Truncate(time.Second)
+	testenv.Await(t, 5*time.Second, "a tick fired by the new leader", func() error {
+		ts, _ := ticks(t, pool)
+		return testenv.Check(len(ts) > 0 && !ts[len(ts)-1].Before(led), "last tick %v, elected at %v", ts, led)
+	})
 	ts, rows := ticks(t, pool)
 	requireContiguous(t, ts, rows)
 	require.WithinDuration(t, time.Now(), ts[len(ts)-1], 3*time.Second)
@@ -190,16 +207,22 @@ func TestStalledLeaderLosesNoTick(t *testing.T) {
 	pool := testenv.Pool(t, dbURL)
 	a := startReplica(t, dbURL, "a-"+t.Name(), 0)
 	require.Eventually(t, a.s.Leader, 5*time.Second, 20*time.Millisecond)
-	time.Sleep(1500 * time.Millisecond)
+	waitTicks(t, pool, 1)
 
 	ctx := context.Background()
 	tx, err := pool.Begin(ctx)
 	require.NoError(t, err)
 	_, err = tx.Exec(ctx, `LOCK TABLE scheduler_ticks IN EXCLUSIVE MODE`)
 	require.NoError(t, err)
-	time.Sleep(2500 * time.Millisecond) // about two periods without a tick recorded
+	// The stall is what is tested: about two periods without a tick recorded.
+	time.Sleep(2500 * time.Millisecond)
 	require.NoError(t, tx.Rollback(ctx))
-	time.Sleep(2 * time.Second)
+	resumed := time.Now().Truncate(time.Second)
+	// The slept-through periods are fired before the current one.
+	testenv.Await(t, 10*time.Second, "five ticks, one after the stall", func() error {
+		ts, _ := ticks(t, pool)
+		return testenv.Check(len(ts) >= 5 && !ts[len(ts)-1].Before(resumed), "ticks %v, resumed at %v", ts, resumed)
+	})
 
 	ts, rows := ticks(t, pool)
 	require.GreaterOrEqual(t, len(ts), 5)

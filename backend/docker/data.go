@@ -113,10 +113,10 @@ func (b *Backend) CopyDataIn(ctx context.Context, engineID, image string, r io.R
 	if err := b.RemoveContainer(ctx, engineID); err != nil {
 		return fmt.Errorf("copy data in: %w", err)
 	}
-	if err := b.RemoveVolume(ctx, engineID); err != nil {
+	if err := b.removeVolume(ctx, engineID, image); err != nil {
 		return fmt.Errorf("copy data in: %w", err)
 	}
-	if err := b.ensureVolume(ctx, engineID, productID); err != nil {
+	if err := b.ensureVolume(ctx, engineID, productID, image); err != nil {
 		return fmt.Errorf("copy data in: %w", err)
 	}
 	helper, err := b.createHelper(ctx, engineID, image)
@@ -142,6 +142,13 @@ func (b *Backend) CopyDataIn(ctx context.Context, engineID, image string, r io.R
 // extracted at the directory itself). The daemon applies the archive's
 // owners as they are.
 func (b *Backend) extractAtRoot(ctx context.Context, helper string, write func(io.Writer) error) error {
+	return b.extractAt(ctx, helper, false, write)
+}
+
+// extractAt is extractAtRoot; with replaceDirs, a file entry where a
+// directory is replaces the directory and everything in it (the only way
+// the API removes a tree).
+func (b *Backend) extractAt(ctx context.Context, helper string, replaceDirs bool, write func(io.Writer) error) error {
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
@@ -150,8 +157,9 @@ func (b *Backend) extractAtRoot(ctx context.Context, helper string, write func(i
 		done <- err
 	}()
 	_, cerr := b.cli.CopyToContainer(ctx, helper, client.CopyToContainerOptions{
-		DestinationPath: "/",
-		Content:         pr,
+		DestinationPath:           "/",
+		Content:                   pr,
+		AllowOverwriteDirWithFile: replaceDirs,
 	})
 	pr.CloseWithError(errCopyDone) // unblocks the writer if the daemon stopped reading
 	terr := <-done

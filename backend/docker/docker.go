@@ -22,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path"
 	"strconv"
 	"strings"
 	"sync"
@@ -149,6 +150,14 @@ type Config struct {
 	ReplaceGrace time.Duration
 	// PullTimeout bounds an image pull; default 5m.
 	PullTimeout time.Duration
+	// DataRoot is ORCH_DATA_ROOT_PATH: an absolute directory on the Docker
+	// host (the daemon's filesystem; this process needs no access to it)
+	// under which every brain lives, at <DataRoot>/engines/<id>/data: the
+	// engine's volume is a local-driver volume bound there, and volumes
+	// found elsewhere (Docker-managed ones of older versions) are moved
+	// there by Ensure (see dataroot.go). "" keeps brains in
+	// Docker-managed named volumes.
+	DataRoot string
 	// HelperImage is an image for the helper container CopyDataOut needs
 	// when an engine has a volume but no container (so no known image).
 	// Optional: the images of other managed containers are tried too.
@@ -177,6 +186,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.User == "" {
 		c.User = DefaultUser
+	}
+	if c.DataRoot != "" {
+		c.DataRoot = path.Clean(c.DataRoot)
 	}
 	if uid, gid, err := ParseUser(c.User); err == nil {
 		c.User = strconv.Itoa(uid) + ":" + strconv.Itoa(gid) // one spelling: it enters the spec hash and a label
@@ -225,6 +237,9 @@ func (c Config) validate() error {
 	if c.CatalogMountPath != "" && !strings.HasPrefix(c.CatalogMountPath, "/") {
 		problems = append(problems, "catalog mount path is not absolute")
 	}
+	if c.DataRoot != "" && (!path.IsAbs(c.DataRoot) || strings.Contains(c.DataRoot, ":")) {
+		problems = append(problems, "data root is not an absolute path without ':'")
+	}
 	if strings.ContainsAny(c.Node, ",=") {
 		problems = append(problems, "node name contains ',' or '='")
 	}
@@ -256,6 +271,10 @@ type Backend struct {
 	openKey   string
 	openAt    time.Time
 	openInUse bool
+
+	// migrateHook, set by tests only, runs at each step of a volume
+	// migration; an error stops it there as a killed worker would.
+	migrateHook func(step string) error
 }
 
 var _ orchestrator.Backend = (*Backend)(nil)

@@ -438,15 +438,17 @@ func TestCopyDataOutWithoutRunningEngine(t *testing.T) {
 
 	// No container: no image known on this node either.
 	require.NoError(t, b.RemoveContainer(ctx, id))
-	err := b.CopyDataOut(ctx, id, io.Discard)
+	bare := newBackend(t, func(c *docker.Config) {
+		c.Node = b.Config().Node
+		c.DataRoot = b.Config().DataRoot
+		c.HelperImage = ""
+	})
+	err := bare.CopyDataOut(ctx, id, io.Discard)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "no image for a helper container")
 
 	// With a helper image configured, a helper container does the copy.
-	withHelper := newBackend(t, func(c *docker.Config) {
-		c.Node = b.Config().Node
-		c.HelperImage = image
-	})
+	withHelper := b
 	var absent bytes.Buffer
 	require.NoError(t, withHelper.CopyDataOut(ctx, id, &absent))
 	assert.Equal(t, tarContents(t, stopped.Bytes()), tarContents(t, absent.Bytes()))
@@ -454,8 +456,8 @@ func TestCopyDataOutWithoutRunningEngine(t *testing.T) {
 
 	// A second engine's image also serves as the helper's.
 	other := newEngine(t, b, image)
-	require.NoError(t, b.Ensure(ctx, other.spec))
-	require.NoError(t, b.CopyDataOut(ctx, id, io.Discard))
+	require.NoError(t, bare.Ensure(ctx, other.spec))
+	require.NoError(t, bare.CopyDataOut(ctx, id, io.Discard))
 	assertNoHelpers(t, id)
 
 	require.NoError(t, b.RemoveVolume(ctx, id))
@@ -756,6 +758,8 @@ func TestFleetsOnOneNode(t *testing.T) {
 	err = b.Ensure(ctx, ea.spec)
 	require.ErrorContains(t, err, "another fleet")
 	assert.Equal(t, before, containerID(t, cli, ea.spec.EngineID), "left alone")
+	dev, _ := volumeDevice(t, ea.spec.EngineID)
+	assert.Equal(t, docker.BrainDir(a, ea.spec.EngineID), dev, "its brain is not moved under another fleet's data root")
 
 	// An older version's container of a's engine is a's to replace.
 	require.NoError(t, a.Ensure(ctx, eo.spec))

@@ -48,7 +48,7 @@ func (b *Backend) Ensure(ctx context.Context, spec orchestrator.EngineSpec) erro
 	if err := b.ensureImage(ctx, spec.Image); err != nil {
 		return err
 	}
-	if err := b.ensureVolume(ctx, spec.EngineID, spec.ProductID); err != nil {
+	if err := b.ensureVolume(ctx, spec.EngineID, spec.ProductID, spec.Image); err != nil {
 		return err
 	}
 
@@ -312,27 +312,34 @@ func (b *Backend) ensureImage(ctx context.Context, image string) error {
 	return nil
 }
 
-// ensureVolume creates the engine's named volume unless it exists. Creating
-// an existing local volume is a no-op in docker, so concurrent callers are
-// safe.
-func (b *Backend) ensureVolume(ctx context.Context, engineID, productID string) error {
-	name := orchestrator.VolumeName(engineID)
-	_, err := b.cli.VolumeInspect(ctx, name, client.VolumeInspectOptions{})
+// ensureVolume creates the engine's volume unless it exists: with a data
+// root, bound to its brain directory there (made first, through a helper
+// container of image). An existing volume that is not bound there (a
+// Docker-managed one of an older version, or of another data root) is
+// moved there first (migrateVolume). A volume already right costs one
+// inspect.
+func (b *Backend) ensureVolume(ctx context.Context, engineID, productID, image string) error {
+	v, err := b.cli.VolumeInspect(ctx, orchestrator.VolumeName(engineID), client.VolumeInspectOptions{})
 	if err == nil {
-		return nil
+		if b.cfg.DataRoot == "" || b.boundHere(v.Volume, engineID) {
+			return nil
+		}
+		if mine, _ := b.ours(v.Volume.Labels); !mine {
+			return fmt.Errorf("ensure engine: volume %s belongs to another fleet (%s): left alone", v.Volume.Name, v.Volume.Labels[orchestrator.LabelFleet])
+		}
+		return b.migrateVolume(ctx, engineID, productID, image, v.Volume)
 	}
 	if !cerrdefs.IsNotFound(err) {
 		return fmt.Errorf("inspect volume: %w", err)
 	}
-	if _, err := b.cli.VolumeCreate(ctx, client.VolumeCreateOptions{
-		Name:   name,
-		Driver: "local",
-		Labels: b.baseLabels(engineID, productID),
-	}); err != nil {
-		return fmt.Errorf("create volume: %w", err)
+	if b.cfg.DataRoot != "" {
+		// Kept as it is when it exists: a migration killed after
+		// removing the old volume left the brain there.
+		if err := b.newBrainDir(ctx, engineID, image); err != nil {
+			return err
+		}
 	}
-	b.log.Info("created volume", "engine_id", engineID, "volume", name)
-	return nil
+	return b.createVolume(ctx, engineID, productID)
 }
 
 // removeContainerByID removes c, first giving a running container grace

@@ -75,8 +75,11 @@ var staleOnce sync.Once
 func newBackend(t *testing.T, mod ...func(*docker.Config)) *docker.Backend {
 	t.Helper()
 	dockertest.RequireDocker(t)
-	// Engines run under the limits production gets by default.
+	// Engines run under the limits production gets by default, with
+	// brains under a data root, as production has them.
 	cfg := docker.Config{
+		DataRoot:     dataRoot(t),
+		HelperImage:  engineImage(t),
 		Network:      testNetwork,
 		Node:         testNodeStart + randHex(4),
 		ReplaceGrace: 2 * time.Second,

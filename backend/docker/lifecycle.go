@@ -100,21 +100,46 @@ func (b *Backend) RemoveContainer(ctx context.Context, engineID string) error {
 	return nil
 }
 
-// RemoveVolume removes the engine's brain volume; missing is a no-op. If the
-// volume is still mounted by the engine's container (or a leaked helper),
-// that container is removed first; a container not managed for this engine
-// keeps the volume and makes this an error.
+// RemoveVolume removes the engine's brain volume and, with a data root,
+// its directory there (leaving an empty file of its name: see
+// dataroot.go); missing is a no-op. If the volume is still mounted by the
+// engine's container (or a leaked helper), that container is removed
+// first; a container not managed for this engine keeps the volume and
+// makes this an error.
 func (b *Backend) RemoveVolume(ctx context.Context, engineID string) error {
+	return b.removeVolume(ctx, engineID, "")
+}
+
+// removeVolume is RemoveVolume with a helper image ("" = look for one).
+// The volume goes first: killed in between, a retry finds no volume and
+// still removes the directory.
+func (b *Backend) removeVolume(ctx context.Context, engineID, image string) error {
 	if err := validID(engineID); err != nil {
 		return fmt.Errorf("remove volume: %w", err)
 	}
-	name := orchestrator.VolumeName(engineID)
+	if err := b.dropVolume(ctx, engineID, orchestrator.VolumeName(engineID)); err != nil {
+		return fmt.Errorf("remove volume: %w", err)
+	}
+	if b.cfg.DataRoot != "" {
+		if err := b.removeBrainDir(ctx, engineID, image); err != nil {
+			return fmt.Errorf("remove volume: %w", err)
+		}
+	}
+	return nil
+}
+
+// dropVolume removes the docker volume name (missing is fine), removing
+// first the containers managed for this engine that mount it.
+func (b *Backend) dropVolume(ctx context.Context, engineID, name string) error {
 	_, err := b.cli.VolumeRemove(ctx, name, client.VolumeRemoveOptions{})
 	if err == nil || cerrdefs.IsNotFound(err) {
+		if err == nil {
+			b.log.Info("removed volume", "engine_id", engineID, "volume", name)
+		}
 		return nil
 	}
 	if !cerrdefs.IsConflict(err) {
-		return fmt.Errorf("remove volume: %w", err)
+		return err
 	}
 	// In use: remove our containers that mount it, then retry.
 	res, lerr := b.cli.ContainerList(ctx, client.ContainerListOptions{
@@ -122,18 +147,18 @@ func (b *Backend) RemoveVolume(ctx context.Context, engineID string) error {
 		Filters: make(client.Filters).Add("volume", name),
 	})
 	if lerr != nil {
-		return fmt.Errorf("remove volume: list users: %w", lerr)
+		return fmt.Errorf("list users: %w", lerr)
 	}
 	for _, c := range res.Items {
 		if mine, _ := b.ours(c.Labels); !mine || c.Labels[orchestrator.LabelManaged] != "true" || c.Labels[orchestrator.LabelEngineID] != engineID {
-			return fmt.Errorf("remove volume: in use by container %s, not managed for this engine", strings.TrimPrefix(firstName(c.Names), "/"))
+			return fmt.Errorf("in use by container %s, not managed for this engine", strings.TrimPrefix(firstName(c.Names), "/"))
 		}
 		if err := b.removeContainerRef(ctx, c.ID); err != nil {
-			return fmt.Errorf("remove volume: remove container: %w", err)
+			return fmt.Errorf("remove container: %w", err)
 		}
 	}
 	if _, err := b.cli.VolumeRemove(ctx, name, client.VolumeRemoveOptions{}); err != nil && !cerrdefs.IsNotFound(err) {
-		return fmt.Errorf("remove volume: %w", err)
+		return err
 	}
 	b.log.Info("removed volume", "engine_id", engineID, "volume", name)
 	return nil

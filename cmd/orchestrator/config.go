@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"path/filepath"
 	"regexp"
 	"sort"
 	"strconv"
@@ -116,7 +117,7 @@ var envVars = []envVar{
 	{"ORCH_PORT_MIN", "9001", "first host port for engines (not used by the kubernetes backend)"},
 	{"ORCH_PORT_MAX", "9999", "last host port for engines (not used by the kubernetes backend)"},
 	{"ORCH_CATALOG_MOUNT_PATH", "", "host directory mounted read-only at /catalog in every engine"},
-	{"ORCH_DATA_ROOT_PATH", ".data/engines", "subprocess backend: where engine data lives"},
+	{"ORCH_DATA_ROOT_PATH", ".data/engines", "where every brain lives, on the engine host: <path>/engines/<engine_id>/data (docker: each engine's volume is bound there; the path is the Docker host's, the orchestrator needs no access to it). Snapshot or tar it to back every brain up; relative paths are resolved against the working directory. Not used by the kubernetes backend (brains are claims)"},
 	{"ORCH_ENGINE_URL_TEMPLATE", "http://127.0.0.1:{port}", "URL handed to products; {port}, {container}, {engine_id}, {node}, and on kubernetes {service} and {namespace} are replaced. Kubernetes default: " + kubeURLTemplate + " ({port} refused there: no host ports)"},
 	{"ORCH_ENGINE_PROBE_URL_TEMPLATE", "http://127.0.0.1:{port}", "how workers reach an engine's /health: engines answer on the engine host's 127.0.0.1 only, so workers run in its network namespace. Kubernetes default: " + kubeURLTemplate},
 	{"ORCH_ENGINE_MEMORY_MB", strconv.Itoa(docker.DefaultMemoryMB), "per-engine memory limit in MB, /tmp's tmpfs included; swap off (0 = none)"},
@@ -271,6 +272,18 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	}
 	c.CatalogMountPath = get("ORCH_CATALOG_MOUNT_PATH")
 	c.DataRootPath = get("ORCH_DATA_ROOT_PATH")
+	switch {
+	case c.DataRootPath == "":
+		bad("ORCH_DATA_ROOT_PATH", "is required: brains live under it")
+	case strings.Contains(c.DataRootPath, ":"):
+		bad("ORCH_DATA_ROOT_PATH", "must not contain ':'")
+	case !filepath.IsAbs(c.DataRootPath):
+		// Relative to where the process runs: meaningful when that is the
+		// Docker host (make run); production sets an absolute path.
+		if abs, err := filepath.Abs(c.DataRootPath); err == nil {
+			c.DataRootPath = abs
+		}
+	}
 	c.URLTemplate = get("ORCH_ENGINE_URL_TEMPLATE")
 	c.ProbeURLTemplate = get("ORCH_ENGINE_PROBE_URL_TEMPLATE")
 	for _, name := range []string{"ORCH_ENGINE_URL_TEMPLATE", "ORCH_ENGINE_PROBE_URL_TEMPLATE"} {

@@ -133,7 +133,8 @@ func newBackend(ctx context.Context, cfg Config, fleetID string, log *slog.Logge
 			CatalogMountPath: cfg.CatalogMountPath, Node: cfg.Node}, log)
 	default:
 		b, err := docker.New(docker.Config{Host: cfg.DockerHost, Network: cfg.Network, CatalogMountPath: cfg.CatalogMountPath,
-			MemoryMB: cfg.MemoryMB, CPUs: cfg.CPUs, PidsLimit: cfg.Pids, User: cfg.EngineUser, Node: cfg.Node, Fleet: fleetID, HelperImage: cfg.EngineImage}, log)
+			MemoryMB: cfg.MemoryMB, CPUs: cfg.CPUs, PidsLimit: cfg.Pids, User: cfg.EngineUser, Node: cfg.Node, Fleet: fleetID, HelperImage: cfg.EngineImage,
+			DataRoot: cfg.DataRootPath}, log)
 		if err != nil {
 			return nil, fmt.Errorf("docker backend (is the Docker socket reachable? DOCKER_HOST=%q): %w", cfg.DockerHost, err)
 		}

@@ -75,3 +75,15 @@ func Healthy(url string) error {
 	}
 	return nil
 }
+
+// AwayFromMinuteEnd returns once the next need of time stays inside one
+// wall-clock minute, sleeping into the next minute if needed. Rate-limit
+// windows are wall-clock minutes: this sleep models the passage of time on
+// purpose, there is no event to wait for.
+func AwayFromMinuteEnd(need time.Duration) {
+	now := time.Now()
+	end := now.Truncate(time.Minute).Add(time.Minute)
+	if end.Sub(now) < need {
+		time.Sleep(end.Sub(now) + 100*time.Millisecond)
+	}
+}
