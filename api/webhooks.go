@@ -138,7 +138,7 @@ func (s *Server) registerWebhooks() {
 		OperationID: "create-webhook", Method: http.MethodPost, Path: "/webhooks", DefaultStatus: http.StatusCreated,
 		Summary:     "Register a webhook endpoint",
 		Description: "Lifecycle events of the product's engines are POSTed to the URL, signed (Webhook-Signature). The signing secret is returned once. At most 10 endpoints per product.",
-		Errors:      errs(400, 401, 429),
+		Metadata:    codes(orch.CodeQuotaExceeded),
 	}), func(ctx context.Context, in *createWebhookInput) (*struct{ Body CreateWebhookBody }, error) {
 		wh, err := s.webhooks()
 		if err != nil {
@@ -154,8 +154,8 @@ func (s *Server) registerWebhooks() {
 
 	huma.Register(s.api, s.webhookOp(huma.Operation{
 		OperationID: "list-webhooks", Method: http.MethodGet, Path: "/webhooks",
-		Summary: "List the product's webhook endpoints",
-		Errors:  errs(401),
+		Summary:  "List the product's webhook endpoints",
+		Metadata: codes(),
 	}), func(ctx context.Context, _ *struct{}) (*struct{ Body WebhookListBody }, error) {
 		wh, err := s.webhooks()
 		if err != nil {
@@ -175,8 +175,8 @@ func (s *Server) registerWebhooks() {
 
 	huma.Register(s.api, s.webhookOp(huma.Operation{
 		OperationID: "get-webhook", Method: http.MethodGet, Path: "/webhooks/{webhook_id}",
-		Summary: "Get a webhook endpoint",
-		Errors:  errs(401, 404),
+		Summary:  "Get a webhook endpoint",
+		Metadata: codes(orch.CodeWebhookNotFound),
 	}), func(ctx context.Context, in *webhookPath) (*struct{ Body WebhookBody }, error) {
 		wh, err := s.webhooks()
 		if err != nil {
@@ -193,7 +193,7 @@ func (s *Server) registerWebhooks() {
 		OperationID: "delete-webhook", Method: http.MethodDelete, Path: "/webhooks/{webhook_id}", DefaultStatus: http.StatusNoContent,
 		Summary:     "Delete a webhook endpoint",
 		Description: "Nothing more is sent to it (an attempt already in flight may still arrive); its delivery log goes with it.",
-		Errors:      errs(401, 404),
+		Metadata:    codes(orch.CodeWebhookNotFound),
 	}), func(ctx context.Context, in *webhookPath) (*struct{}, error) {
 		wh, err := s.webhooks()
 		if err != nil {
@@ -210,7 +210,7 @@ func (s *Server) registerWebhooks() {
 		Summary: "Rotate an endpoint's signing secret",
 		Description: "Returns a new secret, once. Deliveries are signed with both the new and the current secret (two v1 values) " +
 			"for overlap_seconds, so the receiver can switch without dropping any.",
-		Errors: errs(400, 401, 404),
+		Metadata: codes(orch.CodeWebhookNotFound),
 	}), func(ctx context.Context, in *rotateWebhookSecretInput) (*struct{ Body RotateWebhookSecretBody }, error) {
 		wh, err := s.webhooks()
 		if err != nil {
@@ -229,8 +229,8 @@ func (s *Server) registerWebhooks() {
 
 	huma.Register(s.api, s.webhookOp(huma.Operation{
 		OperationID: "list-webhook-deliveries", Method: http.MethodGet, Path: "/webhooks/{webhook_id}/deliveries",
-		Summary: "List an endpoint's deliveries, newest first",
-		Errors:  errs(400, 401, 404),
+		Summary:  "List an endpoint's deliveries, newest first",
+		Metadata: codes(orch.CodeWebhookNotFound),
 	}), func(ctx context.Context, in *listDeliveriesInput) (*struct{ Body DeliveryListBody }, error) {
 		wh, err := s.webhooks()
 		if err != nil {
@@ -257,7 +257,7 @@ func (s *Server) registerWebhooks() {
 		DefaultStatus: http.StatusAccepted,
 		Summary:       "Send a delivery's event again",
 		Description:   "A new delivery of the same event (same id, so receivers dedupe), attempted and retried like any other but outside the engine's order.",
-		Errors:        errs(401, 404),
+		Metadata:      codes(orch.CodeWebhookNotFound, orch.CodeDeliveryNotFound),
 	}), func(ctx context.Context, in *redeliverInput) (*struct{ Body DeliveryBody }, error) {
 		wh, err := s.webhooks()
 		if err != nil {
