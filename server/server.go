@@ -126,6 +126,9 @@ func New(cfg Config, pool *pgxpool.Pool, kr *keys.Keyring, backend orch.Backend,
 		}
 		wc := cfg.Workers
 		wc.Metrics = p.Metrics
+		if wc.Backups.Keyring == nil {
+			wc.Backups.Keyring = kr // backups through the engine's API authenticate with its key
+		}
 		p.Workers = workers.New(wc, pool, backend, log)
 		rcfg := p.Workers.RiverConfig(log)
 		// Webhooks have their own queue: a slow endpoint holds none of
