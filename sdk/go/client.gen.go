@@ -1058,6 +1058,8 @@ type OperationBody struct {
 	// - `EXPORT_NOT_FOUND` (404): No audit export has this id.
 	// - `INVALID_STATE` (409): The engine's state does not allow the operation (e.g. restoring into an engine that is being destroyed).
 	// - `METHOD_NOT_ALLOWED` (405): The path exists but not with this method; Allow lists the methods it takes.
+	// - `WEBHOOK_NOT_FOUND` (404): The calling product has no webhook endpoint with this id.
+	// - `DELIVERY_NOT_FOUND` (404): The webhook endpoint has no delivery with this id.
 	ErrorCode    *ErrorCode          `json:"error_code,omitempty"`
 	ErrorMessage *string             `json:"error_message,omitempty"`
 	Kind         string              `json:"kind"`
