@@ -95,29 +95,15 @@ type listExportsOutput struct {
 	}
 }
 
-// knownActions are the audit actions GET /audit filters on.
-var knownActions = map[orch.Action]bool{}
-
-func init() {
-	for _, a := range []orch.Action{orch.ActionProvision, orch.ActionProvisionFailed, orch.ActionStart, orch.ActionStop,
-		orch.ActionWake, orch.ActionSleep, orch.ActionRestart, orch.ActionUpgrade, orch.ActionDestroy, orch.ActionRotateKey,
-		orch.ActionHealthCheck, orch.ActionHealthFailed, orch.ActionAutoRestartStart, orch.ActionAutoRestartSuccess,
-		orch.ActionAutoRestartFailed, orch.ActionAutoRestartGaveUp, orch.ActionPolicyRegister, orch.ActionPolicyUpdate,
-		orch.ActionAdmitDenied, orch.ActionBackup, orch.ActionRestore, orch.ActionReconcile, orch.ActionPlatformKeyRotated,
-		orch.ActionMasterKeyRotated, orch.ActionAdminRequest} {
-		knownActions[a] = true
-	}
-}
-
 func (s *Server) registerAudit() {
 	huma.Register(s.api, huma.Operation{
 		OperationID: "list-audit", Method: http.MethodGet, Path: "/audit",
 		Summary:     "The product's audit log, newest first",
 		Description: "Every action taken on the product's engines, by the product, the admin or the system, failures included.",
-		Security:    platformSecurity, Tags: []string{"audit"}, Errors: errs(400, 401),
+		Security:    platformSecurity, Tags: []string{"audit"}, Metadata: codes(),
 	}, func(ctx context.Context, in *auditInput) (*auditOutput, error) {
 		f := schema.AuditFilter{ProductID: productFrom(ctx).ID, UserID: in.UserID, Action: in.Action, Limit: in.Limit}
-		if in.Action != "" && !knownActions[orch.Action(in.Action)] {
+		if in.Action != "" && !orch.Action(in.Action).Known() {
 			return nil, toHTTP(ctx, orch.Errorf(orch.CodeInvalidRequest, "unknown action %q", in.Action))
 		}
 		if !in.Since.IsZero() {
@@ -146,7 +132,7 @@ func (s *Server) registerAudit() {
 		OperationID: "create-audit-export", Method: http.MethodPost, Path: "/audit/exports",
 		Summary:     "Export a range of the audit log now",
 		Description: "Writes the rows with from <= timestamp < to (of one product, or all) as a gzip JSONL file with a manifest into ORCH_AUDIT_EXPORT_DIR, appended to the export hash chain. Answers 202; follow it with GET /audit/exports/{export_id}.",
-		Security:    adminSecurity, Tags: []string{"audit"}, Errors: errs(400, 401, 404),
+		Security:    adminSecurity, Tags: []string{"audit"}, Metadata: codes(orch.CodeProductNotFound),
 		DefaultStatus: http.StatusAccepted,
 	}, func(ctx context.Context, in *createExportInput) (*exportOutput, error) {
 		x, err := s.requestExport(ctx, in.Body.From, in.Body.To, in.Body.ProductID)
@@ -160,7 +146,7 @@ func (s *Server) registerAudit() {
 		OperationID: "list-audit-exports", Method: http.MethodGet, Path: "/audit/exports",
 		Summary:     "Audit exports, newest first",
 		Description: "Scheduled and manual exports with their status and place in the hash chain. The newest succeeded export's seq and sha256 are the anchor `orchestrator audit verify --head SEQ:SHA256` checks the files against.",
-		Security:    adminSecurity, Tags: []string{"audit"}, Errors: errs(400, 401),
+		Security:    adminSecurity, Tags: []string{"audit"}, Metadata: codes(),
 	}, func(ctx context.Context, in *struct {
 		Limit int `query:"limit" default:"50" minimum:"1" maximum:"500"`
 	}) (*listExportsOutput, error) {
@@ -179,7 +165,7 @@ func (s *Server) registerAudit() {
 	huma.Register(s.api, huma.Operation{
 		OperationID: "get-audit-export", Method: http.MethodGet, Path: "/audit/exports/{export_id}",
 		Summary:  "Follow an audit export",
-		Security: adminSecurity, Tags: []string{"audit"}, Errors: errs(401, 404),
+		Security: adminSecurity, Tags: []string{"audit"}, Metadata: codes(orch.CodeExportNotFound),
 	}, func(ctx context.Context, in *struct {
 		ID string `path:"export_id"`
 	}) (*exportOutput, error) {

@@ -30,6 +30,15 @@ var (
 // authMiddleware checks the key an operation's security requirement names,
 // before the body is parsed, so a request without a valid key learns
 // nothing else (not even whether its body would validate).
+// recordOperation notes the operation a request was routed to, so its
+// error answer can be checked against the document (checkDocumented).
+func (s *Server) recordOperation(ctx huma.Context, next func(huma.Context)) {
+	if ri, ok := ctx.Context().Value(ctxRequest).(*requestInfo); ok {
+		ri.op = ctx.Operation()
+	}
+	next(ctx)
+}
+
 func (s *Server) authMiddleware(ctx huma.Context, next func(huma.Context)) {
 	op := ctx.Operation()
 	if op == nil || len(op.Security) == 0 {

@@ -75,7 +75,7 @@ func (s *Server) registerBackups() {
 		OperationID: "list-backups", Method: http.MethodGet, Path: "/engines/{user_id}/backups",
 		Summary:     "List a user's brain backups, newest first",
 		Description: "Every backup of the user's brain the retention keeps, including those taken by an engine of this user that was destroyed since (they can be restored into the user's new engine).",
-		Errors:      errs(400, 401),
+		Metadata:    codes(),
 	}), func(ctx context.Context, in *listBackupsInput) (*listBackupsOutput, error) {
 		bs, total, err := schema.New(s.pool).ListUserBackups(ctx, productFrom(ctx).ID, in.UserID, in.Limit, in.Offset)
 		if err != nil {
@@ -94,7 +94,7 @@ func (s *Server) registerBackups() {
 		OperationID: "take-backup", Method: http.MethodPost, Path: "/engines/{user_id}/backups",
 		Summary:     "Back up a user's brain now",
 		Description: "Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it. Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.",
-		Errors:      errs(400, 401, 404, 409, 502, 504),
+		Metadata:    waits(orch.CodeEngineNotFound, orch.CodeBackupNotFound),
 	}), func(ctx context.Context, in *userOpInput) (*takeBackupOutput, error) {
 		p := productFrom(ctx)
 		e, opID, backupID, err := s.core.TakeBackup(ctx, p, in.UserID, "")
@@ -121,7 +121,7 @@ func (s *Server) registerBackups() {
 		OperationID: "restore-backup", Method: http.MethodPost, Path: "/engines/{user_id}/restore",
 		Summary:     "Restore a backup into the user's engine",
 		Description: "Verifies the backup's SHA-256 first (BACKUP_CORRUPT: nothing is changed), stops the engine, keeps a safety copy of its current brain, replaces the brain with the backup's and starts the engine; if that fails the previous brain is put back. Any backup of this user is accepted, also one taken by an engine destroyed since (disaster recovery).",
-		Errors:      errs(400, 401, 404, 409, 502, 504),
+		Metadata:    waits(orch.CodeEngineNotFound, orch.CodeBackupNotFound, orch.CodeBackupCorrupt),
 	}), func(ctx context.Context, in *restoreInput) (*opOutput, error) {
 		p := productFrom(ctx)
 		e, opID, err := s.core.Restore(ctx, p, in.UserID, in.Body.BackupID, "")

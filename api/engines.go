@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -67,14 +66,14 @@ func wantsAsync(prefer string) bool {
 	return false
 }
 
-// errs lists the documented error statuses of an operation, for the spec.
-// Every operation can meet a database outage (503 SERVICE_UNAVAILABLE).
-func errs(codes ...int) []int {
-	if !slices.Contains(codes, http.StatusServiceUnavailable) {
-		codes = append(codes, http.StatusServiceUnavailable)
-	}
-	return codes
-}
+// awaited are the codes an operation can fail with (its error_code),
+// which a request waiting for it answers.
+var awaited = []orch.Code{orch.CodeBackendFailed, orch.CodeBackendTimeout, orch.CodeBootTimeout, orch.CodeEngineNotFound,
+	orch.CodeOperationInProgress, orch.CodeInvalidState, orch.CodePortExhaustion}
+
+// waits declares the codes of an operation that starts a lifecycle
+// operation and waits for it: its own and awaited (codes.go).
+func waits(cs ...orch.Code) map[string]any { return codes(append(cs, awaited...)...) }
 
 func (s *Server) op(o huma.Operation) huma.Operation {
 	o.Security = platformSecurity
@@ -214,7 +213,7 @@ func (s *Server) registerEngines() {
 		OperationID: "provision-engine", Method: http.MethodPost, Path: "/engines/provision",
 		Summary:     "Provision a user's engine",
 		Description: "Creates the user's engine and returns once it is healthy (or 202 with Prefer: respond-async).",
-		Errors:      errs(400, 401, 409, 429, 502, 503, 504),
+		Metadata:    waits(orch.CodeEngineAlreadyExists, orch.CodeQuotaExceeded, orch.CodePortExhaustion),
 	}), func(ctx context.Context, in *provisionInput) (*provisionOutput, error) {
 		p := productFrom(ctx)
 		if err := orch.ValidateUserID(in.Body.UserID); err != nil {
@@ -241,12 +240,12 @@ func (s *Server) registerEngines() {
 		OperationID: "admit-engine", Method: http.MethodPost, Path: "/engines/{user_id}/admit",
 		Summary:     "Admit a user: the one call a product makes per user request",
 		Description: "Idempotent. Answers a running engine from one indexed read; provisions (auto_provision) or wakes (auto_wake) when asked.",
-		Errors:      errs(400, 401, 409, 429, 502, 503, 504),
+		Metadata:    waits(orch.CodeQuotaExceeded, orch.CodePortExhaustion),
 	}), s.admit)
 
 	huma.Register(s.api, s.op(huma.Operation{
 		OperationID: "get-engine", Method: http.MethodGet, Path: "/engines/{user_id}",
-		Summary: "Get a user's engine (read-only, never provisions)", Errors: errs(400, 401, 404),
+		Summary: "Get a user's engine (read-only, never provisions)", Metadata: codes(orch.CodeEngineNotFound),
 	}), func(ctx context.Context, in *userPath) (*getEngineOutput, error) {
 		e, err := s.core.Engine(ctx, productFrom(ctx).ID, in.UserID)
 		if err != nil {
@@ -261,7 +260,7 @@ func (s *Server) registerEngines() {
 
 	huma.Register(s.api, s.op(huma.Operation{
 		OperationID: "list-engines", Method: http.MethodGet, Path: "/engines",
-		Summary: "List the product's engines (no keys)", Errors: errs(400, 401),
+		Summary: "List the product's engines (no keys)", Metadata: codes(),
 	}), func(ctx context.Context, in *listInput) (*listOutput, error) {
 		es, total, err := schema.New(s.pool).ListEngines(ctx, productFrom(ctx).ID, orch.State(in.Status), in.Limit, in.Offset)
 		if err != nil {
@@ -277,19 +276,19 @@ func (s *Server) registerEngines() {
 	})
 
 	s.registerOp("start-engine", http.MethodPost, "/engines/{user_id}/start", "Start a stopped or sleeping engine",
-		lifecycle.Start, errs(400, 401, 404, 409, 502, 504))
+		lifecycle.Start, waits(orch.CodeEngineNotFound, orch.CodeEngineAlreadyRunning))
 	s.registerOp("stop-engine", http.MethodPost, "/engines/{user_id}/stop", "Stop an engine (SIGTERM, 30 s grace, SIGKILL); the volume is kept",
-		lifecycle.Stop, errs(400, 401, 404, 409, 502, 504))
+		lifecycle.Stop, waits(orch.CodeEngineNotFound, orch.CodeEngineNotRunning))
 	s.registerOp("restart-engine", http.MethodPost, "/engines/{user_id}/restart", "Restart an engine",
-		lifecycle.Restart, errs(400, 401, 404, 409, 502, 504))
+		lifecycle.Restart, waits(orch.CodeEngineNotFound))
 	s.registerOp("destroy-engine", http.MethodDelete, "/engines/{user_id}", "Destroy an engine: container, brain volume, port and row (irreversible)",
-		lifecycle.Destroy, errs(400, 401, 404, 502, 504))
+		lifecycle.Destroy, waits(orch.CodeEngineNotFound))
 
 	huma.Register(s.api, s.op(huma.Operation{
 		OperationID: "rotate-engine-key", Method: http.MethodPost, Path: "/engines/{user_id}/rotate-key",
 		Summary:     "Rotate an engine's key",
 		Description: "Puts a new key in force on the engine; the previous key keeps working for the overlap window.",
-		Errors:      errs(400, 401, 404, 409, 502, 504),
+		Metadata:    waits(orch.CodeEngineNotFound, orch.CodeEngineNotRunning),
 	}), func(ctx context.Context, in *userOpInput) (*rotateOutput, error) {
 		p := productFrom(ctx)
 		e, opID, key, err := s.core.RotateKey(ctx, p, in.UserID)
@@ -312,7 +311,7 @@ func (s *Server) registerEngines() {
 		OperationID: "upgrade-engine", Method: http.MethodPost, Path: "/engines/{user_id}/upgrade",
 		Summary:     "Recreate an engine on a new image, same brain volume",
 		Description: "Per-user canaries. If the new version does not become healthy the engine is rolled back to the old image.",
-		Errors:      errs(400, 401, 404, 409, 502, 504),
+		Metadata:    waits(orch.CodeEngineNotFound, orch.CodeEngineNotRunning),
 	}), func(ctx context.Context, in *upgradeInput) (*opOutput, error) {
 		if err := s.core.AllowImage(in.Body.EngineVersion); err != nil {
 			return nil, toHTTP(ctx, err)
@@ -323,7 +322,7 @@ func (s *Server) registerEngines() {
 	huma.Register(s.api, huma.Operation{
 		OperationID: "get-operation", Method: http.MethodGet, Path: "/operations/{operation_id}",
 		Summary: "Follow an asynchronous operation", Security: platformSecurity, Tags: []string{"engines"},
-		Errors: errs(401, 404),
+		Metadata: codes(orch.CodeOperationNotFound),
 	}, func(ctx context.Context, in *struct {
 		ID string `path:"operation_id"`
 	}) (*struct{ Body OperationBody }, error) {
@@ -338,8 +337,8 @@ func (s *Server) registerEngines() {
 }
 
 // registerOp registers one of the simple engine operations.
-func (s *Server) registerOp(id, method, path, summary string, r lifecycle.Request, codes []int) {
-	huma.Register(s.api, s.op(huma.Operation{OperationID: id, Method: method, Path: path, Summary: summary, Errors: codes}),
+func (s *Server) registerOp(id, method, path, summary string, r lifecycle.Request, errorCodes map[string]any) {
+	huma.Register(s.api, s.op(huma.Operation{OperationID: id, Method: method, Path: path, Summary: summary, Metadata: errorCodes}),
 		func(ctx context.Context, in *userOpInput) (*opOutput, error) {
 			return s.runOp(ctx, in.UserID, in.Prefer, r)
 		})

@@ -13,36 +13,8 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// statusOf is the one place where a stable code becomes an HTTP status
-// (SPEC §3 status taxonomy).
-func statusOf(c orch.Code) int {
-	switch c {
-	case orch.CodeInvalidRequest:
-		return http.StatusBadRequest
-	case orch.CodeInvalidAdminKey, orch.CodeInvalidPlatformKey:
-		return http.StatusUnauthorized
-	case orch.CodePolicyDenied:
-		return http.StatusForbidden
-	case orch.CodeProductNotFound, orch.CodeEngineNotFound, orch.CodeOperationNotFound,
-		orch.CodeBackupNotFound, orch.CodeExportNotFound, orch.CodeNotFound:
-		return http.StatusNotFound
-	case orch.CodeMethodNotAllowed:
-		return http.StatusMethodNotAllowed
-	case orch.CodeProductSlugExists, orch.CodeEngineAlreadyExists, orch.CodeEngineAlreadyRunning,
-		orch.CodeEngineNotRunning, orch.CodeOperationInProgress, orch.CodeInvalidState:
-		return http.StatusConflict
-	case orch.CodeQuotaExceeded, orch.CodeRateLimited:
-		return http.StatusTooManyRequests
-	case orch.CodeBackendFailed, orch.CodeBackupCorrupt:
-		return http.StatusBadGateway
-	case orch.CodePortExhaustion, orch.CodeUnavailable:
-		return http.StatusServiceUnavailable
-	case orch.CodeBootTimeout, orch.CodeBackendTimeout:
-		return http.StatusGatewayTimeout
-	default:
-		return http.StatusInternalServerError
-	}
-}
+// statusOf is the HTTP status of a code: the registry's (orch.Codes).
+func statusOf(c orch.Code) int { return c.Status() }
 
 // ErrorBody is the contract's error envelope:
 // {"error": {"code": "...", "message": "...", "request_id": "..."}}.
@@ -90,9 +62,10 @@ const (
 // request: one context value (and one allocation) per request.
 type requestInfo struct {
 	id      string
-	client  netip.Addr // the address the request is throttled under (clientAddr)
-	product string     // the authenticated product's slug, for the log
-	err     error      // a 5xx's cause, for the log
+	client  netip.Addr      // the address the request is throttled under (clientAddr)
+	op      *huma.Operation // the operation routed to (nil outside huma), for checkDocumented
+	product string          // the authenticated product's slug, for the log
+	err     error           // a 5xx's cause, for the log
 }
 
 func infoFrom(ctx context.Context) *requestInfo {

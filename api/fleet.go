@@ -46,7 +46,7 @@ func (s *Server) registerFleet() {
 	huma.Register(s.api, huma.Operation{
 		OperationID: "fleet-status", Method: http.MethodGet, Path: "/status",
 		Summary: "The product's fleet by state and its health", Security: platformSecurity, Tags: []string{"fleet"},
-		Errors: errs(401),
+		Metadata: codes(),
 	}, func(ctx context.Context, _ *struct{}) (*struct{ Body StatusBody }, error) {
 		counts, err := schema.New(s.pool).StatusCounts(ctx, productFrom(ctx).ID)
 		if err != nil {
@@ -66,7 +66,7 @@ func (s *Server) registerFleet() {
 	huma.Register(s.api, huma.Operation{
 		OperationID: "fleet-metrics", Method: http.MethodGet, Path: "/metrics",
 		Summary: "Rolling-hour activity and lifetime totals, from the audit log", Security: platformSecurity, Tags: []string{"fleet"},
-		Errors: errs(401),
+		Metadata: codes(),
 	}, func(ctx context.Context, _ *struct{}) (*struct{ Body MetricsBody }, error) {
 		m, err := schema.New(s.pool).ProductMetrics(ctx, productFrom(ctx).ID)
 		if err != nil {

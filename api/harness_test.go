@@ -76,6 +76,13 @@ func newHarness(t *testing.T, dbURL string, cfg api.Config) *harness {
 	if dbURL == "" {
 		dbURL = testenv.DB(t)
 	}
+	if cfg.UndocumentedError == nil {
+		// Every error a test provokes must be one openapi.yaml documents
+		// for its operation.
+		cfg.UndocumentedError = func(op string, status int, code string) {
+			t.Errorf("%s answered %d %s, which openapi.yaml does not document for it: declare it (api/codes.go)", op, status, code)
+		}
+	}
 	pool := testenv.Pool(t, dbURL)
 	rc, err := river.NewClient(riverpgxv5.New(pool), &river.Config{})
 	require.NoError(t, err)

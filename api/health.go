@@ -26,6 +26,7 @@ func (s *Server) registerHealth() {
 		Summary:     "Liveness and readiness",
 		Description: "200 {\"status\":\"ok\"} when the process is up, Postgres is reachable and every migration is applied; 503 otherwise. No authentication.",
 		Tags:        []string{"operations"},
+		Metadata:    codes(),
 		Responses:   map[string]*huma.Response{"503": {Description: "Postgres unreachable or migrations not applied"}},
 	}, func(ctx context.Context, _ *struct{}) (*healthOutput, error) {
 		out := &healthOutput{Status: http.StatusOK}

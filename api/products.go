@@ -190,7 +190,7 @@ func (s *Server) registerProducts() {
 		OperationID: "register-product", Method: http.MethodPost, Path: "/products/register",
 		Summary:     "Register a product (tenant)",
 		Description: "Creates the product and returns its platform key, once. Audited as policy_register.",
-		Errors:      errs(400, 401, 409),
+		Metadata:    codes(orch.CodeProductSlugExists),
 	}), func(ctx context.Context, in *registerInput) (*struct{ Body RegisterBody }, error) {
 		if err := orch.ValidateSlug(in.Body.Slug); err != nil {
 			return nil, toHTTP(ctx, err)
@@ -211,7 +211,7 @@ func (s *Server) registerProducts() {
 
 	huma.Register(s.api, s.adminOp(huma.Operation{
 		OperationID: "list-products", Method: http.MethodGet, Path: "/products",
-		Summary: "List products", Errors: errs(400, 401),
+		Summary: "List products", Metadata: codes(),
 	}), func(ctx context.Context, in *listProductsInput) (*listProductsOutput, error) {
 		ps, total, err := schema.New(s.pool).ListProducts(ctx, in.Limit, in.Offset)
 		if err != nil {
@@ -228,7 +228,7 @@ func (s *Server) registerProducts() {
 
 	huma.Register(s.api, s.adminOp(huma.Operation{
 		OperationID: "get-product", Method: http.MethodGet, Path: "/products/{product_id}",
-		Summary: "Get a product", Errors: errs(401, 404),
+		Summary: "Get a product", Metadata: codes(orch.CodeProductNotFound),
 	}), func(ctx context.Context, in *productPath) (*struct{ Body ProductBody }, error) {
 		p, err := schema.New(s.pool).GetProduct(ctx, in.ProductID)
 		if err != nil {
@@ -241,7 +241,7 @@ func (s *Server) registerProducts() {
 		OperationID: "update-product-policy", Method: http.MethodPut, Path: "/products/{product_id}/policy",
 		Summary:     "Replace a product's policy",
 		Description: "Effective on the product's next request on every replica. Engines above a lowered max_engines are kept. Audited as policy_update.",
-		Errors:      errs(400, 401, 404),
+		Metadata:    codes(orch.CodeProductNotFound),
 	}), func(ctx context.Context, in *policyInput) (*policyOutput, error) {
 		pol, err := parsePolicy(in.Body.Policy.raw)
 		if err != nil {
@@ -261,7 +261,7 @@ func (s *Server) registerProducts() {
 		Summary: "Rotate a product's platform key",
 		Description: "Returns a new platform key, once. The current key keeps working for overlap_seconds, then is refused; " +
 			"a key already rotated out earlier stops at once. Audited as platform_key_rotated.",
-		Errors: errs(400, 401, 404),
+		Metadata: codes(orch.CodeProductNotFound),
 	}), func(ctx context.Context, in *rotatePlatformKeyInput) (*struct{ Body RotatePlatformKeyBody }, error) {
 		overlap := defaultKeyOverlap
 		if in.Body != nil && in.Body.OverlapSeconds != nil {

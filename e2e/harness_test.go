@@ -158,7 +158,10 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	cfg := server.Config{
 		Roles:   server.Roles{API: true, Worker: true, Scheduler: o.scheduler},
 		Version: "e2e",
-		API:     api.Config{AdminKey: adminKey, PortMin: f.PortMin, PortMax: f.PortMax},
+		API: api.Config{AdminKey: adminKey, PortMin: f.PortMin, PortMax: f.PortMax,
+			UndocumentedError: func(op string, status int, code string) {
+				t.Errorf("%s answered %d %s, which openapi.yaml does not document for it: declare it (api/codes.go)", op, status, code)
+			}},
 		Core: lifecycle.Config{DefaultImage: f.Image, PortMin: f.PortMin, PortMax: f.PortMax, Node: f.Node,
 			BootTimeout: o.bootTimeout, URLTemplate: "http://127.0.0.1:{port}"},
 		Workers: workers.Config{Node: f.Node,

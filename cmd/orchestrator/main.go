@@ -38,6 +38,9 @@ commands:
   backup restore --product P --user U --backup ID
                                          restore a backup into the user's engine (a worker runs it)
   audit verify [--head SEQ:SHA256] DIR   check the audit export hash chain in DIR
+  drill --target URL                     Postgres restore drill: pg_dump this fleet's database, restore it
+                                         into the empty database URL, run a fresh API on it, check /status
+                                         and that every running engine answers to its key (docs/production.md)
   version                                print the version
 `
 
@@ -79,6 +82,8 @@ func run(args []string, stdout, stderr io.Writer, getenv func(string) string) er
 		return backupCommand(ctx, args[1:], stdout, stderr, getenv)
 	case "audit":
 		return auditCommand(args[1:], stdout, stderr)
+	case "drill":
+		return drillCommand(ctx, args[1:], stdout, stderr, getenv)
 	case "migrate":
 		sub := "up"
 		if len(args) > 1 {

@@ -20,19 +20,19 @@ import (
 
 // Defines values for AdmitBodyReason.
 const (
-	EngineNotFound  AdmitBodyReason = "engine_not_found"
-	EngineSleeping  AdmitBodyReason = "engine_sleeping"
-	EngineUnhealthy AdmitBodyReason = "engine_unhealthy"
+	AdmitBodyReasonEngineNotFound  AdmitBodyReason = "engine_not_found"
+	AdmitBodyReasonEngineSleeping  AdmitBodyReason = "engine_sleeping"
+	AdmitBodyReasonEngineUnhealthy AdmitBodyReason = "engine_unhealthy"
 )
 
 // Valid indicates whether the value is a known member of the AdmitBodyReason enum.
 func (e AdmitBodyReason) Valid() bool {
 	switch e {
-	case EngineNotFound:
+	case AdmitBodyReasonEngineNotFound:
 		return true
-	case EngineSleeping:
+	case AdmitBodyReasonEngineSleeping:
 		return true
-	case EngineUnhealthy:
+	case AdmitBodyReasonEngineUnhealthy:
 		return true
 	default:
 		return false
@@ -63,6 +63,93 @@ func (e AdmitEngineStatus) Valid() bool {
 	case AdmitEngineStatusSleeping:
 		return true
 	case AdmitEngineStatusStopped:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for AuditAction.
+const (
+	AuditActionAdminRequest       AuditAction = "admin_request"
+	AuditActionAdmitDenied        AuditAction = "admit_denied"
+	AuditActionAutoRestartFailed  AuditAction = "auto_restart_failed"
+	AuditActionAutoRestartGaveUp  AuditAction = "auto_restart_gave_up"
+	AuditActionAutoRestartStart   AuditAction = "auto_restart_start"
+	AuditActionAutoRestartSuccess AuditAction = "auto_restart_success"
+	AuditActionBackup             AuditAction = "backup"
+	AuditActionDestroy            AuditAction = "destroy"
+	AuditActionHealthCheck        AuditAction = "health_check"
+	AuditActionHealthFailed       AuditAction = "health_failed"
+	AuditActionMasterKeyRotated   AuditAction = "master_key_rotated"
+	AuditActionPlatformKeyRotated AuditAction = "platform_key_rotated"
+	AuditActionPolicyRegister     AuditAction = "policy_register"
+	AuditActionPolicyUpdate       AuditAction = "policy_update"
+	AuditActionProvision          AuditAction = "provision"
+	AuditActionProvisionFailed    AuditAction = "provision_failed"
+	AuditActionReconcile          AuditAction = "reconcile"
+	AuditActionRestart            AuditAction = "restart"
+	AuditActionRestore            AuditAction = "restore"
+	AuditActionRotateKey          AuditAction = "rotate_key"
+	AuditActionSleep              AuditAction = "sleep"
+	AuditActionStart              AuditAction = "start"
+	AuditActionStop               AuditAction = "stop"
+	AuditActionUpgrade            AuditAction = "upgrade"
+	AuditActionWake               AuditAction = "wake"
+)
+
+// Valid indicates whether the value is a known member of the AuditAction enum.
+func (e AuditAction) Valid() bool {
+	switch e {
+	case AuditActionAdminRequest:
+		return true
+	case AuditActionAdmitDenied:
+		return true
+	case AuditActionAutoRestartFailed:
+		return true
+	case AuditActionAutoRestartGaveUp:
+		return true
+	case AuditActionAutoRestartStart:
+		return true
+	case AuditActionAutoRestartSuccess:
+		return true
+	case AuditActionBackup:
+		return true
+	case AuditActionDestroy:
+		return true
+	case AuditActionHealthCheck:
+		return true
+	case AuditActionHealthFailed:
+		return true
+	case AuditActionMasterKeyRotated:
+		return true
+	case AuditActionPlatformKeyRotated:
+		return true
+	case AuditActionPolicyRegister:
+		return true
+	case AuditActionPolicyUpdate:
+		return true
+	case AuditActionProvision:
+		return true
+	case AuditActionProvisionFailed:
+		return true
+	case AuditActionReconcile:
+		return true
+	case AuditActionRestart:
+		return true
+	case AuditActionRestore:
+		return true
+	case AuditActionRotateKey:
+		return true
+	case AuditActionSleep:
+		return true
+	case AuditActionStart:
+		return true
+	case AuditActionStop:
+		return true
+	case AuditActionUpgrade:
+		return true
+	case AuditActionWake:
 		return true
 	default:
 		return false
@@ -183,6 +270,96 @@ func (e EngineSummaryStatus) Valid() bool {
 	case EngineSummaryStatusSleeping:
 		return true
 	case EngineSummaryStatusStopped:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for ErrorCode.
+const (
+	ErrorCodeBackendFailed        ErrorCode = "BACKEND_FAILED"
+	ErrorCodeBackendTimeout       ErrorCode = "BACKEND_TIMEOUT"
+	ErrorCodeBackupCorrupt        ErrorCode = "BACKUP_CORRUPT"
+	ErrorCodeBackupNotFound       ErrorCode = "BACKUP_NOT_FOUND"
+	ErrorCodeBootTimeout          ErrorCode = "BOOT_TIMEOUT"
+	ErrorCodeEngineAlreadyExists  ErrorCode = "ENGINE_ALREADY_EXISTS"
+	ErrorCodeEngineAlreadyRunning ErrorCode = "ENGINE_ALREADY_RUNNING"
+	ErrorCodeEngineNotFound       ErrorCode = "ENGINE_NOT_FOUND"
+	ErrorCodeEngineNotRunning     ErrorCode = "ENGINE_NOT_RUNNING"
+	ErrorCodeExportNotFound       ErrorCode = "EXPORT_NOT_FOUND"
+	ErrorCodeInternalError        ErrorCode = "INTERNAL_ERROR"
+	ErrorCodeInvalidAdminKey      ErrorCode = "INVALID_ADMIN_KEY"
+	ErrorCodeInvalidPlatformKey   ErrorCode = "INVALID_PLATFORM_KEY"
+	ErrorCodeInvalidRequest       ErrorCode = "INVALID_REQUEST"
+	ErrorCodeInvalidState         ErrorCode = "INVALID_STATE"
+	ErrorCodeMethodNotAllowed     ErrorCode = "METHOD_NOT_ALLOWED"
+	ErrorCodeNotFound             ErrorCode = "NOT_FOUND"
+	ErrorCodeOperationInProgress  ErrorCode = "OPERATION_IN_PROGRESS"
+	ErrorCodeOperationNotFound    ErrorCode = "OPERATION_NOT_FOUND"
+	ErrorCodePolicyDenied         ErrorCode = "POLICY_DENIED"
+	ErrorCodePortExhaustion       ErrorCode = "PORT_EXHAUSTION"
+	ErrorCodeProductNotFound      ErrorCode = "PRODUCT_NOT_FOUND"
+	ErrorCodeProductSlugExists    ErrorCode = "PRODUCT_SLUG_EXISTS"
+	ErrorCodeQuotaExceeded        ErrorCode = "QUOTA_EXCEEDED"
+	ErrorCodeRateLimited          ErrorCode = "RATE_LIMITED"
+	ErrorCodeServiceUnavailable   ErrorCode = "SERVICE_UNAVAILABLE"
+)
+
+// Valid indicates whether the value is a known member of the ErrorCode enum.
+func (e ErrorCode) Valid() bool {
+	switch e {
+	case ErrorCodeBackendFailed:
+		return true
+	case ErrorCodeBackendTimeout:
+		return true
+	case ErrorCodeBackupCorrupt:
+		return true
+	case ErrorCodeBackupNotFound:
+		return true
+	case ErrorCodeBootTimeout:
+		return true
+	case ErrorCodeEngineAlreadyExists:
+		return true
+	case ErrorCodeEngineAlreadyRunning:
+		return true
+	case ErrorCodeEngineNotFound:
+		return true
+	case ErrorCodeEngineNotRunning:
+		return true
+	case ErrorCodeExportNotFound:
+		return true
+	case ErrorCodeInternalError:
+		return true
+	case ErrorCodeInvalidAdminKey:
+		return true
+	case ErrorCodeInvalidPlatformKey:
+		return true
+	case ErrorCodeInvalidRequest:
+		return true
+	case ErrorCodeInvalidState:
+		return true
+	case ErrorCodeMethodNotAllowed:
+		return true
+	case ErrorCodeNotFound:
+		return true
+	case ErrorCodeOperationInProgress:
+		return true
+	case ErrorCodeOperationNotFound:
+		return true
+	case ErrorCodePolicyDenied:
+		return true
+	case ErrorCodePortExhaustion:
+		return true
+	case ErrorCodeProductNotFound:
+		return true
+	case ErrorCodeProductSlugExists:
+		return true
+	case ErrorCodeQuotaExceeded:
+		return true
+	case ErrorCodeRateLimited:
+		return true
+	case ErrorCodeServiceUnavailable:
 		return true
 	default:
 		return false
@@ -344,9 +521,65 @@ type AdmitInputBody struct {
 	AdditionalProperties map[string]interface{} `json:"-"`
 }
 
+// AuditAction Audit action. Names are permanent; new actions may be added.
+//
+// - `provision`: An engine was provisioned and answered healthy (metadata: engine_version, port; duration_ms: the boot).
+// - `provision_failed`: A provision failed (boot timeout, backend failure); the engine is failed.
+// - `start`: A stopped or sleeping engine was started by request.
+// - `stop`: An engine was stopped by request (its brain is kept).
+// - `wake`: A sleeping engine was woken by an admit with auto_wake.
+// - `sleep`: The idle sweep put an engine to sleep (no admit for ORCH_IDLE_AFTER_S).
+// - `restart`: An engine was restarted by request.
+// - `upgrade`: An engine was recreated on another image (metadata rolled_back when the new image did not boot and the old one was put back).
+// - `destroy`: An engine, its brain and its port were removed.
+// - `rotate_key`: An engine's key was rotated (the previous key works until the overlap ends).
+// - `health_check`: A health probe succeeded (sampled, not every sweep).
+// - `health_failed`: An engine failed ORCH_HEALTH_MAX_FAILURES probes in a row (or crashed) and is now failed.
+// - `auto_restart_start`: An automatic restart of a failed engine began.
+// - `auto_restart_success`: An automatic restart brought the engine back.
+// - `auto_restart_failed`: An automatic restart failed; another is scheduled with backoff.
+// - `auto_restart_gave_up`: The last automatic restart failed: the engine stays failed (admit says engine_unhealthy).
+// - `policy_register`: A product was registered, with its policy.
+// - `policy_update`: A product's policy was replaced.
+// - `admit_denied`: Admits were refused (RATE_LIMITED, QUOTA_EXCEEDED…): the first at once, then one row per product, reason and minute with a count and sample_user_ids.
+// - `backup`: A brain backup was taken (metadata: size_bytes, sha256, paused_ms), or an attempt failed.
+// - `restore`: A backup was restored into an engine, or the restore failed and the previous brain was put back.
+// - `reconcile`: Reconcile repaired drift between the rows and the backend (an orphan removed, a missing container recreated, a stuck engine failed).
+// - `platform_key_rotated`: A product's platform key was rotated.
+// - `master_key_rotated`: The engine keys were re-encrypted under a new master key.
+// - `admin_request`: An operator made a request in the console (metadata: via, operator, request, the operation it started or the code it was refused with).
+type AuditAction string
+
 // AuditEntryBody defines model for AuditEntryBody.
 type AuditEntryBody struct {
-	Action string `json:"action"`
+	// Action Audit action. Names are permanent; new actions may be added.
+	//
+	// - `provision`: An engine was provisioned and answered healthy (metadata: engine_version, port; duration_ms: the boot).
+	// - `provision_failed`: A provision failed (boot timeout, backend failure); the engine is failed.
+	// - `start`: A stopped or sleeping engine was started by request.
+	// - `stop`: An engine was stopped by request (its brain is kept).
+	// - `wake`: A sleeping engine was woken by an admit with auto_wake.
+	// - `sleep`: The idle sweep put an engine to sleep (no admit for ORCH_IDLE_AFTER_S).
+	// - `restart`: An engine was restarted by request.
+	// - `upgrade`: An engine was recreated on another image (metadata rolled_back when the new image did not boot and the old one was put back).
+	// - `destroy`: An engine, its brain and its port were removed.
+	// - `rotate_key`: An engine's key was rotated (the previous key works until the overlap ends).
+	// - `health_check`: A health probe succeeded (sampled, not every sweep).
+	// - `health_failed`: An engine failed ORCH_HEALTH_MAX_FAILURES probes in a row (or crashed) and is now failed.
+	// - `auto_restart_start`: An automatic restart of a failed engine began.
+	// - `auto_restart_success`: An automatic restart brought the engine back.
+	// - `auto_restart_failed`: An automatic restart failed; another is scheduled with backoff.
+	// - `auto_restart_gave_up`: The last automatic restart failed: the engine stays failed (admit says engine_unhealthy).
+	// - `policy_register`: A product was registered, with its policy.
+	// - `policy_update`: A product's policy was replaced.
+	// - `admit_denied`: Admits were refused (RATE_LIMITED, QUOTA_EXCEEDED…): the first at once, then one row per product, reason and minute with a count and sample_user_ids.
+	// - `backup`: A brain backup was taken (metadata: size_bytes, sha256, paused_ms), or an attempt failed.
+	// - `restore`: A backup was restored into an engine, or the restore failed and the previous brain was put back.
+	// - `reconcile`: Reconcile repaired drift between the rows and the backend (an orphan removed, a missing container recreated, a stuck engine failed).
+	// - `platform_key_rotated`: A product's platform key was rotated.
+	// - `master_key_rotated`: The engine keys were re-encrypted under a new master key.
+	// - `admin_request`: An operator made a request in the console (metadata: via, operator, request, the operation it started or the code it was refused with).
+	Action AuditAction `json:"action"`
 
 	// Actor system, admin or the product's slug
 	Actor      string                 `json:"actor"`
@@ -475,12 +708,67 @@ type EngineSummary struct {
 // EngineSummaryStatus defines model for EngineSummary.Status.
 type EngineSummaryStatus string
 
+// ErrorCode Stable error code. Never renamed; new codes may be added.
+//
+// - `INVALID_REQUEST` (400): The request is malformed: a field, parameter or header fails validation (a user_id outside 1-128 characters of [A-Za-z0-9._@:|+=~-], an unknown policy key, an engine_version the allowlist refuses, bad JSON). Also answered with 413 when the body exceeds 1 MiB and 408 when the body does not arrive within 5 s.
+// - `INVALID_ADMIN_KEY` (401): X-Admin-Key is missing or is not the orchestrator's admin key (admin routes).
+// - `INVALID_PLATFORM_KEY` (401): X-Platform-Key is missing or belongs to no product (or was rotated out and its overlap has ended).
+// - `POLICY_DENIED` (403): The request is refused by policy: a cross-origin request to the operator's job UI.
+// - `PRODUCT_NOT_FOUND` (404): No product has this id (admin routes, audit exports of one product).
+// - `PRODUCT_SLUG_EXISTS` (409): A product with this slug is already registered.
+// - `ENGINE_NOT_FOUND` (404): The calling product has no engine for this user_id (another product's engine is indistinguishable from a missing one); also an operation whose engine was destroyed while it waited.
+// - `ENGINE_ALREADY_EXISTS` (409): Provision of a user who already has an engine (admit with auto_provision is the idempotent way).
+// - `ENGINE_ALREADY_RUNNING` (409): Start of an engine that is already running.
+// - `ENGINE_NOT_RUNNING` (409): Stop, rotate-key or backup of an engine that is not running (stopped, sleeping with its container stopped, failed).
+// - `QUOTA_EXCEEDED` (429): A provision (or an admit with auto_provision that would provision) when the product already has max_engines engines. Retry-After is set; freeing an engine (destroy) or raising the policy ends it.
+// - `RATE_LIMITED` (429): Admits beyond the product's rate_limit_rpm in the current minute (Retry-After: when the next window opens), or a client that keeps presenting wrong keys (Retry-After: when it may try again).
+// - `PORT_EXHAUSTION` (503): No engine port is free in ORCH_PORT_MIN..ORCH_PORT_MAX on the node: widen the range or destroy engines.
+// - `BOOT_TIMEOUT` (504): An engine did not answer /health ok within ORCH_BOOT_TIMEOUT_S (provision, start, wake, restart, upgrade, restore), or the request stopped waiting first: the operation may still finish, follow it at GET /operations/{operation_id}.
+// - `INTERNAL_ERROR` (500): A bug or an unexpected failure; the cause is logged under the request id, never sent.
+// - `NOT_FOUND` (404): No route has this path (or the path is not clean, e.g. // or /../).
+// - `OPERATION_IN_PROGRESS` (409): Another operation on this engine is pending or running (one at a time per engine), or this operation was superseded by a later one.
+// - `OPERATION_NOT_FOUND` (404): The calling product has no operation with this id.
+// - `BACKEND_FAILED` (502): The backend (Docker, Kubernetes, the engine process) failed the operation after its retries; the engine's last_error and the audit row say why.
+// - `BACKEND_TIMEOUT` (504): An operation that does not boot an engine (stop, destroy, backup…) did not finish within the request's wait: it goes on, follow it at GET /operations/{operation_id}.
+// - `SERVICE_UNAVAILABLE` (503): Postgres is unreachable, or this replica is shutting down; Retry-After says when to retry. Nothing in flight is lost.
+// - `BACKUP_NOT_FOUND` (404): The user has no backup with this id.
+// - `BACKUP_CORRUPT` (502): A restore's backup file is missing, unreadable or does not match the SHA-256 recorded when it was taken: nothing was changed.
+// - `EXPORT_NOT_FOUND` (404): No audit export has this id.
+// - `INVALID_STATE` (409): The engine's state does not allow the operation (e.g. restoring into an engine that is being destroyed).
+// - `METHOD_NOT_ALLOWED` (405): The path exists but not with this method; Allow lists the methods it takes.
+type ErrorCode string
+
 // ErrorDetail defines model for ErrorDetail.
 type ErrorDetail struct {
-	// Code Stable error code
+	// Code Stable error code. Never renamed; new codes may be added.
 	//
-	// Example: ENGINE_NOT_FOUND
-	Code string `json:"code"`
+	// - `INVALID_REQUEST` (400): The request is malformed: a field, parameter or header fails validation (a user_id outside 1-128 characters of [A-Za-z0-9._@:|+=~-], an unknown policy key, an engine_version the allowlist refuses, bad JSON). Also answered with 413 when the body exceeds 1 MiB and 408 when the body does not arrive within 5 s.
+	// - `INVALID_ADMIN_KEY` (401): X-Admin-Key is missing or is not the orchestrator's admin key (admin routes).
+	// - `INVALID_PLATFORM_KEY` (401): X-Platform-Key is missing or belongs to no product (or was rotated out and its overlap has ended).
+	// - `POLICY_DENIED` (403): The request is refused by policy: a cross-origin request to the operator's job UI.
+	// - `PRODUCT_NOT_FOUND` (404): No product has this id (admin routes, audit exports of one product).
+	// - `PRODUCT_SLUG_EXISTS` (409): A product with this slug is already registered.
+	// - `ENGINE_NOT_FOUND` (404): The calling product has no engine for this user_id (another product's engine is indistinguishable from a missing one); also an operation whose engine was destroyed while it waited.
+	// - `ENGINE_ALREADY_EXISTS` (409): Provision of a user who already has an engine (admit with auto_provision is the idempotent way).
+	// - `ENGINE_ALREADY_RUNNING` (409): Start of an engine that is already running.
+	// - `ENGINE_NOT_RUNNING` (409): Stop, rotate-key or backup of an engine that is not running (stopped, sleeping with its container stopped, failed).
+	// - `QUOTA_EXCEEDED` (429): A provision (or an admit with auto_provision that would provision) when the product already has max_engines engines. Retry-After is set; freeing an engine (destroy) or raising the policy ends it.
+	// - `RATE_LIMITED` (429): Admits beyond the product's rate_limit_rpm in the current minute (Retry-After: when the next window opens), or a client that keeps presenting wrong keys (Retry-After: when it may try again).
+	// - `PORT_EXHAUSTION` (503): No engine port is free in ORCH_PORT_MIN..ORCH_PORT_MAX on the node: widen the range or destroy engines.
+	// - `BOOT_TIMEOUT` (504): An engine did not answer /health ok within ORCH_BOOT_TIMEOUT_S (provision, start, wake, restart, upgrade, restore), or the request stopped waiting first: the operation may still finish, follow it at GET /operations/{operation_id}.
+	// - `INTERNAL_ERROR` (500): A bug or an unexpected failure; the cause is logged under the request id, never sent.
+	// - `NOT_FOUND` (404): No route has this path (or the path is not clean, e.g. // or /../).
+	// - `OPERATION_IN_PROGRESS` (409): Another operation on this engine is pending or running (one at a time per engine), or this operation was superseded by a later one.
+	// - `OPERATION_NOT_FOUND` (404): The calling product has no operation with this id.
+	// - `BACKEND_FAILED` (502): The backend (Docker, Kubernetes, the engine process) failed the operation after its retries; the engine's last_error and the audit row say why.
+	// - `BACKEND_TIMEOUT` (504): An operation that does not boot an engine (stop, destroy, backup…) did not finish within the request's wait: it goes on, follow it at GET /operations/{operation_id}.
+	// - `SERVICE_UNAVAILABLE` (503): Postgres is unreachable, or this replica is shutting down; Retry-After says when to retry. Nothing in flight is lost.
+	// - `BACKUP_NOT_FOUND` (404): The user has no backup with this id.
+	// - `BACKUP_CORRUPT` (502): A restore's backup file is missing, unreadable or does not match the SHA-256 recorded when it was taken: nothing was changed.
+	// - `EXPORT_NOT_FOUND` (404): No audit export has this id.
+	// - `INVALID_STATE` (409): The engine's state does not allow the operation (e.g. restoring into an engine that is being destroyed).
+	// - `METHOD_NOT_ALLOWED` (405): The path exists but not with this method; Allow lists the methods it takes.
+	Code ErrorCode `json:"code"`
 
 	// Message Human-readable explanation
 	Message string `json:"message"`
@@ -723,7 +1011,7 @@ type ListAuditParams struct {
 	UserId *string `form:"user_id,omitempty" json:"user_id,omitempty"`
 
 	// Action Only this action (provision, start, backup, …)
-	Action *string `form:"action,omitempty" json:"action,omitempty"`
+	Action *AuditAction `form:"action,omitempty" json:"action,omitempty"`
 
 	// Since Rows at or after this time (RFC 3339)
 	Since *time.Time `form:"since,omitempty" json:"since,omitempty"`
@@ -3608,6 +3896,11 @@ type ClientWithResponsesInterface interface {
 	FleetStatusWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*FleetStatusResponse, error)
 }
 
+// ListAuditResponse429Headers the declared response headers of an HTTP 429 response for ListAudit
+type ListAuditResponse429Headers struct {
+	RetryAfter *int
+}
+
 // ListAuditResponse503Headers the declared response headers of an HTTP 503 response for ListAudit
 type ListAuditResponse503Headers struct {
 	RetryAfter *int
@@ -3622,10 +3915,14 @@ type ListAuditResponse struct {
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
 	JSON401 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *ListAuditResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *ListAuditResponse503Headers
 }
@@ -3643,6 +3940,11 @@ func (r ListAuditResponse) GetJSON400() *ErrorResponse {
 // GetJSON401 returns the response for an HTTP 401 `application/json` response
 func (r ListAuditResponse) GetJSON401() *ErrorResponse {
 	return r.JSON401
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r ListAuditResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -3684,6 +3986,11 @@ func (r ListAuditResponse) ContentType() string {
 	return ""
 }
 
+// ListAuditExportsResponse429Headers the declared response headers of an HTTP 429 response for ListAuditExports
+type ListAuditExportsResponse429Headers struct {
+	RetryAfter *int
+}
+
 // ListAuditExportsResponse503Headers the declared response headers of an HTTP 503 response for ListAuditExports
 type ListAuditExportsResponse503Headers struct {
 	RetryAfter *int
@@ -3698,10 +4005,14 @@ type ListAuditExportsResponse struct {
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
 	JSON401 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *ListAuditExportsResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *ListAuditExportsResponse503Headers
 }
@@ -3719,6 +4030,11 @@ func (r ListAuditExportsResponse) GetJSON400() *ErrorResponse {
 // GetJSON401 returns the response for an HTTP 401 `application/json` response
 func (r ListAuditExportsResponse) GetJSON401() *ErrorResponse {
 	return r.JSON401
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r ListAuditExportsResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -3760,6 +4076,11 @@ func (r ListAuditExportsResponse) ContentType() string {
 	return ""
 }
 
+// CreateAuditExportResponse429Headers the declared response headers of an HTTP 429 response for CreateAuditExport
+type CreateAuditExportResponse429Headers struct {
+	RetryAfter *int
+}
+
 // CreateAuditExportResponse503Headers the declared response headers of an HTTP 503 response for CreateAuditExport
 type CreateAuditExportResponse503Headers struct {
 	RetryAfter *int
@@ -3776,10 +4097,18 @@ type CreateAuditExportResponse struct {
 	JSON401 *ErrorResponse
 	// JSON404 the response for an HTTP 404 `application/json` response
 	JSON404 *ErrorResponse
+	// JSON408 the response for an HTTP 408 `application/json` response
+	JSON408 *ErrorResponse
+	// JSON413 the response for an HTTP 413 `application/json` response
+	JSON413 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *CreateAuditExportResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *CreateAuditExportResponse503Headers
 }
@@ -3802,6 +4131,21 @@ func (r CreateAuditExportResponse) GetJSON401() *ErrorResponse {
 // GetJSON404 returns the response for an HTTP 404 `application/json` response
 func (r CreateAuditExportResponse) GetJSON404() *ErrorResponse {
 	return r.JSON404
+}
+
+// GetJSON408 returns the response for an HTTP 408 `application/json` response
+func (r CreateAuditExportResponse) GetJSON408() *ErrorResponse {
+	return r.JSON408
+}
+
+// GetJSON413 returns the response for an HTTP 413 `application/json` response
+func (r CreateAuditExportResponse) GetJSON413() *ErrorResponse {
+	return r.JSON413
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r CreateAuditExportResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -3843,6 +4187,11 @@ func (r CreateAuditExportResponse) ContentType() string {
 	return ""
 }
 
+// GetAuditExportResponse429Headers the declared response headers of an HTTP 429 response for GetAuditExport
+type GetAuditExportResponse429Headers struct {
+	RetryAfter *int
+}
+
 // GetAuditExportResponse503Headers the declared response headers of an HTTP 503 response for GetAuditExport
 type GetAuditExportResponse503Headers struct {
 	RetryAfter *int
@@ -3859,10 +4208,14 @@ type GetAuditExportResponse struct {
 	JSON401 *ErrorResponse
 	// JSON404 the response for an HTTP 404 `application/json` response
 	JSON404 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *GetAuditExportResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *GetAuditExportResponse503Headers
 }
@@ -3885,6 +4238,11 @@ func (r GetAuditExportResponse) GetJSON401() *ErrorResponse {
 // GetJSON404 returns the response for an HTTP 404 `application/json` response
 func (r GetAuditExportResponse) GetJSON404() *ErrorResponse {
 	return r.JSON404
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r GetAuditExportResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -3926,6 +4284,11 @@ func (r GetAuditExportResponse) ContentType() string {
 	return ""
 }
 
+// ListEnginesResponse429Headers the declared response headers of an HTTP 429 response for ListEngines
+type ListEnginesResponse429Headers struct {
+	RetryAfter *int
+}
+
 // ListEnginesResponse503Headers the declared response headers of an HTTP 503 response for ListEngines
 type ListEnginesResponse503Headers struct {
 	RetryAfter *int
@@ -3940,10 +4303,14 @@ type ListEnginesResponse struct {
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
 	JSON401 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *ListEnginesResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *ListEnginesResponse503Headers
 }
@@ -3961,6 +4328,11 @@ func (r ListEnginesResponse) GetJSON400() *ErrorResponse {
 // GetJSON401 returns the response for an HTTP 401 `application/json` response
 func (r ListEnginesResponse) GetJSON401() *ErrorResponse {
 	return r.JSON401
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r ListEnginesResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -4023,8 +4395,14 @@ type ProvisionEngineResponse struct {
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
 	JSON401 *ErrorResponse
+	// JSON404 the response for an HTTP 404 `application/json` response
+	JSON404 *ErrorResponse
+	// JSON408 the response for an HTTP 408 `application/json` response
+	JSON408 *ErrorResponse
 	// JSON409 the response for an HTTP 409 `application/json` response
 	JSON409 *ErrorResponse
+	// JSON413 the response for an HTTP 413 `application/json` response
+	JSON413 *ErrorResponse
 	// JSON429 the response for an HTTP 429 `application/json` response
 	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
@@ -4061,9 +4439,24 @@ func (r ProvisionEngineResponse) GetJSON401() *ErrorResponse {
 	return r.JSON401
 }
 
+// GetJSON404 returns the response for an HTTP 404 `application/json` response
+func (r ProvisionEngineResponse) GetJSON404() *ErrorResponse {
+	return r.JSON404
+}
+
+// GetJSON408 returns the response for an HTTP 408 `application/json` response
+func (r ProvisionEngineResponse) GetJSON408() *ErrorResponse {
+	return r.JSON408
+}
+
 // GetJSON409 returns the response for an HTTP 409 `application/json` response
 func (r ProvisionEngineResponse) GetJSON409() *ErrorResponse {
 	return r.JSON409
+}
+
+// GetJSON413 returns the response for an HTTP 413 `application/json` response
+func (r ProvisionEngineResponse) GetJSON413() *ErrorResponse {
+	return r.JSON413
 }
 
 // GetJSON429 returns the response for an HTTP 429 `application/json` response
@@ -4120,6 +4513,11 @@ func (r ProvisionEngineResponse) ContentType() string {
 	return ""
 }
 
+// DestroyEngineResponse429Headers the declared response headers of an HTTP 429 response for DestroyEngine
+type DestroyEngineResponse429Headers struct {
+	RetryAfter *int
+}
+
 // DestroyEngineResponse503Headers the declared response headers of an HTTP 503 response for DestroyEngine
 type DestroyEngineResponse503Headers struct {
 	RetryAfter *int
@@ -4138,6 +4536,10 @@ type DestroyEngineResponse struct {
 	JSON401 *ErrorResponse
 	// JSON404 the response for an HTTP 404 `application/json` response
 	JSON404 *ErrorResponse
+	// JSON409 the response for an HTTP 409 `application/json` response
+	JSON409 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON502 the response for an HTTP 502 `application/json` response
@@ -4146,6 +4548,8 @@ type DestroyEngineResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *DestroyEngineResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *DestroyEngineResponse503Headers
 }
@@ -4173,6 +4577,16 @@ func (r DestroyEngineResponse) GetJSON401() *ErrorResponse {
 // GetJSON404 returns the response for an HTTP 404 `application/json` response
 func (r DestroyEngineResponse) GetJSON404() *ErrorResponse {
 	return r.JSON404
+}
+
+// GetJSON409 returns the response for an HTTP 409 `application/json` response
+func (r DestroyEngineResponse) GetJSON409() *ErrorResponse {
+	return r.JSON409
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r DestroyEngineResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -4224,6 +4638,11 @@ func (r DestroyEngineResponse) ContentType() string {
 	return ""
 }
 
+// GetEngineResponse429Headers the declared response headers of an HTTP 429 response for GetEngine
+type GetEngineResponse429Headers struct {
+	RetryAfter *int
+}
+
 // GetEngineResponse503Headers the declared response headers of an HTTP 503 response for GetEngine
 type GetEngineResponse503Headers struct {
 	RetryAfter *int
@@ -4240,10 +4659,14 @@ type GetEngineResponse struct {
 	JSON401 *ErrorResponse
 	// JSON404 the response for an HTTP 404 `application/json` response
 	JSON404 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *GetEngineResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *GetEngineResponse503Headers
 }
@@ -4266,6 +4689,11 @@ func (r GetEngineResponse) GetJSON401() *ErrorResponse {
 // GetJSON404 returns the response for an HTTP 404 `application/json` response
 func (r GetEngineResponse) GetJSON404() *ErrorResponse {
 	return r.JSON404
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r GetEngineResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -4334,8 +4762,14 @@ type AdmitEngineResponse struct {
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
 	JSON401 *ErrorResponse
+	// JSON404 the response for an HTTP 404 `application/json` response
+	JSON404 *ErrorResponse
+	// JSON408 the response for an HTTP 408 `application/json` response
+	JSON408 *ErrorResponse
 	// JSON409 the response for an HTTP 409 `application/json` response
 	JSON409 *ErrorResponse
+	// JSON413 the response for an HTTP 413 `application/json` response
+	JSON413 *ErrorResponse
 	// JSON429 the response for an HTTP 429 `application/json` response
 	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
@@ -4374,9 +4808,24 @@ func (r AdmitEngineResponse) GetJSON401() *ErrorResponse {
 	return r.JSON401
 }
 
+// GetJSON404 returns the response for an HTTP 404 `application/json` response
+func (r AdmitEngineResponse) GetJSON404() *ErrorResponse {
+	return r.JSON404
+}
+
+// GetJSON408 returns the response for an HTTP 408 `application/json` response
+func (r AdmitEngineResponse) GetJSON408() *ErrorResponse {
+	return r.JSON408
+}
+
 // GetJSON409 returns the response for an HTTP 409 `application/json` response
 func (r AdmitEngineResponse) GetJSON409() *ErrorResponse {
 	return r.JSON409
+}
+
+// GetJSON413 returns the response for an HTTP 413 `application/json` response
+func (r AdmitEngineResponse) GetJSON413() *ErrorResponse {
+	return r.JSON413
 }
 
 // GetJSON429 returns the response for an HTTP 429 `application/json` response
@@ -4433,6 +4882,11 @@ func (r AdmitEngineResponse) ContentType() string {
 	return ""
 }
 
+// ListBackupsResponse429Headers the declared response headers of an HTTP 429 response for ListBackups
+type ListBackupsResponse429Headers struct {
+	RetryAfter *int
+}
+
 // ListBackupsResponse503Headers the declared response headers of an HTTP 503 response for ListBackups
 type ListBackupsResponse503Headers struct {
 	RetryAfter *int
@@ -4447,10 +4901,14 @@ type ListBackupsResponse struct {
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
 	JSON401 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *ListBackupsResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *ListBackupsResponse503Headers
 }
@@ -4468,6 +4926,11 @@ func (r ListBackupsResponse) GetJSON400() *ErrorResponse {
 // GetJSON401 returns the response for an HTTP 401 `application/json` response
 func (r ListBackupsResponse) GetJSON401() *ErrorResponse {
 	return r.JSON401
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r ListBackupsResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -4509,6 +4972,11 @@ func (r ListBackupsResponse) ContentType() string {
 	return ""
 }
 
+// TakeBackupResponse429Headers the declared response headers of an HTTP 429 response for TakeBackup
+type TakeBackupResponse429Headers struct {
+	RetryAfter *int
+}
+
 // TakeBackupResponse503Headers the declared response headers of an HTTP 503 response for TakeBackup
 type TakeBackupResponse503Headers struct {
 	RetryAfter *int
@@ -4529,6 +4997,8 @@ type TakeBackupResponse struct {
 	JSON404 *ErrorResponse
 	// JSON409 the response for an HTTP 409 `application/json` response
 	JSON409 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON502 the response for an HTTP 502 `application/json` response
@@ -4537,6 +5007,8 @@ type TakeBackupResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *TakeBackupResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *TakeBackupResponse503Headers
 }
@@ -4569,6 +5041,11 @@ func (r TakeBackupResponse) GetJSON404() *ErrorResponse {
 // GetJSON409 returns the response for an HTTP 409 `application/json` response
 func (r TakeBackupResponse) GetJSON409() *ErrorResponse {
 	return r.JSON409
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r TakeBackupResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -4620,6 +5097,11 @@ func (r TakeBackupResponse) ContentType() string {
 	return ""
 }
 
+// RestartEngineResponse429Headers the declared response headers of an HTTP 429 response for RestartEngine
+type RestartEngineResponse429Headers struct {
+	RetryAfter *int
+}
+
 // RestartEngineResponse503Headers the declared response headers of an HTTP 503 response for RestartEngine
 type RestartEngineResponse503Headers struct {
 	RetryAfter *int
@@ -4640,6 +5122,8 @@ type RestartEngineResponse struct {
 	JSON404 *ErrorResponse
 	// JSON409 the response for an HTTP 409 `application/json` response
 	JSON409 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON502 the response for an HTTP 502 `application/json` response
@@ -4648,6 +5132,8 @@ type RestartEngineResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *RestartEngineResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *RestartEngineResponse503Headers
 }
@@ -4680,6 +5166,11 @@ func (r RestartEngineResponse) GetJSON404() *ErrorResponse {
 // GetJSON409 returns the response for an HTTP 409 `application/json` response
 func (r RestartEngineResponse) GetJSON409() *ErrorResponse {
 	return r.JSON409
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r RestartEngineResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -4731,6 +5222,11 @@ func (r RestartEngineResponse) ContentType() string {
 	return ""
 }
 
+// RestoreBackupResponse429Headers the declared response headers of an HTTP 429 response for RestoreBackup
+type RestoreBackupResponse429Headers struct {
+	RetryAfter *int
+}
+
 // RestoreBackupResponse503Headers the declared response headers of an HTTP 503 response for RestoreBackup
 type RestoreBackupResponse503Headers struct {
 	RetryAfter *int
@@ -4749,8 +5245,14 @@ type RestoreBackupResponse struct {
 	JSON401 *ErrorResponse
 	// JSON404 the response for an HTTP 404 `application/json` response
 	JSON404 *ErrorResponse
+	// JSON408 the response for an HTTP 408 `application/json` response
+	JSON408 *ErrorResponse
 	// JSON409 the response for an HTTP 409 `application/json` response
 	JSON409 *ErrorResponse
+	// JSON413 the response for an HTTP 413 `application/json` response
+	JSON413 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON502 the response for an HTTP 502 `application/json` response
@@ -4759,6 +5261,8 @@ type RestoreBackupResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *RestoreBackupResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *RestoreBackupResponse503Headers
 }
@@ -4788,9 +5292,24 @@ func (r RestoreBackupResponse) GetJSON404() *ErrorResponse {
 	return r.JSON404
 }
 
+// GetJSON408 returns the response for an HTTP 408 `application/json` response
+func (r RestoreBackupResponse) GetJSON408() *ErrorResponse {
+	return r.JSON408
+}
+
 // GetJSON409 returns the response for an HTTP 409 `application/json` response
 func (r RestoreBackupResponse) GetJSON409() *ErrorResponse {
 	return r.JSON409
+}
+
+// GetJSON413 returns the response for an HTTP 413 `application/json` response
+func (r RestoreBackupResponse) GetJSON413() *ErrorResponse {
+	return r.JSON413
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r RestoreBackupResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -4842,6 +5361,11 @@ func (r RestoreBackupResponse) ContentType() string {
 	return ""
 }
 
+// RotateEngineKeyResponse429Headers the declared response headers of an HTTP 429 response for RotateEngineKey
+type RotateEngineKeyResponse429Headers struct {
+	RetryAfter *int
+}
+
 // RotateEngineKeyResponse503Headers the declared response headers of an HTTP 503 response for RotateEngineKey
 type RotateEngineKeyResponse503Headers struct {
 	RetryAfter *int
@@ -4862,6 +5386,8 @@ type RotateEngineKeyResponse struct {
 	JSON404 *ErrorResponse
 	// JSON409 the response for an HTTP 409 `application/json` response
 	JSON409 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON502 the response for an HTTP 502 `application/json` response
@@ -4870,6 +5396,8 @@ type RotateEngineKeyResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *RotateEngineKeyResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *RotateEngineKeyResponse503Headers
 }
@@ -4902,6 +5430,11 @@ func (r RotateEngineKeyResponse) GetJSON404() *ErrorResponse {
 // GetJSON409 returns the response for an HTTP 409 `application/json` response
 func (r RotateEngineKeyResponse) GetJSON409() *ErrorResponse {
 	return r.JSON409
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r RotateEngineKeyResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -4953,6 +5486,11 @@ func (r RotateEngineKeyResponse) ContentType() string {
 	return ""
 }
 
+// StartEngineResponse429Headers the declared response headers of an HTTP 429 response for StartEngine
+type StartEngineResponse429Headers struct {
+	RetryAfter *int
+}
+
 // StartEngineResponse503Headers the declared response headers of an HTTP 503 response for StartEngine
 type StartEngineResponse503Headers struct {
 	RetryAfter *int
@@ -4973,6 +5511,8 @@ type StartEngineResponse struct {
 	JSON404 *ErrorResponse
 	// JSON409 the response for an HTTP 409 `application/json` response
 	JSON409 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON502 the response for an HTTP 502 `application/json` response
@@ -4981,6 +5521,8 @@ type StartEngineResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *StartEngineResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *StartEngineResponse503Headers
 }
@@ -5013,6 +5555,11 @@ func (r StartEngineResponse) GetJSON404() *ErrorResponse {
 // GetJSON409 returns the response for an HTTP 409 `application/json` response
 func (r StartEngineResponse) GetJSON409() *ErrorResponse {
 	return r.JSON409
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r StartEngineResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -5064,6 +5611,11 @@ func (r StartEngineResponse) ContentType() string {
 	return ""
 }
 
+// StopEngineResponse429Headers the declared response headers of an HTTP 429 response for StopEngine
+type StopEngineResponse429Headers struct {
+	RetryAfter *int
+}
+
 // StopEngineResponse503Headers the declared response headers of an HTTP 503 response for StopEngine
 type StopEngineResponse503Headers struct {
 	RetryAfter *int
@@ -5084,6 +5636,8 @@ type StopEngineResponse struct {
 	JSON404 *ErrorResponse
 	// JSON409 the response for an HTTP 409 `application/json` response
 	JSON409 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON502 the response for an HTTP 502 `application/json` response
@@ -5092,6 +5646,8 @@ type StopEngineResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *StopEngineResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *StopEngineResponse503Headers
 }
@@ -5124,6 +5680,11 @@ func (r StopEngineResponse) GetJSON404() *ErrorResponse {
 // GetJSON409 returns the response for an HTTP 409 `application/json` response
 func (r StopEngineResponse) GetJSON409() *ErrorResponse {
 	return r.JSON409
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r StopEngineResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -5175,6 +5736,11 @@ func (r StopEngineResponse) ContentType() string {
 	return ""
 }
 
+// UpgradeEngineResponse429Headers the declared response headers of an HTTP 429 response for UpgradeEngine
+type UpgradeEngineResponse429Headers struct {
+	RetryAfter *int
+}
+
 // UpgradeEngineResponse503Headers the declared response headers of an HTTP 503 response for UpgradeEngine
 type UpgradeEngineResponse503Headers struct {
 	RetryAfter *int
@@ -5193,8 +5759,14 @@ type UpgradeEngineResponse struct {
 	JSON401 *ErrorResponse
 	// JSON404 the response for an HTTP 404 `application/json` response
 	JSON404 *ErrorResponse
+	// JSON408 the response for an HTTP 408 `application/json` response
+	JSON408 *ErrorResponse
 	// JSON409 the response for an HTTP 409 `application/json` response
 	JSON409 *ErrorResponse
+	// JSON413 the response for an HTTP 413 `application/json` response
+	JSON413 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON502 the response for an HTTP 502 `application/json` response
@@ -5203,6 +5775,8 @@ type UpgradeEngineResponse struct {
 	JSON503 *ErrorResponse
 	// JSON504 the response for an HTTP 504 `application/json` response
 	JSON504 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *UpgradeEngineResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *UpgradeEngineResponse503Headers
 }
@@ -5232,9 +5806,24 @@ func (r UpgradeEngineResponse) GetJSON404() *ErrorResponse {
 	return r.JSON404
 }
 
+// GetJSON408 returns the response for an HTTP 408 `application/json` response
+func (r UpgradeEngineResponse) GetJSON408() *ErrorResponse {
+	return r.JSON408
+}
+
 // GetJSON409 returns the response for an HTTP 409 `application/json` response
 func (r UpgradeEngineResponse) GetJSON409() *ErrorResponse {
 	return r.JSON409
+}
+
+// GetJSON413 returns the response for an HTTP 413 `application/json` response
+func (r UpgradeEngineResponse) GetJSON413() *ErrorResponse {
+	return r.JSON413
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r UpgradeEngineResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -5286,23 +5875,23 @@ func (r UpgradeEngineResponse) ContentType() string {
 	return ""
 }
 
-// HealthResponse503Headers the declared response headers of an HTTP 503 response for Health
-type HealthResponse503Headers struct {
-	RetryAfter *int
-}
-
 type HealthResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *HealthOutputBody
-	// Headers503 the parsed response headers for an HTTP 503 response
-	Headers503 *HealthResponse503Headers
+	// JSON500 the response for an HTTP 500 `application/json` response
+	JSON500 *ErrorResponse
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
 func (r HealthResponse) GetJSON200() *HealthOutputBody {
 	return r.JSON200
+}
+
+// GetJSON500 returns the response for an HTTP 500 `application/json` response
+func (r HealthResponse) GetJSON500() *ErrorResponse {
+	return r.JSON500
 }
 
 // GetBody returns the raw response body bytes
@@ -5334,6 +5923,11 @@ func (r HealthResponse) ContentType() string {
 	return ""
 }
 
+// FleetMetricsResponse429Headers the declared response headers of an HTTP 429 response for FleetMetrics
+type FleetMetricsResponse429Headers struct {
+	RetryAfter *int
+}
+
 // FleetMetricsResponse503Headers the declared response headers of an HTTP 503 response for FleetMetrics
 type FleetMetricsResponse503Headers struct {
 	RetryAfter *int
@@ -5346,10 +5940,14 @@ type FleetMetricsResponse struct {
 	JSON200 *MetricsBody
 	// JSON401 the response for an HTTP 401 `application/json` response
 	JSON401 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *FleetMetricsResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *FleetMetricsResponse503Headers
 }
@@ -5362,6 +5960,11 @@ func (r FleetMetricsResponse) GetJSON200() *MetricsBody {
 // GetJSON401 returns the response for an HTTP 401 `application/json` response
 func (r FleetMetricsResponse) GetJSON401() *ErrorResponse {
 	return r.JSON401
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r FleetMetricsResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -5403,6 +6006,11 @@ func (r FleetMetricsResponse) ContentType() string {
 	return ""
 }
 
+// GetOperationResponse429Headers the declared response headers of an HTTP 429 response for GetOperation
+type GetOperationResponse429Headers struct {
+	RetryAfter *int
+}
+
 // GetOperationResponse503Headers the declared response headers of an HTTP 503 response for GetOperation
 type GetOperationResponse503Headers struct {
 	RetryAfter *int
@@ -5419,10 +6027,14 @@ type GetOperationResponse struct {
 	JSON401 *ErrorResponse
 	// JSON404 the response for an HTTP 404 `application/json` response
 	JSON404 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *GetOperationResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *GetOperationResponse503Headers
 }
@@ -5445,6 +6057,11 @@ func (r GetOperationResponse) GetJSON401() *ErrorResponse {
 // GetJSON404 returns the response for an HTTP 404 `application/json` response
 func (r GetOperationResponse) GetJSON404() *ErrorResponse {
 	return r.JSON404
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r GetOperationResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -5486,6 +6103,11 @@ func (r GetOperationResponse) ContentType() string {
 	return ""
 }
 
+// ListProductsResponse429Headers the declared response headers of an HTTP 429 response for ListProducts
+type ListProductsResponse429Headers struct {
+	RetryAfter *int
+}
+
 // ListProductsResponse503Headers the declared response headers of an HTTP 503 response for ListProducts
 type ListProductsResponse503Headers struct {
 	RetryAfter *int
@@ -5500,10 +6122,14 @@ type ListProductsResponse struct {
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
 	JSON401 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *ListProductsResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *ListProductsResponse503Headers
 }
@@ -5521,6 +6147,11 @@ func (r ListProductsResponse) GetJSON400() *ErrorResponse {
 // GetJSON401 returns the response for an HTTP 401 `application/json` response
 func (r ListProductsResponse) GetJSON401() *ErrorResponse {
 	return r.JSON401
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r ListProductsResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -5562,6 +6193,11 @@ func (r ListProductsResponse) ContentType() string {
 	return ""
 }
 
+// RegisterProductResponse429Headers the declared response headers of an HTTP 429 response for RegisterProduct
+type RegisterProductResponse429Headers struct {
+	RetryAfter *int
+}
+
 // RegisterProductResponse503Headers the declared response headers of an HTTP 503 response for RegisterProduct
 type RegisterProductResponse503Headers struct {
 	RetryAfter *int
@@ -5576,12 +6212,20 @@ type RegisterProductResponse struct {
 	JSON400 *ErrorResponse
 	// JSON401 the response for an HTTP 401 `application/json` response
 	JSON401 *ErrorResponse
+	// JSON408 the response for an HTTP 408 `application/json` response
+	JSON408 *ErrorResponse
 	// JSON409 the response for an HTTP 409 `application/json` response
 	JSON409 *ErrorResponse
+	// JSON413 the response for an HTTP 413 `application/json` response
+	JSON413 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *RegisterProductResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *RegisterProductResponse503Headers
 }
@@ -5601,9 +6245,24 @@ func (r RegisterProductResponse) GetJSON401() *ErrorResponse {
 	return r.JSON401
 }
 
+// GetJSON408 returns the response for an HTTP 408 `application/json` response
+func (r RegisterProductResponse) GetJSON408() *ErrorResponse {
+	return r.JSON408
+}
+
 // GetJSON409 returns the response for an HTTP 409 `application/json` response
 func (r RegisterProductResponse) GetJSON409() *ErrorResponse {
 	return r.JSON409
+}
+
+// GetJSON413 returns the response for an HTTP 413 `application/json` response
+func (r RegisterProductResponse) GetJSON413() *ErrorResponse {
+	return r.JSON413
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r RegisterProductResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -5645,6 +6304,11 @@ func (r RegisterProductResponse) ContentType() string {
 	return ""
 }
 
+// GetProductResponse429Headers the declared response headers of an HTTP 429 response for GetProduct
+type GetProductResponse429Headers struct {
+	RetryAfter *int
+}
+
 // GetProductResponse503Headers the declared response headers of an HTTP 503 response for GetProduct
 type GetProductResponse503Headers struct {
 	RetryAfter *int
@@ -5661,10 +6325,14 @@ type GetProductResponse struct {
 	JSON401 *ErrorResponse
 	// JSON404 the response for an HTTP 404 `application/json` response
 	JSON404 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *GetProductResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *GetProductResponse503Headers
 }
@@ -5687,6 +6355,11 @@ func (r GetProductResponse) GetJSON401() *ErrorResponse {
 // GetJSON404 returns the response for an HTTP 404 `application/json` response
 func (r GetProductResponse) GetJSON404() *ErrorResponse {
 	return r.JSON404
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r GetProductResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -5728,6 +6401,11 @@ func (r GetProductResponse) ContentType() string {
 	return ""
 }
 
+// UpdateProductPolicyResponse429Headers the declared response headers of an HTTP 429 response for UpdateProductPolicy
+type UpdateProductPolicyResponse429Headers struct {
+	RetryAfter *int
+}
+
 // UpdateProductPolicyResponse503Headers the declared response headers of an HTTP 503 response for UpdateProductPolicy
 type UpdateProductPolicyResponse503Headers struct {
 	RetryAfter *int
@@ -5744,10 +6422,18 @@ type UpdateProductPolicyResponse struct {
 	JSON401 *ErrorResponse
 	// JSON404 the response for an HTTP 404 `application/json` response
 	JSON404 *ErrorResponse
+	// JSON408 the response for an HTTP 408 `application/json` response
+	JSON408 *ErrorResponse
+	// JSON413 the response for an HTTP 413 `application/json` response
+	JSON413 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *UpdateProductPolicyResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *UpdateProductPolicyResponse503Headers
 }
@@ -5770,6 +6456,21 @@ func (r UpdateProductPolicyResponse) GetJSON401() *ErrorResponse {
 // GetJSON404 returns the response for an HTTP 404 `application/json` response
 func (r UpdateProductPolicyResponse) GetJSON404() *ErrorResponse {
 	return r.JSON404
+}
+
+// GetJSON408 returns the response for an HTTP 408 `application/json` response
+func (r UpdateProductPolicyResponse) GetJSON408() *ErrorResponse {
+	return r.JSON408
+}
+
+// GetJSON413 returns the response for an HTTP 413 `application/json` response
+func (r UpdateProductPolicyResponse) GetJSON413() *ErrorResponse {
+	return r.JSON413
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r UpdateProductPolicyResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -5811,6 +6512,11 @@ func (r UpdateProductPolicyResponse) ContentType() string {
 	return ""
 }
 
+// RotatePlatformKeyResponse429Headers the declared response headers of an HTTP 429 response for RotatePlatformKey
+type RotatePlatformKeyResponse429Headers struct {
+	RetryAfter *int
+}
+
 // RotatePlatformKeyResponse503Headers the declared response headers of an HTTP 503 response for RotatePlatformKey
 type RotatePlatformKeyResponse503Headers struct {
 	RetryAfter *int
@@ -5827,10 +6533,18 @@ type RotatePlatformKeyResponse struct {
 	JSON401 *ErrorResponse
 	// JSON404 the response for an HTTP 404 `application/json` response
 	JSON404 *ErrorResponse
+	// JSON408 the response for an HTTP 408 `application/json` response
+	JSON408 *ErrorResponse
+	// JSON413 the response for an HTTP 413 `application/json` response
+	JSON413 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *RotatePlatformKeyResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *RotatePlatformKeyResponse503Headers
 }
@@ -5853,6 +6567,21 @@ func (r RotatePlatformKeyResponse) GetJSON401() *ErrorResponse {
 // GetJSON404 returns the response for an HTTP 404 `application/json` response
 func (r RotatePlatformKeyResponse) GetJSON404() *ErrorResponse {
 	return r.JSON404
+}
+
+// GetJSON408 returns the response for an HTTP 408 `application/json` response
+func (r RotatePlatformKeyResponse) GetJSON408() *ErrorResponse {
+	return r.JSON408
+}
+
+// GetJSON413 returns the response for an HTTP 413 `application/json` response
+func (r RotatePlatformKeyResponse) GetJSON413() *ErrorResponse {
+	return r.JSON413
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r RotatePlatformKeyResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -5894,6 +6623,11 @@ func (r RotatePlatformKeyResponse) ContentType() string {
 	return ""
 }
 
+// FleetStatusResponse429Headers the declared response headers of an HTTP 429 response for FleetStatus
+type FleetStatusResponse429Headers struct {
+	RetryAfter *int
+}
+
 // FleetStatusResponse503Headers the declared response headers of an HTTP 503 response for FleetStatus
 type FleetStatusResponse503Headers struct {
 	RetryAfter *int
@@ -5906,10 +6640,14 @@ type FleetStatusResponse struct {
 	JSON200 *StatusBody
 	// JSON401 the response for an HTTP 401 `application/json` response
 	JSON401 *ErrorResponse
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *ErrorResponse
 	// JSON500 the response for an HTTP 500 `application/json` response
 	JSON500 *ErrorResponse
 	// JSON503 the response for an HTTP 503 `application/json` response
 	JSON503 *ErrorResponse
+	// Headers429 the parsed response headers for an HTTP 429 response
+	Headers429 *FleetStatusResponse429Headers
 	// Headers503 the parsed response headers for an HTTP 503 response
 	Headers503 *FleetStatusResponse503Headers
 }
@@ -5922,6 +6660,11 @@ func (r FleetStatusResponse) GetJSON200() *StatusBody {
 // GetJSON401 returns the response for an HTTP 401 `application/json` response
 func (r FleetStatusResponse) GetJSON401() *ErrorResponse {
 	return r.JSON401
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r FleetStatusResponse) GetJSON429() *ErrorResponse {
+	return r.JSON429
 }
 
 // GetJSON500 returns the response for an HTTP 500 `application/json` response
@@ -6484,6 +7227,13 @@ func ParseListAuditResponse(rsp *http.Response) (*ListAuditResponse, error) {
 		}
 		response.JSON401 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -6501,6 +7251,16 @@ func ParseListAuditResponse(rsp *http.Response) (*ListAuditResponse, error) {
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers ListAuditResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers ListAuditResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -6551,6 +7311,13 @@ func ParseListAuditExportsResponse(rsp *http.Response) (*ListAuditExportsRespons
 		}
 		response.JSON401 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -6568,6 +7335,16 @@ func ParseListAuditExportsResponse(rsp *http.Response) (*ListAuditExportsRespons
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers ListAuditExportsResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers ListAuditExportsResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -6625,6 +7402,27 @@ func ParseCreateAuditExportResponse(rsp *http.Response) (*CreateAuditExportRespo
 		}
 		response.JSON404 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 408:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON408 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 413:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON413 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -6642,6 +7440,16 @@ func ParseCreateAuditExportResponse(rsp *http.Response) (*CreateAuditExportRespo
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers CreateAuditExportResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers CreateAuditExportResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -6699,6 +7507,13 @@ func ParseGetAuditExportResponse(rsp *http.Response) (*GetAuditExportResponse, e
 		}
 		response.JSON404 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -6716,6 +7531,16 @@ func ParseGetAuditExportResponse(rsp *http.Response) (*GetAuditExportResponse, e
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers GetAuditExportResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers GetAuditExportResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -6766,6 +7591,13 @@ func ParseListEnginesResponse(rsp *http.Response) (*ListEnginesResponse, error) 
 		}
 		response.JSON401 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -6783,6 +7615,16 @@ func ParseListEnginesResponse(rsp *http.Response) (*ListEnginesResponse, error) 
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers ListEnginesResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers ListEnginesResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -6840,12 +7682,33 @@ func ParseProvisionEngineResponse(rsp *http.Response) (*ProvisionEngineResponse,
 		}
 		response.JSON401 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 404:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON404 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 408:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON408 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
 			return nil, err
 		}
 		response.JSON409 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 413:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON413 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
 		var dest ErrorResponse
@@ -6959,6 +7822,20 @@ func ParseDestroyEngineResponse(rsp *http.Response) (*DestroyEngineResponse, err
 		}
 		response.JSON404 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON409 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -6990,6 +7867,16 @@ func ParseDestroyEngineResponse(rsp *http.Response) (*DestroyEngineResponse, err
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers DestroyEngineResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers DestroyEngineResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -7047,6 +7934,13 @@ func ParseGetEngineResponse(rsp *http.Response) (*GetEngineResponse, error) {
 		}
 		response.JSON404 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7064,6 +7958,16 @@ func ParseGetEngineResponse(rsp *http.Response) (*GetEngineResponse, error) {
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers GetEngineResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers GetEngineResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -7121,12 +8025,33 @@ func ParseAdmitEngineResponse(rsp *http.Response) (*AdmitEngineResponse, error) 
 		}
 		response.JSON401 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 404:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON404 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 408:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON408 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
 			return nil, err
 		}
 		response.JSON409 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 413:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON413 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
 		var dest ErrorResponse
@@ -7243,6 +8168,13 @@ func ParseListBackupsResponse(rsp *http.Response) (*ListBackupsResponse, error) 
 		}
 		response.JSON401 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7260,6 +8192,16 @@ func ParseListBackupsResponse(rsp *http.Response) (*ListBackupsResponse, error) 
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers ListBackupsResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers ListBackupsResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -7331,6 +8273,13 @@ func ParseTakeBackupResponse(rsp *http.Response) (*TakeBackupResponse, error) {
 		}
 		response.JSON409 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7362,6 +8311,16 @@ func ParseTakeBackupResponse(rsp *http.Response) (*TakeBackupResponse, error) {
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers TakeBackupResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers TakeBackupResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -7433,6 +8392,13 @@ func ParseRestartEngineResponse(rsp *http.Response) (*RestartEngineResponse, err
 		}
 		response.JSON409 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7464,6 +8430,16 @@ func ParseRestartEngineResponse(rsp *http.Response) (*RestartEngineResponse, err
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers RestartEngineResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers RestartEngineResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -7528,12 +8504,33 @@ func ParseRestoreBackupResponse(rsp *http.Response) (*RestoreBackupResponse, err
 		}
 		response.JSON404 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 408:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON408 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
 			return nil, err
 		}
 		response.JSON409 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 413:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON413 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
@@ -7566,6 +8563,16 @@ func ParseRestoreBackupResponse(rsp *http.Response) (*RestoreBackupResponse, err
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers RestoreBackupResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers RestoreBackupResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -7637,6 +8644,13 @@ func ParseRotateEngineKeyResponse(rsp *http.Response) (*RotateEngineKeyResponse,
 		}
 		response.JSON409 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7668,6 +8682,16 @@ func ParseRotateEngineKeyResponse(rsp *http.Response) (*RotateEngineKeyResponse,
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers RotateEngineKeyResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers RotateEngineKeyResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -7739,6 +8763,13 @@ func ParseStartEngineResponse(rsp *http.Response) (*StartEngineResponse, error) 
 		}
 		response.JSON409 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7770,6 +8801,16 @@ func ParseStartEngineResponse(rsp *http.Response) (*StartEngineResponse, error) 
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers StartEngineResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers StartEngineResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -7841,6 +8882,13 @@ func ParseStopEngineResponse(rsp *http.Response) (*StopEngineResponse, error) {
 		}
 		response.JSON409 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -7872,6 +8920,16 @@ func ParseStopEngineResponse(rsp *http.Response) (*StopEngineResponse, error) {
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers StopEngineResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers StopEngineResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -7936,12 +8994,33 @@ func ParseUpgradeEngineResponse(rsp *http.Response) (*UpgradeEngineResponse, err
 		}
 		response.JSON404 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 408:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON408 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
 			return nil, err
 		}
 		response.JSON409 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 413:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON413 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
@@ -7974,6 +9053,16 @@ func ParseUpgradeEngineResponse(rsp *http.Response) (*UpgradeEngineResponse, err
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers UpgradeEngineResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers UpgradeEngineResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -8010,22 +9099,16 @@ func ParseHealthResponse(rsp *http.Response) (*HealthResponse, error) {
 		}
 		response.JSON200 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON500 = &dest
+
 	case rsp.StatusCode == 503:
 		break // No content-type
 
-	}
-
-	switch {
-	case rsp.StatusCode == 503:
-		var headers HealthResponse503Headers
-		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
-			var value int
-			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
-				return nil, err
-			}
-			headers.RetryAfter = &value
-		}
-		response.Headers503 = &headers
 	}
 
 	return response, nil
@@ -8059,6 +9142,13 @@ func ParseFleetMetricsResponse(rsp *http.Response) (*FleetMetricsResponse, error
 		}
 		response.JSON401 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -8076,6 +9166,16 @@ func ParseFleetMetricsResponse(rsp *http.Response) (*FleetMetricsResponse, error
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers FleetMetricsResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers FleetMetricsResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -8133,6 +9233,13 @@ func ParseGetOperationResponse(rsp *http.Response) (*GetOperationResponse, error
 		}
 		response.JSON404 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -8150,6 +9257,16 @@ func ParseGetOperationResponse(rsp *http.Response) (*GetOperationResponse, error
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers GetOperationResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers GetOperationResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -8200,6 +9317,13 @@ func ParseListProductsResponse(rsp *http.Response) (*ListProductsResponse, error
 		}
 		response.JSON401 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -8217,6 +9341,16 @@ func ParseListProductsResponse(rsp *http.Response) (*ListProductsResponse, error
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers ListProductsResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers ListProductsResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -8267,12 +9401,33 @@ func ParseRegisterProductResponse(rsp *http.Response) (*RegisterProductResponse,
 		}
 		response.JSON401 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 408:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON408 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
 			return nil, err
 		}
 		response.JSON409 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 413:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON413 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
@@ -8291,6 +9446,16 @@ func ParseRegisterProductResponse(rsp *http.Response) (*RegisterProductResponse,
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers RegisterProductResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers RegisterProductResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -8348,6 +9513,13 @@ func ParseGetProductResponse(rsp *http.Response) (*GetProductResponse, error) {
 		}
 		response.JSON404 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -8365,6 +9537,16 @@ func ParseGetProductResponse(rsp *http.Response) (*GetProductResponse, error) {
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers GetProductResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers GetProductResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -8422,6 +9604,27 @@ func ParseUpdateProductPolicyResponse(rsp *http.Response) (*UpdateProductPolicyR
 		}
 		response.JSON404 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 408:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON408 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 413:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON413 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -8439,6 +9642,16 @@ func ParseUpdateProductPolicyResponse(rsp *http.Response) (*UpdateProductPolicyR
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers UpdateProductPolicyResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers UpdateProductPolicyResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -8496,6 +9709,27 @@ func ParseRotatePlatformKeyResponse(rsp *http.Response) (*RotatePlatformKeyRespo
 		}
 		response.JSON404 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 408:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON408 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 413:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON413 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -8513,6 +9747,16 @@ func ParseRotatePlatformKeyResponse(rsp *http.Response) (*RotatePlatformKeyRespo
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers RotatePlatformKeyResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers RotatePlatformKeyResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
@@ -8556,6 +9800,13 @@ func ParseFleetStatusResponse(rsp *http.Response) (*FleetStatusResponse, error) 
 		}
 		response.JSON401 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest ErrorResponse
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 500:
 		var dest ErrorResponse
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -8573,6 +9824,16 @@ func ParseFleetStatusResponse(rsp *http.Response) (*FleetStatusResponse, error) 
 	}
 
 	switch {
+	case rsp.StatusCode == 429:
+		var headers FleetStatusResponse429Headers
+		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {
+			var value int
+			if err := runtime.BindStyledParameterWithOptions("simple", "Retry-After", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.RetryAfter = &value
+		}
+		response.Headers429 = &headers
 	case rsp.StatusCode == 503:
 		var headers FleetStatusResponse503Headers
 		if values := rsp.Header.Values("Retry-After"); len(values) > 0 {

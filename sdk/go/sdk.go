@@ -101,7 +101,7 @@ func check(res *http.Response, body []byte, err error) error {
 	if json.Unmarshal(body, &env) != nil || env.Error.Code == "" {
 		return &Error{Status: res.StatusCode, Code: "UNKNOWN", Message: http.StatusText(res.StatusCode)}
 	}
-	e := &Error{Status: res.StatusCode, Code: env.Error.Code, Message: env.Error.Message}
+	e := &Error{Status: res.StatusCode, Code: string(env.Error.Code), Message: env.Error.Message}
 	if secs, err := strconv.Atoi(res.Header.Get("Retry-After")); err == nil && secs >= 0 {
 		e.RetryAfter = time.Duration(secs) * time.Second
 	}
