@@ -82,6 +82,15 @@ var ErrImageUnavailable = errors.New("engine image unavailable")
 // does not know publishes it): the workers move the engine to a free port.
 var ErrPortUnavailable = errors.New("host port unavailable")
 
+// DataCopier is implemented by a backend that says whether it can copy
+// brain volumes (Pause, CopyDataOut, CopyDataIn). One that cannot
+// (kubernetes) has its brains backed up and restored through the engine's
+// GET /memory/export and POST /memory/import instead. A backend that does
+// not implement DataCopier can.
+type DataCopier interface {
+	CopiesData() bool
+}
+
 // RuntimeEvent is a runtime change observed by the backend (crash, OOM).
 type RuntimeEvent struct {
 	EngineID string

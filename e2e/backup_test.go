@@ -39,6 +39,7 @@ import (
 	"github.com/enginefleet/orchestrator/refengine"
 	"github.com/enginefleet/orchestrator/scheduler"
 	"github.com/enginefleet/orchestrator/schema"
+	"github.com/enginefleet/orchestrator/workers"
 )
 
 // rawGet returns an engine route's body bytes as the engine sent them.
@@ -117,6 +118,47 @@ func (f *fleet) volumeCheck(engineID string) (string, int) {
 	return brainCheck(f.t, &buf)
 }
 
+// copiesData reports whether the fleet's backend copies brain volumes
+// (docker, subprocess); on kubernetes backups are the engine's export.
+func (f *fleet) copiesData() bool {
+	c, ok := f.Backend.(orch.DataCopier)
+	return !ok || c.CopiesData()
+}
+
+// checkBackup checks a backup's archive: a volume copy holds an intact
+// brain of n memories; a portable one (kubernetes) the engine's export,
+// byte-identical to export.
+func (f *fleet) checkBackup(backupID string, export []byte, n int) {
+	f.t.Helper()
+	if f.copiesData() {
+		verdict, got := brainCheck(f.t, f.backupTar(backupID))
+		require.Equal(f.t, "ok", verdict)
+		require.Equal(f.t, n, got)
+		return
+	}
+	tr := tar.NewReader(f.backupTar(backupID))
+	h, err := tr.Next()
+	require.NoError(f.t, err)
+	require.Equal(f.t, workers.PortableEntry, h.Name)
+	b, err := io.ReadAll(tr)
+	require.NoError(f.t, err)
+	require.Equal(f.t, string(export), string(b))
+	_, err = tr.Next()
+	require.ErrorIs(f.t, err, io.EOF, "a portable backup holds the export only")
+}
+
+// checkVolume checks the brain in an engine's volume, where the backend
+// can copy it out (on kubernetes the export checks stand for it).
+func (f *fleet) checkVolume(engineID string, n int) {
+	f.t.Helper()
+	if !f.copiesData() {
+		return
+	}
+	verdict, got := f.volumeCheck(engineID)
+	require.Equal(f.t, "ok", verdict)
+	require.Equal(f.t, n, got)
+}
+
 // backupFile opens a recorded backup's archive as a tar stream.
 func (f *fleet) backupTar(backupID string) io.Reader {
 	f.t.Helper()
@@ -150,7 +192,10 @@ func finalBackupFiles(t testing.TB, dir string) []string {
 // export is byte-identical to before and its brain passes integrity_check.
 func TestRestoreDrillDocker(t *testing.T) {
 	t.Parallel()
-	f := newFleet(t, fleetOpts{backend: "docker"})
+	restoreDrill(t, newFleet(t, fleetOpts{backend: "docker"}))
+}
+
+func restoreDrill(t *testing.T, f *fleet) {
 	_, key := f.product("acme", orch.Policy{})
 	r := f.call("POST", "/engines/provision", key, map[string]any{"user_id": "alice"})
 	require.Equal(t, http.StatusOK, r.Status, "%v", r.Body)
@@ -167,9 +212,7 @@ func TestRestoreDrillDocker(t *testing.T) {
 	require.Equal(t, "manual", bk["trigger"])
 	require.NotEmpty(t, bk["sha256"])
 	t.Logf("backup: %v bytes, engine paused %v ms", bk["size_bytes"], bk["paused_ms"])
-	verdict, n := brainCheck(t, f.backupTar(backupID))
-	require.Equal(t, "ok", verdict)
-	require.Equal(t, 25, n)
+	f.checkBackup(backupID, before, 25)
 
 	// Disaster: the engine is destroyed. Its backups stay listed.
 	require.Equal(t, http.StatusOK, f.call("DELETE", "/engines/alice", key, nil).Status)
@@ -190,10 +233,7 @@ func TestRestoreDrillDocker(t *testing.T) {
 	require.Equal(t, newID, rs.str("engine_id"))
 	after := rawGet(t, url+"/memory/export", ekey)
 	require.Equal(t, string(before), string(after), "the restored brain exports byte-identically")
-
-	verdict, n = f.volumeCheck(newID)
-	require.Equal(t, "ok", verdict)
-	require.Equal(t, 25, n)
+	f.checkVolume(newID, 25)
 	acts := f.auditActions(newID)
 	require.Equal(t, "restore", acts[len(acts)-1])
 	require.Contains(t, f.auditActions(oldID), "backup")
@@ -293,7 +333,23 @@ func (f *fleet) newEngine(key, user string) (string, string, string) {
 // joining, listing, errors, and a restore that rewinds the brain.
 func TestBackupRestoreSubprocess(t *testing.T) {
 	t.Parallel()
-	f := newFleet(t, fleetOpts{})
+	backupRestore(t, newFleet(t, fleetOpts{}))
+}
+
+// The same on a backend that cannot copy volumes (as kubernetes): backups
+// are the engine's export, restores its import.
+func TestBackupRestorePortable(t *testing.T) {
+	t.Parallel()
+	backupRestore(t, newFleet(t, fleetOpts{portable: true}))
+}
+
+// The restore drill through the engine's export and import.
+func TestRestoreDrillPortable(t *testing.T) {
+	t.Parallel()
+	restoreDrill(t, newFleet(t, fleetOpts{portable: true}))
+}
+
+func backupRestore(t *testing.T, f *fleet) {
 	ctx := context.Background()
 	_, key := f.product("acme", orch.Policy{})
 	_, otherKey := f.product("other", orch.Policy{})
@@ -347,9 +403,7 @@ func TestBackupRestoreSubprocess(t *testing.T) {
 	require.Equal(t, http.StatusOK, rs.Status, "%v", rs.Body)
 	require.Equal(t, "running", rs.str("status"))
 	require.Equal(t, string(atBackup), string(rawGet(t, url+"/memory/export", ekey)))
-	verdict, n := f.volumeCheck(id)
-	require.Equal(t, "ok", verdict)
-	require.Equal(t, 5, n)
+	f.checkVolume(id, 5)
 	entries, err := os.ReadDir(filepath.Join(f.Backups, ".restore"))
 	require.NoError(t, err)
 	require.Empty(t, entries, "the safety copy is removed after a restore")

@@ -25,6 +25,7 @@ import (
 	"github.com/enginefleet/orchestrator/api"
 	"github.com/enginefleet/orchestrator/backend/docker"
 	"github.com/enginefleet/orchestrator/backend/subprocess"
+	"github.com/enginefleet/orchestrator/internal/kubeenv"
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/lifecycle"
@@ -39,7 +40,8 @@ const adminKey = "e2e-admin-key-0123456789"
 
 // fleetOpts tunes one test fleet.
 type fleetOpts struct {
-	backend     string // "subprocess" (default) or "docker"
+	backend     string // "subprocess" (default), "docker" or "kubernetes"
+	portable    bool   // the backend says it cannot copy volumes: backups through the engine's API, as on kubernetes
 	ports       int    // size of the port range (default 40)
 	bootTimeout time.Duration
 	engineEnv   map[string]string // passed through to every engine
@@ -64,6 +66,12 @@ type fleetOpts struct {
 	idleEvery      time.Duration // scheduler's idle sweep period (default 1 s here)
 }
 
+// noDataCopy is a backend that says it cannot copy brain volumes, so that
+// backups go through the engine's API (as on kubernetes) on any backend.
+type noDataCopy struct{ orch.Backend }
+
+func (noDataCopy) CopiesData() bool { return false }
+
 // fleet is a whole orchestrator on a fresh database.
 type fleet struct {
 	t       testing.TB
@@ -78,7 +86,9 @@ type fleet struct {
 	PortMin int
 	PortMax int
 	Image   string
-	Workers *workers.Workers
+	// Namespace is the kubernetes fleets' engine namespace.
+	Namespace string
+	Workers   *workers.Workers
 	// ORCH_BACKUP_DIR and ORCH_AUDIT_EXPORT_DIR of this fleet (temporary).
 	Backups string
 	Exports string
@@ -138,11 +148,20 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 		b, err := docker.New(docker.Config{Network: e2eNetwork, Node: f.Node, Fleet: f.Fleet}, log)
 		require.NoError(t, err)
 		f.Backend = b
+	case "kubernetes":
+		f.Image = o.image
+		if f.Image == "" {
+			f.Image = kubeenv.AgentImage
+		}
+		f.Namespace, f.Backend = kubeFleet(t, f.Node, f.Fleet, o.bootTimeout)
 	default:
 		f.Image = "enginefleet/engine:e2e-1"
 		b, err := subprocess.New(subprocess.Config{DataRoot: t.TempDir(), EngineBinary: testenv.EngineBinary(t), Node: f.Node}, log)
 		require.NoError(t, err)
 		f.Backend = b
+	}
+	if o.portable {
+		f.Backend = noDataCopy{f.Backend}
 	}
 	t.Cleanup(f.removeEngines)
 	f.Backups, f.Exports = t.TempDir(), t.TempDir()
@@ -180,6 +199,14 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	}
 	if o.metrics != nil {
 		cfg.Metrics, cfg.MetricsAddr = *o.metrics, "127.0.0.1:0"
+	}
+	if o.backend == "kubernetes" {
+		// No host ports; engines are reached through their Service's name,
+		// which kubeDial resolves as cluster DNS would.
+		cfg.Core.URLTemplate, cfg.Core.NoHostPorts, cfg.Core.Namespace = kubeURLTemplate, true, f.Namespace
+		cfg.Workers.Engines.ProbeURLTemplate, cfg.Workers.Engines.Namespace = kubeURLTemplate, f.Namespace
+		cfg.Workers.Engines.PortMin, cfg.Workers.Engines.PortMax = 0, 0
+		cfg.Workers.Engines.Dial = kubeDial
 	}
 	cfg.SkipRuntimeEvents = !o.events // the tests of crash detection from the runtime ask for it
 	p, err := server.New(cfg, f.Pool, f.Keyring, f.Backend, log)
@@ -292,7 +319,13 @@ func (r resp) str(path ...string) string {
 	return s
 }
 
-var httpClient = &http.Client{Timeout: 3 * time.Minute}
+// httpClient is the tests' client: products, the API, engines (the
+// kubernetes fleets' Service names resolved by kubeDial).
+var httpClient = func() *http.Client {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.DialContext = kubeDial
+	return &http.Client{Timeout: 3 * time.Minute, Transport: tr}
+}()
 
 func do(t testing.TB, method, url string, body any, headers map[string]string) resp {
 	t.Helper()

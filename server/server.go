@@ -123,6 +123,9 @@ func New(cfg Config, pool *pgxpool.Pool, kr *keys.Keyring, backend orch.Backend,
 		}
 		wc := cfg.Workers
 		wc.Metrics = p.Metrics
+		if wc.Backups.Keyring == nil {
+			wc.Backups.Keyring = kr // backups through the engine's API authenticate with its key
+		}
 		p.Workers = workers.New(wc, pool, backend, log)
 		p.River, err = river.NewClient(riverpgxv5.New(pool), p.Workers.RiverConfig(log))
 	} else {

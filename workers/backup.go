@@ -23,6 +23,7 @@ import (
 	orch "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/atomicfile"
 	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -70,6 +71,9 @@ type BackupConfig struct {
 	Dir         string        // ORCH_BACKUP_DIR ("" = backups refused)
 	Retention   time.Duration // ORCH_BACKUP_RETENTION_DAYS (7 days)
 	Concurrency int           // backups at once per worker process (2)
+	// Keyring opens engine keys, for backends whose backups go through
+	// the engine's API (portable.go); server.New sets the process's.
+	Keyring *keys.Keyring
 }
 
 func (c BackupConfig) withDefaults() BackupConfig {
@@ -156,6 +160,14 @@ func (bk *Backups) backup(ctx context.Context, e orch.Engine, op orch.Operation,
 		}
 	}
 	meta["trigger"] = trigger
+	if bk.portable() && e.Status != orch.StateRunning && !(e.Status == orch.StateSleeping && bk.sleepingRuns) {
+		// The engine exports its own brain: it must be running. A stopped
+		// engine's brain has not changed since it stopped.
+		if day != nil {
+			return outcome{logAs: "skipped_not_running"}
+		}
+		return outcome{err: orch.Errorf(orch.CodeEngineNotRunning, "engine is %s: on this backend a backup is the running engine's own export (start it first)", e.Status)}
+	}
 
 	f, err := bk.WriteBackup(ctx, e, a.BackupID)
 	if err != nil {
@@ -201,8 +213,13 @@ func (bk *Backups) WriteBackup(ctx context.Context, e orch.Engine, backupID stri
 	}
 	defer func() { raw.Close(); os.Remove(raw.Name()) }() //nolint:errcheck
 
-	// The frozen part: pause, copy the volume out as it is, unpause.
-	f.Paused, err = bk.copyFrozen(ctx, e.ID, raw)
+	// The frozen part: pause, copy the volume out as it is, unpause; or
+	// the engine's own export (portable.go).
+	if bk.portable() {
+		err = bk.exportTar(ctx, e, raw)
+	} else {
+		f.Paused, err = bk.copyFrozen(ctx, e.ID, raw)
+	}
 	f.Copy = time.Since(start)
 	if err != nil {
 		return f, err

@@ -109,6 +109,17 @@ func (bk *Backups) restore(jobCtx context.Context, e orch.Engine, op orch.Operat
 		return fail(err)
 	}
 
+	if bk.portable() {
+		out := bk.restorePortable(ctx, jobCtx, e, b, safety, wantRunning, fail, last)
+		for k, v := range meta {
+			if _, ok := out.meta[k]; !ok {
+				out.meta[k] = v
+			}
+		}
+		out.duration = time.Since(start)
+		return out
+	}
+
 	// 2. Stop, then a safety copy of the brain as it is now (unless an
 	// earlier attempt of this operation already took it).
 	if err := bk.safetyCopy(ctx, e, safety); err != nil {

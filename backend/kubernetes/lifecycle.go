@@ -519,6 +519,12 @@ func (b *Backend) ServiceHost(engineID string) string {
 	return fmt.Sprintf("%s.%s.svc:%d", orchestrator.ContainerName(engineID), b.cfg.Namespace, EnginePort)
 }
 
+// CopiesData is false: the workers back brains up through the engine's
+// HTTP API (orchestrator.DataCopier).
+func (b *Backend) CopiesData() bool { return false }
+
+var _ orchestrator.DataCopier = (*Backend)(nil)
+
 // Pause is not available on Kubernetes (no freezer through the API).
 func (b *Backend) Pause(context.Context, string) error {
 	return fmt.Errorf("pause engine: %w", ErrNotSupported)

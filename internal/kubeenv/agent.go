@@ -94,9 +94,13 @@ type AgentOptions struct {
 	Images []string
 }
 
-// AgentImage is the one image the shared agent (RequireAgent) has: pods
-// with any other image fail to pull.
-const AgentImage = "enginefleet/engine:kubeenv"
+// AgentImage and AgentImageNext are the images the shared agent
+// (RequireAgent) has, both the engine binary (the second one is what
+// upgrade tests move to): pods with any other image fail to pull.
+const (
+	AgentImage     = "enginefleet/engine:kubeenv"
+	AgentImageNext = "enginefleet/engine:kubeenv-2"
+)
 
 // RequireAgent returns the shared control plane's agent, starting it on
 // first use with the engine binary built from this checkout as AgentImage.
@@ -104,7 +108,7 @@ func RequireAgent(t testing.TB) *Agent {
 	t.Helper()
 	env := Require(t)
 	bin := testenv.EngineBinary(t)
-	a, err := env.StartAgent(AgentOptions{EngineBinary: bin, Images: []string{AgentImage}})
+	a, err := env.StartAgent(AgentOptions{EngineBinary: bin, Images: []string{AgentImage, AgentImageNext}})
 	if err != nil {
 		t.Fatalf("start node agent: %v", err)
 	}
