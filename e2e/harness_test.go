@@ -50,6 +50,7 @@ type fleetOpts struct {
 	orphanGrace time.Duration
 	node        string          // ORCH_NODE (default: one of its own)
 	metrics     *metrics.Config // serve the fleet's Prometheus metrics (MetricsURL) from this configuration (nil = none)
+	limits      bool            // docker: engines get production's default memory, CPU and pids limits
 
 	// Fleet upkeep (SPEC §6, §7); zero values keep the workers' defaults
 	// (auto-restart off unless maxAttempts is set).
@@ -145,7 +146,11 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 		if f.Image == "" {
 			f.Image = dockertest.EngineImage(t, "e2e-1")
 		}
-		b, err := docker.New(docker.Config{Network: e2eNetwork, Node: f.Node, Fleet: f.Fleet}, log)
+		dc := docker.Config{Network: e2eNetwork, Node: f.Node, Fleet: f.Fleet}
+		if o.limits {
+			dc.MemoryMB, dc.CPUs, dc.PidsLimit = docker.DefaultMemoryMB, docker.DefaultCPUs, docker.DefaultPids
+		}
+		b, err := docker.New(dc, log)
 		require.NoError(t, err)
 		f.Backend = b
 	case "kubernetes":

@@ -32,7 +32,7 @@ type Config struct {
 	NoHostPorts bool
 	Namespace   string // the kubernetes backend's engine namespace ({namespace} in URLTemplate)
 
-	Metrics *metrics.Metrics // dropped denial audits (nil = none)
+	Metrics *metrics.Metrics // dropped denial audits, the wake step of waits (nil = none)
 }
 
 // River is what the request side needs of a River client: enqueue within

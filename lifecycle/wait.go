@@ -5,6 +5,7 @@ import (
 	"time"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -29,7 +30,7 @@ func (c *Core) Wait(ctx context.Context, productID, opID string, timeout time.Du
 	poll := time.NewTicker(waitPoll)
 	defer poll.Stop()
 	q := schema.New(c.pool)
-	for {
+	for waited := false; ; waited = true {
 		op, err := q.GetOperation(ctx, productID, opID)
 		var retry <-chan time.Time
 		switch {
@@ -41,6 +42,11 @@ func (c *Core) Wait(ctx context.Context, productID, opID string, timeout time.Du
 		case err != nil:
 			return err
 		case op.Status.Done():
+			if waited {
+				// The outcome's commit stamps updated_at (the
+				// database's clock, on this host in most setups).
+				c.cfg.Metrics.ObserveStep(metrics.StepWake, time.Since(op.UpdatedAt))
+			}
 			return opError(op)
 		}
 		select {

@@ -74,6 +74,7 @@ type Metrics struct {
 	boot          *prometheus.HistogramVec
 	jobs          *prometheus.HistogramVec
 	requests      *prometheus.HistogramVec
+	steps         *prometheus.HistogramVec
 	leader        atomic.Uint64               // math.Float64bits of the set value
 	leaderFn      atomic.Pointer[func() bool] // when set, read at scrape time instead
 	apiGuards
@@ -112,13 +113,17 @@ func New(cfg Config) *Metrics {
 	m.requests = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: Namespace, Name: "http_request_duration_seconds",
 		Help:    "API request latency by method (standard methods, others as OTHER), route pattern (unmatched when none) and status code (unusual ones by class).",
 		Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120}}, []string{"method", "route", "code"})
+	m.steps = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: Namespace, Name: "operation_step_duration_seconds",
+		Help: "Where a lifecycle operation's time goes, by step: pickup (job available → a worker runs it), ensure (image, volume, " +
+			"container), start, health (started → /health ok), commit (the outcome's transaction), wake (outcome committed → the waiting request has it).",
+		Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120}}, []string{"step"})
 	leader := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: Namespace, Name: "scheduler_leader",
 		Help: "1 while this process's scheduler holds the leader lock."}, m.leaderValue)
 	build := prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Name: "build_info",
 		Help: "Always 1; the version label is the running build.", ConstLabels: prometheus.Labels{"version": cfg.Version}})
 	build.Set(1)
 	m.reg.MustRegister(m.provisions, m.destroys, m.restarts, m.crashes, m.probeFailures, m.rescued, m.abandoned, m.admit, m.boot, m.jobs,
-		m.requests, leader, build,
+		m.requests, m.steps, leader, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Series that alerts and dashboards rate() exist from the start at 0,
 	// so the first increment is seen as one.
@@ -130,6 +135,9 @@ func New(cfg Config) *Metrics {
 	}
 	for _, r := range []string{"health", "crash"} {
 		m.crashes.WithLabelValues(r)
+	}
+	for _, s := range Steps {
+		m.steps.WithLabelValues(s)
 	}
 	m.registerAPIGuards()
 	if cfg.Source != nil {
@@ -228,6 +236,34 @@ func codeLabel(code int) string {
 		return "other"
 	}
 	return strconv.Itoa(code/100) + "xx"
+}
+
+// The steps of a lifecycle operation, the label of
+// orchestrator_operation_step_duration_seconds, in the order they happen.
+const (
+	StepPickup = "pickup" // the job became available → a worker runs it
+	StepEnsure = "ensure" // the backend's Ensure: image, volume, container
+	StepStart  = "start"  // the backend's Start
+	StepHealth = "health" // started → /health answered ok
+	StepCommit = "commit" // the outcome's transaction
+	StepWake   = "wake"   // the outcome committed → the waiting request read it
+)
+
+// Steps lists the steps in order.
+var Steps = []string{StepPickup, StepEnsure, StepStart, StepHealth, StepCommit, StepWake}
+
+// ObserveStep records how long one step of an operation took (Step*).
+// Any other step name is recorded as "other", so no caller can add series.
+func (m *Metrics) ObserveStep(step string, d time.Duration) {
+	if m == nil {
+		return
+	}
+	switch step {
+	case StepPickup, StepEnsure, StepStart, StepHealth, StepCommit, StepWake:
+	default:
+		step = "other"
+	}
+	m.steps.WithLabelValues(step).Observe(max(d, 0).Seconds())
 }
 
 // ObserveJob records one River job run.

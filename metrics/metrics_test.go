@@ -60,6 +60,7 @@ func TestNilMetricsAreSafe(t *testing.T) {
 	m.Lifecycle(orch.ActionProvision, false, time.Second)
 	m.EngineCrashed("health")
 	m.HealthProbeFailures(3)
+	m.ObserveStep(metrics.StepHealth, time.Millisecond)
 	m.SetSchedulerLeader(true)
 	m.SchedulerLeaderFunc(func() bool { return true })
 	req, _ := http.NewRequest("GET", "/metrics", nil)
@@ -278,4 +279,27 @@ func TestRequestLabelsBounded(t *testing.T) {
 		require.NotNil(t, find(t, g, "orchestrator_http_request_duration_seconds", want), "%v", want)
 	}
 	require.Nil(t, find(t, g, "orchestrator_http_request_duration_seconds", map[string]string{"method": "BREW"}))
+}
+
+// An operation's steps are recorded under their own names, every step's
+// series exists from the start, and an unknown name cannot add a series.
+func TestStepsBounded(t *testing.T) {
+	t.Parallel()
+	m := metrics.New(metrics.Config{})
+	g := m.Gatherer()
+	const name = "orchestrator_operation_step_duration_seconds"
+	for _, s := range metrics.Steps {
+		require.NotNil(t, find(t, g, name, map[string]string{"step": s}), s)
+		require.Zero(t, histCount(t, g, name, map[string]string{"step": s}), s)
+	}
+	m.ObserveStep(metrics.StepHealth, 30*time.Millisecond)
+	m.ObserveStep(metrics.StepHealth, 10*time.Millisecond)
+	m.ObserveStep("user-supplied", time.Second)
+	m.ObserveStep(metrics.StepWake, -time.Second) // clocks apart: never negative
+	h := find(t, g, name, map[string]string{"step": metrics.StepHealth}).GetHistogram()
+	require.Equal(t, uint64(2), h.GetSampleCount())
+	require.InDelta(t, 0.040, h.GetSampleSum(), 1e-9)
+	require.Equal(t, uint64(1), histCount(t, g, name, map[string]string{"step": "other"}))
+	require.Nil(t, find(t, g, name, map[string]string{"step": "user-supplied"}))
+	require.Zero(t, find(t, g, name, map[string]string{"step": metrics.StepWake}).GetHistogram().GetSampleSum())
 }

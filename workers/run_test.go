@@ -16,7 +16,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/jobs"
+	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/schema"
 )
 
@@ -361,4 +363,38 @@ func requireRetried(t *testing.T, res *rivertest.WorkResult) {
 	t.Helper()
 	require.Equal(t, river.EventKindJobFailed, res.EventKind)
 	require.Contains(t, []rivertype.JobState{rivertype.JobStateRetryable, rivertype.JobStateAvailable}, res.Job.State)
+}
+
+// A boot records its timeline: the job's pickup, the backend's ensure and
+// start, the health wait and the outcome's commit, once each.
+func TestBootRecordsItsSteps(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	m := metrics.New(metrics.Config{})
+	r := newFakeRig(t, func(c *Config) { c.Metrics = m })
+	e := r.engine(t, "zoe", orch.StateStopped)
+	op := r.operation(t, e, orch.OpStart, schema.OpPayload{}, true)
+
+	tw, tx := testWorker(t, r, &startWorker{lifecycleWorker[jobs.Start]{l: r.w.lifecycle}})
+	_, err := tw.Work(ctx, t, tx, jobs.Start{Lifecycle: jobs.Lifecycle{EngineID: e.ID, OperationID: op.ID, Node: e.Node}}, nil)
+	require.NoError(t, err)
+	require.Equal(t, orch.OpSucceeded, r.op(t, op.ID).Status)
+	for _, s := range []string{metrics.StepPickup, metrics.StepEnsure, metrics.StepStart, metrics.StepHealth, metrics.StepCommit} {
+		got := testenv.GatherMetric(t, m.Gatherer(), "orchestrator_operation_step_duration_seconds", map[string]string{"step": s})
+		require.NotNil(t, got, s)
+		require.Equal(t, uint64(1), got.GetHistogram().GetSampleCount(), s)
+	}
+}
+
+// A booting engine is probed every 10 ms for its first 3 s (most answer
+// well within), every 50 ms until 15 s, then every 200 ms.
+func TestHealthPollCadence(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ elapsed, want time.Duration }{
+		{0, 10 * time.Millisecond}, {2999 * time.Millisecond, 10 * time.Millisecond},
+		{3 * time.Second, 50 * time.Millisecond}, {14 * time.Second, 50 * time.Millisecond},
+		{15 * time.Second, 200 * time.Millisecond}, {time.Hour, 200 * time.Millisecond},
+	} {
+		require.Equal(t, tc.want, healthPoll(tc.elapsed), "after %s", tc.elapsed)
+	}
 }

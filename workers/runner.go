@@ -157,6 +157,11 @@ type runOpts struct {
 // sweep ends the operation (abandoned.go).
 func (r *runner) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecycle, o runOpts, do step) error {
 	start := time.Now()
+	if !o.aside && job.Attempt == 1 {
+		// Queueing, River's fetch and the hand-over to this worker: a
+		// retry's wait is its backoff, not pickup.
+		r.metrics.ObserveStep(metrics.StepPickup, start.Sub(job.ScheduledAt))
+	}
 	q := schema.New(r.pool)
 	lease := r.leaseOf(job)
 	e, got, err := q.TakeLease(ctx, a.EngineID, lease, leaseUntil(ctx, r.jobTimeout())) // lease and read in one
@@ -211,7 +216,12 @@ func (r *runner) run(ctx context.Context, job *rivertype.JobRow, a jobs.Lifecycl
 		r.logJob(job.Kind, e.ID, job.Attempt, start, "retry", out.err)
 		return out.err
 	}
-	if err := r.commit(ctx, e, op, lease, out); err != nil {
+	committing := time.Now()
+	err = r.commit(ctx, e, op, lease, out)
+	if !o.aside {
+		r.metrics.ObserveStep(metrics.StepCommit, time.Since(committing))
+	}
+	if err != nil {
 		if out.discard != nil {
 			out.discard()
 		}
@@ -455,21 +465,42 @@ func (r *runner) bootAndWait(ctx context.Context, e orch.Engine, spec orch.Engin
 		}
 		return 0, backendErr("create engine", err)
 	}
+	ensured := time.Now()
+	r.metrics.ObserveStep(metrics.StepEnsure, ensured.Sub(start))
 	e, _, err := r.startMovingPort(ctx, e, spec) // ports.go: a refused host port moves the engine
 	if err != nil {
 		return 0, err
 	}
+	started := time.Now()
+	r.metrics.ObserveStep(metrics.StepStart, started.Sub(ensured))
 	if err := r.waitHealthy(ctx, e, start.Add(r.eng.BootTimeout)); err != nil {
 		return time.Since(start), err
 	}
+	r.metrics.ObserveStep(metrics.StepHealth, time.Since(started))
 	return time.Since(start), nil
+}
+
+// healthPoll is the pause between two probes of a booting engine that has
+// been waited for since elapsed: an engine usually answers within a few
+// hundred milliseconds of its start, and a request is waiting on it, so
+// it is looked at often at first (a probe of a port nobody listens on
+// costs a refused connection); one that takes longer is slow for a reason
+// (a large brain, a loaded host) and is looked at less.
+func healthPoll(elapsed time.Duration) time.Duration {
+	switch {
+	case elapsed < 3*time.Second:
+		return 10 * time.Millisecond
+	case elapsed < 15*time.Second:
+		return 50 * time.Millisecond
+	}
+	return 200 * time.Millisecond
 }
 
 // waitHealthy polls the engine's /health until it is ok or deadline.
 func (r *runner) waitHealthy(ctx context.Context, e orch.Engine, deadline time.Time) error {
 	url := r.probeURL(e)
-	delay := 10 * time.Millisecond
-	lastLook, restartPause := time.Now(), 500*time.Millisecond
+	began := time.Now()
+	lastLook, restartPause := began, 500*time.Millisecond
 	for {
 		pctx, cancel := context.WithTimeout(ctx, min(r.eng.ProbeTimeout, time.Until(deadline)+time.Millisecond))
 		err := Probe(pctx, r.http, url)
@@ -494,11 +525,15 @@ func (r *runner) waitHealthy(ctx context.Context, e orch.Engine, deadline time.T
 				restartPause = min(2*restartPause, 4*time.Second)
 			}
 		}
+		delay := healthPoll(time.Since(began))
 		if time.Now().Add(delay).After(deadline) {
 			return errBootTimeout
 		}
-		time.Sleep(delay)
-		delay = min(delay*2, 250*time.Millisecond)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(delay):
+		}
 	}
 }
 

@@ -116,7 +116,7 @@ func (b *Backend) CopyDataIn(ctx context.Context, engineID, image string, r io.R
 	if err := b.removeVolume(ctx, engineID, image); err != nil {
 		return fmt.Errorf("copy data in: %w", err)
 	}
-	if err := b.ensureVolume(ctx, engineID, productID, image); err != nil {
+	if _, err := b.ensureVolume(ctx, engineID, productID, image); err != nil {
 		return fmt.Errorf("copy data in: %w", err)
 	}
 	helper, err := b.createHelper(ctx, engineID, image)

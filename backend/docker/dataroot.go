@@ -181,7 +181,15 @@ func (b *Backend) removeBrainDir(ctx context.Context, engineID, image string) er
 	if image == "" {
 		var err error
 		if image, err = b.helperImage(ctx, container.InspectResponse{}); err != nil {
-			return fmt.Errorf("remove brain directory: %w", err)
+			// The last engine of the node gone and the helper image
+			// not local: pull it rather than fail every retry.
+			if b.cfg.HelperImage == "" {
+				return fmt.Errorf("remove brain directory: %w", err)
+			}
+			if err := b.ensureImage(ctx, b.cfg.HelperImage); err != nil {
+				return fmt.Errorf("remove brain directory: %w", err)
+			}
+			image = b.cfg.HelperImage
 		}
 	}
 	helper, err := b.createRootHelper(ctx, engineID, image)

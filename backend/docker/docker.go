@@ -271,6 +271,9 @@ type Backend struct {
 	openKey   string
 	openAt    time.Time
 	openInUse bool
+	// images spares Ensure an image inspect and a fresh volume's owner
+	// check (images.go).
+	images imageMemo
 
 	// migrateHook, set by tests only, runs at each step of a volume
 	// migration; an error stops it there as a killed worker would.

@@ -708,6 +708,32 @@ func TestEngineUserOwnsItsVolume(t *testing.T) {
 		for name, owner := range owners {
 			assert.Equal(t, "4242:4242", owner, "owner of %s", name)
 		}
+
+		// The next fresh volume of that image is made the user's too:
+		// Ensure remembers only images whose fresh volumes needed nothing.
+		next := newEngine(t, b, image)
+		require.NoError(t, b.Ensure(ctx, next.spec))
+		for name, owner := range volumeOwners(t, next.spec.EngineID) {
+			assert.Equal(t, "4242:4242", owner, "owner of %s", name)
+		}
+	})
+
+	t.Run("image user, fresh volumes", func(t *testing.T) {
+		t.Parallel()
+		// The image's /data is the engine user's: the first fresh volume
+		// is looked at, the next ones are known to be the same, and every
+		// one is the user's and writable.
+		b := newBackend(t)
+		for i := range 3 {
+			e := newEngine(t, b, image)
+			require.NoError(t, b.Ensure(ctx, e.spec))
+			require.NoError(t, b.Start(ctx, e.spec.EngineID))
+			e.waitHealthy(t)
+			e.addMemory(t, fmt.Sprintf("engine %d writes its brain", i))
+			for name, owner := range volumeOwners(t, e.spec.EngineID) {
+				assert.Equal(t, docker.DefaultUser, owner, "owner of %s", name)
+			}
+		}
 	})
 
 	_, err := docker.New(docker.Config{User: "0:0"}, nil)
@@ -791,4 +817,49 @@ func TestStartOnRefusedPort(t *testing.T) {
 	require.NoError(t, b.Ensure(ctx, third.spec))
 	err = b.Start(ctx, third.spec.EngineID)
 	require.ErrorIs(t, err, orchestrator.ErrPortUnavailable, "a program holds it")
+}
+
+// A stopped engine whose network was removed meanwhile (docker lets a
+// network go once no running container uses it) fails to start once;
+// the next Ensure looks for the network again, recreates it and replaces
+// the container, and the engine starts with its brain. An engine as it
+// should be is adopted as it stands.
+func TestNetworkRemovedWhileStopped(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	image := engineImage(t)
+	b := newBackend(t, func(c *docker.Config) { c.Network = "enginefleet_test_gone_" + randHex(4) })
+	e := newEngine(t, b, image)
+	id := e.spec.EngineID
+	require.NoError(t, b.Ensure(ctx, e.spec))
+	require.NoError(t, b.Start(ctx, id))
+	e.waitHealthy(t)
+	e.addMemory(t, "kept across a lost network")
+	before := e.export(t)
+	require.NoError(t, b.Stop(ctx, id, 10*time.Second))
+	cli := rawClient(t)
+	first := containerID(t, cli, id)
+	require.NoError(t, b.Ensure(ctx, e.spec))
+	require.Equal(t, first, containerID(t, cli, id), "adopted")
+
+	raw, err := cli.ContainerInspect(ctx, orchestrator.ContainerName(id), client.ContainerInspectOptions{})
+	require.NoError(t, err)
+	netID := string(raw.Container.HostConfig.NetworkMode)
+	_, err = cli.NetworkRemove(ctx, netID, client.NetworkRemoveOptions{})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		res, err := cli.NetworkList(context.Background(), client.NetworkListOptions{Filters: make(client.Filters).Add("name", b.Config().Network)})
+		if err == nil {
+			for _, n := range res.Items {
+				cli.NetworkRemove(context.Background(), n.ID, client.NetworkRemoveOptions{}) //nolint:errcheck
+			}
+		}
+	})
+
+	require.Error(t, b.Start(ctx, id), "its network is gone")
+	require.NoError(t, b.Ensure(ctx, e.spec))
+	require.NotEqual(t, first, containerID(t, cli, id), "replaced on the new network")
+	require.NoError(t, b.Start(ctx, id))
+	e.waitHealthy(t)
+	require.Equal(t, string(before), string(e.export(t)), "the brain is kept")
 }

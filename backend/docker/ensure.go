@@ -45,14 +45,18 @@ func (b *Backend) Ensure(ctx context.Context, spec orchestrator.EngineSpec) erro
 	if err := b.validSpec(spec); err != nil {
 		return fmt.Errorf("ensure engine: %w", err)
 	}
+	hash := b.specHash(spec)
+	if b.adoptAtOnce(ctx, spec, hash) {
+		return nil
+	}
 	if err := b.ensureImage(ctx, spec.Image); err != nil {
 		return err
 	}
-	if err := b.ensureVolume(ctx, spec.EngineID, spec.ProductID, spec.Image); err != nil {
+	freshVolume, err := b.ensureVolume(ctx, spec.EngineID, spec.ProductID, spec.Image)
+	if err != nil {
 		return err
 	}
 
-	hash := b.specHash(spec)
 	name := orchestrator.ContainerName(spec.EngineID)
 	log := b.log.With("engine_id", spec.EngineID, "container", name)
 	for attempt := range ensureAttempts {
@@ -93,7 +97,18 @@ func (b *Backend) Ensure(ctx context.Context, spec orchestrator.EngineSpec) erro
 			if found && cur.Config != nil && cur.Config.Labels[LabelUser] == b.cfg.User {
 				return nil
 			}
-			if err := b.ensureOwner(ctx, spec.EngineID, spec.Image, res.ID); err != nil {
+			// A volume this call created holds only what the image's
+			// /data holds: once one such volume was found the user's,
+			// every other one of that image is.
+			imageID := b.images.id(spec.Image)
+			if freshVolume && b.images.clean(imageID, b.cfg.User) {
+				return nil
+			}
+			fixed, err := b.ensureOwner(ctx, spec.EngineID, spec.Image, res.ID)
+			if err == nil && freshVolume && !fixed {
+				b.images.markClean(imageID, b.cfg.User)
+			}
+			if err != nil {
 				// Remove what was created, so the retry looks again
 				// (it would adopt this container without a look).
 				cctx, cancel := cleanupCtx(ctx)
@@ -117,6 +132,12 @@ func (b *Backend) Ensure(ctx context.Context, spec orchestrator.EngineSpec) erro
 				return fmt.Errorf("create container: %w", ctx.Err())
 			case <-time.After(time.Duration(attempt+1) * 100 * time.Millisecond):
 			}
+		case cerrdefs.IsNotFound(err) && strings.Contains(err.Error(), "image") && attempt == 0:
+			// Removed since ensureImage remembered it: look (and pull) again.
+			b.images.forget(spec.Image)
+			if err := b.ensureImage(ctx, spec.Image); err != nil {
+				return err
+			}
 		case cerrdefs.IsNotFound(err) && strings.Contains(err.Error(), "network"):
 			// The network was removed since we looked it up.
 			log.Info("network vanished, retrying", "error", err)
@@ -125,6 +146,35 @@ func (b *Backend) Ensure(ctx context.Context, spec orchestrator.EngineSpec) erro
 		}
 	}
 	return fmt.Errorf("create container: name %s still conflicting after %d attempts", name, ensureAttempts)
+}
+
+// adoptAtOnce reports whether the engine's container exists as spec
+// wants it on the network this process settled on (and, with a data
+// root, its volume bound there): a start, a wake or a restart then costs
+// an inspect or two, not an image, volume and network look too. Its image and volume are there (docker removes neither while a
+// container uses it); a network removed since is found by Start, which
+// makes the next Ensure look again (forgetNetwork).
+func (b *Backend) adoptAtOnce(ctx context.Context, spec orchestrator.EngineSpec, hash string) bool {
+	b.netMu.Lock()
+	netID := b.netID
+	b.netMu.Unlock()
+	if netID == "" {
+		return false
+	}
+	cur, found, err := b.inspectContainer(ctx, spec.EngineID)
+	if err != nil || !found || cur.Config == nil {
+		return false
+	}
+	if mine, _ := b.ours(cur.Config.Labels); !mine || b.mismatch(cur, spec.EngineID, hash, netID) != "" {
+		return false
+	}
+	if b.cfg.DataRoot != "" {
+		// A volume of an older version (or another data root) is moved
+		// under this one by ensureVolume: look at it.
+		v, err := b.cli.VolumeInspect(ctx, orchestrator.VolumeName(spec.EngineID), client.VolumeInspectOptions{})
+		return err == nil && b.boundHere(v.Volume, spec.EngineID)
+	}
+	return true
 }
 
 func (b *Backend) validSpec(spec orchestrator.EngineSpec) error {
@@ -289,10 +339,16 @@ func (b *Backend) containerOptions(spec orchestrator.EngineSpec, hash, netID str
 	}
 }
 
-// ensureImage pulls image only when it is not available locally.
+// ensureImage pulls image only when it is not available locally. An image
+// seen in the last imageMemoFor is taken as still there without asking
+// the daemon (a create that finds it gone makes Ensure look again).
 func (b *Backend) ensureImage(ctx context.Context, image string) error {
-	_, err := b.cli.ImageInspect(ctx, image)
+	if b.images.present(image) {
+		return nil
+	}
+	res, err := b.cli.ImageInspect(ctx, image)
 	if err == nil {
+		b.images.saw(image, res.ID)
 		return nil
 	}
 	if !cerrdefs.IsNotFound(err) {
@@ -317,29 +373,32 @@ func (b *Backend) ensureImage(ctx context.Context, image string) error {
 // container of image). An existing volume that is not bound there (a
 // Docker-managed one of an older version, or of another data root) is
 // moved there first (migrateVolume). A volume already right costs one
-// inspect.
-func (b *Backend) ensureVolume(ctx context.Context, engineID, productID, image string) error {
+// inspect. fresh says the volume holds nothing but what the image's /data
+// gives it: a Docker-managed volume it created (a brain directory under a
+// data root may hold a brain a killed migration left there).
+func (b *Backend) ensureVolume(ctx context.Context, engineID, productID, image string) (fresh bool, err error) {
 	v, err := b.cli.VolumeInspect(ctx, orchestrator.VolumeName(engineID), client.VolumeInspectOptions{})
 	if err == nil {
 		if b.cfg.DataRoot == "" || b.boundHere(v.Volume, engineID) {
-			return nil
+			return false, nil
 		}
 		if mine, _ := b.ours(v.Volume.Labels); !mine {
-			return fmt.Errorf("ensure engine: volume %s belongs to another fleet (%s): left alone", v.Volume.Name, v.Volume.Labels[orchestrator.LabelFleet])
+			return false, fmt.Errorf("ensure engine: volume %s belongs to another fleet (%s): left alone", v.Volume.Name, v.Volume.Labels[orchestrator.LabelFleet])
 		}
-		return b.migrateVolume(ctx, engineID, productID, image, v.Volume)
+		return false, b.migrateVolume(ctx, engineID, productID, image, v.Volume)
 	}
 	if !cerrdefs.IsNotFound(err) {
-		return fmt.Errorf("inspect volume: %w", err)
+		return false, fmt.Errorf("inspect volume: %w", err)
 	}
 	if b.cfg.DataRoot != "" {
 		// Kept as it is when it exists: a migration killed after
 		// removing the old volume left the brain there.
 		if err := b.newBrainDir(ctx, engineID, image); err != nil {
-			return err
+			return false, err
 		}
+		return false, b.createVolume(ctx, engineID, productID)
 	}
-	return b.createVolume(ctx, engineID, productID)
+	return true, b.createVolume(ctx, engineID, productID)
 }
 
 // removeContainerByID removes c, first giving a running container grace

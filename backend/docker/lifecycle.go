@@ -24,6 +24,22 @@ func (b *Backend) Start(ctx context.Context, engineID string) error {
 	if err := validID(engineID); err != nil {
 		return fmt.Errorf("start container: %w", err)
 	}
+	// Most starts are of a created or stopped container: start it by name
+	// at once (a running one is a no-op for docker too), and look only
+	// when docker refuses (paused, missing, a port taken).
+	name := orchestrator.ContainerName(engineID)
+	_, err := b.cli.ContainerStart(ctx, name, client.ContainerStartOptions{})
+	switch {
+	case err == nil:
+		b.log.Info("started container", "engine_id", engineID)
+		return nil
+	case portRefused(err):
+		return fmt.Errorf("start container: %w: %w", orchestrator.ErrPortUnavailable, err)
+	case cerrdefs.IsNotFound(err) && strings.Contains(err.Error(), "network"):
+		// Its network was removed while it was stopped: the retry's
+		// Ensure must look for the network again and replace it.
+		b.forgetNetwork()
+	}
 	c, found, err := b.inspectContainer(ctx, engineID)
 	if err != nil {
 		return fmt.Errorf("start container: %w", err)

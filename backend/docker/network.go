@@ -126,6 +126,14 @@ func (b *Backend) ensureNetwork(ctx context.Context) (string, error) {
 	return win.ID, nil
 }
 
+// forgetNetwork drops the settled network, so the next Ensure looks the
+// engines' network up (and creates it) again.
+func (b *Backend) forgetNetwork() {
+	b.netMu.Lock()
+	defer b.netMu.Unlock()
+	b.netID = ""
+}
+
 // isolatedNetworks returns the name the engines' network has (the
 // configured one, or its _isolated sibling while an open network holds the
 // configured name) and the isolated networks of that name (several only

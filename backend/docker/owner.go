@@ -18,31 +18,32 @@ import (
 // the owners rewritten: each entry is extracted only after it has been read
 // whole, and docker replaces a file rather than writing into it, so the
 // rewrite never reads what it wrote. Modes, contents and links are kept.
-func (b *Backend) ensureOwner(ctx context.Context, engineID, image, containerID string) error {
+// fixed says whether any owner had to be rewritten.
+func (b *Backend) ensureOwner(ctx context.Context, engineID, image, containerID string) (fixed bool, err error) {
 	uid, gid := b.cfg.owner()
 	res, err := b.cli.CopyFromContainer(ctx, containerID, client.CopyFromContainerOptions{SourcePath: DataDir})
 	if err != nil {
-		return fmt.Errorf("check volume owner: copy from container: %w", err)
+		return false, fmt.Errorf("check volume owner: copy from container: %w", err)
 	}
 	foreign, err := firstForeign(res.Content, uid, gid)
 	res.Content.Close()
 	if err != nil {
-		return fmt.Errorf("check volume owner: %w", err)
+		return false, fmt.Errorf("check volume owner: %w", err)
 	}
 	if foreign == nil {
-		return nil
+		return false, nil
 	}
 	b.log.Info("brain volume has files of another user: making them the engine user's", "engine_id", engineID,
 		"user", b.cfg.User, "entry", foreign.Name, "entry_owner", fmt.Sprintf("%d:%d", foreign.Uid, foreign.Gid))
 
 	helper, err := b.createHelper(ctx, engineID, image)
 	if err != nil {
-		return fmt.Errorf("fix volume owner: %w", err)
+		return true, fmt.Errorf("fix volume owner: %w", err)
 	}
 	defer b.removeHelper(ctx, helper)
 	src, err := b.cli.CopyFromContainer(ctx, containerID, client.CopyFromContainerOptions{SourcePath: DataDir})
 	if err != nil {
-		return fmt.Errorf("fix volume owner: copy from container: %w", err)
+		return true, fmt.Errorf("fix volume owner: copy from container: %w", err)
 	}
 	defer src.Content.Close()
 	n := 0
@@ -56,10 +57,10 @@ func (b *Backend) ensureOwner(ctx context.Context, engineID, image, containerID 
 		})
 	})
 	if err != nil {
-		return fmt.Errorf("fix volume owner: %w", err)
+		return true, fmt.Errorf("fix volume owner: %w", err)
 	}
 	b.log.Info("brain volume owner fixed", "engine_id", engineID, "user", b.cfg.User, "entries", n)
-	return nil
+	return true, nil
 }
 
 // firstForeign returns the first entry of the tar r not owned by uid:gid,

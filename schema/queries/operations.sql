@@ -11,9 +11,11 @@ SELECT * FROM operations WHERE id = @id AND product_id = @product_id;
 SELECT * FROM operations WHERE id = @id;
 
 -- name: SetOperation :exec
--- A finished operation never changes again.
+-- A finished operation never changes again. updated_at is the statement's
+-- time, not the transaction's: the outcome's commit ends with this, so it
+-- tells a waiter how long the news took to reach it.
 UPDATE operations SET status = @status, error_code = nullif(@error_code::text, ''),
-    error_message = nullif(@error_message::text, ''), updated_at = now()
+    error_message = nullif(@error_message::text, ''), updated_at = clock_timestamp()
 WHERE id = @id AND status IN ('pending', 'running');
 
 -- name: StartOperation :one

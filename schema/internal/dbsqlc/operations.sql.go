@@ -173,7 +173,7 @@ func (q *Queries) ProductOperation(ctx context.Context, arg ProductOperationPara
 
 const setOperation = `-- name: SetOperation :exec
 UPDATE operations SET status = $1, error_code = nullif($2::text, ''),
-    error_message = nullif($3::text, ''), updated_at = now()
+    error_message = nullif($3::text, ''), updated_at = clock_timestamp()
 WHERE id = $4 AND status IN ('pending', 'running')
 `
 
@@ -184,7 +184,9 @@ type SetOperationParams struct {
 	ID           string
 }
 
-// A finished operation never changes again.
+// A finished operation never changes again. updated_at is the statement's
+// time, not the transaction's: the outcome's commit ends with this, so it
+// tells a waiter how long the news took to reach it.
 func (q *Queries) SetOperation(ctx context.Context, arg SetOperationParams) error {
 	_, err := q.db.Exec(ctx, setOperation,
 		arg.Status,
