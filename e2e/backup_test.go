@@ -796,3 +796,16 @@ func TestBackupRestoreCLI(t *testing.T) {
 	require.Error(t, err)
 	require.Contains(t, out, "PRODUCT_NOT_FOUND")
 }
+
+// Through the engine's API a backup needs the engine running: a stopped
+// engine's manual backup is ENGINE_NOT_RUNNING, and nothing is recorded.
+func TestPortableBackupNeedsRunningEngine(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, fleetOpts{portable: true})
+	_, key := f.product("acme", orch.Policy{})
+	f.newEngine(key, "dora")
+	require.Equal(t, http.StatusOK, f.call("POST", "/engines/dora/stop", key, nil).Status)
+	r := f.call("POST", "/engines/dora/backups", key, nil)
+	require.Equal(t, "ENGINE_NOT_RUNNING", r.code(), "%v", r.Body)
+	require.EqualValues(t, 0, f.call("GET", "/engines/dora/backups", key, nil).Body["total"])
+}

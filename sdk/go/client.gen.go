@@ -845,9 +845,38 @@ type OpBody struct {
 
 // OperationBody defines model for OperationBody.
 type OperationBody struct {
-	CreatedAt    time.Time           `json:"created_at"`
-	EngineId     openapi_types.UUID  `json:"engine_id"`
-	ErrorCode    *string             `json:"error_code,omitempty"`
+	CreatedAt time.Time          `json:"created_at"`
+	EngineId  openapi_types.UUID `json:"engine_id"`
+
+	// ErrorCode Stable error code. Never renamed; new codes may be added.
+	//
+	// - `INVALID_REQUEST` (400): The request is malformed: a field, parameter or header fails validation (a user_id outside 1-128 characters of [A-Za-z0-9._@:|+=~-], an unknown policy key, an engine_version the allowlist refuses, bad JSON). Also answered with 413 when the body exceeds 1 MiB and 408 when the body does not arrive within 5 s.
+	// - `INVALID_ADMIN_KEY` (401): X-Admin-Key is missing or is not the orchestrator's admin key (admin routes).
+	// - `INVALID_PLATFORM_KEY` (401): X-Platform-Key is missing or belongs to no product (or was rotated out and its overlap has ended).
+	// - `POLICY_DENIED` (403): The request is refused by policy: a cross-origin request to the operator's job UI.
+	// - `PRODUCT_NOT_FOUND` (404): No product has this id (admin routes, audit exports of one product).
+	// - `PRODUCT_SLUG_EXISTS` (409): A product with this slug is already registered.
+	// - `ENGINE_NOT_FOUND` (404): The calling product has no engine for this user_id (another product's engine is indistinguishable from a missing one); also an operation whose engine was destroyed while it waited.
+	// - `ENGINE_ALREADY_EXISTS` (409): Provision of a user who already has an engine (admit with auto_provision is the idempotent way).
+	// - `ENGINE_ALREADY_RUNNING` (409): Start of an engine that is already running.
+	// - `ENGINE_NOT_RUNNING` (409): Stop, rotate-key or backup of an engine that is not running (stopped, sleeping with its container stopped, failed).
+	// - `QUOTA_EXCEEDED` (429): A provision (or an admit with auto_provision that would provision) when the product already has max_engines engines. Retry-After is set; freeing an engine (destroy) or raising the policy ends it.
+	// - `RATE_LIMITED` (429): Admits beyond the product's rate_limit_rpm in the current minute (Retry-After: when the next window opens), or a client that keeps presenting wrong keys (Retry-After: when it may try again).
+	// - `PORT_EXHAUSTION` (503): No engine port is free in ORCH_PORT_MIN..ORCH_PORT_MAX on the node: widen the range or destroy engines.
+	// - `BOOT_TIMEOUT` (504): An engine did not answer /health ok within ORCH_BOOT_TIMEOUT_S (provision, start, wake, restart, upgrade, restore), or the request stopped waiting first: the operation may still finish, follow it at GET /operations/{operation_id}.
+	// - `INTERNAL_ERROR` (500): A bug or an unexpected failure; the cause is logged under the request id, never sent.
+	// - `NOT_FOUND` (404): No route has this path (or the path is not clean, e.g. // or /../).
+	// - `OPERATION_IN_PROGRESS` (409): Another operation on this engine is pending or running (one at a time per engine), or this operation was superseded by a later one.
+	// - `OPERATION_NOT_FOUND` (404): The calling product has no operation with this id.
+	// - `BACKEND_FAILED` (502): The backend (Docker, Kubernetes, the engine process) failed the operation after its retries; the engine's last_error and the audit row say why.
+	// - `BACKEND_TIMEOUT` (504): An operation that does not boot an engine (stop, destroy, backup…) did not finish within the request's wait: it goes on, follow it at GET /operations/{operation_id}.
+	// - `SERVICE_UNAVAILABLE` (503): Postgres is unreachable, or this replica is shutting down; Retry-After says when to retry. Nothing in flight is lost.
+	// - `BACKUP_NOT_FOUND` (404): The user has no backup with this id.
+	// - `BACKUP_CORRUPT` (502): A restore's backup file is missing, unreadable or does not match the SHA-256 recorded when it was taken: nothing was changed.
+	// - `EXPORT_NOT_FOUND` (404): No audit export has this id.
+	// - `INVALID_STATE` (409): The engine's state does not allow the operation (e.g. restoring into an engine that is being destroyed).
+	// - `METHOD_NOT_ALLOWED` (405): The path exists but not with this method; Allow lists the methods it takes.
+	ErrorCode    *ErrorCode          `json:"error_code,omitempty"`
 	ErrorMessage *string             `json:"error_message,omitempty"`
 	Kind         string              `json:"kind"`
 	OperationId  openapi_types.UUID  `json:"operation_id"`
@@ -1534,7 +1563,7 @@ type ClientInterface interface {
 
 	// TakeBackup Back up a user's brain now
 	//
-	// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it. Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
+	// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it; on the kubernetes backend the backup is the running engine's own export (ENGINE_NOT_RUNNING when it is stopped). Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
 	//
 	// Corresponds with POST /engines/{user_id}/backups (the `TakeBackup` operationId).
 	TakeBackup(ctx context.Context, userId string, params *TakeBackupParams, reqEditors ...RequestEditorFn) (*http.Response, error)
@@ -1911,7 +1940,7 @@ func (c *Client) ListBackups(ctx context.Context, userId string, params *ListBac
 
 // TakeBackup Back up a user's brain now
 //
-// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it. Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
+// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it; on the kubernetes backend the backup is the running engine's own export (ENGINE_NOT_RUNNING when it is stopped). Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
 //
 // Corresponds with POST /engines/{user_id}/backups (the `TakeBackup` operationId).
 func (c *Client) TakeBackup(ctx context.Context, userId string, params *TakeBackupParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
@@ -3724,7 +3753,7 @@ type ClientWithResponsesInterface interface {
 
 	// TakeBackupWithResponse Back up a user's brain now
 	//
-	// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it. Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
+	// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it; on the kubernetes backend the backup is the running engine's own export (ENGINE_NOT_RUNNING when it is stopped). Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
 	//
 	// Returns a wrapper object for the known response body format(s).
 	//
@@ -6895,7 +6924,7 @@ func (c *ClientWithResponses) ListBackupsWithResponse(ctx context.Context, userI
 
 // TakeBackupWithResponse Back up a user's brain now
 //
-// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it. Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
+// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it; on the kubernetes backend the backup is the running engine's own export (ENGINE_NOT_RUNNING when it is stopped). Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
 //
 // Returns a wrapper object for the known response body format(s).
 //
