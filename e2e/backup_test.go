@@ -288,7 +288,12 @@ func TestBackupWhileWritingDocker(t *testing.T) {
 	var ids []string
 	var counts []int
 	for i := 0; i < 3; i++ {
-		time.Sleep(700 * time.Millisecond)
+		// Each backup is taken while the writers are writing: some
+		// memories were stored since the previous one.
+		from := written.Load()
+		testenv.Await(t, 30*time.Second, "the writers wrote 10 memories since the last backup", func() error {
+			return testenv.Check(written.Load() >= from+10, "%d written", written.Load()-from)
+		})
 		b := f.call("POST", "/engines/writer/backups", key, nil)
 		require.Equal(t, http.StatusOK, b.Status, "%v", b.Body)
 		ids = append(ids, b.str("backup_id"))
