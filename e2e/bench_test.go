@@ -111,6 +111,8 @@ func dockerRun(b *testing.B, image string, port int, extra ...string) time.Durat
 	start := time.Now()
 	out, err := exec.Command("docker", args...).CombinedOutput()
 	if err != nil {
+		exec.Command("docker", "rm", "-f", "-v", name).Run()     //nolint:errcheck
+		exec.Command("docker", "volume", "rm", "-f", name).Run() //nolint:errcheck
 		b.Fatalf("docker run: %v %s", err, out)
 	}
 	pollHealth(fmt.Sprintf("http://127.0.0.1:%d/health", port))
