@@ -37,10 +37,11 @@ bench: ## benchmarks side by side with their baselines, printed as a table
 	ORCH_TEST_DATABASE_URL="$$url" $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m $$($(GO) list ./... | grep -v '/api$$'); \
 	} 2>&1 | grep -E '^(Benchmark|ok|FAIL|---)' | tee .data/bench.log
 
-gen: ## regenerate the sqlc queries, openapi.yaml, its 3.0 rendering and the Go SDK
+gen: ## regenerate the sqlc queries, openapi.yaml, its 3.0 rendering, the Go SDK and its error sentinels, docs/api.md
 	cd schema && $(GO) tool sqlc generate
 	$(GO) test ./api -run OpenAPIGolden -update >/dev/null
 	cd sdk/go && $(GO) tool oapi-codegen -config oapi-codegen.yaml openapi-3.0.yaml
+	$(GO) test ./sdk/go -run ErrorsGenFresh -update >/dev/null
 
 image: engine-image orchestrator-image ## enginefleet/engine:$(VERSION) and enginefleet/orchestrator:$(VERSION), FROM scratch
 

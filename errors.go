@@ -41,6 +41,8 @@ const (
 	CodeInvalidState         Code = "INVALID_STATE"
 	CodeMethodNotAllowed     Code = "METHOD_NOT_ALLOWED"
 	CodeRolloutNotFound      Code = "ROLLOUT_NOT_FOUND"
+	CodeWebhookNotFound      Code = "WEBHOOK_NOT_FOUND"
+	CodeDeliveryNotFound     Code = "DELIVERY_NOT_FOUND"
 )
 
 // CodeInfo is one code of the registry: the HTTP status it is answered
@@ -83,6 +85,8 @@ var Codes = []CodeInfo{
 	{CodeInvalidState, http.StatusConflict, "The engine's state does not allow the operation (e.g. restoring into an engine that is being destroyed), or the rollout's does not (resuming one that is not paused)."},
 	{CodeMethodNotAllowed, http.StatusMethodNotAllowed, "The path exists but not with this method; Allow lists the methods it takes."},
 	{CodeRolloutNotFound, http.StatusNotFound, "No rollout has this id (a product sees only its own rollouts)."},
+	{CodeWebhookNotFound, http.StatusNotFound, "The calling product has no webhook endpoint with this id."},
+	{CodeDeliveryNotFound, http.StatusNotFound, "The webhook endpoint has no delivery with this id."},
 }
 
 var codeIndex = func() map[Code]CodeInfo {

@@ -135,8 +135,8 @@ func isEnvelope(r *huma.Response) bool {
 }
 
 // enumSchemas adds the ErrorCode and AuditAction enums, from the
-// registries, and makes the error envelope's code and the audit entries'
-// (and filter's) action refer to them.
+// registries, and makes the error envelope's code, a failed operation's
+// error_code and the audit entries' (and filter's) action refer to them.
 func enumSchemas(doc *huma.OpenAPI) {
 	schemas := doc.Components.Schemas.Map()
 	var codeNames, codeVars []any
@@ -162,6 +162,10 @@ func enumSchemas(doc *huma.OpenAPI) {
 
 	if d := schemas["ErrorDetail"]; d != nil {
 		d.Properties["code"] = &huma.Schema{Ref: "#/components/schemas/ErrorCode"}
+	}
+	if o := schemas["OperationBody"]; o != nil && o.Properties["error_code"] != nil {
+		// A failed operation's code is one of the same set.
+		o.Properties["error_code"] = &huma.Schema{Ref: "#/components/schemas/ErrorCode"}
 	}
 	if a := schemas["AuditEntryBody"]; a != nil {
 		a.Properties["action"] = &huma.Schema{Ref: "#/components/schemas/AuditAction"}

@@ -66,9 +66,14 @@ func New(baseURL string, opts ...Option) (*Orchestrator, error) {
 }
 
 // Error is an error answered by the orchestrator, with its stable code.
+// Compare it with the sentinels of errors.gen.go, one per code:
+//
+//	if errors.Is(err, enginefleet.ErrRateLimited) { … }
+//
+// or take it apart with errors.As for the status, message and Retry-After.
 type Error struct {
-	Status    int
-	Code      string // e.g. ENGINE_NOT_FOUND, QUOTA_EXCEEDED
+	Status    int       // the HTTP status (0 for a failed operation followed with Wait)
+	Code      ErrorCode // e.g. ErrorCodeEngineNotFound, ErrorCodeQuotaExceeded
 	Message   string
 	RequestID string
 	// RetryAfter is how long the orchestrator asked to wait before trying
@@ -77,17 +82,44 @@ type Error struct {
 }
 
 func (e *Error) Error() string {
+	if e.Status == 0 {
+		return fmt.Sprintf("orchestrator: %s: %s", e.Code, e.Message)
+	}
 	return fmt.Sprintf("orchestrator: %d %s: %s", e.Status, e.Code, e.Message)
 }
 
+// Is reports whether target is an *Error with the same code: what makes
+// errors.Is(err, ErrQuotaExceeded) work.
+func (e *Error) Is(target error) bool {
+	t, ok := target.(*Error)
+	return ok && t.Code == e.Code
+}
+
 // Code returns the stable error code of err, or "" if err is not an *Error.
-func Code(err error) string {
+func Code(err error) ErrorCode {
 	var e *Error
 	if errors.As(err, &e) {
 		return e.Code
 	}
 	return ""
 }
+
+// RetryAfter returns how long the orchestrator asked to wait before
+// trying again, and whether it said (429 and 503 answers do).
+func RetryAfter(err error) (time.Duration, bool) {
+	var e *Error
+	if errors.As(err, &e) && e.RetryAfter > 0 {
+		return e.RetryAfter, true
+	}
+	return 0, false
+}
+
+// Unknown codes: an answer that is not the envelope, or a 2xx without the
+// body the operation promises.
+const (
+	CodeUnknown    ErrorCode = "UNKNOWN"
+	CodeUnexpected ErrorCode = "UNEXPECTED"
+)
 
 // check turns a non-2xx answer into an *Error.
 func check(res *http.Response, body []byte, err error) error {
@@ -99,16 +131,29 @@ func check(res *http.Response, body []byte, err error) error {
 	}
 	var env ErrorResponse
 	if json.Unmarshal(body, &env) != nil || env.Error.Code == "" {
-		return &Error{Status: res.StatusCode, Code: "UNKNOWN", Message: http.StatusText(res.StatusCode)}
+		return &Error{Status: res.StatusCode, Code: CodeUnknown, Message: http.StatusText(res.StatusCode)}
 	}
-	e := &Error{Status: res.StatusCode, Code: string(env.Error.Code), Message: env.Error.Message}
-	if secs, err := strconv.Atoi(res.Header.Get("Retry-After")); err == nil && secs >= 0 {
-		e.RetryAfter = time.Duration(secs) * time.Second
-	}
+	e := &Error{Status: res.StatusCode, Code: env.Error.Code, Message: env.Error.Message, RetryAfter: retryAfter(res.Header.Get("Retry-After"))}
 	if env.Error.RequestId != nil {
 		e.RequestID = *env.Error.RequestId
 	}
 	return e
+}
+
+// retryAfter reads a Retry-After header: seconds, or an HTTP date.
+func retryAfter(v string) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if secs, err := strconv.Atoi(v); err == nil && secs >= 0 {
+		return time.Duration(secs) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil {
+		if d := time.Until(t); d > 0 {
+			return d
+		}
+	}
+	return 0
 }
 
 // AdmitOptions are admit's switches.
@@ -134,7 +179,7 @@ func (c *Orchestrator) Admit(ctx context.Context, userID string, o AdmitOptions)
 	}
 	b := res.JSON200
 	if b == nil {
-		return nil, nil, &Error{Status: res.StatusCode(), Code: "UNEXPECTED", Message: "no admit body"}
+		return nil, nil, &Error{Status: res.StatusCode(), Code: CodeUnexpected, Message: "no admit body"}
 	}
 	if !b.Admitted || b.Engine == nil {
 		reason := ""
@@ -163,6 +208,79 @@ func (c *Orchestrator) Provision(ctx context.Context, userID, version string) (*
 		return nil, err
 	}
 	return res.JSON200, nil
+}
+
+// ProvisionAsync asks for the user's engine and returns at once (202)
+// with the operation to follow: Wait(ctx, body.OperationId) returns when
+// the engine is healthy, or with the operation's error.
+func (c *Orchestrator) ProvisionAsync(ctx context.Context, userID, version string) (*ProvisionBody, error) {
+	body := ProvisionEngineJSONRequestBody{UserId: userID}
+	if version != "" {
+		body.EngineVersion = &version
+	}
+	async := "respond-async"
+	res, err := c.ProvisionEngineWithResponse(ctx, &ProvisionEngineParams{Prefer: &async}, body)
+	if res == nil {
+		return nil, err
+	}
+	if err := check(res.HTTPResponse, res.Body, err); err != nil {
+		return nil, err
+	}
+	if res.JSON202 == nil || res.JSON202.OperationId == nil {
+		return nil, &Error{Status: res.StatusCode(), Code: CodeUnexpected, Message: "no operation to follow"}
+	}
+	return res.JSON202, nil
+}
+
+// Operation returns an asynchronous operation as it stands.
+func (c *Orchestrator) Operation(ctx context.Context, operationID string) (*OperationBody, error) {
+	res, err := c.GetOperationWithResponse(ctx, operationID)
+	if res == nil {
+		return nil, err
+	}
+	if err := check(res.HTTPResponse, res.Body, err); err != nil {
+		return nil, err
+	}
+	return res.JSON200, nil
+}
+
+// Wait follows an asynchronous operation (an operation_id answered with
+// 202) until it ends, reading it every poll (a second when 0), and returns
+// it when it succeeded. A failed operation is an *Error with the
+// operation's code (errors.Is(err, ErrBootTimeout)…); a 503 while
+// following it is waited out.
+func (c *Orchestrator) Wait(ctx context.Context, operationID string, poll time.Duration) (*OperationBody, error) {
+	if poll <= 0 {
+		poll = time.Second
+	}
+	for {
+		op, err := c.Operation(ctx, operationID)
+		switch {
+		case Code(err) == ErrorCodeServiceUnavailable:
+		case err != nil:
+			return nil, err
+		case op.Status == OperationBodyStatusSucceeded:
+			return op, nil
+		case op.Status == OperationBodyStatusFailed:
+			e := &Error{Code: CodeUnknown, Message: "operation failed"}
+			if op.ErrorCode != nil {
+				e.Code = *op.ErrorCode
+			}
+			if op.ErrorMessage != nil {
+				e.Message = *op.ErrorMessage
+			}
+			return op, e
+		}
+		wait := poll
+		if d, ok := RetryAfter(err); ok && d > wait {
+			wait = d
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(wait):
+		}
+	}
 }
 
 // Engine returns the user's engine, key included (ENGINE_NOT_FOUND if none).
@@ -240,10 +358,16 @@ func opResult[R interface {
 	return out, nil
 }
 
-// RegisterProduct registers a product (admin key); the platform key in the
-// answer is shown only this once.
+// RegisterProduct registers a product (admin key) without limits; the
+// platform key in the answer is shown only this once.
 func (c *Orchestrator) RegisterProduct(ctx context.Context, slug, displayName string) (*RegisterBody, error) {
-	res, err := c.RegisterProductWithResponse(ctx, RegisterProductJSONRequestBody{Slug: slug, DisplayName: displayName})
+	return c.RegisterProductWithPolicy(ctx, slug, displayName, nil)
+}
+
+// RegisterProductWithPolicy registers a product with a policy (nil: no
+// limits).
+func (c *Orchestrator) RegisterProductWithPolicy(ctx context.Context, slug, displayName string, policy *Policy) (*RegisterBody, error) {
+	res, err := c.RegisterProductWithResponse(ctx, RegisterProductJSONRequestBody{Slug: slug, DisplayName: displayName, Policy: policy})
 	if res == nil {
 		return nil, err
 	}
