@@ -19,7 +19,7 @@ type FleetConfig struct {
 	AuditExportCron string        // ORCH_AUDIT_EXPORT_CRON: audit exports ("" = none)
 }
 
-// Fleet is the orchestrator's schedule list (SPEC §1): health sweeps,
+// Fleet is the orchestrator's schedule list: health sweeps,
 // idle sweeps, reconciles, nightly backups, audit exports. A new
 // periodic job is one more line here.
 func Fleet(c FleetConfig) []Schedule {
