@@ -93,8 +93,8 @@ func (s *Server) registerBackups() {
 	huma.Register(s.api, s.op(huma.Operation{
 		OperationID: "take-backup", Method: http.MethodPost, Path: "/engines/{user_id}/backups",
 		Summary:     "Back up a user's brain now",
-		Description: "Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it. Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.",
-		Metadata:    waits(orch.CodeEngineNotFound, orch.CodeBackupNotFound),
+		Description: "Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it; on the kubernetes backend the backup is the running engine's own export (ENGINE_NOT_RUNNING when it is stopped). Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.",
+		Metadata:    waits(orch.CodeEngineNotFound, orch.CodeBackupNotFound, orch.CodeEngineNotRunning),
 	}), func(ctx context.Context, in *userOpInput) (*takeBackupOutput, error) {
 		p := productFrom(ctx)
 		e, opID, backupID, err := s.core.TakeBackup(ctx, p, in.UserID, "")

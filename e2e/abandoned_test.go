@@ -112,7 +112,7 @@ func TestAbandonedOperationsEnd(t *testing.T) {
 		// The row kept the old key; the engine was recreated from the row,
 		// so the product's key keeps working after the overlap, and the
 		// never-committed key does not.
-		time.Sleep(2500 * time.Millisecond) // past the half-done rotation's overlap
+		time.Sleep(2500 * time.Millisecond) // past the half-done rotation's overlap: time itself is what is tested
 		require.Eventually(t, func() bool { return engineStatus(url+"/memories", k1) == http.StatusOK },
 			20*time.Second, 100*time.Millisecond, "the row's key works")
 		require.Equal(t, http.StatusUnauthorized, engineCall(t, "GET", url+"/memories", k2, nil).Status)

@@ -288,7 +288,12 @@ func TestBackupWhileWritingDocker(t *testing.T) {
 	var ids []string
 	var counts []int
 	for i := 0; i < 3; i++ {
-		time.Sleep(700 * time.Millisecond)
+		// Each backup is taken while the writers are writing: some
+		// memories were stored since the previous one.
+		from := written.Load()
+		testenv.Await(t, 30*time.Second, "the writers wrote 10 memories since the last backup", func() error {
+			return testenv.Check(written.Load() >= from+10, "%d written", written.Load()-from)
+		})
 		b := f.call("POST", "/engines/writer/backups", key, nil)
 		require.Equal(t, http.StatusOK, b.Status, "%v", b.Body)
 		ids = append(ids, b.str("backup_id"))
@@ -790,4 +795,17 @@ func TestBackupRestoreCLI(t *testing.T) {
 	out, err = cli("backup", "restore", "--product", "nope", "--user", "hal", "--backup", uuid.NewString())
 	require.Error(t, err)
 	require.Contains(t, out, "PRODUCT_NOT_FOUND")
+}
+
+// Through the engine's API a backup needs the engine running: a stopped
+// engine's manual backup is ENGINE_NOT_RUNNING, and nothing is recorded.
+func TestPortableBackupNeedsRunningEngine(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t, fleetOpts{portable: true})
+	_, key := f.product("acme", orch.Policy{})
+	f.newEngine(key, "dora")
+	require.Equal(t, http.StatusOK, f.call("POST", "/engines/dora/stop", key, nil).Status)
+	r := f.call("POST", "/engines/dora/backups", key, nil)
+	require.Equal(t, "ENGINE_NOT_RUNNING", r.code(), "%v", r.Body)
+	require.EqualValues(t, 0, f.call("GET", "/engines/dora/backups", key, nil).Body["total"])
 }

@@ -107,7 +107,7 @@ func TestChaos(t *testing.T) {
 	deadline := time.Now().Add(traffic)
 	var restartedAt time.Time
 	for time.Now().Before(deadline) {
-		time.Sleep(time.Duration(3000+rand.IntN(3000)) * time.Millisecond)
+		time.Sleep(time.Duration(3000+rand.IntN(3000)) * time.Millisecond) // the kill schedule: random on purpose
 		wmu.Lock()
 		i := rand.IntN(len(workers))
 		require.NoError(t, workers[i].cmd.Process.Signal(syscall.SIGKILL))

@@ -124,7 +124,7 @@ func TestWorkerKilledMidProvisionDocker(t *testing.T) {
 		require.Equal(t, http.StatusAccepted, r.Status, "%v", r.Body)
 		// Kill at a different point each time: before pickup, while
 		// creating the container, while waiting for health, after.
-		time.Sleep(time.Duration(rand.IntN(1200)) * time.Millisecond)
+		time.Sleep(time.Duration(rand.IntN(1200)) * time.Millisecond) // a random kill point, on purpose
 		w.kill()
 	}
 	final := startWorker(t, env, logPath)

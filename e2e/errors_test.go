@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 // Every documented error code on its path, with the documented status.
@@ -220,7 +221,17 @@ func TestEngineDiesWhileBooting(t *testing.T) {
 	start := time.Now()
 	r := f.call("POST", "/engines/provision", key, map[string]any{"user_id": "phoenix"}, "Prefer", "respond-async")
 	require.Equal(t, http.StatusAccepted, r.Status)
-	time.Sleep(1500 * time.Millisecond) // the first attempt dies on the taken port
+	// The first attempt fails on the taken port (the only one: the engine
+	// cannot move), as its job's recorded error says.
+	testenv.Await(t, 20*time.Second, "the first attempt fails on the taken port", func() error {
+		var errs []string
+		err := f.Pool.QueryRow(context.Background(), `SELECT coalesce(array_agg(e->>'error'), '{}')
+			FROM river_job, unnest(errors) e WHERE kind = 'engine_provision'`).Scan(&errs)
+		if err != nil {
+			return err
+		}
+		return testenv.Check(len(errs) > 0 && strings.Contains(errs[0], "port"), "job errors %q", errs)
+	})
 	squatter.Close()
 	op := r.str("operation_id")
 	require.Eventually(t, func() bool {

@@ -234,6 +234,25 @@ func newFleetTB(t testing.TB, o fleetOpts) *fleet {
 	return f
 }
 
+// waitCatchUp waits until a worker's runtime-event watcher has subscribed
+// since `since` and the catch-up jobs it enqueues then (a reconcile and a
+// health sweep of its node, its batches) have all run, so that none of
+// them acts in the middle of what the test does next.
+func waitCatchUp(t testing.TB, pool *pgxpool.Pool, since time.Time) {
+	t.Helper()
+	testenv.Await(t, 30*time.Second, "the event watcher subscribed and its catch-up jobs ran", func() error {
+		var subscribed, unfinished int
+		err := pool.QueryRow(context.Background(), `SELECT
+			count(*) FILTER (WHERE kind = 'health_sweep' AND args->>'reason' = 'events_subscribed' AND created_at >= $1),
+			count(*) FILTER (WHERE kind IN ('health_sweep', 'health_sweep_batch', 'engine_reconcile') AND finalized_at IS NULL)
+			FROM river_job`, since).Scan(&subscribed, &unfinished)
+		if err != nil {
+			return err
+		}
+		return testenv.Check(subscribed > 0 && unfinished == 0, "%d subscriptions, %d catch-up jobs not done", subscribed, unfinished)
+	})
+}
+
 // fleetID is the fleet id of the database behind pool.
 func fleetID(t testing.TB, pool *pgxpool.Pool) string {
 	t.Helper()

@@ -20,6 +20,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/jobs"
 	"github.com/enginefleet/orchestrator/keys"
 )
@@ -144,7 +145,7 @@ func (f *fleet) restartJobs(engineID string) []restartJob {
 func (f *fleet) waitAction(engineID string, action orch.Action, n int, timeout time.Duration) []auditRow {
 	f.t.Helper()
 	var rows []auditRow
-	require.Eventually(f.t, func() bool {
+	testenv.Await(f.t, timeout, fmt.Sprintf("%d× %s", n, action), func() error {
 		rows = f.audit(engineID)
 		c := 0
 		for _, r := range rows {
@@ -152,8 +153,8 @@ func (f *fleet) waitAction(engineID string, action orch.Action, n int, timeout t
 				c++
 			}
 		}
-		return c >= n
-	}, timeout, 50*time.Millisecond, "waiting for %d× %s; have %v", n, action, actions(rows))
+		return testenv.Check(c >= n, "audited %v", actions(rows))
+	})
 	return rows
 }
 
@@ -289,7 +290,7 @@ func TestCrashDetectedFromEventsSubprocess(t *testing.T) {
 	f := newFleet(t, fleetOpts{bootTimeout: 5 * time.Second, maxAttempts: 3, backoffBase: time.Second, events: true})
 	_, key := f.product("acme", orch.Policy{})
 	e := f.provisionUser(key, "cy")
-	time.Sleep(300 * time.Millisecond) // the watcher's catch-up jobs settle
+	waitCatchUp(t, f.Pool, time.Time{})
 
 	killed := time.Now()
 	require.NoError(t, syscall.Kill(pidOf(t, e), syscall.SIGKILL))
@@ -320,7 +321,7 @@ func TestDockerKillDetectedAndRestarted(t *testing.T) {
 	_, key := f.product("acme", orch.Policy{})
 	e := f.provisionUser(key, "dee")
 	require.Equal(t, http.StatusCreated, engineCall(t, "POST", e.URL+"/memories", e.Key, map[string]any{"content": "kept across the crash"}).Status)
-	time.Sleep(300 * time.Millisecond)
+	waitCatchUp(t, f.Pool, time.Time{})
 
 	killed := time.Now()
 	_, err := cli.ContainerKill(context.Background(), orch.ContainerName(e.ID), client.ContainerKillOptions{Signal: "KILL"})
@@ -401,7 +402,9 @@ func TestManualOperationsCancelAutoRestart(t *testing.T) {
 		require.Equal(t, "failed", opStatus)
 		require.Equal(t, string(orch.CodeOperationInProgress), opCode)
 
-		time.Sleep(4 * time.Second) // past the backoff
+		// Past the cancelled restart's backoff: the passage of time is what
+		// is tested (nothing may happen when it would have run).
+		time.Sleep(4 * time.Second)
 		require.Equal(t, "stopped", f.row(e.ID).Status)
 		require.Equal(t, []string{"provision", "health_check", "health_failed", "stop"}, actions(f.audit(e.ID)))
 	})
@@ -410,6 +413,8 @@ func TestManualOperationsCancelAutoRestart(t *testing.T) {
 		e := f.provisionUser(key, "quiet")
 		s := f.call("POST", "/engines/quiet/stop", key, nil)
 		require.Equal(t, http.StatusOK, s.Status, "%v", s.Body)
+		// A quiet window: nothing may mistake the stop for a crash in it
+		// (there is no event that says nothing happened).
 		time.Sleep(time.Second)
 		require.Equal(t, "stopped", f.row(e.ID).Status)
 		require.Equal(t, []string{"provision", "stop"}, actions(f.audit(e.ID)))
@@ -425,7 +430,7 @@ func TestManualOperationsCancelAutoRestart(t *testing.T) {
 		require.Equal(t, http.StatusOK, s.Status, "%v", s.Body)
 		require.Equal(t, "running", s.str("status"))
 		require.Equal(t, []string{"cancelled"}, states(f.restartJobs(e.ID)))
-		time.Sleep(4 * time.Second)
+		time.Sleep(4 * time.Second) // past the cancelled restart's backoff, as above
 		require.Equal(t, "running", f.row(e.ID).Status)
 		require.Equal(t, []string{"provision", "health_check", "health_failed", "start"}, actions(f.audit(e.ID)))
 	})
@@ -575,7 +580,7 @@ func TestDockerSelfCrashRestartedByPolicy(t *testing.T) {
 	cli := dockertest.RequireDocker(t)
 	_, key := f.product("acme", orch.Policy{})
 	e := f.provisionUser(key, "eve")
-	time.Sleep(300 * time.Millisecond)
+	waitCatchUp(t, f.Pool, time.Time{})
 	in, err := cli.ContainerInspect(context.Background(), orch.ContainerName(e.ID), client.ContainerInspectOptions{})
 	require.NoError(t, err)
 	require.NotZero(t, in.Container.State.Pid)

@@ -87,7 +87,7 @@ func TestPrometheusMetricsAfterScriptedSequence(t *testing.T) {
 	metricsURL := f.MetricsURL
 
 	_, key := f.product("acme", orch.Policy{})
-	time.Sleep(300 * time.Millisecond) // the event watcher's catch-up jobs settle
+	waitCatchUp(t, f.Pool, time.Time{})
 	before := scrapeMetrics(t, metricsURL)
 
 	r := f.call("POST", "/engines/provision", key, map[string]any{"user_id": "u1"})

@@ -80,7 +80,7 @@ func TestPostgresOutage(t *testing.T) {
 		assert.Equal(t, "SERVICE_UNAVAILABLE", r.code(), path)
 		assert.NotEmpty(t, r.Header.Get("Retry-After"), path)
 	}
-	time.Sleep(time.Until(cutAt.Add(5 * time.Second)))
+	time.Sleep(time.Until(cutAt.Add(5 * time.Second))) // an outage of 5 s: its length is what is tested
 	px.Restore()
 	restoredAt := time.Now()
 
@@ -220,7 +220,7 @@ func TestDockerOutage(t *testing.T) {
 		require.Equal(t, http.StatusOK, a.Status, "%v", a.Body)
 		require.Equal(t, true, a.Body["admitted"], "a running engine is admitted while Docker is away: %v", a.Body)
 		require.Equal(t, http.StatusOK, engineCall(t, "GET", before.url+"/health", "", nil).Status)
-		time.Sleep(250 * time.Millisecond)
+		time.Sleep(250 * time.Millisecond) // a client's pace, all through the 5 s outage
 	}
 	px.Restore()
 	restoredAt := time.Now()
@@ -239,7 +239,7 @@ func TestDockerOutage(t *testing.T) {
 
 	// The event stream is back: a container removed behind our back is
 	// noticed at once (no scheduler runs sweeps here) and recreated.
-	time.Sleep(2 * time.Second) // the stream re-subscribes with backoff
+	waitCatchUp(t, testenv.Pool(t, pf.dbURL), cutAt) // the stream re-subscribes (with backoff) once Docker is back
 	_, err = cli.ContainerRemove(t.Context(), orch.ContainerName(before.id), client.ContainerRemoveOptions{Force: true})
 	require.NoError(t, err)
 	require.Eventually(t, func() bool {

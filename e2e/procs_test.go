@@ -109,7 +109,15 @@ func (pf *procFleet) start(roles string, extraEnv ...string) *proc {
 			return r.StatusCode == 200
 		}, 30*time.Second, 50*time.Millisecond, "api %s healthy", p.addr)
 	} else {
-		time.Sleep(300 * time.Millisecond) // let River start fetching
+		// A worker holds its liveness session once River has started.
+		pool := testenv.Pool(pf.t, pf.dbURL)
+		testenv.Await(pf.t, 30*time.Second, "the worker's liveness session", func() error {
+			var n int
+			if err := pool.QueryRow(context.Background(), `SELECT count(*) FROM worker_sessions WHERE pid = $1`, p.cmd.Process.Pid).Scan(&n); err != nil {
+				return err
+			}
+			return testenv.Check(n == 1, "no session with pid %d", p.cmd.Process.Pid)
+		})
 	}
 	return p
 }

@@ -22,7 +22,8 @@ import (
 // past the grace period, and left alone before it.
 func TestReconcileDriftDocker(t *testing.T) {
 	t.Parallel()
-	f := newFleet(t, fleetOpts{backend: "docker", orphanGrace: 5 * time.Second}) // container times are whole seconds
+	const grace = 5 * time.Second // container times are whole seconds
+	f := newFleet(t, fleetOpts{backend: "docker", orphanGrace: grace})
 	cli := dockertest.RequireDocker(t)
 	ctx := context.Background()
 	_, key := f.product("acme", orch.Policy{})
@@ -40,6 +41,7 @@ func TestReconcileDriftDocker(t *testing.T) {
 		Config: &container.Config{Labels: map[string]string{orch.LabelManaged: "true", orch.LabelEngineID: stranger,
 			orch.LabelNode: f.Node, orch.LabelFleet: f.Fleet, "orchestrator.test": "true"}}})
 	require.NoError(t, err)
+	created := time.Now() // no earlier than the daemon's creation time
 
 	n, err := f.Workers.Reconcile.Reconcile(ctx, schema.Lease{Job: -1})
 	require.NoError(t, err)
@@ -48,7 +50,9 @@ func TestReconcileDriftDocker(t *testing.T) {
 	require.Equal(t, http.StatusOK, m.Status)
 	require.Len(t, m.Body["memories"], 1, "recreated on the same volume")
 
-	time.Sleep(6 * time.Second)
+	// The grace period passes (and a second more: container times are
+	// whole seconds): time itself is what is tested.
+	time.Sleep(time.Until(created.Add(grace + time.Second)))
 	n, err = f.Workers.Reconcile.Reconcile(ctx, schema.Lease{Job: -2})
 	require.NoError(t, err)
 	require.Equal(t, 1, n)

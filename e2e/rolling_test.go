@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 // Rolling upgrade drill: two API and two worker processes serve a client
@@ -51,7 +53,7 @@ func TestRollingUpgrade(t *testing.T) {
 				}
 				return r
 			}
-			time.Sleep(50 * time.Millisecond)
+			time.Sleep(50 * time.Millisecond) // a client's retry delay, as a load balancer's
 		}
 		t.Errorf("%s %s: no replica reachable", method, path)
 		return resp{}
@@ -81,12 +83,14 @@ func TestRollingUpgrade(t *testing.T) {
 						ops.Store(a.str("operation_id"), user)
 					}
 				}
-				time.Sleep(20 * time.Millisecond)
+				time.Sleep(20 * time.Millisecond) // the clients' pace
 			}
 		}()
 	}
 
-	time.Sleep(2 * time.Second)
+	testenv.Await(t, 30*time.Second, "the load is served (20 admits)", func() error {
+		return testenv.Check(ok.Load() >= 20, "%d admits", ok.Load())
+	})
 	replace := func(i int, list []*proc, roles string, isAPI bool) {
 		old := list[i]
 		if isAPI {
@@ -101,6 +105,8 @@ func TestRollingUpgrade(t *testing.T) {
 			live = []string{list[0].url(), list[1].url()}
 			mu.Unlock()
 		}
+		// The load runs a while on the new set before the next
+		// replacement: the rolling pace, on purpose.
 		time.Sleep(1500 * time.Millisecond)
 	}
 	replace(0, apis, "api", true)

@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	orch "github.com/enginefleet/orchestrator"
+	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 // Idle engines sleep (mark: the container keeps running; stop:
@@ -39,19 +40,34 @@ func TestIdleSleepMarkMode(t *testing.T) {
 
 	// Not probed while sleeping.
 	probed := f.row(e.ID).LastHealthAt
-	time.Sleep(2500 * time.Millisecond) // two sweeps
+	asleep := time.Now()
+	testenv.Await(t, 10*time.Second, "two health sweeps (and their batches) done", func() error {
+		var sweeps, unfinished int
+		err := f.Pool.QueryRow(context.Background(), `SELECT
+			count(*) FILTER (WHERE kind = 'health_sweep' AND created_at > $1 AND state = 'completed'),
+			count(*) FILTER (WHERE kind = 'health_sweep_batch' AND finalized_at IS NULL)
+			FROM river_job`, asleep).Scan(&sweeps, &unfinished)
+		if err != nil {
+			return err
+		}
+		return testenv.Check(sweeps >= 2 && unfinished == 0, "%d sweeps done, %d batches not", sweeps, unfinished)
+	})
 	require.Equal(t, probed, f.row(e.ID).LastHealthAt)
 
 	a := f.call("POST", "/engines/ed/admit", key, nil)
 	require.Equal(t, false, a.Body["admitted"])
 	require.Equal(t, "engine_sleeping", a.Body["reason"])
+	woke := time.Now()
 	w := f.call("POST", "/engines/ed/admit", key, map[string]any{"auto_wake": true})
+	awake := time.Now()
 	require.Equal(t, http.StatusOK, w.Status, "%v", w.Body)
 	require.Equal(t, true, w.Body["admitted"], "%v", w.Body)
 	require.Equal(t, "running", w.str("engine", "status"))
 	wk := find(f.audit(e.ID), orch.ActionWake, 0)
 	require.Equal(t, "idle", wk.Meta["sleep_reason"])
-	require.GreaterOrEqual(t, wk.Meta["slept_s"], 2.0)
+	// Whole seconds asleep: from slept_at to the wake.
+	require.GreaterOrEqual(t, wk.Meta["slept_s"], float64(int64(woke.Sub(*r.SleptAt).Seconds())))
+	require.LessOrEqual(t, wk.Meta["slept_s"], awake.Sub(*r.SleptAt).Seconds())
 	require.Empty(t, f.row(e.ID).SleepReason, "wake clears sleep_reason and slept_at")
 }
 
@@ -79,7 +95,7 @@ func sleepStopWake(t *testing.T, f *fleet) {
 	e := f.provisionUser(key, "flo")
 	require.Equal(t, http.StatusCreated, engineCall(t, "POST", e.URL+"/memories", e.Key, map[string]any{"content": "sleeps with the engine"}).Status)
 
-	time.Sleep(1100 * time.Millisecond)
+	time.Sleep(1100 * time.Millisecond) // idle for longer than idleAfter (1 s): time itself is what is tested
 	require.Equal(t, 1, f.idleSweep())
 	require.Eventually(t, func() bool { return f.row(e.ID).Status == "sleeping" }, 20*time.Second, 50*time.Millisecond)
 	r := f.row(e.ID)
@@ -94,7 +110,9 @@ func sleepStopWake(t *testing.T, f *fleet) {
 	require.Zero(t, f.sweep().Probed, "sleeping engines are not probed")
 	require.Zero(t, f.idleSweep())
 
-	time.Sleep(time.Second) // nothing (auto-restart, crash check) touches a sleeping engine
+	// A quiet window (there is no event that says nothing happened):
+	// nothing (auto-restart, crash check) touches a sleeping engine.
+	time.Sleep(time.Second)
 	require.Equal(t, "sleeping", f.row(e.ID).Status)
 	require.Equal(t, []string{"provision", "sleep"}, actions(f.audit(e.ID)))
 

@@ -36,6 +36,18 @@ func Enqueue(ctx context.Context, tx pgx.Tx, rc Inserter, op orch.Operation, pay
 	if rc == nil {
 		return errors.New("enqueue operation: no river client")
 	}
+	if op.ProductID != "" && (opts == nil || opts.Priority == 0) {
+		n, err := schema.New(tx).UnfinishedOperations(ctx, op.ProductID, busyProduct)
+		if err != nil {
+			return err
+		}
+		o := river.InsertOpts{}
+		if opts != nil {
+			o = *opts
+		}
+		o.Priority = Priority(n)
+		opts = &o
+	}
 	res, err := rc.InsertTx(ctx, tx, args, opts)
 	if err != nil {
 		return &orch.Error{Code: orch.CodeInternal, Message: "could not enqueue the operation", Err: err}
@@ -46,6 +58,30 @@ func Enqueue(ctx context.Context, tx pgx.Tx, rc Inserter, op orch.Operation, pay
 		return orch.Errorf(orch.CodeOperationInProgress, "an operation is already queued for this engine")
 	}
 	return schema.New(tx).InsertOperation(ctx, op, payload, res.Job.ID)
+}
+
+// busyProduct is the number of operations in flight from which a
+// product's new jobs take the lowest priority.
+const busyProduct = 64
+
+// Priority is the River priority (1 first … 4 last) of a job whose product
+// has inFlight operations pending or running: fairness between products
+// on a node's queue. River fetches by priority, then in order, so a
+// product's burst of hundreds of provisions queues behind another
+// product's single admit instead of in front of it, while a product with
+// a handful in flight is never slowed; within a product the order is
+// kept. A burst's jobs keep the priority they were given (no ageing):
+// they wait only while quieter products have work.
+func Priority(inFlight int) int {
+	switch {
+	case inFlight < 4:
+		return 1
+	case inFlight < 16:
+		return 2
+	case inFlight < busyProduct:
+		return 3
+	}
+	return 4
 }
 
 // Deadline is the deadline of an operation whose job is inserted now with

@@ -165,3 +165,13 @@ func (q *Queries) AbandonedOperations(ctx context.Context, node string, limit in
 	}
 	return out, nil
 }
+
+// UnfinishedOperations counts a product's pending and running operations,
+// up to upTo.
+func (q *Queries) UnfinishedOperations(ctx context.Context, productID string, upTo int) (int, error) {
+	n, err := q.gen.UnfinishedOperations(ctx, dbsqlc.UnfinishedOperationsParams{ProductID: productID, UpTo: int32(upTo)})
+	if err != nil {
+		return 0, fmt.Errorf("count unfinished operations: %w", err)
+	}
+	return int(n), nil
+}

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
+	"github.com/enginefleet/orchestrator/internal/testenv"
 
 	"github.com/moby/moby/api/pkg/stdcopy"
 	"github.com/moby/moby/api/types/container"
@@ -217,17 +218,15 @@ func (c *engineContainer) start(t *testing.T) {
 	require.NotEmpty(t, bindings, "port 8000 is not published")
 	assert.Equal(t, "127.0.0.1", bindings[0].HostIP.String())
 	c.url = "http://127.0.0.1:" + bindings[0].HostPort
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	err = testenv.Poll(30*time.Second, func() error {
 		resp, err := http.Get(c.url + "/health")
 		if err == nil {
 			resp.Body.Close()
-			return
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("engine %s did not answer /health within 30s: %v\nlogs:\n%s", c.name, err, c.logs(t))
-		}
-		time.Sleep(100 * time.Millisecond)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("engine %s did not answer /health within 30s: %v\nlogs:\n%s", c.name, err, c.logs(t))
 	}
 }
 

@@ -43,3 +43,10 @@ WHERE o.status IN ('pending', 'running')
     OR (o.job_id IS NULL AND o.deadline IS NULL AND o.created_at < now() - interval '15 minutes'))
 ORDER BY o.created_at
 LIMIT @lim;
+
+-- name: UnfinishedOperations :one
+-- How many operations of a product are pending or running, counted up to
+-- @up_to (the cost stays bounded however large a burst is).
+SELECT count(*)::int FROM (
+    SELECT 1 FROM operations WHERE product_id = @product_id AND status IN ('pending', 'running') LIMIT @up_to::int
+) s;

@@ -1563,7 +1563,7 @@ type ClientInterface interface {
 
 	// TakeBackup Back up a user's brain now
 	//
-	// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it. Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
+	// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it; on the kubernetes backend the backup is the running engine's own export (ENGINE_NOT_RUNNING when it is stopped). Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
 	//
 	// Corresponds with POST /engines/{user_id}/backups (the `TakeBackup` operationId).
 	TakeBackup(ctx context.Context, userId string, params *TakeBackupParams, reqEditors ...RequestEditorFn) (*http.Response, error)
@@ -1940,7 +1940,7 @@ func (c *Client) ListBackups(ctx context.Context, userId string, params *ListBac
 
 // TakeBackup Back up a user's brain now
 //
-// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it. Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
+// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it; on the kubernetes backend the backup is the running engine's own export (ENGINE_NOT_RUNNING when it is stopped). Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
 //
 // Corresponds with POST /engines/{user_id}/backups (the `TakeBackup` operationId).
 func (c *Client) TakeBackup(ctx context.Context, userId string, params *TakeBackupParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
@@ -3753,7 +3753,7 @@ type ClientWithResponsesInterface interface {
 
 	// TakeBackupWithResponse Back up a user's brain now
 	//
-	// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it. Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
+	// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it; on the kubernetes backend the backup is the running engine's own export (ENGINE_NOT_RUNNING when it is stopped). Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
 	//
 	// Returns a wrapper object for the known response body format(s).
 	//
@@ -6924,7 +6924,7 @@ func (c *ClientWithResponses) ListBackupsWithResponse(ctx context.Context, userI
 
 // TakeBackupWithResponse Back up a user's brain now
 //
-// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it. Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
+// Freezes the engine for the copy (well under a second for a 100 MB brain), then compresses and hashes it; on the kubernetes backend the backup is the running engine's own export (ENGINE_NOT_RUNNING when it is stopped). Returns when the backup is recorded, or 202 with Prefer: respond-async. A request while one is in flight joins it.
 //
 // Returns a wrapper object for the known response body format(s).
 //

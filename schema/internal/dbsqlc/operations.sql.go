@@ -228,3 +228,23 @@ func (q *Queries) StartOperation(ctx context.Context, id string) (Operation, err
 	)
 	return i, err
 }
+
+const unfinishedOperations = `-- name: UnfinishedOperations :one
+SELECT count(*)::int FROM (
+    SELECT 1 FROM operations WHERE product_id = $1 AND status IN ('pending', 'running') LIMIT $2::int
+) s
+`
+
+type UnfinishedOperationsParams struct {
+	ProductID string
+	UpTo      int32
+}
+
+// How many operations of a product are pending or running, counted up to
+// @up_to (the cost stays bounded however large a burst is).
+func (q *Queries) UnfinishedOperations(ctx context.Context, arg UnfinishedOperationsParams) (int32, error) {
+	row := q.db.QueryRow(ctx, unfinishedOperations, arg.ProductID, arg.UpTo)
+	var column_1 int32
+	err := row.Scan(&column_1)
+	return column_1, err
+}
