@@ -829,6 +829,17 @@ func TestNetworkRemovedWhileStopped(t *testing.T) {
 	ctx := t.Context()
 	image := engineImage(t)
 	b := newBackend(t, func(c *docker.Config) { c.Network = "enginefleet_test_gone_" + randHex(4) })
+	cli := rawClient(t)
+	// Registered first, so it runs after the engine's own cleanup has
+	// removed the container (a network in use cannot be removed).
+	t.Cleanup(func() {
+		res, err := cli.NetworkList(context.Background(), client.NetworkListOptions{Filters: make(client.Filters).Add("name", b.Config().Network)})
+		if err == nil {
+			for _, n := range res.Items {
+				cli.NetworkRemove(context.Background(), n.ID, client.NetworkRemoveOptions{}) //nolint:errcheck
+			}
+		}
+	})
 	e := newEngine(t, b, image)
 	id := e.spec.EngineID
 	require.NoError(t, b.Ensure(ctx, e.spec))
@@ -837,7 +848,6 @@ func TestNetworkRemovedWhileStopped(t *testing.T) {
 	e.addMemory(t, "kept across a lost network")
 	before := e.export(t)
 	require.NoError(t, b.Stop(ctx, id, 10*time.Second))
-	cli := rawClient(t)
 	first := containerID(t, cli, id)
 	require.NoError(t, b.Ensure(ctx, e.spec))
 	require.Equal(t, first, containerID(t, cli, id), "adopted")
@@ -847,14 +857,6 @@ func TestNetworkRemovedWhileStopped(t *testing.T) {
 	netID := string(raw.Container.HostConfig.NetworkMode)
 	_, err = cli.NetworkRemove(ctx, netID, client.NetworkRemoveOptions{})
 	require.NoError(t, err)
-	t.Cleanup(func() {
-		res, err := cli.NetworkList(context.Background(), client.NetworkListOptions{Filters: make(client.Filters).Add("name", b.Config().Network)})
-		if err == nil {
-			for _, n := range res.Items {
-				cli.NetworkRemove(context.Background(), n.ID, client.NetworkRemoveOptions{}) //nolint:errcheck
-			}
-		}
-	})
 
 	require.Error(t, b.Start(ctx, id), "its network is gone")
 	require.NoError(t, b.Ensure(ctx, e.spec))
