@@ -40,6 +40,8 @@ const (
 	CodeExportNotFound       Code = "EXPORT_NOT_FOUND"
 	CodeInvalidState         Code = "INVALID_STATE"
 	CodeMethodNotAllowed     Code = "METHOD_NOT_ALLOWED"
+	CodeWebhookNotFound      Code = "WEBHOOK_NOT_FOUND"
+	CodeDeliveryNotFound     Code = "DELIVERY_NOT_FOUND"
 )
 
 // CodeInfo is one code of the registry: the HTTP status it is answered
@@ -81,6 +83,8 @@ var Codes = []CodeInfo{
 	{CodeExportNotFound, http.StatusNotFound, "No audit export has this id."},
 	{CodeInvalidState, http.StatusConflict, "The engine's state does not allow the operation (e.g. restoring into an engine that is being destroyed)."},
 	{CodeMethodNotAllowed, http.StatusMethodNotAllowed, "The path exists but not with this method; Allow lists the methods it takes."},
+	{CodeWebhookNotFound, http.StatusNotFound, "The calling product has no webhook endpoint with this id."},
+	{CodeDeliveryNotFound, http.StatusNotFound, "The webhook endpoint has no delivery with this id."},
 }
 
 var codeIndex = func() map[Code]CodeInfo {

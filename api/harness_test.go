@@ -22,6 +22,7 @@ import (
 	"github.com/enginefleet/orchestrator/internal/testenv"
 	"github.com/enginefleet/orchestrator/keys"
 	"github.com/enginefleet/orchestrator/lifecycle"
+	"github.com/enginefleet/orchestrator/webhooks"
 )
 
 const testAdminKey = "test-admin-key-0123456789"
@@ -66,6 +67,10 @@ func newAPI(cfg api.Config, pool *pgxpool.Pool, rc *river.Client[pgx.Tx], kr *ke
 		c = cc[0]
 	}
 	core := lifecycle.New(c, pool, rc, kr, log)
+	if cfg.Webhooks == nil {
+		// As server wires it, with the default destination policy.
+		cfg.Webhooks = webhooks.NewEndpoints(webhooks.Policy{}, pool, kr)
+	}
 	return replica{Server: api.New(cfg, core, pool, rc, log), Core: core}
 }
 

@@ -30,6 +30,7 @@ import (
 	"github.com/enginefleet/orchestrator/lifecycle"
 	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/schema"
+	"github.com/enginefleet/orchestrator/webhooks"
 )
 
 // Config is what the API needs; cmd/orchestrator fills it from the
@@ -54,6 +55,10 @@ type Config struct {
 	TrustedProxies []netip.Prefix
 
 	Metrics *metrics.Metrics // admit and request latency (nil = none)
+
+	// Webhooks is the request side of webhooks (nil: the /webhooks routes
+	// answer 503).
+	Webhooks *webhooks.Endpoints
 
 	// UndocumentedError, when set, is told of every error answer whose
 	// status or code openapi.yaml does not list for its operation (it is
@@ -141,6 +146,7 @@ func (s *Server) register() {
 	s.registerBackups()
 	s.registerAudit()
 	s.registerFleet()
+	s.registerWebhooks()
 }
 
 // Handler is the root HTTP handler: request ids, recovery, access log.

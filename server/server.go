@@ -28,6 +28,7 @@ import (
 	"github.com/enginefleet/orchestrator/metrics"
 	"github.com/enginefleet/orchestrator/scheduler"
 	"github.com/enginefleet/orchestrator/schema"
+	"github.com/enginefleet/orchestrator/webhooks"
 	"github.com/enginefleet/orchestrator/workers"
 )
 
@@ -66,6 +67,7 @@ type Config struct {
 	Fleet     scheduler.FleetConfig // the schedules
 	Scheduler scheduler.Config      // the elector and tick polling
 	Metrics   metrics.Config        // Log is filled here, and Source when nil
+	Webhooks  webhooks.Config       // delivery (worker role) and the destination policy (api role too)
 
 	// SkipRuntimeEvents leaves out crash detection from the backend's
 	// event stream, for tests of the health sweep alone.
@@ -84,6 +86,7 @@ type Process struct {
 	Core      *lifecycle.Core       // api role
 	API       *api.Server           // api role
 	Workers   *workers.Workers      // worker role
+	Webhooks  *webhooks.Deliverer   // worker role: webhook delivery and its dispatcher
 	Scheduler *scheduler.Scheduler  // scheduler role
 
 	metricsLn  net.Listener
@@ -127,7 +130,12 @@ func New(cfg Config, pool *pgxpool.Pool, kr *keys.Keyring, backend orch.Backend,
 			wc.Backups.Keyring = kr // backups through the engine's API authenticate with its key
 		}
 		p.Workers = workers.New(wc, pool, backend, log)
-		p.River, err = river.NewClient(riverpgxv5.New(pool), p.Workers.RiverConfig(log))
+		rcfg := p.Workers.RiverConfig(log)
+		// Webhooks have their own queue: a slow endpoint holds none of
+		// the lifecycle queues' workers.
+		p.Webhooks = webhooks.NewDeliverer(cfg.Webhooks, pool, kr, log)
+		p.Webhooks.Register(rcfg)
+		p.River, err = river.NewClient(riverpgxv5.New(pool), rcfg)
 	} else {
 		// Insert-only: the API and the scheduler enqueue, workers elsewhere run.
 		p.River, err = river.NewClient(riverpgxv5.New(pool), &river.Config{Logger: log})
@@ -142,6 +150,7 @@ func New(cfg Config, pool *pgxpool.Pool, kr *keys.Keyring, backend orch.Backend,
 		p.Core = lifecycle.New(cc, pool, p.River, kr, log)
 		ac := cfg.API
 		ac.Metrics, ac.Version = p.Metrics, cfg.Version
+		ac.Webhooks = webhooks.NewEndpoints(cfg.Webhooks.Policy, pool, kr)
 		p.API = api.New(ac, p.Core, pool, p.River, log)
 	}
 	if cfg.Roles.Scheduler {
@@ -178,6 +187,7 @@ func (p *Process) Start(ctx context.Context) error {
 		// Liveness lasts until River has stopped (bg ends after that):
 		// while it runs, this process's jobs are its own.
 		p.goRun(func() { p.Workers.RunLiveness(p.bg, p.River) })
+		p.goRun(func() { p.Webhooks.Run(upkeep, p.River) })
 	}
 	if p.Core != nil {
 		p.goRun(func() { p.Core.Run(p.bg) })

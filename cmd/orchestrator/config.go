@@ -77,6 +77,13 @@ type Config struct {
 	AuthFailuresPerSecond int            // 0 = no throttle
 	TrustedProxies        []netip.Prefix // whose X-Forwarded-For names the client
 
+	WebhookAllowNetworks      []netip.Prefix // private destinations webhooks may reach
+	WebhookAllowHTTP          bool
+	WebhookConcurrency        int
+	WebhookProductConcurrency int
+	WebhookTimeout            time.Duration
+	WebhookRetryFor           time.Duration
+
 	// Warnings are logged at start: settings that work but should not.
 	Warnings []string
 }
@@ -90,7 +97,7 @@ type envVar struct {
 
 var envVars = []envVar{
 	{"ORCH_DATABASE_URL", "", "required: postgresql://user:pass@host:port/db (or ORCH_DATABASE_URL_FILE: a file holding it; same for the three keys)"},
-	{"ORCH_DATABASE_MAX_CONNS", "", "connections this process's pool may open; empty = what its roles need: api 21, worker ORCH_WORKER_CONCURRENCY + 32, scheduler 2 (all three by default: 105); refused below their minimum (api 5, worker and scheduler as above). Budget the sum over every process under Postgres's max_connections"},
+	{"ORCH_DATABASE_MAX_CONNS", "", "connections this process's pool may open; empty = what its roles need: api 21, worker ORCH_WORKER_CONCURRENCY + 37, scheduler 2 (all three by default: 110); refused below their minimum (api 5, worker and scheduler as above). Budget the sum over every process under Postgres's max_connections"},
 	{"ORCH_MASTER_KEY", "", "required: Fernet key (URL-safe base64 of 32 bytes) encrypting engine keys at rest; `orchestrator keys generate` prints one"},
 	{"ORCH_MASTER_KEY_PREVIOUS", "", "comma-separated previous master keys, decrypt-only, during a rotation"},
 	{"ORCH_ADMIN_KEY", "", "required: the admin key checked against X-Admin-Key; at least 16 characters and not a placeholder (`orchestrator keys generate` prints one)"},
@@ -147,6 +154,12 @@ var envVars = []envVar{
 	{"ORCH_AUDIT_RETENTION_DAYS", "0", "purge audit rows older than this once exported (0 = keep forever)"},
 	{"ORCH_WORKER_CONCURRENCY", "50", "lifecycle jobs one worker process runs at once"},
 	{"ORCH_SHUTDOWN_TIMEOUT_S", "55", "graceful drain budget on SIGTERM (fits docker stop --time 60)"},
+	{"ORCH_WEBHOOK_ALLOW_NETWORKS", "", "comma-separated CIDRs or addresses webhook deliveries may reach although private, loopback or link-local (checked on the address dialed); empty = public addresses only"},
+	{"ORCH_WEBHOOK_ALLOW_HTTP", "false", "true = endpoints may use plain http to any allowed host; false = https, except to a loopback host"},
+	{"ORCH_WEBHOOK_CONCURRENCY", "20", "webhook deliveries one worker process attempts at once (their own queue)"},
+	{"ORCH_WEBHOOK_PRODUCT_CONCURRENCY", "4", "one product's delivery attempts in flight per worker process: a product's slow endpoint holds no more"},
+	{"ORCH_WEBHOOK_TIMEOUT_S", "10", "one delivery attempt's timeout"},
+	{"ORCH_WEBHOOK_RETRY_FOR_S", "86400", "how long a delivery is retried (exponential backoff with jitter, 10 s doubling to 1 h) before it fails and its endpoint is marked failing"},
 }
 
 // loadConfig reads and validates the environment, reporting every problem
@@ -357,6 +370,26 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		}
 		c.TrustedProxies = append(c.TrustedProxies, pfx)
 	}
+
+	for _, p := range splitList(get("ORCH_WEBHOOK_ALLOW_NETWORKS")) {
+		pfx, err := parsePrefix(p)
+		if err != nil {
+			bad("ORCH_WEBHOOK_ALLOW_NETWORKS", "%q is neither an address nor a CIDR", p)
+			continue
+		}
+		c.WebhookAllowNetworks = append(c.WebhookAllowNetworks, pfx)
+	}
+	switch get("ORCH_WEBHOOK_ALLOW_HTTP") {
+	case "true":
+		c.WebhookAllowHTTP = true
+	case "false", "":
+	default:
+		bad("ORCH_WEBHOOK_ALLOW_HTTP", "must be true or false")
+	}
+	c.WebhookConcurrency = intv("ORCH_WEBHOOK_CONCURRENCY", 1, 1000)
+	c.WebhookProductConcurrency = intv("ORCH_WEBHOOK_PRODUCT_CONCURRENCY", 1, 1000)
+	c.WebhookTimeout = secs("ORCH_WEBHOOK_TIMEOUT_S", 1)
+	c.WebhookRetryFor = secs("ORCH_WEBHOOK_RETRY_FOR_S", 1)
 
 	if len(problems) > 0 {
 		sort.Strings(problems)

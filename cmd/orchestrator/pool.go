@@ -25,6 +25,10 @@ const (
 	// elector, maintenance) and the worker's upkeep (events; the liveness
 	// session is taken from the pool, then held outside it).
 	riverOwnConns = 10
+	// webhookConns: the webhook dispatcher's LISTEN connection and the
+	// bookkeeping of delivery attempts (an attempt holds none while it
+	// waits for the endpoint, so a slow one never starves the pool).
+	webhookConns = 5
 	// schedulerConns: enqueueing ticks (the leader lock has its own
 	// connection, outside the pool).
 	schedulerConns = 2
@@ -43,11 +47,11 @@ func poolNeeds(cfg Config, r server.Roles) (min, want int, why string) {
 		parts = append(parts, fmt.Sprintf("api %d", apiListenConns+apiMinRequestConns))
 	}
 	if r.Worker {
-		n := cfg.WorkerConcurrency + workerOtherQueues + riverOwnConns
+		n := cfg.WorkerConcurrency + workerOtherQueues + riverOwnConns + webhookConns
 		min += n
 		want += n
-		parts = append(parts, fmt.Sprintf("worker %d = ORCH_WORKER_CONCURRENCY %d + %d for its other queues and River's own connections",
-			n, cfg.WorkerConcurrency, workerOtherQueues+riverOwnConns))
+		parts = append(parts, fmt.Sprintf("worker %d = ORCH_WORKER_CONCURRENCY %d + %d for its other queues, webhooks and River's own connections",
+			n, cfg.WorkerConcurrency, workerOtherQueues+riverOwnConns+webhookConns))
 	}
 	if r.Scheduler {
 		min += schedulerConns

@@ -23,9 +23,9 @@ func TestPoolSize(t *testing.T) {
 		r    server.Roles
 		want int
 	}{
-		{all, 21 + 50 + 32 + 2},
+		{all, 21 + 50 + 37 + 2},
 		{server.Roles{API: true}, 21},
-		{server.Roles{Worker: true}, 50 + 32},
+		{server.Roles{Worker: true}, 50 + 37},
 		{server.Roles{Scheduler: true}, 2},
 	} {
 		n, err := poolSize(cfg, &tc.r)
@@ -54,22 +54,22 @@ func TestPoolSize(t *testing.T) {
 	n, err = poolSize(cfg, &all)
 	require.NoError(t, err)
 	require.Equal(t, 200, n)
-	env["ORCH_DATABASE_MAX_CONNS"] = "40"
+	env["ORCH_DATABASE_MAX_CONNS"] = "45"
 	cfg, err = loadConfig(envOf(env))
 	require.NoError(t, err)
 	_, err = poolSize(cfg, &all)
-	require.EqualError(t, err, "ORCH_DATABASE_MAX_CONNS=40 is too few for --roles=api,worker,scheduler: they need at least 89 connections "+
-		"(api 5, worker 82 = ORCH_WORKER_CONCURRENCY 50 + 32 for its other queues and River's own connections, scheduler 2); "+
-		"raise it, lower ORCH_WORKER_CONCURRENCY, or unset it to use 105")
+	require.EqualError(t, err, "ORCH_DATABASE_MAX_CONNS=45 is too few for --roles=api,worker,scheduler: they need at least 94 connections "+
+		"(api 5, worker 87 = ORCH_WORKER_CONCURRENCY 50 + 37 for its other queues, webhooks and River's own connections, scheduler 2); "+
+		"raise it, lower ORCH_WORKER_CONCURRENCY, or unset it to use 110")
 	n, err = poolSize(cfg, &server.Roles{API: true})
 	require.NoError(t, err, "enough for an API replica")
-	require.Equal(t, 40, n)
+	require.Equal(t, 45, n)
 	env["ORCH_WORKER_CONCURRENCY"] = "1"
 	cfg, err = loadConfig(envOf(env))
 	require.NoError(t, err)
 	n, err = poolSize(cfg, &all)
-	require.NoError(t, err, "5 + 1 + 32 + 2 = 40 fit")
-	require.Equal(t, 40, n)
+	require.NoError(t, err, "5 + 1 + 37 + 2 = 45 fit")
+	require.Equal(t, 45, n)
 }
 
 // serve refuses to start with too small a pool, before connecting.

@@ -19,6 +19,7 @@ import (
 	"github.com/enginefleet/orchestrator/scheduler"
 	"github.com/enginefleet/orchestrator/schema"
 	"github.com/enginefleet/orchestrator/server"
+	"github.com/enginefleet/orchestrator/webhooks"
 	"github.com/enginefleet/orchestrator/workers"
 )
 
@@ -59,7 +60,14 @@ func serve(ctx context.Context, cfg Config, r server.Roles, pool *pgxpool.Pool, 
 func processConfig(cfg Config, r server.Roles) server.Config {
 	return server.Config{Roles: r, ListenAddr: cfg.ListenAddr, MetricsAddr: cfg.MetricsAddr, ShutdownTimeout: cfg.ShutdownTimeout,
 		Version: version, API: apiConfig(cfg), Core: coreConfig(cfg), Workers: workerConfig(cfg), Fleet: fleetConfig(cfg),
-		Metrics: metrics.Config{PortMin: cfg.PortMin, PortMax: cfg.PortMax, Node: cfg.Node}}
+		Metrics: metrics.Config{PortMin: cfg.PortMin, PortMax: cfg.PortMax, Node: cfg.Node}, Webhooks: webhookConfig(cfg)}
+}
+
+// webhookConfig is where deliveries may go and how they are paced.
+func webhookConfig(cfg Config) webhooks.Config {
+	return webhooks.Config{Policy: webhooks.Policy{AllowNetworks: cfg.WebhookAllowNetworks, AllowHTTP: cfg.WebhookAllowHTTP},
+		Concurrency: cfg.WebhookConcurrency, ProductConcurrency: cfg.WebhookProductConcurrency,
+		Timeout: cfg.WebhookTimeout, RetryFor: cfg.WebhookRetryFor}
 }
 
 // coreConfig is the request side's: what engines are and where they go.

@@ -10,6 +10,7 @@ var (
 	ErrBackupCorrupt        = &Error{Code: ErrorCodeBackupCorrupt}
 	ErrBackupNotFound       = &Error{Code: ErrorCodeBackupNotFound}
 	ErrBootTimeout          = &Error{Code: ErrorCodeBootTimeout}
+	ErrDeliveryNotFound     = &Error{Code: ErrorCodeDeliveryNotFound}
 	ErrEngineAlreadyExists  = &Error{Code: ErrorCodeEngineAlreadyExists}
 	ErrEngineAlreadyRunning = &Error{Code: ErrorCodeEngineAlreadyRunning}
 	ErrEngineNotFound       = &Error{Code: ErrorCodeEngineNotFound}
@@ -31,4 +32,5 @@ var (
 	ErrQuotaExceeded        = &Error{Code: ErrorCodeQuotaExceeded}
 	ErrRateLimited          = &Error{Code: ErrorCodeRateLimited}
 	ErrServiceUnavailable   = &Error{Code: ErrorCodeServiceUnavailable}
+	ErrWebhookNotFound      = &Error{Code: ErrorCodeWebhookNotFound}
 )

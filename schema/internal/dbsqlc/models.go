@@ -222,6 +222,51 @@ type SchedulerTick struct {
 	UpdatedAt time.Time
 }
 
+type WebhookDelivery struct {
+	ID              string
+	EventID         string
+	EndpointID      string
+	ProductID       string
+	Lane            string
+	Seq             int64
+	State           string
+	JobID           *int64
+	Attempts        int32
+	RedeliveryOf    *string
+	LastAttemptAt   *time.Time
+	NextAttemptAt   *time.Time
+	ResponseStatus  *int32
+	ResponseExcerpt *string
+	LastError       *string
+	CreatedAt       time.Time
+	FinishedAt      *time.Time
+}
+
+type WebhookEndpoint struct {
+	ID                string
+	ProductID         string
+	Url               string
+	Description       string
+	EventTypes        []string
+	SecretEnc         string
+	PreviousSecretEnc *string
+	PreviousExpiresAt *time.Time
+	Status            string
+	FailingSince      *time.Time
+	CreatedAt         time.Time
+}
+
+type WebhookEvent struct {
+	ID         string
+	Seq        int64
+	ProductID  string
+	Type       string
+	UserID     *string
+	EngineID   *string
+	OccurredAt time.Time
+	Data       []byte
+}
+
 type WorkerSession struct {
 	ID        string
 	Node      string
