@@ -39,7 +39,7 @@ bench: ## benchmarks side by side with their baselines, printed as a table
 
 gen: ## regenerate the sqlc queries, openapi.yaml, its 3.0 rendering, the Go SDK and its error sentinels, docs/api.md
 	cd schema && $(GO) tool sqlc generate
-	$(GO) test ./api -run OpenAPIGolden -update >/dev/null
+	$(GO) test ./api -run 'OpenAPIGolden|APIDocGolden' -update >/dev/null
 	cd sdk/go && $(GO) tool oapi-codegen -config oapi-codegen.yaml openapi-3.0.yaml
 	$(GO) test ./sdk/go -run ErrorsGenFresh -update >/dev/null
 

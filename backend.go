@@ -20,7 +20,7 @@ const (
 	LabelFleet = "orchestrator.fleet"
 )
 
-// EngineSpec is everything a backend needs to run one engine (SPEC §8).
+// EngineSpec is everything a backend needs to run one engine.
 type EngineSpec struct {
 	EngineID  string
 	ProductID string

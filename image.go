@@ -6,7 +6,7 @@ import (
 )
 
 // Images is the set of images a product may ask for as engine_version
-// (provision, upgrade). engine_version is the product's to choose (SPEC §3),
+// (provision, upgrade). engine_version is the product's to choose,
 // but an engine runs with the operator's passthrough environment (provider
 // keys), so a tenant must not be able to run an image of its own choosing:
 // only the operator's repositories are allowed.

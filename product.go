@@ -18,14 +18,14 @@ type Product struct {
 	UpdatedAt   time.Time
 }
 
-// Policy is a product's limits (SPEC §4). A nil field means no limit.
+// Policy is a product's limits. A nil field means no limit.
 type Policy struct {
 	MaxEngines   *int `json:"max_engines,omitempty"`
 	RateLimitRPM *int `json:"rate_limit_rpm,omitempty"`
 }
 
 // ParsePolicy decodes a policy strictly: unknown keys, wrong types and
-// negative limits are INVALID_REQUEST, never ignored (SPEC §4 [ours]).
+// negative limits are INVALID_REQUEST, never ignored.
 func ParsePolicy(raw []byte) (Policy, error) {
 	var p Policy
 	if len(bytes.TrimSpace(raw)) == 0 || string(bytes.TrimSpace(raw)) == "null" {

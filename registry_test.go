@@ -4,8 +4,12 @@ import (
 	"go/ast"
 	"go/parser"
 	"go/token"
+	"io/fs"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -80,5 +84,47 @@ func TestActionsRegistryIsComplete(t *testing.T) {
 	}
 	if len(defined) < 20 {
 		t.Fatalf("parsed only %d actions", len(defined))
+	}
+}
+
+// The repository carries its own contract: nothing points outside it to a
+// specification (applied migrations are immutable and keep their words).
+func TestNoOutsideSpecReferences(t *testing.T) {
+	bad := []string{"../shared/", "SPEC §", "SPEC.md"}
+	err := filepath.WalkDir(".", func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			switch d.Name() {
+			case ".git", ".data", ".build", "node_modules", "testdata":
+				return filepath.SkipDir
+			}
+			if path == filepath.Join("schema", "migrations") {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		switch filepath.Ext(path) {
+		case ".go", ".md", ".yaml", ".yml", ".sql", ".sh", ".example":
+		default:
+			return nil
+		}
+		if path == "registry_test.go" {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		for _, s := range bad {
+			if strings.Contains(string(b), s) {
+				t.Errorf("%s refers to %q: say it in the repository (docs/api.md, docs/engine-contract.md)", path, s)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

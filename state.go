@@ -1,6 +1,6 @@
 package orchestrator
 
-// State is an engine's lifecycle state (SPEC §5).
+// State is an engine's lifecycle state.
 type State string
 
 // Engine states. A destroyed engine has no row, hence no state.
@@ -51,7 +51,7 @@ func CanTransition(from, to State) bool {
 }
 
 // Transitional reports whether s is a state an engine only passes through;
-// every transitional state has a deadline (SPEC §5 robustness rules).
+// every transitional state has a deadline.
 func (s State) Transitional() bool {
 	return s == StateProvisioning || s == StateDestroying
 }

@@ -15,7 +15,7 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// The audit log (SPEC §10): a product reads its own rows; the admin
+// The audit log: a product reads its own rows; the admin
 // exports the log into the hash-chained files of ORCH_AUDIT_EXPORT_DIR.
 
 // AuditEntryBody is one audit row.

@@ -11,7 +11,7 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// Backups (SPEC §11): take one now, list them, restore one. A backup is
+// Backups: take one now, list them, restore one. A backup is
 // an operation like the others (it waits, or answers 202 with Prefer:
 // respond-async), but it does not take the engine's operation slot: a
 // start or stop requested meanwhile is not refused, it runs after the

@@ -368,7 +368,7 @@ func (s *Server) runOp(ctx context.Context, userID string, prefer string, r life
 	return out, nil
 }
 
-// admit is the hot path (SPEC §3): a running engine costs the cached
+// admit is the hot path: a running engine costs the cached
 // product, the rate limit and one indexed read. Its latency is recorded
 // by outcome: warm, cold, wake, denied (admitted:false or 429) or error.
 func (s *Server) admit(ctx context.Context, in *admitInput) (*admitOutput, error) {

@@ -19,11 +19,11 @@ import (
 )
 
 // This file is the admin API (X-Admin-Key): registering products, their
-// policy and their platform keys (SPEC §2-§4). Every write commits its
+// policy and their platform keys. Every write commits its
 // audit row and a NOTIFY on schema.ChannelProducts in one transaction, so
 // every replica's product cache drops the product as the change commits.
 
-// Policy is a product's policy as the API documents and returns it (SPEC §4).
+// Policy is a product's policy as the API documents and returns it.
 // An absent field means no limit.
 type Policy struct {
 	MaxEngines   *int `json:"max_engines,omitempty" minimum:"0" doc:"Engines the product may have at once, in any state; a provision beyond it is 429 QUOTA_EXCEEDED. Absent: no limit."`
@@ -162,7 +162,7 @@ type listProductsOutput struct {
 }
 
 // defaultKeyOverlap is how long a rotated-out platform key keeps working
-// when the request does not say (SPEC §2: 24 h).
+// when the request does not say.
 const defaultKeyOverlap = 86400
 
 type rotatePlatformKeyInput struct {

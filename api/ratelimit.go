@@ -14,8 +14,8 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// rateLimit takes one admit permit for the product (policy rate_limit_rpm,
-// SPEC §4). limit is 0 when the product has no rate limit; remaining is an
+// rateLimit takes one admit permit for the product (policy rate_limit_rpm).
+// limit is 0 when the product has no rate limit; remaining is an
 // estimate of the permits its current window has left across all replicas.
 // RATE_LIMITED, carrying Retry-After (seconds until the window ends), when
 // the window is exhausted. A rate_limit_rpm of 0 admits nothing, as

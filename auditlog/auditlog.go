@@ -1,4 +1,4 @@
-// Package auditlog is the audit export file format (SPEC §10 [ours]) and
+// Package auditlog is the audit export file format and
 // its chain verification. An export is a gzip-compressed JSONL file, one
 // audit row per line in id order, with a manifest next to it holding the
 // file's SHA-256, its row count and time range, and the SHA-256 of the

@@ -187,7 +187,7 @@ func finalBackupFiles(t testing.TB, dir string) []string {
 	return out
 }
 
-// The restore drill (SPEC §11), on Docker: memories → backup → destroy →
+// The restore drill, on Docker: memories → backup → destroy →
 // provision again → restore the destroyed engine's backup → the engine's
 // export is byte-identical to before and its brain passes integrity_check.
 func TestRestoreDrillDocker(t *testing.T) {

@@ -11,7 +11,7 @@ import (
 	orch "github.com/enginefleet/orchestrator"
 )
 
-// The whole contract flow on a backend (SPEC §3, §5, §8).
+// The whole contract flow on a backend.
 func contractFlow(t *testing.T, f *fleet, secondImage string) {
 	ctx := context.Background()
 	_, key := f.product("acme", orch.Policy{})

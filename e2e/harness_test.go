@@ -52,7 +52,7 @@ type fleetOpts struct {
 	metrics     *metrics.Config // serve the fleet's Prometheus metrics (MetricsURL) from this configuration (nil = none)
 	limits      bool            // docker: engines get production's default memory, CPU and pids limits
 
-	// Fleet upkeep (SPEC §6, §7); zero values keep the workers' defaults
+	// Fleet upkeep; zero values keep the workers' defaults
 	// (auto-restart off unless maxAttempts is set).
 	healthInterval time.Duration // sweep period (scheduler) and health_check sampling
 	probeTimeout   time.Duration // per-probe timeout (default 2 s)

@@ -25,7 +25,7 @@ import (
 	"github.com/enginefleet/orchestrator/keys"
 )
 
-// SPEC §6: health sweeps, failure counting, auto-restart with backoff,
+// Health sweeps, failure counting, auto-restart with backoff,
 // crash detection from the backend's events, manual operations winning
 // over auto-restart.
 

@@ -15,7 +15,7 @@ import (
 	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
-// SPEC §7: idle engines sleep (mark: the container keeps running; stop:
+// Idle engines sleep (mark: the container keeps running; stop:
 // it is stopped to free memory), the row keeps when and why, wake brings
 // them back, sleeping engines are not probed.
 

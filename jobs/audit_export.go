@@ -7,7 +7,7 @@ import (
 )
 
 // AuditExport writes one audit export, a gzip JSONL file and its manifest
-// in ORCH_AUDIT_EXPORT_DIR, appended to the export hash chain (SPEC §10).
+// in ORCH_AUDIT_EXPORT_DIR, appended to the export hash chain.
 // On demand (POST /audit/exports) it names the audit_exports row; on
 // schedule (ORCH_AUDIT_EXPORT_CRON) it carries the tick, covers the rows
 // since the previous scheduled export up to the tick, and then applies the

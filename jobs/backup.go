@@ -8,7 +8,7 @@ import (
 )
 
 // Backup takes one consistent copy of an engine's brain into
-// ORCH_BACKUP_DIR (SPEC §11), on its node's backup queue. Manual backups
+// ORCH_BACKUP_DIR, on its node's backup queue. Manual backups
 // (POST /engines/{user_id}/backups) carry the operation a request follows
 // (the API joins a second request to the backup in flight, under the
 // engine row's lock); scheduled ones carry their UTC day and are unique

@@ -6,7 +6,7 @@ import (
 	"github.com/riverqueue/river"
 )
 
-// HealthSweep is one health sweep of the fleet (SPEC §6): it lists the
+// HealthSweep is one health sweep of the fleet: it lists the
 // running engines and fans them out as HealthSweepBatch jobs on their
 // nodes' queues, so several workers share a large fleet. The scheduler
 // enqueues one per ORCH_HEALTH_CHECK_INTERVAL_S, unique per period.
@@ -46,7 +46,7 @@ func (a HealthSweepBatch) InsertOpts() river.InsertOpts {
 	return river.InsertOpts{Queue: NodeQueue(a.Node), MaxAttempts: 1}
 }
 
-// IdleSweep puts engines idle for ORCH_IDLE_AFTER_S to sleep (SPEC §7).
+// IdleSweep puts engines idle for ORCH_IDLE_AFTER_S to sleep.
 type IdleSweep struct {
 	Tick time.Time `json:"tick"`
 }

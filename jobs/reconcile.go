@@ -7,7 +7,7 @@ import (
 )
 
 // Reconcile compares one node's labelled containers and volumes with the
-// engine rows and repairs drift (SPEC §5 [ours]).
+// engine rows and repairs drift.
 type Reconcile struct {
 	Node string `json:"node" river:"unique"`
 }

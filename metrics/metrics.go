@@ -1,5 +1,5 @@
-// Package metrics is the orchestrator's Prometheus instrumentation
-// (SPEC §13): the counters and histograms the API and the workers update
+// Package metrics is the orchestrator's Prometheus instrumentation:
+// the counters and histograms the API and the workers update
 // as things happen, and one collector that reads the fleet's gauges from
 // Postgres at most once per cache period, however often and however many
 // series are scraped. Served on its own listener (ORCH_METRICS_ADDR,

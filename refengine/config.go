@@ -8,7 +8,7 @@ import (
 	"time"
 )
 
-// Defaults of the engine contract (SPEC §8).
+// Defaults of the engine contract.
 const (
 	DefaultDBPath          = "/data/brain.sqlite"
 	DefaultCatalogDir      = "/catalog"

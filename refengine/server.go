@@ -1,5 +1,5 @@
 // Package refengine is the reference engine: a single-tenant HTTP server that
-// implements the engine contract (SPEC §8) so the orchestrator can be run
+// implements the engine contract so the orchestrator can be run
 // and tested end to end without a private engine image.
 //
 // Routes (JSON unless noted; every route but /health needs X-Engine-Key,

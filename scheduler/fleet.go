@@ -19,9 +19,8 @@ type FleetConfig struct {
 	AuditExportCron string        // ORCH_AUDIT_EXPORT_CRON: audit exports ("" = none)
 }
 
-// Fleet is the orchestrator's schedule list (SPEC §1): health sweeps,
-// idle sweeps, reconciles, the rollouts' watch, nightly backups, audit
-// exports. A new
+// Fleet is the orchestrator's schedule list: health sweeps, idle sweeps,
+// reconciles, the rollouts' watch, nightly backups, audit exports. A new
 // periodic job is one more line here.
 func Fleet(c FleetConfig) []Schedule {
 	if len(c.Nodes) == 0 {

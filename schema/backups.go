@@ -17,7 +17,7 @@ const (
 	BackupManual    = "manual"
 )
 
-// Backup is one recorded brain backup (SPEC §11). Rows outlive engines.
+// Backup is one recorded brain backup. Rows outlive engines.
 type Backup struct {
 	ID            string
 	EngineID      string

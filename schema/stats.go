@@ -6,7 +6,7 @@ import (
 )
 
 // Metrics is a product's rolling-hour activity and lifetime totals, all
-// from the audit log (SPEC §3 GET /metrics).
+// from the audit log.
 type Metrics struct {
 	Provisions1h    int64
 	Crashes1h       int64

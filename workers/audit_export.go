@@ -20,7 +20,7 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// Audit exports (SPEC §10 [ours]).
+// Audit exports.
 //
 // An export writes the audit rows with from <= timestamp < to (of one
 // product, or all) in id order as gzip JSONL into ORCH_AUDIT_EXPORT_DIR,
@@ -41,7 +41,7 @@ import (
 // the row ids read back from verified files are deleted. A row no
 // verified export holds is never purged.
 
-// AuditConfig configures audit exports and the retention purge (SPEC §10).
+// AuditConfig configures audit exports and the retention purge.
 type AuditConfig struct {
 	ExportDir    string        // ORCH_AUDIT_EXPORT_DIR ("" = exports refused)
 	Retention    time.Duration // ORCH_AUDIT_RETENTION_DAYS (0 = keep forever)

@@ -27,7 +27,7 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// Brain backups (SPEC §11).
+// Brain backups.
 //
 // A backup is a consistent copy of the engine's volume, whatever the
 // engine image: the container is paused (cgroup freezer; SIGSTOP on the
@@ -66,7 +66,7 @@ const strayAge = time.Hour
 // safetyDir holds restore safety copies, under ORCH_BACKUP_DIR.
 const safetyDir = ".restore"
 
-// BackupConfig configures brain backups and restores (SPEC §11).
+// BackupConfig configures brain backups and restores.
 type BackupConfig struct {
 	Dir         string        // ORCH_BACKUP_DIR ("" = backups refused)
 	Retention   time.Duration // ORCH_BACKUP_RETENTION_DAYS (7 days)

@@ -12,7 +12,7 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// Crash detection (SPEC §6 [ours]). Every worker process watches its
+// Crash detection. Every worker process watches its
 // backend's event stream. A die or oom of an engine that is running in
 // the database and quiet (no operation in flight, no lease: a stop,
 // restart, rotation or sleep in progress kills containers on purpose)

@@ -18,7 +18,7 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// Health sweeps (SPEC §6). A sweep lists the running engines and enqueues
+// Health sweeps. A sweep lists the running engines and enqueues
 // them as batches of HealthConfig.BatchSize on their nodes' queues, so several
 // workers share a large fleet. A batch probes its engines, at most
 // ProbeConcurrency at once per worker process (a probe that times out
@@ -37,7 +37,7 @@ import (
 // attempt 1 (restart.go). Engines that an operation or a lease is working
 // on are skipped: a stop in progress is not a failure.
 
-// HealthConfig configures health sweeps and auto-restart (SPEC §6).
+// HealthConfig configures health sweeps and auto-restart.
 type HealthConfig struct {
 	Interval           time.Duration // sweep period (30 s); paces the sampled health_check rows
 	MaxFailures        int           // consecutive failed probes before failed (3)
@@ -49,7 +49,7 @@ type HealthConfig struct {
 	RestartMaxAttempts int           // auto-restart attempts before giving up (0 = no auto-restart)
 }
 
-// withDefaults fills the zero health settings with SPEC §6 defaults.
+// withDefaults fills the zero health settings with the documented defaults (README).
 // Zero restart settings keep their meaning (no delay, no cap, no
 // auto-restart), so cmd passes them explicitly.
 func (c HealthConfig) withDefaults() HealthConfig {
@@ -71,7 +71,7 @@ func (c HealthConfig) withDefaults() HealthConfig {
 	return c
 }
 
-// Health keeps the engines healthy (SPEC §6): health sweeps, crash checks
+// Health keeps the engines healthy: health sweeps, crash checks
 // of the runtime events the backend reports (events.go), and auto-restart
 // of failed engines (restart.go).
 type Health struct {

@@ -15,7 +15,7 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// Idle sleep (SPEC §7). "Activity" is the last admit (api touch(), at most
+// Idle sleep. "Activity" is the last admit (api touch(), at most
 // one write per engine per minute) or the last state change, so an engine
 // just woken, started or restarted gets a whole idle period. The idle sweep, every minute, puts
 // running engines idle for IdleConfig.After to sleep, recording why and when
@@ -30,7 +30,7 @@ import (
 // Wake is admit with auto_wake or start (the engine_start job, audited
 // wake with the time it slept). Sleeping engines are not health-probed.
 
-// IdleConfig configures idle sleep (SPEC §7).
+// IdleConfig configures idle sleep.
 type IdleConfig struct {
 	After time.Duration // idle time before sleep (0 = never)
 	Mode  string        // SleepMark (default) or SleepStop
@@ -53,7 +53,7 @@ const (
 	SleepStop = "stop" // the container is stopped to free memory; wake starts it
 )
 
-// Idle puts idle engines to sleep (SPEC §7); waking is the start job's.
+// Idle puts idle engines to sleep; waking is the start job's.
 type Idle struct {
 	*runner
 	cfg IdleConfig

@@ -164,7 +164,7 @@ type rotateKeyWorker struct {
 }
 
 // Work recreates the container with the new key hash, and the old one as
-// ENGINE_KEY_HASH_PREVIOUS until the overlap ends (SPEC §8 [ours]). The
+// ENGINE_KEY_HASH_PREVIOUS until the overlap ends. The
 // row takes the new key only once the engine is healthy with it.
 func (r *rotateKeyWorker) Work(ctx context.Context, j *river.Job[jobs.RotateKey]) error {
 	return r.l.run(ctx, j.JobRow, j.Args.Lifecycle, runOpts{}, func(ctx context.Context, e orch.Engine, op orch.Operation, p schema.OpPayload, attempt int, last bool) outcome {

@@ -13,7 +13,7 @@ import (
 )
 
 // Probe checks an engine's GET /health: healthy is a 200 whose JSON body
-// has "status": "ok" (SPEC §6); anything else is an error saying why.
+// has "status": "ok"; anything else is an error saying why.
 //
 // The error's text goes into audit rows and last_error, which products
 // read: it says what went wrong in a few stable words ("timed out",

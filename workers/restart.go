@@ -13,7 +13,7 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// Auto-restart (SPEC §6). When an engine goes failed (health.go, events.go)
+// Auto-restart. When an engine goes failed (health.go, events.go)
 // attempt 1 is scheduled as a "system" restart operation whose
 // engine_restart job (Auto, Attempt n) runs after min(base·2^(n-1), max).
 // An attempt audits auto_restart_start, then:
@@ -107,7 +107,7 @@ func (h *Health) nextAutoRestart(ctx context.Context, q *schema.Queries, tx pgx.
 }
 
 // Backoff is the delay before auto-restart attempt n (1-based):
-// min(base·2^(n-1), max), max 0 meaning no cap (SPEC §6).
+// min(base·2^(n-1), max), max 0 meaning no cap.
 func Backoff(base, maxDelay time.Duration, attempt int) time.Duration {
 	if attempt < 1 {
 		attempt = 1

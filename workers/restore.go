@@ -21,7 +21,7 @@ import (
 	"github.com/enginefleet/orchestrator/schema"
 )
 
-// Restore (SPEC §11) puts a backup back into a user's engine, any engine
+// Restore puts a backup back into a user's engine, any engine
 // of that user: the one that took it, or the one provisioned after a
 // destroy (disaster recovery). In order:
 //

@@ -417,7 +417,7 @@ func bootOutcome(action orch.Action, d time.Duration, err error, extra map[strin
 		SleepReason: ptr(""), ClearDeadline: true, LastError: ptr("")}}
 }
 
-// spec is the backend spec of an engine at image (SPEC §8 environment).
+// spec is the backend spec of an engine at image.
 func (r *runner) spec(e orch.Engine, image, keyHash, prevHash string, prevExpires *time.Time) orch.EngineSpec {
 	env := map[string]string{}
 	for k, v := range r.eng.EnvPassthrough {

@@ -1,5 +1,5 @@
 // Package docker runs engines as Docker containers: the production
-// implementation of orchestrator.Backend (SPEC §8, §9).
+// implementation of orchestrator.Backend.
 //
 // Every object it creates carries the orchestrator labels (managed, engine
 // id, product id, node), and every name is derived from the engine id
@@ -61,7 +61,7 @@ const (
 	RoleHelper = "helper"
 )
 
-// Paths and ports of the engine contract (SPEC §8).
+// Paths and ports of the engine contract.
 const (
 	DataDir     = "/data"
 	CatalogDir  = "/catalog"

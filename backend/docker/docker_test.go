@@ -62,7 +62,7 @@ func TestLifecycle(t *testing.T) {
 	require.NoError(t, b.Ensure(ctx, e.spec))
 	assert.Equal(t, first, containerID(t, cli, id), "second Ensure must adopt")
 
-	// The container is what SPEC §8/§9 asks for.
+	// The container is what docs/engine-contract.md promises.
 	raw, err := cli.ContainerInspect(ctx, first, client.ContainerInspectOptions{})
 	require.NoError(t, err)
 	c := raw.Container

@@ -269,7 +269,7 @@ func envList(env map[string]string) []string {
 	return out
 }
 
-// containerOptions is the engine container (SPEC §8, §9).
+// containerOptions is the engine container.
 func (b *Backend) containerOptions(spec orchestrator.EngineSpec, hash, netID string) client.ContainerCreateOptions {
 	port := network.MustParsePort(EnginePort)
 	labels := b.baseLabels(spec.EngineID, spec.ProductID)

@@ -1,5 +1,5 @@
 // Package subprocess is the development engine backend
-// (ORCH_ENGINE_BACKEND=subprocess, SPEC §9): every engine is the engine
+// (ORCH_ENGINE_BACKEND=subprocess): every engine is the engine
 // binary run as a local process, its brain volume a directory under
 // ORCH_DATA_ROOT_PATH. No Docker is needed, so it is what `make run` uses on
 // laptops without Docker and what the large health-sweep benchmarks run
@@ -39,7 +39,7 @@
 //   - No automatic restart. Docker runs engines with restart policy
 //     unless-stopped and restarts a crashed container by itself; this backend
 //     never restarts a process. A crashed engine stays exited until the
-//     orchestrator's health sweep and auto-restart (SPEC §6) start it again.
+//     orchestrator's health sweep and auto-restart start it again.
 //   - No isolation: no resource limits, no capability dropping, no read-only
 //     root filesystem, no network namespace. The engine listens on
 //     127.0.0.1:<HostPort> (ENGINE_LISTEN_ADDR) instead of a published port.

@@ -20,8 +20,8 @@ import (
 	"github.com/enginefleet/orchestrator/keys"
 )
 
-// Config is every setting of the orchestrator, read from the environment
-// (SPEC §12, §6, §7, §9, §11). Only this package reads the environment.
+// Config is every setting of the orchestrator, read from the environment.
+// Only this package reads the environment.
 type Config struct {
 	DatabaseURL      string
 	DatabaseMaxConns int // 0 = computed from the roles (pool.go)

@@ -200,7 +200,7 @@ func TestRotateMasterCommand(t *testing.T) {
 
 // TestServeRefusesForeignMasterKey: starting with a master key that opens
 // none of the stored engine keys is refused, never a silent fleet-wide
-// key loss (SPEC §2).
+// key loss.
 func TestServeRefusesForeignMasterKey(t *testing.T) {
 	t.Parallel()
 	dbURL := testenv.DB(t)

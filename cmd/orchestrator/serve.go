@@ -152,7 +152,7 @@ func newBackend(ctx context.Context, cfg Config, fleetID string, log *slog.Logge
 
 // checkKeyring refuses to start when the master keyring opens none of a
 // sample of stored engine keys: starting anyway would silently lose every
-// engine key of the fleet (SPEC §2).
+// engine key of the fleet.
 func checkKeyring(ctx context.Context, pool *pgxpool.Pool, kr *keys.Keyring) error {
 	toks, err := schema.New(pool).SampleEngineKeyTokens(ctx, 20)
 	if err != nil {
