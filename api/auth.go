@@ -62,10 +62,27 @@ func (s *Server) authMiddleware(ctx huma.Context, next func(huma.Context)) {
 		}
 	}
 	if err != nil {
+		if op.OperationID == "fleet-metrics" && orch.IsCode(err, orch.CodeInvalidPlatformKey) && prometheusScrape(ctx) {
+			err = orch.Errorf(orch.CodeInvalidPlatformKey, "%s", wrongMetricsListener)
+		}
 		writeHumaError(s.api, ctx, toHTTP(ctx.Context(), err))
 		return
 	}
 	next(ctx)
+}
+
+// wrongMetricsListener answers a Prometheus scrape of the API's /metrics,
+// which is a product's JSON activity, not the exposition format: the scrape
+// fails (401) and whoever reads the body learns where to point it.
+const wrongMetricsListener = "GET /metrics on the API is a product's JSON activity (needs X-Platform-Key); " +
+	"scrape Prometheus metrics from the private metrics listener instead (ORCH_METRICS_ADDR, path /metrics)"
+
+// prometheusScrape tells a Prometheus (or OpenMetrics) scraper from a
+// product's client by what it asks for.
+func prometheusScrape(ctx huma.Context) bool {
+	accept, ua := ctx.Header("Accept"), ctx.Header("User-Agent")
+	return strings.HasPrefix(ua, "Prometheus/") || strings.Contains(accept, "application/openmetrics-text") ||
+		strings.Contains(accept, "text/plain;version=0.0.4") || strings.Contains(accept, "text/plain; version=0.0.4")
 }
 
 // checkAdmin accepts the admin key. INVALID_ADMIN_KEY otherwise, or

@@ -2,6 +2,7 @@ package api_test
 
 import (
 	"context"
+	"net/http"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -87,4 +88,26 @@ func TestMetricsFromAuditLog(t *testing.T) {
 	require.Equal(t, 200, status)
 	require.Equal(t, map[string]any{"provisions_1h": 2.0, "crashes_1h": 2.0, "restarts_1h": 2.0, "avg_boot_ms": 500.0,
 		"total_provisions": 3.0, "total_destroys": 1.0}, body)
+}
+
+// A Prometheus pointed at the API's /metrics (the products' JSON) fails its
+// scrape with a body that names the right listener; a product's client
+// without a key gets the usual answer.
+func TestPrometheusScrapeOfAPIMetricsPointsElsewhere(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, "", testConfig())
+	for _, hdr := range []map[string]string{
+		{"User-Agent": "Prometheus/3.1.0", "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"},
+		{"Accept": "text/plain;version=0.0.4"},
+	} {
+		status, body, _ := h.do("GET", "/metrics", nil, hdr)
+		require.Equal(t, http.StatusUnauthorized, status)
+		require.Equal(t, "INVALID_PLATFORM_KEY", errCode(body))
+		msg, _ := body["error"].(map[string]any)["message"].(string)
+		require.Contains(t, msg, "ORCH_METRICS_ADDR", "headers %v", hdr)
+	}
+	status, body, _ := h.do("GET", "/metrics", nil, map[string]string{"Accept": "application/json"})
+	require.Equal(t, http.StatusUnauthorized, status)
+	msg, _ := body["error"].(map[string]any)["message"].(string)
+	require.NotContains(t, msg, "ORCH_METRICS_ADDR")
 }

@@ -7,7 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"fmt"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -22,6 +22,7 @@ import (
 	orchestrator "github.com/enginefleet/orchestrator"
 	"github.com/enginefleet/orchestrator/backend/kubernetes"
 	"github.com/enginefleet/orchestrator/internal/kubeenv"
+	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 // One control plane for the package's tests, each in a namespace of its
@@ -136,35 +137,16 @@ func (e *testEngine) url(path string) string { return "http://" + e.addr + path 
 // 200 {"status":"ok"}.
 func (e *testEngine) waitHealthy(t *testing.T, b *kubernetes.Backend) {
 	t.Helper()
-	deadline := time.Now().Add(45 * time.Second)
-	var last string
-	for time.Now().Before(deadline) {
+	testenv.Await(t, 45*time.Second, "engine "+e.spec.EngineID+" healthy", func() error {
 		addr, err := b.Address(t.Context(), e.spec.EngineID)
 		require.NoError(t, err)
 		if addr == "" {
-			last = "no pod address yet"
-			time.Sleep(100 * time.Millisecond)
-			continue
+			return errors.New("no pod address yet")
 		}
 		require.True(t, strings.HasPrefix(addr, "127."), "agent pods have loopback addresses, got %s", addr)
 		e.addr = addr
-		resp, err := http.Get(e.url("/health"))
-		if err == nil {
-			var body struct {
-				Status string `json:"status"`
-			}
-			derr := json.NewDecoder(resp.Body).Decode(&body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK && derr == nil && body.Status == "ok" {
-				return
-			}
-			last = fmt.Sprintf("status %d, body status %q", resp.StatusCode, body.Status)
-		} else {
-			last = err.Error()
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("engine %s not healthy: %s", e.spec.EngineID, last)
+		return testenv.Healthy(e.url("/health"))
+	})
 }
 
 func (e *testEngine) do(t *testing.T, method, path string, body any) []byte {
@@ -188,16 +170,10 @@ func (e *testEngine) do(t *testing.T, method, path string, body any) []byte {
 	return out
 }
 
-// eventually polls cond every 50 ms for up to d.
+// eventually waits up to d for cond (testenv.Await for a yes/no condition).
 func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not after %s: %s", d, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	testenv.Await(t, d, what, func() error { return testenv.Check(cond(), "not yet") })
 }
 
 func bg() context.Context { return context.Background() }

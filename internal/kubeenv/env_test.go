@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -19,6 +20,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/enginefleet/orchestrator/internal/kubeenv"
+	"github.com/enginefleet/orchestrator/internal/testenv"
 )
 
 func TestMain(m *testing.M) { os.Exit(kubeenv.Run(m)) }
@@ -69,16 +71,11 @@ func TestControlPlane(t *testing.T) {
 	}, metav1.CreateOptions{})
 	require.NoError(t, err)
 	var pod *corev1.Pod
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	testenv.Await(t, 30*time.Second, "pod running", func() error {
 		pod, err = cli.CoreV1().Pods(ns).Get(ctx, "p", metav1.GetOptions{})
 		require.NoError(t, err)
-		if pod.Status.Phase == corev1.PodRunning {
-			break
-		}
-		require.True(t, time.Now().Before(deadline), "pod not running: %+v", pod.Status)
-		time.Sleep(100 * time.Millisecond)
-	}
+		return testenv.Check(pod.Status.Phase == corev1.PodRunning, "%+v", pod.Status)
+	})
 	assert.True(t, strings.HasPrefix(pod.Spec.NodeName, "kwok-node-"))
 	claim, err := cli.CoreV1().PersistentVolumeClaims(ns).Get(ctx, "data", metav1.GetOptions{})
 	require.NoError(t, err)
@@ -145,16 +142,11 @@ func TestAgentPod(t *testing.T) {
 	require.NoError(t, err)
 
 	var pod *corev1.Pod
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	testenv.Await(t, 30*time.Second, "pod ready", func() error {
 		pod, err = cli.CoreV1().Pods(ns).Get(ctx, "engine", metav1.GetOptions{})
 		require.NoError(t, err)
-		if ready(pod) {
-			break
-		}
-		require.True(t, time.Now().Before(deadline), "pod not ready: %+v", pod.Status)
-		time.Sleep(100 * time.Millisecond)
-	}
+		return testenv.Check(ready(pod), "%+v", pod.Status)
+	})
 	assert.Equal(t, agent.Node(), pod.Spec.NodeName)
 	require.True(t, strings.HasPrefix(pod.Status.PodIP, "127."), "loopback podIP, got %q", pod.Status.PodIP)
 	resp, err := http.Get("http://" + pod.Status.PodIP + ":8000/health")
@@ -175,15 +167,10 @@ func TestAgentPod(t *testing.T) {
 	pid := agent.Pid(ns, "engine")
 	require.NotZero(t, pid)
 	require.NoError(t, cli.CoreV1().Pods(ns).Delete(ctx, "engine", metav1.DeleteOptions{}))
-	deadline = time.Now().Add(30 * time.Second)
-	for {
+	testenv.Await(t, 30*time.Second, "pod removed", func() error {
 		_, err := cli.CoreV1().Pods(ns).Get(ctx, "engine", metav1.GetOptions{})
-		if err != nil {
-			break
-		}
-		require.True(t, time.Now().Before(deadline), "pod not removed")
-		time.Sleep(100 * time.Millisecond)
-	}
+		return testenv.Check(apierrors.IsNotFound(err), "get: %v", err)
+	})
 	assert.Error(t, syscall.Kill(pid, 0), "the engine process is gone with its pod")
 }
 
