@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/enginefleet/orchestrator/backend/docker/dockertest"
 
@@ -36,7 +37,9 @@ func TestContractFlowDocker(t *testing.T) {
 // distinct ports, 25 volumes, and every admit gets its user's engine.
 func TestConcurrentAdmitsDocker(t *testing.T) {
 	t.Parallel()
-	f := newFleet(t, fleetOpts{backend: "docker", ports: 60})
+	// 25 engines boot at once on a 2-core runner beside the other parallel tests:
+	// this test is about deduplication and ports, not boot speed.
+	f := newFleet(t, fleetOpts{backend: "docker", ports: 60, bootTimeout: 2 * time.Minute})
 	_, key := f.product("acme", orch.Policy{})
 	var ok atomic.Int64
 	engines := make([]string, 500)

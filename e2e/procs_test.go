@@ -108,8 +108,9 @@ func (pf *procFleet) start(roles string, extraEnv ...string) *proc {
 			r.Body.Close()
 			return r.StatusCode == 200
 		}, 30*time.Second, 50*time.Millisecond, "api %s healthy", p.addr)
-	} else {
-		// A worker holds its liveness session once River has started.
+	} else if strings.Contains(roles, "worker") {
+		// A worker holds its liveness session once River has started
+		// (a scheduler-only process has none).
 		pool := testenv.Pool(pf.t, pf.dbURL)
 		testenv.Await(pf.t, 30*time.Second, "the worker's liveness session", func() error {
 			var n int
