@@ -88,9 +88,10 @@ func TestActionsRegistryIsComplete(t *testing.T) {
 }
 
 // The repository carries its own contract: nothing points outside it to a
-// specification (applied migrations are immutable and keep their words).
+// specification.
 func TestNoOutsideSpecReferences(t *testing.T) {
-	bad := []string{"../shared/", "SPEC §", "SPEC.md"}
+	// Spelled in pieces so this file does not match itself.
+	bad := []string{"../" + "shared/", "SPEC" + " §", "SPEC" + ".md"}
 	err := filepath.WalkDir(".", func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -100,17 +101,11 @@ func TestNoOutsideSpecReferences(t *testing.T) {
 			case ".git", ".data", ".build", "node_modules", "testdata":
 				return filepath.SkipDir
 			}
-			if path == filepath.Join("schema", "migrations") {
-				return filepath.SkipDir
-			}
 			return nil
 		}
 		switch filepath.Ext(path) {
 		case ".go", ".md", ".yaml", ".yml", ".sql", ".sh", ".example":
 		default:
-			return nil
-		}
-		if path == "registry_test.go" {
 			return nil
 		}
 		b, err := os.ReadFile(path)

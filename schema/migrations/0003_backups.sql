@@ -1,4 +1,4 @@
--- Brain backups (SPEC §11). No foreign key to engines: a backup outlives
+-- Brain backups (docs/backups.md). No foreign key to engines: a backup outlives
 -- its engine, so a user's brain can be restored into the engine provisioned
 -- after a destroy (disaster recovery looks backups up by product and user).
 -- path is relative to ORCH_BACKUP_DIR: <product_id>/<user_id>/<timestamp>.tar.gz.
@@ -24,7 +24,7 @@ CREATE INDEX backups_created_idx ON backups (created_at);
 -- Exactly one scheduled backup per engine per day, whatever the scheduler does.
 CREATE UNIQUE INDEX backups_engine_day_key ON backups (engine_id, day) WHERE day IS NOT NULL;
 
--- Audit exports (SPEC §10 [ours]): gzip JSONL files in ORCH_AUDIT_EXPORT_DIR,
+-- Audit exports (docs/backups.md): gzip JSONL files in ORCH_AUDIT_EXPORT_DIR,
 -- each with a manifest; seq orders the hash chain (prev_sha256 is the
 -- previous export's sha256). Scheduled exports are contiguous ranges.
 CREATE TABLE audit_exports (
