@@ -7,7 +7,6 @@ import (
 	"compress/gzip"
 	"context"
 	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -239,13 +238,7 @@ func (bk *Backups) importBackup(ctx context.Context, e orch.Engine, path string,
 	if err := bk.importTar(ctx, e, zr); err != nil {
 		return err
 	}
-	if _, err := io.Copy(io.Discard, hr); err != nil {
-		return fmt.Errorf("read backup: %w", err)
-	}
-	if hex.EncodeToString(h.Sum(nil)) != b.SHA256 {
-		return orch.Errorf(orch.CodeBackupCorrupt, "backup %s changed while it was being restored", b.ID)
-	}
-	return nil
+	return verifyRest(hr, h, b)
 }
 
 // importSafety imports the safety copy back (the rollback).

@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"io/fs"
 	"os"
@@ -267,7 +268,14 @@ func (bk *Backups) copyBackupIn(ctx context.Context, e orch.Engine, path string,
 		}
 		return backendErr("copy backup in", err)
 	}
-	if _, err := io.Copy(io.Discard, hr); err != nil { // what the archive reader left (gzip trailer)
+	return verifyRest(hr, h, b)
+}
+
+// verifyRest reads what the archive reader left of the backup (the gzip
+// trailer) and checks the whole file against the SHA-256 recorded when it
+// was taken: a file changed under a restore is BACKUP_CORRUPT.
+func verifyRest(hr io.Reader, h hash.Hash, b schema.Backup) error {
+	if _, err := io.Copy(io.Discard, hr); err != nil {
 		return fmt.Errorf("read backup: %w", err)
 	}
 	if hex.EncodeToString(h.Sum(nil)) != b.SHA256 {
